@@ -1,0 +1,81 @@
+"""Parallel image loading for training and ingest: decode + letterbox in DataLoader workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cbir.data.transforms import Geometry, letterbox
+from cbir.errors import BadInputError
+from cbir.io import Pseudonymizer, SafeMeta, read_image
+
+
+@dataclass
+class Loaded:
+    """One decoded image, resized for the model, with what ingest needs to know about it."""
+
+    index: int
+    pixels: np.ndarray          # float32 (S, S) in [0, 1]
+    geometry: Geometry
+    meta: SafeMeta
+    instance_key: str | None
+
+
+@dataclass
+class Failed:
+    index: int
+    path: str
+    reason: str
+
+
+class ImageFiles(Dataset):
+    """Files → `Loaded` (or `Failed`, so that one bad file never stops a batch)."""
+
+    def __init__(self, paths: Sequence[str], size: int, pseudonymize: Pseudonymizer | None = None) -> None:
+        self.paths = list(paths)
+        self.size = size
+        self.pseudonymize = pseudonymize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Loaded | Failed:
+        path = self.paths[index]
+        try:
+            image = read_image(path, self.pseudonymize)
+            pixels, geometry = letterbox(image.pixels, self.size)
+        except BadInputError as exc:
+            return Failed(index, path, exc.reason)
+        except (MemoryError, RecursionError) as exc:
+            return Failed(index, path, f"cannot be processed ({type(exc).__name__})")
+        return Loaded(index, pixels, geometry, image.meta, image.instance_key)
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor        # (B, 1, S, S) float32 in [0, 1]
+    items: list[Loaded]
+    failures: list[Failed]
+
+
+def _collate(items: list[Any]) -> Batch:
+    good = [it for it in items if isinstance(it, Loaded)]
+    bad = [it for it in items if isinstance(it, Failed)]
+    pixels = torch.from_numpy(np.stack([it.pixels for it in good])[:, None]) if good else torch.empty(0)
+    return Batch(pixels, good, bad)
+
+
+def iterate_batches(paths: Sequence[str], size: int, batch_size: int = 32, workers: int = 2,
+                    pseudonymize: Pseudonymizer | None = None) -> Iterator[Batch]:
+    """Batches in input order; decoding overlaps with the consumer when workers > 0."""
+    dataset = ImageFiles(paths, size, pseudonymize)
+    workers = max(0, min(workers, len(dataset) // max(batch_size, 1)))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_collate, persistent_workers=False,
+                        prefetch_factor=4 if workers else None)
+    yield from loader

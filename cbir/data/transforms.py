@@ -1,0 +1,74 @@
+"""Model input geometry and intensity: pure functions on grey float32 images in [0, 1]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an original (H, W) image maps onto the S×S model input: x_in = x_orig * scale + pad_x."""
+
+    height: int
+    width: int
+    size: int
+    scale: float
+    pad_x: float
+    pad_y: float
+
+    def to_input(self, boxes: np.ndarray) -> np.ndarray:
+        """[x, y, w, h] boxes in original pixels → model-input pixels."""
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+        boxes[:, :2] = boxes[:, :2] * self.scale + (self.pad_x, self.pad_y)
+        boxes[:, 2:] *= self.scale
+        return boxes
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """Model-input [x, y, w, h] boxes → original pixels."""
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+        boxes[:, :2] = (boxes[:, :2] - (self.pad_x, self.pad_y)) / self.scale
+        boxes[:, 2:] /= self.scale
+        return boxes
+
+
+def letterbox(pixels: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
+    """Resize the longer side to `size` (antialiased) and centre-pad to a square with black."""
+    height, width = pixels.shape
+    scale = size / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = np.asarray(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+                         .resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    out = np.zeros((size, size), dtype=np.float32)
+    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    out[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = np.clip(resized, 0.0, 1.0)
+    return out, Geometry(height, width, size, scale, float(pad_x), float(pad_y))
+
+
+def standardize(batch: torch.Tensor) -> torch.Tensor:
+    """Per-image zero mean and unit variance, so exposure differences between archives cancel out."""
+    flat = batch.flatten(1)
+    mean = flat.mean(dim=1).view(-1, 1, 1, 1)
+    std = flat.std(dim=1).clamp_min(1e-3).view(-1, 1, 1, 1)
+    return (batch - mean) / std
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Small random affine (±7°, ±6 % shift, 0.9–1.1 scale) and gamma/contrast jitter, per image."""
+    n = batch.shape[0]
+    rand = torch.rand(n, 6, generator=generator, device=batch.device) * 2 - 1
+    angle = rand[:, 0] * (7 * np.pi / 180)
+    scale = 1 + rand[:, 1] * 0.1
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, rand[:, 2] * 0.06], 1),
+                         torch.stack([sin, cos, rand[:, 3] * 0.06], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(batch.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(batch, grid, align_corners=False, padding_mode="zeros")
+    gamma = torch.exp(rand[:, 4] * 0.25).view(-1, 1, 1, 1)
+    out = out.clamp(0, 1) ** gamma
+    contrast = (1 + rand[:, 5] * 0.15).view(-1, 1, 1, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * contrast + mean).clamp(0, 1)

@@ -1,0 +1,5 @@
+"""Embedding: images → (L2-normalised embedding, binary code, model probability)."""
+
+from cbir.embed.embedder import Embedded, embed_batches, embed_image
+
+__all__ = ["Embedded", "embed_batches", "embed_image"]

@@ -1,0 +1,57 @@
+"""Run a loaded model over images in batches; decoding overlaps with the forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cbir.data.loading import Failed, Loaded, iterate_batches
+from cbir.data.transforms import Geometry, letterbox, standardize
+from cbir.io import Pseudonymizer, SafeMeta, XrayImage
+from cbir.models import LoadedModel
+
+
+@dataclass
+class Embedded:
+    index: int                  # position in the input sequence
+    embedding: np.ndarray       # float32 (dim,)
+    code: np.ndarray            # uint8 (bits,)
+    probabilities: np.ndarray   # float32 (num_outputs,)
+    meta: SafeMeta
+    instance_key: str | None
+    geometry: Geometry
+
+
+@torch.inference_mode()
+def _forward(loaded: LoadedModel, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    device = next(loaded.model.parameters()).device
+    out = loaded.model(standardize(pixels.float()).to(device))
+    probs = loaded.model.probabilities(out.logits)
+    return out.embedding.cpu().numpy(), out.code.cpu().numpy(), probs.cpu().numpy()
+
+
+def embed_batches(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 32, workers: int = 2,
+                  pseudonymize: Pseudonymizer | None = None
+                  ) -> Iterator[tuple[list[Embedded], list[Failed]]]:
+    """Per batch: the embedded images and the files that could not be read."""
+    size = loaded.config.image_size
+    for batch in iterate_batches(paths, size, batch_size, workers, pseudonymize):
+        if not batch.items:
+            yield [], batch.failures
+            continue
+        emb, codes, probs = _forward(loaded, batch.pixels)
+        yield [_embedded(item, emb[i], codes[i], probs[i]) for i, item in enumerate(batch.items)], batch.failures
+
+
+def embed_image(loaded: LoadedModel, image: XrayImage) -> Embedded:
+    """Embed one already-read image (the query path)."""
+    pixels, geometry = letterbox(image.pixels, loaded.config.image_size)
+    emb, codes, probs = _forward(loaded, torch.from_numpy(pixels)[None, None])
+    return Embedded(0, emb[0], codes[0], probs[0], image.meta, image.instance_key, geometry)
+
+
+def _embedded(item: Loaded, emb: np.ndarray, code: np.ndarray, probs: np.ndarray) -> Embedded:
+    return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry)

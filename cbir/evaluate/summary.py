@@ -1,0 +1,141 @@
+"""The evaluation report dict: Stage 1 (classifier) and Stage 2 (kNN retrieval) metrics on a query set.
+
+Schema (every value plain JSON; an undefined metric, e.g. ROC-AUC with one class, is `None`):
+
+    task        str     the binary target (label 1), e.g. "Pneumonia"
+    k           int     neighbours that vote
+    n_queries   int
+    n_archive   int     size of the reference archive
+    stage1      roc_auc, accuracy_at_0.5, balanced_accuracy (threshold 0.5 on prob_query),
+                n_positive, n_negative (queries)
+    stage2      knn_accuracy, balanced_accuracy, precision_at_k, map_at_k (at k),
+                precision_curve {"1": p, …, "K": p} (str keys so JSON round-trips),
+                vote_auc (ROC-AUC of the positive share of the k votes),
+                confusion [[tn, fp], [fn, tp]] (rows: true 0/1, columns: kNN prediction 0/1)
+    baseline    majority_label, majority_accuracy, majority_balanced_accuracy (always predicting the
+                archive's majority label), archive_positive_rate
+    …           keys of `extra`, merged one level deep; they may add keys but never replace a metric
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import PurePath
+from typing import Any
+
+import numpy as np
+
+from cbir import metrics
+
+
+def summarize(
+    task: str,
+    y_query: np.ndarray,
+    prob_query: np.ndarray,
+    neighbor_y: np.ndarray,
+    archive_y: np.ndarray,
+    k: int,
+    relevant: np.ndarray | None = None,
+    extra: dict | None = None,
+) -> dict[str, Any]:
+    """Compute the evaluation report dict (schema in the module docstring).
+
+    `y_query` (Q,) and `archive_y` are binary labels, `prob_query` (Q,) the Stage 1 probability of
+    label 1, `neighbor_y` (Q×K, K ≥ k) the labels of each query's neighbours in rank order, and
+    `relevant` (Q×K bool) which neighbours count as relevant (default: same label as the query).
+    """
+    y, prob, nbr = _check_inputs(y_query, prob_query, neighbor_y, k)
+    archive = np.asarray(archive_y).ravel().astype(int)
+    rel = nbr == y[:, None] if relevant is None else np.asarray(relevant, dtype=bool)
+    if rel.ndim != 2 or rel.shape[0] != y.size:
+        raise ValueError(f"relevant must be a {y.size}×K array, got shape {rel.shape}")
+    base = metrics.majority_baseline(archive, y)
+    report: dict[str, Any] = {
+        "task": str(task),
+        "k": int(k),
+        "n_queries": int(y.size),
+        "n_archive": int(archive.size),
+        "stage1": _stage1(y, prob),
+        "stage2": _stage2(y, nbr, rel, int(k)),
+        "baseline": {
+            "majority_label": int(base.label),
+            "majority_accuracy": base.accuracy,
+            "majority_balanced_accuracy": base.balanced_accuracy,
+            "archive_positive_rate": float(archive.mean()),
+        },
+    }
+    _merge_extra(report, extra or {})
+    return to_json_safe(report)
+
+
+def _check_inputs(
+    y_query: np.ndarray, prob_query: np.ndarray, neighbor_y: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = np.asarray(y_query).ravel()
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("y_query must hold binary 0/1 labels")
+    prob = np.asarray(prob_query, dtype=np.float64).ravel()
+    nbr = np.asarray(neighbor_y)
+    if prob.shape != y.shape:
+        raise ValueError(f"prob_query has {prob.size} values for {y.size} queries")
+    if nbr.ndim != 2 or nbr.shape[0] != y.size:
+        raise ValueError(f"neighbor_y must be a {y.size}×K array, got shape {nbr.shape}")
+    if not 1 <= int(k) <= nbr.shape[1]:
+        raise ValueError(f"k={k} is outside 1..{nbr.shape[1]} (neighbours per query)")
+    return y.astype(int), prob, nbr.astype(int)
+
+
+def _stage1(y: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
+    pred = (prob >= 0.5).astype(int)
+    return {
+        "roc_auc": metrics.roc_auc(y, prob),
+        "accuracy_at_0.5": float(np.mean(pred == y)) if y.size else math.nan,
+        "balanced_accuracy": metrics.balanced_accuracy(y, pred),
+        "n_positive": int(y.sum()),
+        "n_negative": int(y.size - y.sum()),
+    }
+
+
+def _stage2(y: np.ndarray, nbr: np.ndarray, rel: np.ndarray, k: int) -> dict[str, Any]:
+    pred, _ = metrics.knn_vote(nbr, k)
+    positive_share = (nbr[:, :k] == 1).mean(axis=1)
+    curve = metrics.precision_at_ks(rel, range(1, rel.shape[1] + 1))
+    return {
+        "knn_accuracy": float(np.mean(pred == y)) if y.size else math.nan,
+        "balanced_accuracy": metrics.balanced_accuracy(y, pred),
+        "precision_at_k": metrics.precision_at_k(rel, k),
+        "map_at_k": metrics.map_at_k(rel, k),
+        "precision_curve": {str(i): p for i, p in curve.items()},
+        "vote_auc": metrics.roc_auc(y, positive_share),
+        "confusion": [[int(np.sum((y == t) & (pred == p))) for p in (0, 1)] for t in (0, 1)],
+    }
+
+
+def _merge_extra(report: dict[str, Any], extra: dict) -> None:
+    """Add `extra` to `report`, merging nested dicts one level deep; never overwrite a computed value."""
+    for key, value in extra.items():
+        current = report.get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            clash = sorted(set(current) & set(value))
+            if clash:
+                raise ValueError(f"extra would overwrite computed metrics {key}.{clash}")
+            current.update(value)
+        elif key in report:
+            raise ValueError(f"extra would overwrite the computed key {key!r}")
+        else:
+            report[key] = value
+
+
+def to_json_safe(value: Any) -> Any:
+    """Plain JSON types: numpy to Python, NaN/inf to None, tuples to lists, paths to str."""
+    if isinstance(value, dict):
+        return {str(k): to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [to_json_safe(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,188 @@
+"""The small interface every index backend implements.
+
+A location string picks the backend (see `cbir.index.open_index`): a filesystem path is Qdrant Edge
+on disk, `http(s)://…` a Qdrant server, and `local:PATH` / `:memory:` qdrant-client's local mode.
+
+Each collection stores two named vectors per point:
+  `embedding`  cosine, dimension `dim`
+  `hash`       the K-bit binary code as 0/1 floats, Manhattan distance, so Qdrant's distance is
+               exactly the Hamming distance
+and the packed code as hex in the payload field `hash`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cbir.errors import IndexError_
+
+SCHEMA_VERSION = 1
+EMBEDDING = "embedding"
+HASH = "hash"
+
+#: Payload fields that get a keyword index (created before the bulk load).
+INDEXED_FIELDS = ("labels", "dataset", "split", "view", "sex", "age_band", "pseudonym", "team")
+
+FilterValue = str | int | bool | Sequence[str]
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Payload filter: every `must` condition holds and no `must_not` condition holds.
+
+    A value matches a field exactly; a list matches any of its items. For list-valued payload fields
+    (such as `labels`) a condition holds when any element matches.
+    """
+
+    must: dict[str, FilterValue] = field(default_factory=dict)
+    must_not: dict[str, FilterValue] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.must or self.must_not)
+
+
+@dataclass
+class Point:
+    id: str                      # UUID string
+    embedding: np.ndarray        # float32 (dim,), L2-normalised
+    code: np.ndarray             # uint8 (bits,) of 0/1
+    payload: dict[str, Any]
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float                 # cosine similarity to the query embedding
+    payload: dict[str, Any]
+    hamming: int | None = None   # Hamming distance of the codes, when the code was compared
+
+
+class Index(ABC):
+    """A set of named collections. Collection metadata is a JSON-able dict stored with the index."""
+
+    location: str
+
+    @abstractmethod
+    def list_collections(self) -> list[str]: ...
+
+    @abstractmethod
+    def create_collection(self, name: str, dim: int, bits: int, meta: dict[str, Any]) -> None:
+        """Create an empty collection with payload indexes; fails if it exists."""
+
+    @abstractmethod
+    def has_collection(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def delete_collection(self, name: str) -> None: ...
+
+    @abstractmethod
+    def get_meta(self, name: str) -> dict[str, Any]:
+        """The collection's metadata (raises `cbir.errors.IndexError_` for an unknown collection)."""
+
+    @abstractmethod
+    def set_meta(self, name: str, meta: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def count(self, name: str, flt: Filter | None = None) -> int: ...
+
+    @abstractmethod
+    def upsert(self, name: str, points: Sequence[Point]) -> None: ...
+
+    @abstractmethod
+    def existing_ids(self, name: str, ids: Sequence[str]) -> set[str]: ...
+
+    @abstractmethod
+    def retrieve(self, name: str, ids: Sequence[str], with_vectors: bool = False) -> list[Point]:
+        """Points by id (missing ids are left out). Without vectors, embedding/code are empty arrays."""
+
+    @abstractmethod
+    def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = True,
+               batch: int = 1024) -> Iterator[Point]: ...
+
+    @abstractmethod
+    def search(self, name: str, embedding: np.ndarray, k: int, flt: Filter | None = None,
+               code: np.ndarray | None = None, prefilter: int | None = None,
+               hamming_radius: int | None = None) -> list[Hit]:
+        """The k nearest points by exact cosine on `embedding`, best first.
+
+        With `code` and `prefilter=N`, only the N points nearest by Hamming distance (after `flt`) are
+        candidates; with `hamming_radius=R`, only points within Hamming distance R. Hits then carry
+        their Hamming distance.
+        """
+
+    def close(self) -> None:  # noqa: B027 - a no-op unless the backend holds resources
+        """Release files and connections."""
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pack_code(code: np.ndarray) -> str:
+    """0/1 code → hex string (bit 0 is the most significant bit of the first byte)."""
+    return np.packbits(np.asarray(code, dtype=np.uint8)).tobytes().hex()
+
+
+def unpack_code(hexstr: str, bits: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(hexstr), dtype=np.uint8))[:bits]
+
+
+# --- helpers shared by the backends (they keep the backends congruent) ---------------------------------
+
+#: Points sent to the engine per upsert request.
+UPSERT_BATCH = 256
+
+
+def hamming_to(hexstr: str, code: np.ndarray) -> int:
+    """Hamming distance between a payload `hash` hex string and a 0/1 code."""
+    return int(np.count_nonzero(unpack_code(hexstr, len(code)) != np.asarray(code, dtype=np.uint8)))
+
+
+def radius_threshold(radius: int) -> float:
+    """Manhattan `score_threshold` that keeps exactly the codes within Hamming distance `radius`.
+
+    Qdrant reports Manhattan scores as positive distances and keeps those strictly below the threshold
+    (seen on Edge 0.9 and qdrant-client local mode); distances are integers, so +0.5 is exact whether
+    an engine keeps the boundary or not.
+    """
+    return radius + 0.5
+
+
+def nearest_by_hamming(query: Callable[[int], list[tuple[str, int]]], n: int) -> list[tuple[str, int]]:
+    """The `n` (id, distance) pairs nearest by Hamming distance, ties broken by ascending id.
+
+    `query(limit)` must return up to `limit` pairs in ascending distance from an exact search. Engines
+    order equal distances arbitrarily, so the limit grows until every point tied with the n-th is seen.
+    """
+    limit = 2 * n + 16
+    while True:
+        found = query(limit)
+        if len(found) < limit or found[-1][1] > found[n - 1][1]:
+            return sorted(found, key=lambda pair: (pair[1], pair[0]))[:n]
+        limit *= 4
+
+
+def check_vectors(where: str, dim: int, bits: int, embedding: np.ndarray, code: np.ndarray | None) -> None:
+    """Raise `IndexError_` unless the embedding (and code, if any) fit the collection."""
+    if np.shape(embedding) != (dim,):
+        raise IndexError_(f"{where}: embedding has shape {np.shape(embedding)}, expected ({dim},)")
+    if code is not None and np.shape(code) != (bits,):
+        raise IndexError_(f"{where}: hash code has shape {np.shape(code)}, expected ({bits},)")
+
+
+def check_point_id(where: str, point_id: str) -> None:
+    """Raise `IndexError_` unless the id is a canonical (lower-case, hyphenated) UUID string."""
+    try:
+        ok = str(uuid.UUID(point_id)) == point_id
+    except (ValueError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise IndexError_(f"{where}: point id {point_id!r} is not a canonical UUID string")

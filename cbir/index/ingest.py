@@ -1,0 +1,122 @@
+"""Ingest: embed every image of a dataset and upsert embedding, code, labels and safe metadata."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cbir.console import QUIET, Reporter
+from cbir.data.records import Records
+from cbir.embed import Embedded, embed_batches
+from cbir.errors import BadInputError, CbirError
+from cbir.index.base import Index, Point
+from cbir.index.schema import (
+    check_key,
+    check_model,
+    collection_meta,
+    negative_label,
+    payload,
+    point_id,
+)
+from cbir.io import Pseudonymizer, SafeMeta
+from cbir.io.phi import age_band, sex_of, view_of
+from cbir.models import LoadedModel
+
+
+@dataclass
+class IngestSummary:
+    collection: str
+    total: int = 0
+    ingested: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+    points_before: int = 0
+    points_after: int = 0
+    seconds: float = 0.0
+
+    @property
+    def line(self) -> str:
+        return (f"{self.total} files: {self.ingested} ingested, {self.skipped} skipped, {self.failed} failed; "
+                f"collection {self.collection!r} holds {self.points_after} points ({self.seconds:.1f} s)")
+
+
+def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseudonymize: Pseudonymizer,
+                       records: Records) -> dict:
+    """Create the collection, or check that an existing one matches this model and key."""
+    if index.has_collection(collection):
+        meta = index.get_meta(collection)
+        check_model(meta, loaded, collection)
+        check_key(meta, pseudonymize, collection)
+    else:
+        meta = collection_meta(loaded, pseudonymize, records.target,
+                               negative_label(records.label_names, records.target))
+        index.create_collection(collection, loaded.config.embed_dim, loaded.config.bits, meta)
+    roots = dict(meta.get("roots") or {})
+    if roots.get(records.dataset) != str(records.root):
+        roots[records.dataset] = str(records.root)
+        meta["roots"] = roots
+        index.set_meta(collection, meta)
+    return meta
+
+
+def ingest_records(records: Records, loaded: LoadedModel, index: Index, collection: str,
+                   pseudonymize: Pseudonymizer, batch_size: int = 32, workers: int = 2, strict: bool = False,
+                   reporter: Reporter = QUIET) -> IngestSummary:
+    """Embed and upsert every image; bad files are reported and counted, and the run goes on."""
+    started = time.perf_counter()
+    meta = prepare_collection(index, collection, loaded, pseudonymize, records)
+    summary = IngestSummary(collection, total=len(records), points_before=index.count(collection))
+    paths = records.meta["path"].tolist()
+    seen: set[str] = set()
+    with reporter.task(f"ingest {records.dataset}", len(paths)) as bar:
+        for embedded, failures in embed_batches(loaded, paths, batch_size, workers, pseudonymize):
+            for failure in failures:
+                if strict:
+                    raise BadInputError(failure.path, failure.reason)
+                summary.failed += 1
+                summary.failures.append(f"{failure.path}: {failure.reason}")
+                reporter.warn(f"{failure.path}: {failure.reason}")
+            points = []
+            for item in embedded:
+                point = _point(records, item, pseudonymize, meta)
+                if point.id in seen:
+                    summary.skipped += 1
+                    reporter.warn(f"{paths[item.index]}: duplicate SOPInstanceUID in this run; kept the first")
+                    continue
+                seen.add(point.id)
+                points.append(point)
+            if points:
+                index.upsert(collection, points)
+                summary.ingested += len(points)
+            bar.advance(len(embedded) + len(failures))
+    summary.points_after = index.count(collection)
+    summary.seconds = round(time.perf_counter() - started, 2)
+    if summary.ingested == 0 and summary.total:
+        raise CbirError(f"{records.root}: none of the {summary.total} images could be ingested "
+                        f"(first error: {summary.failures[0] if summary.failures else 'none'})")
+    return summary
+
+
+def _point(records: Records, item: Embedded, pseudonymize: Pseudonymizer, meta: dict) -> Point:
+    row = records.meta.iloc[item.index]
+    label_row = records.labels[item.index]
+    names = [n for n, v in zip(records.label_names, label_row, strict=True) if v > 0.5]
+    target = int(label_row[records.target_index] > 0.5)
+    primary = records.target if target else meta["negative_label"]
+    csv_meta = SafeMeta(view=view_of(row.get("view")), sex=sex_of(row.get("sex")), age_band=age_band(row.get("age")),
+                        pseudonym=pseudonymize(str(row["patient"])))
+    safe = SafeMeta(view=item.meta.view, sex=item.meta.sex, age_band=item.meta.age_band,
+                    modality=item.meta.modality, pseudonym=csv_meta.pseudonym).merged(csv_meta)
+    labels = names if names else [meta["negative_label"]]
+    if records.layout == "folder":
+        labels = names
+    boxes = row.get("boxes")
+    body = payload(dataset=records.dataset, split=str(row["split"]), relpath=str(row["relpath"]), labels=labels,
+                   primary=primary, target=target, meta=safe.as_payload(),
+                   boxes=list(boxes) if isinstance(boxes, list | tuple | np.ndarray) else [],
+                   probability=float(item.probabilities[0]), code=item.code)
+    return Point(id=point_id(records.dataset, item.instance_key, str(row["relpath"])),
+                 embedding=item.embedding.astype(np.float32), code=item.code.astype(np.uint8), payload=body)

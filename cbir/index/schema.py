@@ -1,0 +1,88 @@
+"""What a collection records about itself, point IDs, payloads, and the compatibility checks."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from cbir.errors import CbirError, ModelMismatchError
+from cbir.index.base import SCHEMA_VERSION, pack_code
+from cbir.io import Pseudonymizer
+from cbir.models import LoadedModel
+
+POINT_NAMESPACE = uuid.UUID("5f0c9a52-0d3c-4d1e-9a4c-6b1c3e0f2a77")
+
+#: CLI filter keys → payload fields.
+FILTER_ALIASES = {"label": "labels", "age": "age_band", "patient": "pseudonym"}
+
+
+def point_id(dataset: str, instance_key: str | None, relpath: str) -> str:
+    """Deterministic: the same image (by SOPInstanceUID, else by relative path) always gets the same ID."""
+    name = f"{dataset}:uid:{instance_key}" if instance_key else f"{dataset}:path:{relpath}"
+    return str(uuid.uuid5(POINT_NAMESPACE, name))
+
+
+def negative_label(label_names: list[str], target: str) -> str:
+    others = [name for name in label_names if name != target]
+    return others[0] if len(label_names) == 2 and others else f"No {target}"
+
+
+def collection_meta(loaded: LoadedModel, pseudonymize: Pseudonymizer, target: str,
+                    negative: str) -> dict[str, Any]:
+    config = loaded.config
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_fingerprint": loaded.fingerprint,
+        "model_path": str(loaded.path),
+        "backbone": config.backbone,
+        "task": config.task,
+        "image_size": config.image_size,
+        "dim": config.embed_dim,
+        "bits": config.bits,
+        "target": target,
+        "negative_label": negative,
+        "key_fingerprint": pseudonymize.fingerprint,
+        "roots": {},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def check_model(meta: dict[str, Any], loaded: LoadedModel, collection: str) -> None:
+    """Refuse a model other than the one the collection was built with, naming both."""
+    if meta.get("model_fingerprint") != loaded.fingerprint or meta.get("dim") != loaded.config.embed_dim:
+        raise ModelMismatchError(
+            f"collection {collection!r} was built with model {meta.get('model_fingerprint')} "
+            f"({meta.get('backbone')}, dim {meta.get('dim')}, at {meta.get('model_path')}) but model "
+            f"{loaded.fingerprint} ({loaded.config.backbone}, dim {loaded.config.embed_dim}, at {loaded.path}) "
+            "was given; use the collection's model or ingest into a new collection")
+
+
+def check_key(meta: dict[str, Any], pseudonymize: Pseudonymizer, collection: str) -> None:
+    recorded = meta.get("key_fingerprint")
+    if recorded and recorded != pseudonymize.fingerprint:
+        raise CbirError(
+            f"collection {collection!r} holds pseudonyms made with key {recorded}, but the current key is "
+            f"{pseudonymize.fingerprint}; set $CBIR_PSEUDONYM_KEY to the shared key")
+
+
+def payload(*, dataset: str, split: str, relpath: str, labels: list[str], primary: str, target: int,
+            meta: dict[str, Any], boxes: list, probability: float, code: Any) -> dict[str, Any]:
+    """The stored payload: labels and coarse metadata only, never a raw identifier."""
+    return {
+        "dataset": dataset,
+        "split": split,
+        "path": relpath,
+        "labels": labels,
+        "label": primary,
+        "target": int(target),
+        "view": meta.get("view"),
+        "sex": meta.get("sex"),
+        "age_band": meta.get("age_band"),
+        "modality": meta.get("modality"),
+        "pseudonym": meta.get("pseudonym"),
+        "boxes": [[round(float(v), 1) for v in box] for box in boxes],
+        "probability": round(float(probability), 6),
+        "hash": pack_code(code),
+        "team": None,
+    }

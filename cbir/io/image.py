@@ -1,0 +1,70 @@
+"""One entry point for every supported image file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cbir.errors import BadInputError
+from cbir.io.dicom import read_dicom
+from cbir.io.phi import Pseudonymizer, SafeMeta
+from cbir.io.raster import read_raster
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass
+class XrayImage:
+    pixels: np.ndarray            # float32 (H, W) in [0, 1]
+    meta: SafeMeta
+    instance_key: str | None      # one-way key of the SOPInstanceUID (DICOM only)
+    kind: str                     # "dicom" or "raster"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+
+def sniff(path: str | Path) -> str:
+    """'dicom', 'raster', or a BadInputError for files that are neither."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except IsADirectoryError:
+        raise BadInputError(path, "is a directory, not an image") from None
+    except FileNotFoundError:
+        raise BadInputError(path, "no such file") from None
+    except OSError as exc:
+        raise BadInputError(path, f"unreadable ({exc.strerror or exc})") from None
+    if not head:
+        raise BadInputError(path, "empty file (0 bytes)")
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(PNG_MAGIC) or head.startswith(JPEG_MAGIC):
+        return "raster"
+    suffix = path.suffix.lower()
+    if suffix in (".dcm", ".dicom", "") and _looks_like_raw_dicom(head):
+        return "dicom"
+    if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+        return "raster"
+    if suffix in (".dcm", ".dicom"):
+        raise BadInputError(path, "not a DICOM file (no DICM marker and no valid leading element)")
+    raise BadInputError(path, "not an image (expected DICOM, PNG or JPEG)")
+
+
+def _looks_like_raw_dicom(head: bytes) -> bool:
+    """A preamble-less DICOM starts with a (0008,xxxx) or (0002,xxxx) group element."""
+    return len(head) >= 8 and head[1] == 0 and head[0] in (0x02, 0x08) and head[3] == 0
+
+
+def read_image(path: str | Path, pseudonymize: Pseudonymizer | None = None) -> XrayImage:
+    """Read a DICOM, PNG or JPEG chest X-ray as grey float32 [0, 1] with safe metadata."""
+    kind = sniff(path)
+    if kind == "dicom":
+        pixels, meta, key = read_dicom(path, pseudonymize)
+        return XrayImage(pixels, meta, key, kind)
+    return XrayImage(read_raster(path), SafeMeta(), None, kind)

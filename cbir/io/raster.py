@@ -1,0 +1,40 @@
+"""PNG and JPEG reading through Pillow, as grey float32 in [0, 1]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cbir.errors import BadInputError
+
+MAX_PIXELS = 80_000_000
+
+
+def read_raster(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Any Pillow-readable image → grey; 16-bit PNGs keep their range before scaling."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise BadInputError(path, f"image too large ({img.width}×{img.height} pixels, limit {max_pixels})")
+            if img.width < 2 or img.height < 2:
+                raise BadInputError(path, f"image too small ({img.width}×{img.height} pixels)")
+            img.load()
+            arr = _grey_array(img)
+    except BadInputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadInputError(path, f"not a readable image ({type(exc).__name__}: {str(exc)[:120]})") from None
+    low, high = float(arr.min()), float(arr.max())
+    if high <= low:
+        return np.zeros(arr.shape, dtype=np.float32)
+    return ((arr - low) / (high - low)).astype(np.float32)
+
+
+def _grey_array(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return np.asarray(img, dtype=np.float32)
+    if img.mode != "L":
+        img = img.convert("L")
+    return np.asarray(img, dtype=np.float32)

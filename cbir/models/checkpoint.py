@@ -1,0 +1,71 @@
+"""Checkpoints are directories: config.json, model.safetensors and a fingerprint file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cbir.errors import CbirError
+from cbir.models.factory import CbirNet, ModelConfig, create_model
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+FINGERPRINT = "fingerprint"
+
+
+@dataclass
+class LoadedModel:
+    model: CbirNet
+    config: ModelConfig
+    fingerprint: str
+    path: Path
+
+
+def fingerprint_of(config: ModelConfig, weights_file: Path) -> str:
+    """sha256 over the config and the weight bytes: equal fingerprints mean identical outputs."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    with open(weights_file, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(model: CbirNet, out: Path) -> str:
+    """Write the checkpoint directory and return its fingerprint."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    (out / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    fingerprint = fingerprint_of(model.config, out / WEIGHTS)
+    (out / FINGERPRINT).write_text(fingerprint + "\n")
+    return fingerprint
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the model in eval mode; refuse a directory whose weights do not match its fingerprint."""
+    path = Path(path)
+    if path.is_file() and path.name in (CONFIG, WEIGHTS, FINGERPRINT):
+        path = path.parent
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise CbirError(f"{path}: not a cbir model (missing {name}; train one with `cbir train`)")
+    try:
+        config = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CbirError(f"{path / CONFIG}: unreadable model config ({exc})") from None
+    fingerprint = fingerprint_of(config, path / WEIGHTS)
+    recorded = (path / FINGERPRINT).read_text().strip() if (path / FINGERPRINT).is_file() else fingerprint
+    if recorded != fingerprint:
+        raise CbirError(f"{path}: weights do not match the recorded fingerprint ({recorded} ≠ {fingerprint})")
+    model = create_model(config)
+    try:
+        model.load_state_dict(load_file(str(path / WEIGHTS)))
+    except (RuntimeError, OSError) as exc:
+        raise CbirError(f"{path / WEIGHTS}: cannot load weights ({str(exc).splitlines()[0][:140]})") from None
+    model.to(device).eval()
+    return LoadedModel(model, config, fingerprint, path.resolve())

@@ -1,0 +1,226 @@
+"""Write an evaluation report: `report.json`, `report.md`, `roc.png` and `precision_at_k.png`.
+
+Plots use matplotlib's Agg canvas on a standalone `Figure` (no pyplot), so nothing changes the
+process-wide backend or keeps figures alive. The report never holds image paths or patient keys:
+`context` keys that name them are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cbir import metrics
+from cbir.evaluate.summary import to_json_safe
+
+FIGSIZE = (5.0, 4.0)
+DPI = 120
+
+#: Keys (at any depth of the report or its context) that would leak images or patients.
+FORBIDDEN_KEYS = frozenset(
+    {"patient", "patient_id", "patient_ids", "relpath", "relpaths", "image_path", "image_paths"}
+)
+
+
+def write_report(
+    report: dict,
+    out_dir: Path,
+    y_query: np.ndarray,
+    prob_query: np.ndarray,
+    title: str,
+    context: dict,
+) -> dict[str, Path]:
+    """Write the four report files into `out_dir` (created if missing) and return their paths.
+
+    `report` is `cbir.evaluate.summarize`'s dict; `y_query` / `prob_query` draw the Stage 1 ROC;
+    `context` (model, collection, dataset, timings, …) goes into `report.json` and the Markdown table.
+    Returns `{"json", "markdown", "roc", "precision_at_k"}` → path.
+    """
+    payload = to_json_safe({**report, "title": title, "context": context})
+    _refuse_private_keys(payload)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        "roc": out / "roc.png",
+        "precision_at_k": out / "precision_at_k.png",
+    }
+    paths["json"].write_text(json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
+    _plot_roc(np.asarray(y_query), np.asarray(prob_query), paths["roc"])
+    _plot_precision(payload, paths["precision_at_k"])
+    paths["markdown"].write_text(render_markdown(payload, paths["roc"].name, paths["precision_at_k"].name))
+    return paths
+
+
+def _refuse_private_keys(value: Any, where: str = "report") -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if str(key).lower() in FORBIDDEN_KEYS:
+                raise ValueError(f"{where}.{key}: patient keys and image paths do not belong in a report")
+            _refuse_private_keys(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_private_keys(item, where)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------
+
+
+def _new_axes() -> tuple[Figure, Any]:
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    fig.clear()
+
+
+def _plot_roc(y: np.ndarray, prob: np.ndarray, path: Path) -> None:
+    """Stage 1 ROC curve with its AUC in the legend and the chance diagonal."""
+    fig, ax = _new_axes()
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance (AUC 0.500)")
+    auc = metrics.roc_auc(y, prob)
+    if np.isnan(auc):
+        ax.text(0.5, 0.6, "ROC undefined:\nthe queries hold one class only", ha="center", va="center")
+    else:
+        fpr, tpr, _ = metrics.roc_curve(y, prob)
+        ax.plot(fpr, tpr, color="C0", linewidth=1.8, label=f"Stage 1 (AUC {auc:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="False positive rate", ylabel="True positive rate")
+    ax.set_title("ROC, Stage 1 classifier")
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def _plot_precision(payload: dict, path: Path) -> None:
+    """Precision@k for k = 1..K against the majority-baseline accuracy (dashed)."""
+    curve = payload["stage2"]["precision_curve"]
+    ks = sorted(int(k) for k in curve)
+    values = [np.nan if curve[str(k)] is None else curve[str(k)] for k in ks]
+    base = payload["baseline"]
+    fig, ax = _new_axes()
+    ax.plot(ks, values, marker="o", markersize=3, color="C0", label="kNN precision@k")
+    if base["majority_accuracy"] is not None:
+        ax.axhline(
+            base["majority_accuracy"], linestyle="--", color="C3",
+            label=f"majority baseline ({_label_name(payload)}) {base['majority_accuracy']:.3f}",
+        )
+    ax.axvline(payload["k"], linestyle=":", color="grey", label=f"k = {payload['k']} (voting)")
+    ax.set(ylim=(0, 1.02), xlabel="k (neighbours retrieved)", ylabel="precision@k")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Retrieval precision@k")
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------------
+
+
+def _label_name(payload: dict) -> str:
+    """Human name of the majority label: the task for label 1, "not <task>" for label 0."""
+    task = payload.get("task", "positive")
+    return task if payload["baseline"]["majority_label"] == 1 else f"not {task}"
+
+
+def _fmt(value: Any, float_format: str = ".3f") -> str:
+    """A table cell: metrics with 3 decimals (`float_format`), `n/a` for undefined, `|` escaped."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return format(value, float_format)
+    if isinstance(value, list):
+        return ", ".join(_fmt(v, float_format) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _flatten(mapping: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows.extend(_flatten(value, f"{name}."))
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _context_table(payload: dict) -> list[str]:
+    rows = [("task", payload.get("task")), ("queries", payload.get("n_queries")),
+            ("archive", payload.get("n_archive")), ("k", payload.get("k"))]
+    rows += _flatten(payload.get("context") or {})
+    cells = [f"| {_fmt(name)} | {_fmt(value, '.4g')} |" for name, value in rows]
+    return ["| Item | Value |", "|---|---|", *cells]
+
+
+def _metrics_table(payload: dict) -> list[str]:
+    s1, s2, base, k = payload["stage1"], payload["stage2"], payload["baseline"], payload["k"]
+    rows = [
+        ("Stage 1 ROC-AUC", s1["roc_auc"], 0.5),
+        ("Stage 1 accuracy @ 0.5", s1["accuracy_at_0.5"], base["majority_accuracy"]),
+        ("Stage 1 balanced accuracy @ 0.5", s1["balanced_accuracy"], base["majority_balanced_accuracy"]),
+        (f"kNN accuracy (k={k})", s2["knn_accuracy"], base["majority_accuracy"]),
+        (f"kNN balanced accuracy (k={k})", s2["balanced_accuracy"], base["majority_balanced_accuracy"]),
+        (f"kNN vote-share ROC-AUC (k={k})", s2.get("vote_auc"), 0.5),
+        (f"Precision@{k}", s2["precision_at_k"], "—"),
+        (f"mAP@{k}", s2["map_at_k"], "—"),
+        (f'Majority baseline accuracy (always "{_label_name(payload)}")', base["majority_accuracy"], "—"),
+    ]
+    lines = ["| Metric | Value | Majority baseline |", "|---|---:|---:|"]
+    return lines + [f"| {name} | {_fmt(value)} | {_fmt(ref)} |" for name, value, ref in rows]
+
+
+def _confusion_table(payload: dict) -> list[str]:
+    (tn, fp), (fn, tp) = payload["stage2"]["confusion"]
+    task = payload.get("task", "positive")
+    return [
+        f"| kNN confusion | predicted not {task} | predicted {task} |", "|---|---:|---:|",
+        f"| true not {task} | {tn} | {fp} |", f"| true {task} | {fn} | {tp} |",
+    ]
+
+
+def interpretation(payload: dict) -> str:
+    """One honest sentence comparing kNN accuracy with always predicting the majority label."""
+    knn, ba = payload["stage2"]["knn_accuracy"], payload["stage2"]["balanced_accuracy"]
+    base = payload["baseline"]
+    maj, maj_ba = base["majority_accuracy"], base["majority_balanced_accuracy"]
+    name = _label_name(payload)
+    if knn is None or maj is None:
+        return f'kNN accuracy cannot be compared with always predicting "{name}": no queries.'
+    points = 100.0 * (knn - maj)
+    direction = "above" if points > 0 else "below"
+    side = "level with" if abs(points) < 0.05 else f"{abs(points):.1f} points {direction}"
+    return (
+        f'kNN accuracy ({100 * knn:.1f}%) is {side} always predicting "{name}" ({100 * maj:.1f}%); '
+        f"balanced accuracy is {_fmt(ba)} against {_fmt(maj_ba)} for that baseline."
+    )
+
+
+def render_markdown(
+    payload: dict, roc_png: str = "roc.png", precision_png: str = "precision_at_k.png"
+) -> str:
+    """The Markdown report for a `report.json` payload; images are linked relative to the file."""
+    lines = [
+        f"# {payload.get('title') or 'Evaluation report'}", "",
+        "## Context", "", *_context_table(payload), "",
+        "## Metrics", "", *_metrics_table(payload), "",
+        f"**Interpretation:** {interpretation(payload)}", "",
+        *_confusion_table(payload), "",
+        "## Plots", "", f"![ROC]({roc_png})", "", f"![Precision@k]({precision_png})", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""The query path: one image file → its k most similar archived cases, the kNN vote and the model's view.
+
+The JSON form (`QueryResult.to_json`) is a stable interface:
+  {"query": {"path", "view", "sex", "age_band"},
+   "collection", "model_fingerprint", "k",
+   "neighbors": [{"rank", "id", "score", "hamming", "labels", "label", "path", "dataset", "split",
+                  "view", "sex", "age_band", "boxes"}],
+   "vote": {"label", "fraction", "positive_fraction"},
+   "prediction": {"label", "probability"}}
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbir.embed import Embedded, embed_image
+from cbir.errors import CbirError
+from cbir.index.base import Filter, Hit, Index
+from cbir.index.schema import FILTER_ALIASES, check_model
+from cbir.io import Pseudonymizer, read_image
+from cbir.models import LoadedModel
+
+NEIGHBOR_FIELDS = ("labels", "label", "path", "dataset", "split", "view", "sex", "age_band", "boxes")
+
+
+def parse_filters(items: list[str] | None) -> Filter:
+    """`key=value` (repeat a key for any-of; `key!=value` to exclude) → Filter."""
+    must: dict[str, list[str]] = {}
+    must_not: dict[str, list[str]] = {}
+    for item in items or []:
+        negate = "!=" in item
+        key, sep, value = item.partition("!=" if negate else "=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise CbirError(f"bad filter {item!r}: use key=value or key!=value (e.g. label=Pneumonia)")
+        field_name = FILTER_ALIASES.get(key, key)
+        (must_not if negate else must).setdefault(field_name, []).append(value)
+    unwrap = {k: v[0] if len(v) == 1 else v for k, v in must.items()}
+    return Filter(must=unwrap, must_not={k: v[0] if len(v) == 1 else v for k, v in must_not.items()})
+
+
+@dataclass
+class QueryResult:
+    collection: str
+    model_fingerprint: str
+    k: int
+    neighbors: list[dict[str, Any]]
+    vote: dict[str, Any]
+    prediction: dict[str, Any]
+    query: dict[str, Any] = field(default_factory=dict)
+    pixels: np.ndarray | None = field(default=None, repr=False)  # the decoded query, for pictures
+
+    def to_json(self) -> dict[str, Any]:
+        return {"query": self.query, "collection": self.collection, "model_fingerprint": self.model_fingerprint,
+                "k": self.k, "neighbors": self.neighbors, "vote": self.vote, "prediction": self.prediction}
+
+
+def search_embedding(index: Index, collection: str, embedded: Embedded, k: int, flt: Filter | None = None,
+                     prefilter: int | None = None, hamming_radius: int | None = None) -> list[Hit]:
+    use_code = prefilter is not None or hamming_radius is not None
+    return index.search(collection, embedded.embedding, k, flt=flt, code=embedded.code if use_code else None,
+                        prefilter=prefilter, hamming_radius=hamming_radius)
+
+
+def vote(hits: list[Hit], target: str) -> dict[str, Any]:
+    """Majority label among the neighbours (ties go to the better-ranked label)."""
+    if not hits:
+        return {"label": None, "fraction": 0.0, "positive_fraction": 0.0}
+    labels = [str(hit.payload.get("label")) for hit in hits]
+    counts = Counter(labels)
+    best = max(counts.values())
+    winner = next(label for label in labels if counts[label] == best)
+    positive = sum(1 for hit in hits if int(hit.payload.get("target", 0)) == 1)
+    return {"label": winner, "fraction": best / len(hits), "positive_fraction": positive / len(hits)}
+
+
+def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection: str, k: int = 10,
+                flt: Filter | None = None, prefilter: int | None = None, hamming_radius: int | None = None,
+                pseudonymize: Pseudonymizer | None = None) -> QueryResult:
+    """Read, embed and search one image file."""
+    meta = index.get_meta(collection)
+    check_model(meta, loaded, collection)
+    image = read_image(path, pseudonymize)
+    embedded = embed_image(loaded, image)
+    hits = search_embedding(index, collection, embedded, k, flt, prefilter, hamming_radius)
+    target, negative = meta.get("target", loaded.config.target), meta.get("negative_label", "negative")
+    probability = float(embedded.probabilities[0])
+    return QueryResult(
+        collection=collection, model_fingerprint=loaded.fingerprint, k=k,
+        neighbors=[_neighbor(rank, hit) for rank, hit in enumerate(hits, start=1)],
+        vote=vote(hits, target),
+        prediction={"label": target if probability >= 0.5 else negative, "probability": round(probability, 6),
+                    "target": target},
+        query={"path": str(path), "view": image.meta.view, "sex": image.meta.sex,
+               "age_band": image.meta.age_band, "shape": list(image.shape)},
+        pixels=image.pixels,
+    )
+
+
+def _neighbor(rank: int, hit: Hit) -> dict[str, Any]:
+    entry: dict[str, Any] = {"rank": rank, "id": hit.id, "score": round(float(hit.score), 6),
+                             "hamming": hit.hamming}
+    entry.update({name: hit.payload.get(name) for name in NEIGHBOR_FIELDS})
+    return entry
+

@@ -1,0 +1,189 @@
+"""Train a CbirNet on a `Records` dataset; keep the checkpoint with the best validation AUC."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cbir.console import QUIET, Reporter
+from cbir.data.loading import iterate_batches
+from cbir.data.records import Records
+from cbir.data.transforms import augment, standardize
+from cbir.errors import CbirError, DatasetError
+from cbir.metrics import roc_auc
+from cbir.models import CbirNet, ModelConfig, create_model, save_checkpoint
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    pretrained: bool = False
+    weights: str | None = None
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    fingerprint: str
+    best_epoch: int
+    best_val_auc: float
+    history: list[dict] = field(default_factory=list)
+    n_train: int = 0
+    n_val: int = 0
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CbirError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CbirError("--device cuda was asked for but no CUDA GPU is available")
+    return device
+
+
+def preload(records: Records, size: int, settings: TrainSettings, reporter: Reporter,
+            label: str) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Decode every image once into memory (float16), so epochs cost only the forward/backward pass."""
+    images, keep, failures = [], [], []
+    paths = records.meta["path"].tolist()
+    with reporter.task(f"decode {label}", len(paths)) as bar:
+        for batch in iterate_batches(paths, size, batch_size=64, workers=settings.workers):
+            if batch.items:
+                images.append(batch.pixels.half())
+                keep.extend(item.index for item in batch.items)
+            failures.extend(f"{f.path}: {f.reason}" for f in batch.failures)
+            bar.advance(len(batch.items) + len(batch.failures))
+    for line in failures:
+        reporter.warn(line)
+    if not keep:
+        raise DatasetError(f"{records.root}: no readable images in the {label} split")
+    return torch.cat(images), np.asarray(keep), failures
+
+
+def train_model(records: Records, config: ModelConfig, settings: TrainSettings, out: Path,
+                reporter: Reporter = QUIET) -> TrainResult:
+    """Fit `config` on the train split, select by validation AUC, and write the checkpoint to `out`."""
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    device = resolve_device(settings.device)
+    train, val = records.split("train"), records.split("val")
+    if len(train) == 0:
+        raise DatasetError(f"{records.root}: the train split is empty")
+    if len(val) == 0:
+        val = train.subset(np.arange(len(train)) % 10 == 0)
+        reporter.warn("no validation split: using every 10th training image for model selection")
+    x_train, keep_train, fail_train = preload(train, config.image_size, settings, reporter, "train")
+    x_val, keep_val, fail_val = preload(val, config.image_size, settings, reporter, "val")
+    y_train = torch.from_numpy(train.y[keep_train]).float()
+    y_val = val.y[keep_val]
+    positives = float(y_train.sum())
+    if positives == 0 or positives == len(y_train):
+        raise DatasetError(f"{records.root}: the train split has only one class of {records.target!r}")
+    pos_weight = torch.tensor([(len(y_train) - positives) / positives], device=device)
+
+    model = create_model(config, pretrained=settings.pretrained,
+                         weights=Path(settings.weights) if settings.weights else None).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(y_train) / settings.batch_size)
+    schedule = _cosine_with_warmup(optimizer, steps_per_epoch * settings.epochs, warmup=steps_per_epoch)
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "metrics.jsonl"
+    log_path.write_text("")
+    best = {"auc": -1.0, "loss": math.inf, "epoch": 0}
+    fingerprint, history = "", []
+    for epoch in range(1, settings.epochs + 1):
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(model, x_train, y_train, optimizer, schedule, pos_weight, settings,
+                                  generator, device, reporter, epoch)
+        val_prob, val_loss = _predict(model, x_val, torch.from_numpy(y_val).float(), pos_weight, device)
+        val_auc = roc_auc(y_val, val_prob)
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+               "val_auc": None if math.isnan(val_auc) else val_auc, "lr": optimizer.param_groups[0]["lr"],
+               "seconds": round(time.perf_counter() - t0, 2)}
+        history.append(row)
+        with log_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        score = -1.0 if math.isnan(val_auc) else val_auc
+        improved = score > best["auc"] or (score == best["auc"] and val_loss < best["loss"])
+        if improved:
+            best = {"auc": score, "loss": val_loss, "epoch": epoch}
+            fingerprint = save_checkpoint(model, out)
+        reporter.log(f"epoch {epoch}/{settings.epochs}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+                     f"val AUC {val_auc:.4f}{'  (best)' if improved else ''}")
+    result = TrainResult(out=out, fingerprint=fingerprint, best_epoch=best["epoch"], best_val_auc=best["auc"],
+                         history=history, n_train=len(keep_train), n_val=len(keep_val),
+                         failures=fail_train + fail_val, seconds=round(time.perf_counter() - started, 2))
+    summary = {k: v for k, v in asdict(result).items() if k != "out"} | {
+        "dataset": records.dataset, "layout": records.layout, "root": str(records.root),
+        "settings": asdict(settings), "device": str(device)}
+    (out / "train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return result
+
+
+def _train_epoch(model: CbirNet, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler, pos_weight: torch.Tensor,
+                 settings: TrainSettings, generator: torch.Generator, device: torch.device,
+                 reporter: Reporter, epoch: int) -> float:
+    model.train()
+    order = torch.randperm(len(y), generator=generator)
+    total, seen = 0.0, 0
+    with reporter.task(f"epoch {epoch}", len(y)) as bar:
+        for start in range(0, len(y), settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            if len(idx) < 2:
+                continue  # batch norm needs two samples
+            batch = standardize(augment(x[idx].float(), generator)).to(device)
+            target = y[idx].to(device).view(-1, 1)
+            loss = F.binary_cross_entropy_with_logits(model(batch).logits, target, pos_weight=pos_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.advance(len(idx))
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def _predict(model: CbirNet, x: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor,
+             device: torch.device, batch_size: int = 128) -> tuple[np.ndarray, float]:
+    model.eval()
+    probs, loss = [], 0.0
+    for start in range(0, len(x), batch_size):
+        logits = model(standardize(x[start:start + batch_size].float()).to(device)).logits
+        target = y[start:start + batch_size].to(device).view(-1, 1)
+        loss += float(F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight,
+                                                         reduction="sum"))
+        probs.append(torch.sigmoid(logits[:, 0]).cpu().numpy())
+    return np.concatenate(probs), loss / max(len(x), 1)
+
+
+def _cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int
+                        ) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

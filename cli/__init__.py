@@ -1,0 +1,1 @@
+"""The `cbir` command line: a thin Typer app over the `cbir` library."""

@@ -1,0 +1,311 @@
+"""`cbir`: synth, train, ingest, query, evaluate, index info and demo.
+
+Exit codes: 0 success; 1 finished, but some input files failed (listed above the summary);
+2 a user error (bad argument, file, dataset, index or model), printed as one line; 3 an internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cbir.errors import CbirError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Content-based image retrieval for chest X-rays.")
+index_app = typer.Typer(no_args_is_help=True, help="Inspect the index.")
+app.add_typer(index_app, name="index")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_COLLECTION = os.environ.get("CBIR_COLLECTION", "cbir")
+IndexOpt = Annotated[str | None, typer.Option("--index", help="Index location: a directory (Qdrant Edge), "
+                                              "http(s)://host:6333, local:PATH or :memory: [$CBIR_INDEX]")]
+CollectionOpt = Annotated[str, typer.Option("--collection", help="Collection name [$CBIR_COLLECTION]")]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="rsna, nih, folder or auto")]
+RegexOpt = Annotated[str | None, typer.Option("--patient-regex",
+                                              help="folder layout: regex whose first group is the patient")]
+
+
+def guarded(func: F) -> F:
+    """Turn user errors into one line and exit code 2, and anything else into exit code 3."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CbirError as exc:
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted", markup=False)
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence for users
+            if os.environ.get("CBIR_DEBUG"):
+                traceback.print_exc()
+            err.print(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                      "(set CBIR_DEBUG=1 for the traceback)", markup=False)
+            raise typer.Exit(3) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _reporter(quiet: bool = False) -> Any:
+    from cbir.console import Reporter
+    return Reporter(quiet=quiet, console=err)
+
+
+def _open(location: str | None, writable: bool = False, create: bool = False) -> Any:
+    from cbir.index import open_index
+    return open_index(location, writable=writable, create=create, api_key=os.environ.get("CBIR_QDRANT_API_KEY"))
+
+
+def _load_model(model: Path | None, index: Any, collection: str, device: str) -> Any:
+    from cbir.models import load_checkpoint
+    from cbir.train.loop import resolve_device
+    if model is None:
+        path = index.get_meta(collection).get("model_path")
+        if not path:
+            raise CbirError(f"collection {collection!r} records no model path; pass --model")
+        model = Path(path)
+    return load_checkpoint(model, resolve_device(device))
+
+
+@app.command()
+@guarded
+def synth(layout: LayoutOpt = "rsna",
+          n: Annotated[int, typer.Option("--n", min=1, help="number of images")] = 200,
+          size: Annotated[int, typer.Option("--size", min=16, max=2048, help="image side in pixels")] = 256,
+          out_dir: Annotated[Path, typer.Option("--out", help="output folder")] = Path("synth"),
+          seed: Annotated[int, typer.Option("--seed")] = 0,
+          labels: Annotated[Path | None, typer.Option("--labels", help="drive it from a real label CSV")] = None,
+          ) -> None:
+    """Write a synthetic dataset in the real on-disk layout (rsna: DICOM + CSV; nih: PNG + CSV)."""
+    from cbir.data.synth import synth_dataset
+    if layout not in ("rsna", "nih"):
+        raise CbirError(f"--layout must be rsna or nih for synth, not {layout!r}")
+    if labels is not None and not labels.is_file():
+        raise CbirError(f"{labels}: label CSV not found")
+    reporter = _reporter()
+    with reporter.task(f"synth {layout}", n) as bar:
+        summary = synth_dataset(layout, n, size, out_dir, seed=seed, labels_csv=labels, progress=bar.advance)
+    out.print(f"wrote {summary.n_images} {layout} images ({size} px) to {out_dir}", markup=False)
+
+
+@app.command()
+@guarded
+def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
+          out_dir: Annotated[Path, typer.Option("--out", help="run folder for the checkpoint")],
+          layout: LayoutOpt = "auto",
+          task: Annotated[str, typer.Option("--task", help="binary")] = "binary",
+          backbone: Annotated[str, typer.Option("--backbone", help="any timm model name")] = "resnet18",
+          image_size: Annotated[int, typer.Option("--image-size", min=16)] = 224,
+          epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+          batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 32,
+          lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+          embed_dim: Annotated[int, typer.Option("--embed-dim", min=2)] = 128,
+          bits: Annotated[int, typer.Option("--bits", min=8, max=1024)] = 64,
+          weights: Annotated[Path | None, typer.Option("--weights", help="local backbone weights file")] = None,
+          pretrained: Annotated[bool, typer.Option("--pretrained", help="download timm weights")] = False,
+          device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
+          workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
+          seed: Annotated[int, typer.Option("--seed")] = 0,
+          patient_regex: RegexOpt = None) -> None:
+    """Train a backbone with an embedding head; the best epoch by validation AUC is kept."""
+    from cbir.data.layout import load_dataset
+    from cbir.models import ModelConfig
+    from cbir.train import TrainSettings, train_model
+    records = load_dataset(data, layout, seed=seed, patient_regex=patient_regex)
+    reporter = _reporter()
+    for note in records.notes:
+        reporter.log(f"note: {note}")
+    config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
+                         label_names=list(records.label_names), target=records.target)
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, device=device, workers=workers,
+                             seed=seed, pretrained=pretrained, weights=str(weights) if weights else None)
+    counts = records.meta["split"].value_counts().to_dict()
+    reporter.log(f"{records.dataset}: {len(records)} images ({counts}), target {records.target!r}, "
+                 f"{int(records.y.sum())} positive")
+    result = train_model(records, config, settings, out_dir, reporter)
+    out.print(f"model {result.fingerprint} saved to {out_dir} (best epoch {result.best_epoch}, "
+              f"val AUC {result.best_val_auc:.4f}, {result.seconds:.0f} s)", markup=False)
+
+
+@app.command()
+@guarded
+def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
+           model: Annotated[Path, typer.Option("--model", help="run folder from `cbir train`")],
+           index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION, layout: LayoutOpt = "auto",
+           batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+           workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
+           strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad file")] = False,
+           device: Annotated[str, typer.Option("--device")] = "auto",
+           seed: Annotated[int, typer.Option("--seed")] = 0, patient_regex: RegexOpt = None) -> None:
+    """Embed every image of a dataset and upsert it into the index."""
+    from cbir.data.layout import load_dataset
+    from cbir.index.ingest import ingest_records
+    from cbir.io import load_pseudonymizer
+    from cbir.models import load_checkpoint
+    from cbir.train.loop import resolve_device
+    records = load_dataset(data, layout, seed=seed, patient_regex=patient_regex)
+    loaded = load_checkpoint(model, resolve_device(device))
+    pseudonymize = load_pseudonymizer()
+    reporter = _reporter()
+    with _open(index, writable=True, create=True) as idx:
+        summary = ingest_records(records, loaded, idx, collection, pseudonymize, batch_size, workers, strict,
+                                 reporter)
+    out.print(summary.line, markup=False)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@guarded
+def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")],
+          model: Annotated[Path | None, typer.Option("--model", help="defaults to the collection's model")] = None,
+          index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION,
+          k: Annotated[int, typer.Option("--k", min=1, max=1000)] = 10,
+          filters: Annotated[list[str] | None, typer.Option("--filter", help="key=value, repeatable")] = None,
+          prefilter: Annotated[int | None, typer.Option("--prefilter", min=1,
+                                                        help="keep the N nearest by Hamming distance")] = None,
+          hamming_radius: Annotated[int | None, typer.Option("--hamming-radius", min=0)] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
+          montage: Annotated[Path | None, typer.Option("--montage", help="write a PNG montage")] = None,
+          device: Annotated[str, typer.Option("--device")] = "auto") -> None:
+    """Find the k most similar archived cases to one image."""
+    from cbir.io import load_pseudonymizer
+    from cbir.search import parse_filters, query_image
+    flt = parse_filters(filters)
+    with _open(index) as idx:
+        loaded = _load_model(model, idx, collection, device)
+        result = query_image(image, loaded, idx, collection, k, flt, prefilter, hamming_radius,
+                             load_pseudonymizer())
+        roots = idx.get_meta(collection).get("roots") or {}
+    payload = result.to_json()
+    if montage is not None:
+        from cbir.report.montage import write_montage
+        write_montage(payload, result.pixels, roots, montage)
+        payload["montage"] = str(montage)
+    if as_json:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    _print_query(payload)
+
+
+def _print_query(result: dict[str, Any]) -> None:
+    table = Table(title=f"{result['k']} nearest cases in {result['collection']!r}")
+    for column in ("rank", "score", "hamming", "labels", "view", "sex", "age", "path"):
+        table.add_column(column, justify="right" if column in ("rank", "score", "hamming") else "left")
+    for n in result["neighbors"]:
+        table.add_row(str(n["rank"]), f"{n['score']:.4f}", "" if n["hamming"] is None else str(n["hamming"]),
+                      ", ".join(n["labels"] or []), n["view"] or "", n["sex"] or "", n["age_band"] or "",
+                      n["path"] or "")
+    out.print(table)
+    vote, pred = result["vote"], result["prediction"]
+    out.print(f"kNN vote: {vote['label']} ({vote['fraction']:.0%} of {len(result['neighbors'])} neighbours)",
+              markup=False)
+    out.print(f"model: P({pred['target']}) = {pred['probability']:.3f} → {pred['label']}", markup=False)
+    if result.get("montage"):
+        out.print(f"montage: {result['montage']}", markup=False)
+
+
+@app.command()
+@guarded
+def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, index: IndexOpt = None,
+             collection: CollectionOpt = DEFAULT_COLLECTION,
+             queries: Annotated[Path | None, typer.Option("--queries", help="another dataset as queries")] = None,
+             layout: LayoutOpt = "auto", k: Annotated[int, typer.Option("--k", min=1, max=1000)] = 10,
+             out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("cbir-report"),
+             as_json: Annotated[bool, typer.Option("--json")] = False,
+             device: Annotated[str, typer.Option("--device")] = "auto",
+             patient_regex: RegexOpt = None) -> None:
+    """Stage-1 ROC-AUC and stage-2 kNN metrics with the majority baseline; writes report.md/json."""
+    from cbir.data.layout import load_dataset
+    from cbir.evaluate.run import evaluate_collection
+    from cbir.io import load_pseudonymizer
+    reporter = _reporter(quiet=as_json)
+    with _open(index) as idx:
+        loaded = _load_model(model, idx, collection, device)
+        records = load_dataset(queries, layout, patient_regex=patient_regex) if queries else None
+        report = evaluate_collection(idx, collection, loaded, out_dir, k, records, load_pseudonymizer(), reporter)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        return
+    _print_report(report, out_dir)
+
+
+def _print_report(report: dict[str, Any], out_dir: Path) -> None:
+    s1, s2, base = report["stage1"], report["stage2"], report["baseline"]
+    table = Table(title=f"evaluation: {report['n_queries']} queries, k = {report['k']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("stage 1 ROC-AUC", s1["roc_auc"]), ("kNN accuracy", s2["knn_accuracy"]),
+            ("kNN balanced accuracy", s2["balanced_accuracy"]), (f"precision@{report['k']}", s2["precision_at_k"]),
+            (f"mAP@{report['k']}", s2["map_at_k"]),
+            (f"majority baseline ({base.get('majority_label')})", base["majority_accuracy"])]
+    for name, value in rows:
+        table.add_row(name, "n/a" if value is None else f"{100 * value:.2f} %")
+    out.print(table)
+    out.print(f"report: {out_dir / 'report.md'}", markup=False)
+
+
+@index_app.command("info")
+@guarded
+def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List collections with point counts, model fingerprint, dimensions and schema version."""
+    with _open(index) as idx:
+        rows = []
+        for name in idx.list_collections():
+            meta = idx.get_meta(name)
+            rows.append({"collection": name, "points": idx.count(name), "model_fingerprint":
+                         meta.get("model_fingerprint"), "backbone": meta.get("backbone"), "dim": meta.get("dim"),
+                         "bits": meta.get("bits"), "schema_version": meta.get("schema_version"),
+                         "model_path": meta.get("model_path")})
+        location = idx.location
+    if as_json:
+        sys.stdout.write(json.dumps({"index": location, "collections": rows}, indent=2) + "\n")
+        return
+    table = Table(title=f"index {location}")
+    for column in ("collection", "points", "model_fingerprint", "backbone", "dim", "bits", "schema_version"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("collection", "points", "model_fingerprint", "backbone", "dim",
+                                              "bits", "schema_version")))
+    out.print(table)
+
+
+@app.command()
+@guarded
+def demo(out_dir: Annotated[Path, typer.Option("--out", help="demo folder")] = Path("cbir-demo"),
+         n: Annotated[int, typer.Option("--n", min=40)] = 400,
+         size: Annotated[int, typer.Option("--size", min=32)] = 64,
+         epochs: Annotated[int, typer.Option("--epochs", min=1)] = 8,
+         backbone: Annotated[str, typer.Option("--backbone")] = "resnet10t",
+         index: IndexOpt = None) -> None:
+    """Synth → train → ingest → query → montage → evaluate, in a few minutes on a CPU."""
+    from cbir.demo import run_demo
+    result = run_demo(out_dir, n=n, size=size, epochs=epochs, backbone=backbone, index=index,
+                      reporter=_reporter())
+    out.print("")
+    for line in result.lines():
+        out.print(line, markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

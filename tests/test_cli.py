@@ -1,0 +1,193 @@
+"""End to end through the CLI on a tiny synthetic RSNA set: synth, train, ingest, query, evaluate, info."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+
+runner = CliRunner()
+N = 60
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("e2e")
+    data, model, index = root / "data", root / "model", root / "index"
+    code, out, err = run("synth", "--layout", "rsna", "--n", N, "--size", 48, "--out", data, "--seed", 3)
+    assert code == 0, err
+    code, out, err = run("train", "--data", data, "--layout", "rsna", "--task", "binary", "--backbone",
+                         "test_resnet", "--image-size", 32, "--epochs", 2, "--embed-dim", 16, "--bits", 32,
+                         "--out", model, "--workers", 0)
+    assert code == 0, err
+    code, out, err = run("ingest", "--data", data, "--layout", "rsna", "--model", model, "--index", index,
+                         "--collection", "rsna", "--workers", 0)
+    assert code == 0, err
+    assert f"{N} ingested" in out
+    return {"root": root, "data": data, "model": model, "index": index}
+
+
+def _dicoms(data: Path) -> list[Path]:
+    return sorted((data / "stage_2_train_images").glob("*.dcm"))
+
+
+def test_synth_writes_the_kaggle_layout(pipeline: dict[str, Path]) -> None:
+    assert (pipeline["data"] / "stage_2_train_labels.csv").is_file()
+    assert len(_dicoms(pipeline["data"])) == N
+
+
+def test_checkpoint_directory(pipeline: dict[str, Path]) -> None:
+    names = {p.name for p in pipeline["model"].iterdir()}
+    assert {"config.json", "model.safetensors", "fingerprint", "metrics.jsonl"} <= names
+    epochs = [json.loads(line) for line in (pipeline["model"] / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+
+
+def test_reingest_does_not_duplicate(pipeline: dict[str, Path]) -> None:
+    args = ("--data", pipeline["data"], "--model", pipeline["model"], "--index", pipeline["index"],
+            "--collection", "rsna", "--workers", 0)
+    code, out, err = run("ingest", *args)
+    assert code == 0, err
+    info = json.loads(run("index", "info", "--index", pipeline["index"], "--json")[1])
+    (row,) = [c for c in info["collections"] if c["collection"] == "rsna"]
+    assert row["points"] == N
+    assert row["dim"] == 16 and row["bits"] == 32 and row["schema_version"] == 1
+    assert row["model_fingerprint"] == (pipeline["model"] / "fingerprint").read_text().strip()
+
+
+def test_query_json_contract(pipeline: dict[str, Path]) -> None:
+    dicom = _dicoms(pipeline["data"])[0]
+    code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--k", 5, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["neighbors"]) == 5
+    first = result["neighbors"][0]
+    assert {"rank", "id", "score", "labels", "path"} <= set(first)
+    assert [n["rank"] for n in result["neighbors"]] == [1, 2, 3, 4, 5]
+    scores = [n["score"] for n in result["neighbors"]]
+    assert scores == sorted(scores, reverse=True)
+    assert first["score"] == pytest.approx(1.0, abs=1e-4)  # the image itself is in the archive
+    assert first["path"] == f"stage_2_train_images/{dicom.name}"
+    assert {"label", "fraction"} <= set(result["vote"]) and 0 < result["vote"]["fraction"] <= 1
+    assert 0.0 <= result["prediction"]["probability"] <= 1.0
+
+
+def test_query_table_filter_prefilter_and_montage(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    dicom = _dicoms(pipeline["data"])[1]
+    montage = tmp_path / "m.png"
+    code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--k", 4,
+                         "--filter", "label=Pneumonia", "--prefilter", 30, "--montage", montage)
+    assert code == 0, err
+    assert "kNN vote" in out and "model: P(Pneumonia)" in out
+    assert Image.open(montage).size[0] > 0
+    code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--k", 10,
+                         "--filter", "label=Pneumonia", "--json")
+    labels = [n["labels"] for n in json.loads(out)["neighbors"]]
+    assert labels and all("Pneumonia" in lab for lab in labels)
+
+
+def test_evaluate_writes_reports(pipeline: dict[str, Path]) -> None:
+    out_dir = pipeline["root"] / "report"
+    code, out, err = run("evaluate", "--index", pipeline["index"], "--collection", "rsna", "--k", 5,
+                         "--out", out_dir, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    for key in ("roc_auc",):
+        assert key in report["stage1"]
+    for key in ("knn_accuracy", "balanced_accuracy", "precision_at_k", "map_at_k"):
+        assert 0.0 <= report["stage2"][key] <= 1.0
+    assert 0.5 <= report["baseline"]["majority_accuracy"] <= 1.0
+    assert report["k"] == 5 and report["n_queries"] > 0
+    for name in ("report.md", "report.json", "roc.png", "precision_at_k.png"):
+        assert (out_dir / name).is_file(), name
+    assert "roc.png" in (out_dir / "report.md").read_text()
+
+
+def test_no_phi_in_payloads_or_metadata(pipeline: dict[str, Path]) -> None:
+    from cbir.index import open_index
+    secrets: set[str] = set()
+    for path in _dicoms(pipeline["data"]):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+                        "SOPInstanceUID", "StudyInstanceUID", "OtherPatientIDs"):
+            value = str(ds.get(keyword) or "").strip()
+            # RSNA names each file after its (already de-identified) patientId, and the payload must hold the
+            # relative path, so that one value is allowed in `path` and nowhere else.
+            if len(value) >= 6 and not (keyword == "PatientID" and value == path.stem):
+                secrets.add(value)
+    assert len(secrets) > N  # the synthetic headers really carry fake PHI
+    with open_index(str(pipeline["index"])) as idx:
+        payloads = [p.payload for p in idx.scroll("rsna")]
+        dump = json.dumps(idx.get_meta("rsna")) + json.dumps(payloads)
+    leaked = [s for s in secrets if s in dump]
+    assert leaked == []
+    for point_payload in payloads:
+        stem = Path(point_payload["path"]).stem
+        rest = json.dumps({k: v for k, v in point_payload.items() if k != "path"})
+        assert stem not in rest and point_payload["pseudonym"].startswith("p-")
+
+
+def test_query_bad_file_is_one_line(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not a dicom at all" * 20)
+    code, out, err = run("query", bad, "--index", pipeline["index"], "--collection", "rsna")
+    assert code == 2
+    assert str(bad) in err and "Traceback" not in err + out and len(err.strip().splitlines()) == 1
+
+
+def test_query_with_another_model_is_refused(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    from cbir.models import ModelConfig, create_model, save_checkpoint
+    other = save_checkpoint(create_model(ModelConfig(backbone="test_resnet", image_size=32, embed_dim=16,
+                                                     bits=32, code_seed=9)), tmp_path / "other")
+    recorded = (pipeline["model"] / "fingerprint").read_text().strip()
+    code, out, err = run("query", _dicoms(pipeline["data"])[0], "--model", tmp_path / "other", "--index",
+                         pipeline["index"], "--collection", "rsna")
+    assert code == 2 and other in err and recorded in err
+
+
+def test_unknown_collection_and_missing_index(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    code, _, err = run("query", _dicoms(pipeline["data"])[0], "--index", pipeline["index"],
+                       "--collection", "nope")
+    assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run("index", "info", "--index", tmp_path / "nowhere")
+    assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dataset_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    code, _, err = run("train", "--data", tmp_path / "empty", "--out", tmp_path / "m")
+    assert code == 2 and "empty" in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "badcsv"
+    (bad / "stage_2_train_images").mkdir(parents=True)
+    (bad / "stage_2_train_labels.csv").write_text("patientId,x,y\nabc,1,2\n")
+    code, _, err = run("train", "--data", bad, "--layout", "rsna", "--out", tmp_path / "m")
+    assert code == 2 and "Target" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run("train", "--data", bad, "--layout", "nih", "--out", tmp_path / "m")
+    assert code == 2 and "Data_Entry" in err
+
+
+def test_ingest_goes_on_past_bad_files(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(pipeline["data"], data)
+    victims = _dicoms(data)[:2]
+    victims[0].write_bytes(b"")
+    victims[1].write_bytes(victims[1].read_bytes()[:400])
+    code, out, err = run("ingest", "--data", data, "--model", pipeline["model"], "--index", tmp_path / "idx",
+                         "--collection", "c", "--workers", 0)
+    assert code == 1
+    assert f"{N - 2} ingested" in out and "2 failed" in out
+    for victim in victims:
+        assert str(victim) in err
+    assert "Traceback" not in err

@@ -1,0 +1,160 @@
+"""Image IO on real files from ../shared and on DICOMs built here for the pixel paths real files lack."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from cbir.errors import BadInputError
+from cbir.io import load_pseudonymizer, read_image
+from cbir.io.phi import Pseudonymizer, age_band
+from tests.conftest import shared_path
+
+RSNA_FILE = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+
+
+def test_real_rsna_dicom_decodes_from_jpeg_baseline() -> None:
+    path = shared_path("data", "real", "rsna", RSNA_FILE)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    image = read_image(path)
+    assert image.shape == (1024, 1024)
+    assert image.pixels.dtype == np.float32
+    assert image.pixels.min() == 0.0 and image.pixels.max() == 1.0
+    assert image.meta.view == "PA" and image.meta.modality == "CR"
+
+
+def test_monochrome1_variant_is_the_inverse() -> None:
+    normal = read_image(shared_path("data", "real", "rsna", RSNA_FILE))
+    inverted = read_image(shared_path("data", "real", "rsna", "monochrome1_variant.dcm"))
+    raw_a = pydicom.dcmread(shared_path("data", "real", "rsna", RSNA_FILE)).pixel_array
+    raw_b = pydicom.dcmread(shared_path("data", "real", "rsna", "monochrome1_variant.dcm")).pixel_array
+    assert np.array_equal(raw_a, raw_b), "the two files store the same pixels"
+    corr = np.corrcoef((1 - normal.pixels).ravel(), inverted.pixels.ravel())[0, 1]
+    assert corr > 0.99
+    assert normal.instance_key == inverted.instance_key  # same SOPInstanceUID → same dedup key
+
+
+@pytest.mark.parametrize("name", ["nih/00000001_000.png", "nih/00027426_000.png", "padchest/16747_3_1.jpg",
+                                  "tbx11k/h0001.png"])
+def test_real_raster_images_read_as_grey(name: str) -> None:
+    image = read_image(shared_path("data", "real", *name.split("/")))
+    assert image.pixels.ndim == 2 and image.pixels.dtype == np.float32
+    assert 0.0 <= image.pixels.min() < image.pixels.max() <= 1.0
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", preamble: bool = True,
+                 **extra: object) -> Path:
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JOHN", "MRN-12345", "19600101"
+    ds.PatientSex, ds.PatientAge, ds.ViewPosition, ds.Modality = "F", "047Y", "AP", "DX"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    ds.PhotometricInterpretation = photometric
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, extra.pop("BitsStored", bits), bits - 1
+    ds.PixelRepresentation = 0
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=preamble, implicit_vr=False, little_endian=True)
+    return path
+
+
+def test_16bit_rescale_and_window(tmp_path: Path) -> None:
+    ramp = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (64, 1))
+    path = _write_dicom(tmp_path / "ct.dcm", ramp, BitsStored=12, RescaleSlope=2, RescaleIntercept=-1024,
+                        WindowCenter=2048, WindowWidth=4096)
+    image = read_image(path)
+    assert image.pixels.shape == (64, 64)
+    assert np.all(np.diff(image.pixels[0]) >= 0), "a monotonic ramp stays monotonic"
+    assert image.pixels[0, 0] == 0.0 and image.pixels[0, -1] == 1.0
+
+
+def test_rgb_dicom_becomes_grey(tmp_path: Path) -> None:
+    rgb = np.zeros((32, 32, 3), dtype=np.uint8)
+    rgb[:, 16:] = 200
+    image = read_image(_write_dicom(tmp_path / "rgb.dcm", rgb, photometric="RGB"))
+    assert image.pixels.shape == (32, 32)
+    assert image.pixels[:, :16].max() == 0.0 and image.pixels[:, 16:].min() == 1.0
+
+
+def test_dicom_without_preamble_is_read(tmp_path: Path) -> None:
+    pixels = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    path = _write_dicom(tmp_path / "raw.dcm", pixels, preamble=False)
+    assert path.read_bytes()[128:132] != b"DICM"
+    assert read_image(path).shape == (64, 64)
+
+
+def test_phi_never_leaves_the_reader(tmp_path: Path) -> None:
+    path = _write_dicom(tmp_path / "phi.dcm", np.ones((32, 32), dtype=np.uint16) * np.arange(32, dtype=np.uint16))
+    pz = Pseudonymizer(b"k" * 32)
+    image = read_image(path, pz)
+    text = repr(image.meta) + repr(image.instance_key)
+    for secret in ("DOE", "JOHN", "MRN-12345", "19600101"):
+        assert secret not in text
+    assert image.meta.pseudonym == pz("MRN-12345") and image.meta.pseudonym.startswith("p-")
+    assert image.meta.age_band == "45-49" and image.meta.sex == "F" and image.meta.view == "AP"
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"", "empty file"),
+    (os.urandom(2048), "not a DICOM file"),
+])
+def test_bad_dicom_files_raise_one_line(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "bad.dcm"
+    path.write_bytes(content)
+    with pytest.raises(BadInputError) as info:
+        read_image(path)
+    assert str(path) in str(info.value) and reason in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dicom_without_pixels_is_refused(tmp_path: Path) -> None:
+    path = _write_dicom(tmp_path / "sr.dcm", np.zeros((8, 8), dtype=np.uint8))
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+    with pytest.raises(BadInputError, match="no pixel data"):
+        read_image(path)
+
+
+def test_truncated_png_is_refused(tmp_path: Path) -> None:
+    src = shared_path("data", "real", "nih", "00000001_000.png")
+    path = tmp_path / "cut.png"
+    path.write_bytes(src.read_bytes()[:500])
+    with pytest.raises(BadInputError, match="cut.png"):
+        read_image(path)
+
+
+def test_pseudonym_key_file_is_private_and_stable(fresh_key: Path) -> None:
+    first = load_pseudonymizer()
+    assert stat.S_IMODE(fresh_key.stat().st_mode) == 0o600
+    second = load_pseudonymizer()
+    assert first("P1") == second("P1") != first("P2")
+    assert first.fingerprint == second.fingerprint and len(first.fingerprint) == 16
+
+
+def test_env_key_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    from_file = load_pseudonymizer()
+    monkeypatch.setenv("CBIR_PSEUDONYM_KEY", "a-shared-team-key-of-enough-length")
+    assert load_pseudonymizer()("P1") != from_file("P1")
+
+
+@pytest.mark.parametrize(("value", "band"), [("062Y", "60-64"), ("62", "60-64"), ("006M", "00-04"),
+                                             ("095Y", "90+"), ("", None), ("abc", None)])
+def test_age_bands(value: str, band: str | None) -> None:
+    assert age_band(value) == band

@@ -1,0 +1,87 @@
+"""Real timm backbones: shapes, normalisation, checkpoint round trips and clear weight errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cbir.data.transforms import letterbox, standardize
+from cbir.errors import CbirError
+from cbir.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
+
+TINY = ModelConfig(backbone="test_resnet", image_size=32, embed_dim=16, bits=24)
+
+
+def test_outputs_have_declared_sizes() -> None:
+    model = create_model(TINY).eval()
+    out = model(torch.randn(3, 1, 32, 32))
+    assert out.embedding.shape == (3, 16) and out.logits.shape == (3, 1) and out.code.shape == (3, 24)
+    assert torch.allclose(out.embedding.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert set(out.code.unique().tolist()) <= {0, 1}
+    features = model.forward_features(torch.randn(1, 1, 32, 32))
+    assert features.ndim == 4 and model.forward_head(features).embedding.shape == (1, 16)
+
+
+def test_checkpoint_reloads_bit_identical(tmp_path: Path) -> None:
+    model = create_model(TINY).eval()
+    fingerprint = save_checkpoint(model, tmp_path / "run")
+    loaded = load_checkpoint(tmp_path / "run")
+    x = torch.randn(4, 1, 32, 32)
+    a, b = model(x), loaded.model(x)
+    assert loaded.fingerprint == fingerprint
+    assert torch.equal(a.embedding, b.embedding) and torch.equal(a.code, b.code)
+
+
+def test_tampered_weights_are_refused(tmp_path: Path) -> None:
+    save_checkpoint(create_model(TINY), tmp_path / "run")
+    (tmp_path / "run" / "fingerprint").write_text("0000000000000000\n")
+    with pytest.raises(CbirError, match="fingerprint"):
+        load_checkpoint(tmp_path / "run")
+
+
+def test_not_a_model_directory(tmp_path: Path) -> None:
+    with pytest.raises(CbirError, match="not a cbir model"):
+        load_checkpoint(tmp_path)
+
+
+def test_unknown_backbone_is_one_line() -> None:
+    with pytest.raises(CbirError, match="unknown timm backbone"):
+        create_model(ModelConfig(backbone="no_such_net"))
+
+
+def test_pretrained_download_fails_clearly_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine with no network
+    with pytest.raises(CbirError, match="cannot download pretrained weights"):
+        create_model(ModelConfig(backbone="resnet10t"), pretrained=True)
+
+
+def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+    source = timm.create_model("test_resnet", in_chans=1, num_classes=0)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    model = create_model(TINY, weights=tmp_path / "w.safetensors")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[name], tensor), name
+
+
+def test_letterbox_keeps_boxes_in_original_coordinates() -> None:
+    pixels = np.zeros((100, 200), dtype=np.float32)
+    pixels[40:60, 120:160] = 1.0
+    square, geo = letterbox(pixels, 64)
+    assert square.shape == (64, 64)
+    box = np.array([[120, 40, 40, 20]], dtype=np.float32)
+    np.testing.assert_allclose(geo.to_original(geo.to_input(box)), box, atol=1e-4)
+    x, y, w, h = geo.to_input(box)[0].round().astype(int)
+    assert square[y + 2:y + h - 2, x + 2:x + w - 2].mean() > 0.9
+
+
+def test_standardize_is_per_image() -> None:
+    batch = torch.rand(2, 1, 8, 8) * torch.tensor([1.0, 10.0]).view(2, 1, 1, 1)
+    out = standardize(batch)
+    assert torch.allclose(out.flatten(1).mean(1), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(out.flatten(1).std(1), torch.ones(2), atol=1e-4)
