@@ -191,3 +191,32 @@ def test_ingest_goes_on_past_bad_files(pipeline: dict[str, Path], tmp_path: Path
     for victim in victims:
         assert str(victim) in err
     assert "Traceback" not in err
+
+
+def test_evaluate_on_another_dataset(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    assert run("synth", "--layout", "rsna", "--n", 16, "--size", 48, "--out", other, "--seed", 11)[0] == 0
+    code, out, err = run("evaluate", "--index", pipeline["index"], "--collection", "rsna", "--queries", other,
+                         "--layout", "rsna", "--k", 3, "--out", tmp_path / "rep", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["n_queries"] == 16 and report["context"]["archive_size"] == N
+
+
+def test_demo_runs_end_to_end_small(tmp_path: Path) -> None:
+    out_dir = tmp_path / "demo"
+    code, out, err = run("demo", "--out", out_dir, "--n", 60, "--size", 32, "--epochs", 1, "--backbone",
+                         "test_resnet")
+    assert code == 0, err
+    for name in ("montage.png", "query.json", "report/report.md", "report/report.json", "model/config.json"):
+        assert (out_dir / name).is_file(), name
+    query = json.loads((out_dir / "query.json").read_text())
+    assert all(n["split"] in ("train", "val") for n in query["neighbors"])
+    assert "ROC-AUC" in out
+    code, _, err = run("demo", "--out", out_dir, "--n", 60, "--size", 32, "--epochs", 1, "--backbone", "test_resnet")
+    assert code == 0, err  # a demo folder can be rerun
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    code, _, err = run("demo", "--out", tmp_path / "precious")
+    assert code == 2 and "not a cbir demo folder" in err
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"

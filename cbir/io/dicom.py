@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,8 @@ MAX_PIXELS = 80_000_000
 def read_header(path: str | Path) -> Dataset:
     """The dataset without pixel data; a missing preamble is accepted (read with force)."""
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=False, force=True, defer_size="1 KB")
+        with _quiet_pydicom():
+            ds = pydicom.dcmread(str(path), stop_before_pixels=False, force=True, defer_size="1 KB")
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise BadInputError(path, f"unreadable DICOM ({type(exc).__name__}: {_first_line(exc)})") from None
     if not isinstance(ds, Dataset) or len(ds) == 0:
@@ -51,7 +55,8 @@ def decode(ds: Dataset, path: str | Path, max_pixels: int = MAX_PIXELS) -> np.nd
     if syntax.is_compressed:
         options["decoding_plugin"] = DECODING_PLUGIN
     try:
-        return pixel_array(ds, **options)
+        with _quiet_pydicom():
+            return pixel_array(ds, **options)
     except NotImplementedError:
         raise BadInputError(path, f"unsupported transfer syntax {syntax.name} ({syntax})") from None
     except RuntimeError as exc:
@@ -82,15 +87,24 @@ def instance_key(ds: Dataset) -> str | None:
 def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None,
                max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, SafeMeta, str | None]:
     """(pixels float32 [0,1], safe metadata, instance key) of a DICOM file."""
-    ds = read_header(path)
-    arr = decode(ds, path, max_pixels)
-    try:
-        pixels = process(arr, ds)
-    except (ValueError, TypeError, KeyError, IndexError) as exc:
-        raise BadInputError(path, f"cannot apply the header's LUTs ({_first_line(exc)})") from None
-    if pixels.ndim != 2:
-        raise BadInputError(path, f"unexpected pixel array shape {pixels.shape}")
-    return pixels, safe_meta(ds, pseudonymize), instance_key(ds)
+    with _quiet_pydicom():
+        ds = read_header(path)
+        arr = decode(ds, path, max_pixels)
+        try:
+            pixels = process(arr, ds)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise BadInputError(path, f"cannot apply the header's LUTs ({_first_line(exc)})") from None
+        if pixels.ndim != 2:
+            raise BadInputError(path, f"unexpected pixel array shape {pixels.shape}")
+        return pixels, safe_meta(ds, pseudonymize), instance_key(ds)
+
+
+@contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """pydicom warns about odd but readable values; a batch run would drown in them. Real failures raise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def _first_line(exc: BaseException) -> str:

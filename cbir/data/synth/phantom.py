@@ -611,7 +611,7 @@ def adjust_for_findings(anatomy: Anatomy, findings: Sequence[str], rng: np.rando
         a = replace(a, heart=(a.heart[0], a.heart[1] - 0.02, a.heart[2] * grow, a.heart[3] * (1 + 0.8 * (grow - 1))))
     if "Emphysema" in findings:
         a = replace(a, apex=a.apex - 0.015, lat=a.lat + 0.015, dome=(a.dome[0] + 0.07, a.dome[1] + 0.07),
-                    dome_h=a.dome_h * 0.35, lung_depth=a.lung_depth * 1.3, marking_amp=a.marking_amp * 0.55,
+                    dome_h=a.dome_h * 0.35, lung_depth=a.lung_depth * 1.18, marking_amp=a.marking_amp * 0.55,
                     heart=(a.heart[0], a.heart[1] + 0.05, a.heart[2] * 0.8, a.heart[3] * 0.85))
     if "Atelectasis" in findings:  # volume loss: one dome rises, the heart shifts towards it
         side = int(rng.choice(SIDES))
