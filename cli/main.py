@@ -254,11 +254,18 @@ def _print_report(report: dict[str, Any], out_dir: Path) -> None:
     rows = [("stage 1 ROC-AUC", s1["roc_auc"]), ("kNN accuracy", s2["knn_accuracy"]),
             ("kNN balanced accuracy", s2["balanced_accuracy"]), (f"precision@{report['k']}", s2["precision_at_k"]),
             (f"mAP@{report['k']}", s2["map_at_k"]),
-            (f"majority baseline ({base.get('majority_label')})", base["majority_accuracy"])]
+            (f"majority baseline (always {_majority_name(report)})", base["majority_accuracy"])]
     for name, value in rows:
         table.add_row(name, "n/a" if value is None else f"{100 * value:.2f} %")
     out.print(table)
     out.print(f"report: {out_dir / 'report.md'}", markup=False)
+
+
+def _majority_name(report: dict[str, Any]) -> str:
+    context = report.get("context") or {}
+    if report["baseline"].get("majority_label") == 1:
+        return str(context.get("target") or "positive")
+    return str(context.get("negative_label") or "negative")
 
 
 @index_app.command("info")

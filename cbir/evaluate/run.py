@@ -102,7 +102,8 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
                        archive_y=archive_y, k=k, relevant=relevant)
     context = {"collection": collection, "index": index.location, "model": str(loaded.path),
                "model_fingerprint": loaded.fingerprint, "backbone": loaded.config.backbone,
-               "target": meta.get("target"), "queries": source, "archive_size": int(archive_y.size),
+               "target": meta.get("target"), "negative_label": meta.get("negative_label"), "query_source": source,
+               "archive_size": int(archive_y.size),
                "query_failures": len(failures), "short_neighbour_lists": int((found < k).sum()),
                "seconds": round(time.perf_counter() - started, 2)}
     files = write_report(report, out_dir, y_query, prob_query,

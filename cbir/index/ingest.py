@@ -110,9 +110,10 @@ def _point(records: Records, item: Embedded, pseudonymize: Pseudonymizer, meta: 
                         pseudonym=pseudonymize(str(row["patient"])))
     safe = SafeMeta(view=item.meta.view, sex=item.meta.sex, age_band=item.meta.age_band,
                     modality=item.meta.modality, pseudonym=csv_meta.pseudonym).merged(csv_meta)
-    labels = names if names else [meta["negative_label"]]
-    if records.layout == "folder":
+    if records.layout == "folder" or names:
         labels = names
+    else:  # nothing positive: NIH says "No Finding"; a one-label set (RSNA) says "No <target>"
+        labels = ["No Finding" if len(records.label_names) > 1 else meta["negative_label"]]
     boxes = row.get("boxes")
     body = payload(dataset=records.dataset, split=str(row["split"]), relpath=str(row["relpath"]), labels=labels,
                    primary=primary, target=target, meta=safe.as_payload(),

@@ -130,10 +130,17 @@ def _plot_precision(payload: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _class_names(payload: dict) -> tuple[str, str]:
+    """(positive, negative) class names: the context's target and negative label when it has them."""
+    context = payload.get("context") or {}
+    positive = str(context.get("target") or payload.get("task", "positive"))
+    return positive, str(context.get("negative_label") or f"not {positive}")
+
+
 def _label_name(payload: dict) -> str:
-    """Human name of the majority label: the task for label 1, "not <task>" for label 0."""
-    task = payload.get("task", "positive")
-    return task if payload["baseline"]["majority_label"] == 1 else f"not {task}"
+    """Human name of the majority label."""
+    positive, negative = _class_names(payload)
+    return positive if payload["baseline"]["majority_label"] == 1 else negative
 
 
 def _fmt(value: Any, float_format: str = ".3f") -> str:
@@ -187,10 +194,10 @@ def _metrics_table(payload: dict) -> list[str]:
 
 def _confusion_table(payload: dict) -> list[str]:
     (tn, fp), (fn, tp) = payload["stage2"]["confusion"]
-    task = payload.get("task", "positive")
+    positive, negative = _class_names(payload)
     return [
-        f"| kNN confusion | predicted not {task} | predicted {task} |", "|---|---:|---:|",
-        f"| true not {task} | {tn} | {fp} |", f"| true {task} | {fn} | {tp} |",
+        f"| kNN confusion | predicted {negative} | predicted {positive} |", "|---|---:|---:|",
+        f"| true {negative} | {tn} | {fp} |", f"| true {positive} | {fn} | {tp} |",
     ]
 
 
