@@ -47,6 +47,14 @@ class Filter:
         return bool(self.must or self.must_not)
 
 
+@dataclass(frozen=True)
+class Schema:
+    """A collection's vector sizes."""
+
+    dim: int
+    bits: int
+
+
 @dataclass
 class Point:
     id: str                      # UUID string

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from cbir.index.base import (
     Hit,
     Index,
     Point,
+    Schema,
     check_point_id,
     check_vectors,
     hamming_to,
@@ -50,12 +50,6 @@ from cbir.index.base import (
 
 META_KEY = "cbir"
 _SHARE_HINT = "use a Qdrant server to share an index"
-
-
-@dataclass(frozen=True)
-class _Schema:
-    dim: int
-    bits: int
 
 
 class ClientIndex(Index):
@@ -69,7 +63,7 @@ class ClientIndex(Index):
         self.writable = writable
         self.is_server = location.startswith(("http://", "https://"))
         self._search_params = qm.SearchParams(exact=True) if self.is_server else None
-        self._schemas: dict[str, _Schema] = {}
+        self._schemas: dict[str, Schema] = {}
         self._client = self._connect(create, api_key, timeout)
 
     def _connect(self, create: bool, api_key: str | None, timeout: int | None) -> QdrantClient:
@@ -122,7 +116,7 @@ class ClientIndex(Index):
                 for field_name in INDEXED_FIELDS:
                     self._client.create_payload_index(name, field_name, qm.PayloadSchemaType.KEYWORD,
                                                       wait=True)
-        self._schemas[name] = _Schema(int(dim), int(bits))
+        self._schemas[name] = Schema(int(dim), int(bits))
 
     def delete_collection(self, name: str) -> None:
         self._check_writable()
@@ -267,12 +261,12 @@ class ClientIndex(Index):
                               "Qdrant servers older than 1.16 drop collection metadata)")
         return config
 
-    def _schema(self, name: str) -> _Schema:
+    def _schema(self, name: str) -> Schema:
         if name not in self._schemas:
             vectors = self._config(name).params.vectors
             if not isinstance(vectors, dict) or not {EMBEDDING, HASH} <= vectors.keys():
                 raise IndexError_(f"{self._where(name)}: lacks the '{EMBEDDING}'/'{HASH}' vectors")
-            self._schemas[name] = _Schema(vectors[EMBEDDING].size, vectors[HASH].size)
+            self._schemas[name] = Schema(vectors[EMBEDDING].size, vectors[HASH].size)
         return self._schemas[name]
 
     @contextmanager

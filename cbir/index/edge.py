@@ -36,7 +36,6 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ from cbir.index.base import (
     Hit,
     Index,
     Point,
+    Schema,
     check_point_id,
     check_vectors,
     hamming_to,
@@ -70,12 +70,6 @@ _EXACT = qe.SearchParams(exact=True)
 _SHARE_HINT = "use a Qdrant server to share an index"
 
 
-@dataclass(frozen=True)
-class _Schema:
-    dim: int
-    bits: int
-
-
 class EdgeIndex(Index):
     """Collections as Qdrant Edge shards under one directory; shards are opened lazily and cached."""
 
@@ -87,7 +81,7 @@ class EdgeIndex(Index):
         self._root = Path(path)
         self._collections = self._root / "collections"
         self._shards: dict[str, qe.EdgeShard] = {}
-        self._schemas: dict[str, _Schema] = {}
+        self._schemas: dict[str, Schema] = {}
         self._unflushed: dict[str, tuple[int, float]] = {}  # points upserted since, time of, the last flush
         self._lock_fd: int | None = None
         self._closed = False
@@ -171,7 +165,7 @@ class EdgeIndex(Index):
             shard.flush()
         self._shards[name] = shard
         _write_atomic(folder / META_FILE, text)
-        self._schemas[name] = _Schema(int(dim), int(bits))
+        self._schemas[name] = Schema(int(dim), int(bits))
 
     def delete_collection(self, name: str) -> None:
         self._check_writable()
@@ -330,10 +324,10 @@ class EdgeIndex(Index):
                               f"reads version {SCHEMA_VERSION}")
         return record
 
-    def _schema(self, name: str) -> _Schema:
+    def _schema(self, name: str) -> Schema:
         if name not in self._schemas:
             record = self._read_record(name)
-            self._schemas[name] = _Schema(int(record["dim"]), int(record["bits"]))
+            self._schemas[name] = Schema(int(record["dim"]), int(record["bits"]))
         return self._schemas[name]
 
     def _shard(self, name: str) -> qe.EdgeShard:
