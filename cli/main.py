@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import traceback
@@ -139,8 +140,9 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}), target {records.target!r}, "
                  f"{int(records.y.sum())} positive")
     result = train_model(records, config, settings, out_dir, reporter)
+    auc = "n/a" if math.isnan(result.best_val_auc) else f"{result.best_val_auc:.4f}"
     out.print(f"model {result.fingerprint} saved to {out_dir} (best epoch {result.best_epoch}, "
-              f"val AUC {result.best_val_auc:.4f}, {result.seconds:.0f} s)", markup=False)
+              f"val AUC {auc}, {result.seconds:.0f} s)", markup=False)
 
 
 @app.command()

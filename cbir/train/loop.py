@@ -109,7 +109,11 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
-    best = {"auc": -1.0, "loss": math.inf, "epoch": 0}
+    by_auc = len(np.unique(y_val)) == 2
+    if not by_auc:
+        reporter.warn(f"the validation split has only one class of {records.target!r}: AUC is undefined, so the "
+                      "checkpoint is chosen by validation loss")
+    best = {"score": -math.inf, "auc": math.nan, "epoch": 0}
     fingerprint, history = "", []
     for epoch in range(1, settings.epochs + 1):
         t0 = time.perf_counter()
@@ -123,17 +127,18 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
         history.append(row)
         with log_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        score = -1.0 if math.isnan(val_auc) else val_auc
-        improved = score > best["auc"] or (score == best["auc"] and val_loss < best["loss"])
+        score = val_auc - 1e-9 * val_loss if by_auc else -val_loss  # loss breaks AUC ties
+        improved = score > best["score"]
         if improved:
-            best = {"auc": score, "loss": val_loss, "epoch": epoch}
+            best = {"score": score, "auc": val_auc, "epoch": epoch}
             fingerprint = save_checkpoint(model, out)
         reporter.log(f"epoch {epoch}/{settings.epochs}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                     f"val AUC {val_auc:.4f}{'  (best)' if improved else ''}")
+                     f"val AUC {'n/a' if math.isnan(val_auc) else f'{val_auc:.4f}'}{'  (best)' if improved else ''}")
     result = TrainResult(out=out, fingerprint=fingerprint, best_epoch=best["epoch"], best_val_auc=best["auc"],
                          history=history, n_train=len(keep_train), n_val=len(keep_val),
                          failures=fail_train + fail_val, seconds=round(time.perf_counter() - started, 2))
     summary = {k: v for k, v in asdict(result).items() if k != "out"} | {
+        "best_val_auc": None if math.isnan(result.best_val_auc) else result.best_val_auc,
         "dataset": records.dataset, "layout": records.layout, "root": str(records.root),
         "settings": asdict(settings), "device": str(device)}
     (out / "train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
