@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cbir.data.folder import check_root, has_image, load_folder
+from cbir.data.files import check_root, has_image
+from cbir.data.folder import load_folder
 from cbir.data.nih import find_nih_csv, load_nih
 from cbir.data.records import Records
 from cbir.data.rsna import LABELS_CSV, load_rsna

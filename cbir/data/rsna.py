@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cbir.data.folder import check_root, file_map, make_meta, optional_int, optional_text, read_csv_checked
+from cbir.data.files import check_root, file_map, make_meta, optional_int, optional_text, read_csv_checked
 from cbir.data.records import Records
 from cbir.data.splits import assign_splits
 from cbir.errors import DatasetError
