@@ -110,14 +110,16 @@ def synth(layout: LayoutOpt = "rsna",
 def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           out_dir: Annotated[Path, typer.Option("--out", help="run folder for the checkpoint")],
           layout: LayoutOpt = "auto",
-          task: Annotated[str, typer.Option("--task", help="binary")] = "binary",
+          task: Annotated[str, typer.Option("--task", help="binary, hash (trained K-bit codes) or multilabel "
+                                            "(one output per label; RSNA has only Pneumonia)")] = "binary",
           backbone: Annotated[str, typer.Option("--backbone", help="any timm model name")] = "resnet18",
           image_size: Annotated[int, typer.Option("--image-size", min=16)] = 224,
           epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
           batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 32,
           lr: Annotated[float, typer.Option("--lr")] = 1e-3,
           embed_dim: Annotated[int, typer.Option("--embed-dim", min=2)] = 128,
-          bits: Annotated[int, typer.Option("--bits", min=8, max=1024)] = 64,
+          bits: Annotated[int, typer.Option("--bits", min=8, max=1024,
+                                            help="code bits (task hash: 16..256)")] = 64,
           weights: Annotated[Path | None, typer.Option("--weights", help="local backbone weights file")] = None,
           pretrained: Annotated[bool, typer.Option("--pretrained", help="download timm weights")] = False,
           device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
@@ -128,6 +130,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     from cbir.data.layout import load_dataset
     from cbir.models import ModelConfig
     from cbir.train import TrainSettings, train_model
+    ModelConfig(task=task, bits=bits).validate()  # a bad --task/--bits fails before the dataset is read
     records = load_dataset(data, layout, seed=seed, patient_regex=patient_regex)
     reporter = _reporter()
     for note in records.notes:
@@ -256,6 +259,10 @@ def _print_report(report: dict[str, Any], out_dir: Path) -> None:
     rows = [("stage 1 ROC-AUC", s1["roc_auc"]), ("kNN accuracy", s2["knn_accuracy"]),
             ("kNN balanced accuracy", s2["balanced_accuracy"]), (f"precision@{report['k']}", s2["precision_at_k"]),
             (f"mAP@{report['k']}", s2["map_at_k"]),
+            *[(name, s2[key]) for key, name in (("map_at_k_any_finding", "mAP, any shared finding"),
+                                                ("hamming_map_at_k", "mAP, Hamming ranking"),
+                                                ("prefilter_knn_accuracy", "kNN accuracy, Hamming prefilter"))
+              if key in s2],
             (f"majority baseline (always {_majority_name(report)})", base["majority_accuracy"])]
     for name, value in rows:
         table.add_row(name, "n/a" if value is None else f"{100 * value:.2f} %")

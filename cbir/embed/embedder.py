@@ -23,6 +23,12 @@ class Embedded:
     meta: SafeMeta
     instance_key: str | None
     geometry: Geometry
+    target_index: int = 0       # column of the target in `probabilities`
+
+    @property
+    def probability(self) -> float:
+        """The model's probability of the target (e.g. Pneumonia), whatever the task."""
+        return float(self.probabilities[self.target_index])
 
 
 @torch.inference_mode()
@@ -43,15 +49,18 @@ def embed_batches(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 3
             yield [], batch.failures
             continue
         emb, codes, probs = _forward(loaded, batch.pixels)
-        yield [_embedded(item, emb[i], codes[i], probs[i]) for i, item in enumerate(batch.items)], batch.failures
+        target = loaded.config.target_index
+        yield ([_embedded(item, emb[i], codes[i], probs[i], target) for i, item in enumerate(batch.items)],
+               batch.failures)
 
 
 def embed_image(loaded: LoadedModel, image: XrayImage) -> Embedded:
     """Embed one already-read image (the query path)."""
     pixels, geometry = letterbox(image.pixels, loaded.config.image_size)
     emb, codes, probs = _forward(loaded, torch.from_numpy(pixels)[None, None])
-    return Embedded(0, emb[0], codes[0], probs[0], image.meta, image.instance_key, geometry)
+    return Embedded(0, emb[0], codes[0], probs[0], image.meta, image.instance_key, geometry,
+                    loaded.config.target_index)
 
 
-def _embedded(item: Loaded, emb: np.ndarray, code: np.ndarray, probs: np.ndarray) -> Embedded:
-    return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry)
+def _embedded(item: Loaded, emb: np.ndarray, code: np.ndarray, probs: np.ndarray, target: int) -> Embedded:
+    return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry, target)

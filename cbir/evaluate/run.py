@@ -7,8 +7,9 @@ counted, and with the default queries the reference archive is the train and val
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,20 @@ from cbir.data.records import Records
 from cbir.embed import embed_batches
 from cbir.errors import CbirError
 from cbir.evaluate.summary import summarize
-from cbir.index.base import Filter, Index
-from cbir.index.schema import check_model
+from cbir.index.base import HASH as HASH_FIELD
+from cbir.index.base import Filter, Index, unpack_code
+from cbir.index.ingest import payload_labels
+from cbir.index.schema import check_model, negative_label
 from cbir.io import Pseudonymizer
-from cbir.metrics import majority_baseline
+from cbir.metrics import knn_vote, majority_baseline, map_at_k, per_class_auc
 from cbir.models import LoadedModel
 from cbir.report.evaluation import write_report
 
 ARCHIVE_SPLITS = ["train", "val"]
+#: The Hamming prefilter of `stage2.prefilter_knn_accuracy` keeps this share of the archive (at least
+#: PREFILTER_MIN points) before exact cosine.
+PREFILTER_SHARE = 0.10
+PREFILTER_MIN = 50
 
 
 @dataclass
@@ -35,12 +42,36 @@ class Query:
     target: int
     probability: float
     pseudonym: str | None
+    code: np.ndarray | None = None
+    labels: list[str] = field(default_factory=list)   # as stored in payloads ("No Finding" when none)
+    probabilities: dict[str, float] | None = None     # per label (multilabel models)
 
 
-def stored_queries(index: Index, collection: str) -> list[Query]:
+@dataclass
+class Archive:
+    """The reference archive's ids (sorted), targets, pseudonyms and packed codes, from one scroll."""
+
+    ids: list[str]
+    targets: np.ndarray
+    pseudonyms: np.ndarray
+    packed: np.ndarray   # (N, ceil(bits / 8)) uint8
+
+
+@dataclass
+class Neighbours:
+    """Per query: the targets and label lists of the k cosine neighbours, and the Hamming-prefiltered vote."""
+
+    targets: np.ndarray            # (Q, k); short lists padded with the archive's majority label
+    found: np.ndarray              # (Q,) how many neighbours were returned
+    labels: list[list[list[str]]]  # per query, per neighbour, the payload labels
+    prefilter_targets: np.ndarray  # (Q, k) as `targets`, with the Hamming prefilter
+
+
+def stored_queries(index: Index, collection: str, bits: int | None = None) -> list[Query]:
     points = index.scroll(collection, Filter(must={"split": "test"}), with_vectors=True)
     return [Query(p.embedding, int(p.payload.get("target", 0)), float(p.payload.get("probability", 0.0)),
-                  p.payload.get("pseudonym")) for p in points]
+                  p.payload.get("pseudonym"), _code(p.payload, bits), list(p.payload.get("labels") or []),
+                  p.payload.get("probabilities")) for p in points]
 
 
 def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudonymizer,
@@ -48,12 +79,17 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
     queries, failures = [], []
     paths = records.meta["path"].tolist()
     y = records.y
+    names = records.label_lists()
+    negative = negative_label(records.label_names, records.target)
+    model_labels = loaded.config.label_names if loaded.config.task == "multilabel" else None
     with reporter.task("embed queries", len(paths)) as bar:
         for embedded, failed in embed_batches(loaded, paths, pseudonymize=pseudonymize):
             for item in embedded:
                 patient = str(records.meta["patient"].iloc[item.index])
-                queries.append(Query(item.embedding, int(y[item.index]), float(item.probabilities[0]),
-                                     pseudonymize(patient)))
+                per_label = (dict(zip(model_labels, item.probabilities.tolist(), strict=True))
+                             if model_labels else None)
+                queries.append(Query(item.embedding, int(y[item.index]), item.probability, pseudonymize(patient),
+                                     item.code, payload_labels(records, names[item.index], negative), per_label))
             failures.extend(f"{f.path}: {f.reason}" for f in failed)
             bar.advance(len(embedded) + len(failed))
     return queries, failures
@@ -62,49 +98,48 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
 def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_dir: Path, k: int = 10,
                         queries_from: Records | None = None, pseudonymize: Pseudonymizer | None = None,
                         reporter: Reporter = QUIET) -> dict[str, Any]:
-    """Run both stages, write report.md/report.json/roc.png/precision_at_k.png, return the report dict."""
+    """Run both stages, write report.md/report.json/roc.png/precision_at_k.png, return the report dict.
+
+    Besides the common keys (see `cbir.evaluate.summary`), every report has `stage2.hamming_map_at_k` (mAP@k
+    ranking the archive by the Hamming distance of the codes alone, ties by point id) and
+    `stage2.prefilter_knn_accuracy` (kNN accuracy after a Hamming prefilter to 10 % of the archive, at least
+    50 points, then exact cosine). Multilabel models add `stage1.per_class_auc` (label → ROC-AUC of that
+    label's probability) and `stage2.map_at_k_any_finding`: a neighbour is relevant when it shares at least
+    one payload label with the query, so "No Finding" matches "No Finding".
+    """
     started = time.perf_counter()
     meta = index.get_meta(collection)
     check_model(meta, loaded, collection)
+    bits = int(meta.get("bits") or loaded.config.bits)
     failures: list[str] = []
     if queries_from is None:
-        queries = stored_queries(index, collection)
-        archive = Filter(must={"split": ARCHIVE_SPLITS})
+        queries = stored_queries(index, collection, bits)
+        archive_filter = Filter(must={"split": ARCHIVE_SPLITS})
         source = "test split of the collection"
     else:
         if pseudonymize is None:
             raise CbirError("evaluating external queries needs the pseudonym key")
         queries, failures = embedded_queries(queries_from, loaded, pseudonymize, reporter)
-        archive = Filter()
+        archive_filter = Filter()
         source = f"{queries_from.dataset} ({queries_from.root})"
     if not queries:
         raise CbirError(f"collection {collection!r}: no query images ({source} is empty)")
-    archive_y = _archive_targets(index, collection, archive)
-    if archive_y.size == 0:
+    archive = scroll_archive(index, collection, archive_filter, bits)
+    if archive.targets.size == 0:
         raise CbirError(f"collection {collection!r}: the reference archive is empty")
-    neighbor_y = np.zeros((len(queries), k), dtype=np.int64)
-    found = np.zeros(len(queries), dtype=np.int64)
-    with reporter.task("search", len(queries)) as bar:
-        for row, query in enumerate(queries):
-            flt = Filter(must=dict(archive.must),
-                         must_not={"pseudonym": query.pseudonym} if query.pseudonym else {})
-            hits = index.search(collection, query.embedding, k, flt=flt)
-            labels = [int(hit.payload.get("target", 0)) for hit in hits]
-            found[row] = len(labels)
-            neighbor_y[row, :len(labels)] = labels
-            if len(labels) < k:  # a tiny archive: pad with the majority label so shapes stay rectangular
-                neighbor_y[row, len(labels):] = majority_baseline(archive_y, archive_y).label
-            bar.advance()
+    neighbours = _search(index, collection, archive_filter, archive, queries, k, reporter)
     y_query = np.array([q.target for q in queries])
     prob_query = np.array([q.probability for q in queries])
-    relevant = (neighbor_y == y_query[:, None]) & (np.arange(k)[None, :] < found[:, None])
-    report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query, neighbor_y=neighbor_y,
-                       archive_y=archive_y, k=k, relevant=relevant)
+    relevant = (neighbours.targets == y_query[:, None]) & (np.arange(k)[None, :] < neighbours.found[:, None])
+    extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k)
+    report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query,
+                       neighbor_y=neighbours.targets, archive_y=archive.targets, k=k, relevant=relevant,
+                       extra=extra)
     context = {"collection": collection, "index": index.location, "model": str(loaded.path),
                "model_fingerprint": loaded.fingerprint, "backbone": loaded.config.backbone,
                "target": meta.get("target"), "negative_label": meta.get("negative_label"), "query_source": source,
-               "archive_size": int(archive_y.size),
-               "query_failures": len(failures), "short_neighbour_lists": int((found < k).sum()),
+               "archive_size": int(archive.targets.size),
+               "query_failures": len(failures), "short_neighbour_lists": int((neighbours.found < k).sum()),
                "seconds": round(time.perf_counter() - started, 2)}
     files = write_report(report, out_dir, y_query, prob_query,
                          title=f"cbir evaluation: {collection}", context=context)
@@ -113,7 +148,107 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     return report
 
 
-def _archive_targets(index: Index, collection: str, archive: Filter) -> np.ndarray:
-    total = index.count(collection, archive)
-    positives = index.count(collection, Filter(must={**archive.must, "target": 1}))
-    return np.concatenate([np.ones(positives, dtype=np.int64), np.zeros(total - positives, dtype=np.int64)])
+def scroll_archive(index: Index, collection: str, flt: Filter, bits: int) -> Archive:
+    """Scroll the archive once (payloads only) and keep what the Hamming ranking needs, sorted by id."""
+    rows = sorted(((p.id, int(p.payload.get("target", 0)), p.payload.get("pseudonym"),
+                    p.payload.get(HASH_FIELD) or "") for p in index.scroll(collection, flt, with_vectors=False)),
+                  key=lambda row: row[0])
+    width = (bits + 7) // 8
+    packed = np.zeros((len(rows), width), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        if row[3]:
+            packed[i] = np.frombuffer(bytes.fromhex(row[3]), dtype=np.uint8)[:width]
+    return Archive(ids=[r[0] for r in rows], targets=np.array([r[1] for r in rows], dtype=np.int64),
+                   pseudonyms=np.array([r[2] or "" for r in rows], dtype=object), packed=packed)
+
+
+def prefilter_size(archive_size: int) -> int:
+    """Hamming-prefilter candidates: 10 % of the archive, at least 50, at most the whole archive."""
+    return min(archive_size, max(PREFILTER_MIN, math.ceil(PREFILTER_SHARE * archive_size)))
+
+
+def hamming_ranking(archive: Archive, code: np.ndarray, k: int, exclude: str | None = None) -> np.ndarray:
+    """Positions of the k archive points nearest to `code` by Hamming distance (ties by ascending id),
+    leaving out the points of pseudonym `exclude`."""
+    distance = _POPCOUNT[archive.packed ^ np.packbits(np.asarray(code, dtype=np.uint8))].sum(axis=1)
+    keep = np.flatnonzero(archive.pseudonyms != exclude) if exclude else np.arange(len(archive.ids))
+    order = np.argsort(distance[keep], kind="stable")  # the archive is sorted by id: stable keeps id order
+    return keep[order[:k]]
+
+
+def _search(index: Index, collection: str, archive_filter: Filter, archive: Archive, queries: list[Query], k: int,
+            reporter: Reporter) -> Neighbours:
+    """Exact cosine kNN per query, and again behind a Hamming prefilter (10 % of the archive, at least 50)."""
+    majority = majority_baseline(archive.targets, archive.targets).label
+    shortlist = prefilter_size(archive.targets.size)
+    targets = np.full((len(queries), k), majority, dtype=np.int64)  # a tiny archive pads with the majority label
+    prefiltered = targets.copy()
+    found = np.zeros(len(queries), dtype=np.int64)
+    labels: list[list[list[str]]] = []
+    with reporter.task("search", len(queries)) as bar:
+        for row, query in enumerate(queries):
+            flt = Filter(must=dict(archive_filter.must),
+                         must_not={"pseudonym": query.pseudonym} if query.pseudonym else {})
+            hits = index.search(collection, query.embedding, k, flt=flt)
+            found[row] = len(hits)
+            targets[row, :len(hits)] = [int(hit.payload.get("target", 0)) for hit in hits]
+            labels.append([list(hit.payload.get("labels") or []) for hit in hits])
+            if query.code is not None:
+                hits = index.search(collection, query.embedding, k, flt=flt, code=query.code, prefilter=shortlist)
+                prefiltered[row, :len(hits)] = [int(hit.payload.get("target", 0)) for hit in hits]
+            bar.advance()
+    return Neighbours(targets, found, labels, prefiltered)
+
+
+def _extra_metrics(loaded: LoadedModel, archive: Archive, queries: list[Query], neighbours: Neighbours,
+                   y_query: np.ndarray, k: int) -> dict[str, dict[str, Any]]:
+    """The code-based stage-2 metrics for every task, and the per-label ones for multilabel models."""
+    stage1: dict[str, Any] = {}
+    stage2: dict[str, Any] = {}
+    if all(q.code is not None for q in queries):
+        stage2["hamming_map_at_k"] = _hamming_map(archive, queries, y_query, k)
+        vote, _ = knn_vote(neighbours.prefilter_targets, k)
+        stage2["prefilter_knn_accuracy"] = float(np.mean(vote == y_query))
+        stage2["prefilter_size"] = prefilter_size(archive.targets.size)
+    if loaded.config.task == "multilabel":
+        stage2["map_at_k_any_finding"] = map_at_k(_shares_a_finding(queries, neighbours, k), k)
+        aucs = _per_class_auc(queries, loaded.config.label_names)
+        if aucs is not None:
+            stage1["per_class_auc"] = aucs
+    return {"stage1": stage1, "stage2": stage2}
+
+
+def _hamming_map(archive: Archive, queries: list[Query], y_query: np.ndarray, k: int) -> float:
+    relevant = np.zeros((len(queries), k), dtype=bool)
+    for row, query in enumerate(queries):
+        nearest = hamming_ranking(archive, query.code, k, exclude=query.pseudonym)
+        relevant[row, :len(nearest)] = archive.targets[nearest] == y_query[row]
+    return map_at_k(relevant, k)
+
+
+def _shares_a_finding(queries: list[Query], neighbours: Neighbours, k: int) -> np.ndarray:
+    """(Q, k): the neighbour shares at least one payload label with the query ("No Finding" included)."""
+    relevant = np.zeros((len(queries), k), dtype=bool)
+    for row, query in enumerate(queries):
+        mine = set(query.labels)
+        for col, theirs in enumerate(neighbours.labels[row][:k]):
+            relevant[row, col] = bool(mine & set(theirs))
+    return relevant
+
+
+def _per_class_auc(queries: list[Query], names: list[str]) -> dict[str, float] | None:
+    """Label → ROC-AUC of its probability over the queries (NaN where a label has one class), if all carry them."""
+    if not all(q.probabilities for q in queries):
+        return None
+    truth = np.array([[name in q.labels for name in names] for q in queries], dtype=np.int64)
+    scores = np.array([[float(q.probabilities.get(name, 0.0)) for name in names] for q in queries])
+    return dict(zip(names, per_class_auc(truth, scores), strict=True))
+
+
+def _code(payload: dict, bits: int | None) -> np.ndarray | None:
+    hexstr = payload.get(HASH_FIELD)
+    return unpack_code(hexstr, bits) if hexstr and bits else None
+
+
+#: Set bits of every byte value.
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int64)

@@ -14,7 +14,10 @@ Schema (every value plain JSON; an undefined metric, e.g. ROC-AUC with one class
                 confusion [[tn, fp], [fn, tp]] (rows: true 0/1, columns: kNN prediction 0/1)
     baseline    majority_label, majority_accuracy, majority_balanced_accuracy (always predicting the
                 archive's majority label), archive_positive_rate
-    …           keys of `extra`, merged one level deep; they may add keys but never replace a metric
+    …           keys of `extra`, merged one level deep; they may add keys but never replace a metric.
+                `cbir.evaluate.run` adds stage2.hamming_map_at_k, stage2.prefilter_knn_accuracy and
+                stage2.prefilter_size (every collection), and for multilabel models
+                stage2.map_at_k_any_finding and stage1.per_class_auc {label: auc}
 """
 
 from __future__ import annotations

@@ -70,6 +70,7 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     meta = prepare_collection(index, collection, loaded, pseudonymize, records)
     summary = IngestSummary(collection, total=len(records), points_before=index.count(collection))
     paths = records.meta["path"].tolist()
+    model_labels = list(loaded.config.label_names) if loaded.config.task == "multilabel" else None
     seen: set[str] = set()
     with reporter.task(f"ingest {records.dataset}", len(paths)) as bar:
         for embedded, failures in embed_batches(loaded, paths, batch_size, workers, pseudonymize):
@@ -81,7 +82,7 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
                 reporter.warn(f"{failure.path}: {failure.reason}")
             points = []
             for item in embedded:
-                point = _point(records, item, pseudonymize, meta)
+                point = _point(records, item, pseudonymize, meta, model_labels)
                 if point.id in seen:
                     summary.skipped += 1
                     reporter.warn(f"{paths[item.index]}: duplicate SOPInstanceUID in this run; kept the first")
@@ -100,7 +101,20 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     return summary
 
 
-def _point(records: Records, item: Embedded, pseudonymize: Pseudonymizer, meta: dict) -> Point:
+def payload_labels(records: Records, names: list[str], negative: str) -> list[str]:
+    """The payload's `labels` for an image whose positive labels are `names`.
+
+    With nothing positive, NIH says "No Finding" and a one-label set (RSNA) says the negative label
+    ("No Pneumonia"); folder datasets always have their class.
+    """
+    if records.layout == "folder" or names:
+        return names
+    return ["No Finding" if len(records.label_names) > 1 else negative]
+
+
+def _point(records: Records, item: Embedded, pseudonymize: Pseudonymizer, meta: dict,
+           model_labels: list[str] | None) -> Point:
+    """One point; `model_labels` (multilabel models) names the per-label probabilities stored beside the target's."""
     row = records.meta.iloc[item.index]
     label_row = records.labels[item.index]
     names = [n for n, v in zip(records.label_names, label_row, strict=True) if v > 0.5]
@@ -110,14 +124,12 @@ def _point(records: Records, item: Embedded, pseudonymize: Pseudonymizer, meta: 
                         pseudonym=pseudonymize(str(row["patient"])))
     safe = SafeMeta(view=item.meta.view, sex=item.meta.sex, age_band=item.meta.age_band,
                     modality=item.meta.modality, pseudonym=csv_meta.pseudonym).merged(csv_meta)
-    if records.layout == "folder" or names:
-        labels = names
-    else:  # nothing positive: NIH says "No Finding"; a one-label set (RSNA) says "No <target>"
-        labels = ["No Finding" if len(records.label_names) > 1 else meta["negative_label"]]
+    labels = payload_labels(records, names, meta["negative_label"])
     boxes = row.get("boxes")
+    per_label = dict(zip(model_labels, item.probabilities.tolist(), strict=True)) if model_labels else None
     body = payload(dataset=records.dataset, split=str(row["split"]), relpath=str(row["relpath"]), labels=labels,
                    primary=primary, target=target, meta=safe.as_payload(),
                    boxes=list(boxes) if isinstance(boxes, list | tuple | np.ndarray) else [],
-                   probability=float(item.probabilities[0]), code=item.code)
+                   probability=item.probability, code=item.code, probabilities=per_label)
     return Point(id=point_id(records.dataset, item.instance_key, str(row["relpath"])),
                  embedding=item.embedding.astype(np.float32), code=item.code.astype(np.uint8), payload=body)

@@ -39,7 +39,7 @@ def collection_meta(loaded: LoadedModel, pseudonymize: Pseudonymizer, target: st
         "task": config.task,
         "image_size": config.image_size,
         "dim": config.embed_dim,
-        "bits": config.bits,
+        "bits": config.bits,  # the hash layer's bits for task hash, the LSH code's otherwise
         "target": target,
         "negative_label": negative,
         "key_fingerprint": pseudonymize.fingerprint,
@@ -67,9 +67,14 @@ def check_key(meta: dict[str, Any], pseudonymize: Pseudonymizer, collection: str
 
 
 def payload(*, dataset: str, split: str, relpath: str, labels: list[str], primary: str, target: int,
-            meta: dict[str, Any], boxes: list, probability: float, code: Any) -> dict[str, Any]:
-    """The stored payload: labels and coarse metadata only, never a raw identifier."""
-    return {
+            meta: dict[str, Any], boxes: list, probability: float, code: Any,
+            probabilities: dict[str, float] | None = None) -> dict[str, Any]:
+    """The stored payload: labels and coarse metadata only, never a raw identifier.
+
+    `probability` is the model's probability of the collection's target for every task; multilabel models
+    also store `probabilities` (label name → probability).
+    """
+    body = {
         "dataset": dataset,
         "split": split,
         "path": relpath,
@@ -86,3 +91,6 @@ def payload(*, dataset: str, split: str, relpath: str, labels: list[str], primar
         "hash": pack_code(code),
         "team": None,
     }
+    if probabilities is not None:
+        body["probabilities"] = {name: round(float(p), 6) for name, p in probabilities.items()}
+    return body

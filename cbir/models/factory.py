@@ -13,7 +13,10 @@ from torch import nn
 
 from cbir.errors import CbirError
 
-TASKS = ("binary",)
+TASKS = ("binary", "hash", "multilabel")
+HASH_BITS = (16, 256)
+#: Config fields that only the hash task uses; left out of other tasks' config.json (and so fingerprints).
+HASH_FIELDS = ("hash_pair_weight", "hash_quant_weight", "hash_balance_weight")
 
 
 @dataclass
@@ -29,13 +32,36 @@ class ModelConfig:
     target: str = "Pneumonia"
     drop_rate: float = 0.0
     code_seed: int = 0
+    hash_pair_weight: float = 1.0      # defaults measured on synthetic RSNA: docs/results.md
+    hash_quant_weight: float = 0.5
+    hash_balance_weight: float = 1.0
 
     @property
     def num_outputs(self) -> int:
-        return 1 if self.task == "binary" else len(self.label_names)
+        """One logit for binary and hash (the target), one per label name for multilabel."""
+        return len(self.label_names) if self.task == "multilabel" else 1
+
+    @property
+    def target_index(self) -> int:
+        """Column of the target's logit (multilabel: its position in `label_names`; otherwise 0)."""
+        return self.label_names.index(self.target) if self.task == "multilabel" else 0
+
+    def validate(self) -> None:
+        """Raise `CbirError` (one line) for an unknown task, a bad bit count or a target not in the labels."""
+        if self.task not in TASKS:
+            raise CbirError(f"unknown task {self.task!r} (choose from {', '.join(TASKS)})")
+        low, high = HASH_BITS
+        if self.task == "hash" and not low <= self.bits <= high:
+            raise CbirError(f"--bits {self.bits} is outside {low}..{high} for the hash task")
+        if self.task == "multilabel" and self.target not in self.label_names:
+            raise CbirError(f"target {self.target!r} is not one of the labels {self.label_names}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.task != "hash":
+            for name in HASH_FIELDS:
+                data.pop(name)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -47,19 +73,21 @@ class ModelOutput(NamedTuple):
     embedding: torch.Tensor   # (B, embed_dim), L2-normalised
     logits: torch.Tensor      # (B, num_outputs)
     code: torch.Tensor        # (B, bits) of 0/1 (uint8)
+    hash: torch.Tensor | None = None  # (B, bits) tanh-relaxed hash layer (task hash only), in (-1, 1)
 
 
 class CbirNet(nn.Module):
     """Backbone → pooled features → embedding projection → (L2-normalised embedding, logits).
 
-    Models without a trained hash layer get their codes by locality-sensitive hashing: the sign of a
-    fixed random projection of the embedding, seeded by `code_seed` and stored in the checkpoint.
+    Task hash adds a hash layer `Linear(embed_dim → bits)` + BatchNorm on the (pre-normalisation) projection
+    `z`, relaxed with tanh for training; its code is `h > 0`. Other tasks get their codes by locality-sensitive
+    hashing: the sign of a fixed random projection of the embedding, seeded by `code_seed` and stored in the
+    checkpoint.
     """
 
     def __init__(self, config: ModelConfig, pretrained: bool = False, weights: Path | None = None) -> None:
         super().__init__()
-        if config.task not in TASKS:
-            raise CbirError(f"unknown task {config.task!r} (choose from {', '.join(TASKS)})")
+        config.validate()
         self.config = config
         self.backbone = _create_backbone(config, pretrained, weights)
         features = self.backbone.num_features
@@ -68,23 +96,41 @@ class CbirNet(nn.Module):
         generator = torch.Generator().manual_seed(config.code_seed)
         projection = torch.randn(config.embed_dim, config.bits, generator=generator)
         self.register_buffer("code_projection", projection)
+        self.hash_head = _hash_head(config) if config.task == "hash" else None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's unpooled feature map."""
         return self.backbone.forward_features(x)
 
+    def projection(self, features: torch.Tensor) -> torch.Tensor:
+        """The embedding projection `z` (before L2 normalisation) of a feature map."""
+        return self.embed(self.backbone.forward_head(features, pre_logits=True))
+
     def forward_head(self, features: torch.Tensor) -> ModelOutput:
-        pooled = self.backbone.forward_head(features, pre_logits=True)
-        z = self.embed(pooled)
+        z = self.projection(features)
         embedding = F.normalize(z, dim=1)
-        code = (embedding @ self.code_projection > 0).to(torch.uint8)
-        return ModelOutput(embedding, self.classifier(z), code)
+        if self.hash_head is None:
+            code = (embedding @ self.code_projection > 0).to(torch.uint8)
+            return ModelOutput(embedding, self.classifier(z), code)
+        relaxed = torch.tanh(self.hash_head(z))
+        return ModelOutput(embedding, self.classifier(z), (relaxed > 0).to(torch.uint8), relaxed)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         return self.forward_head(self.forward_features(x))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Independent sigmoid per output; the target's is column `config.target_index`."""
         return torch.sigmoid(logits)
+
+
+def _hash_head(config: ModelConfig) -> nn.Module:
+    """Linear(embed_dim → bits), then BatchNorm1d so that each bit's pre-activation is centred over the images.
+
+    Without the centring, `z`'s common offset pushes most bits to one sign for every image and tanh saturates
+    there, so the balance loss has no gradient left (measured: constant bits on synthetic RSNA). Training sets
+    the statistics precisely after every epoch (`cbir.train.loop`), not by a running average.
+    """
+    return nn.Sequential(nn.Linear(config.embed_dim, config.bits), nn.BatchNorm1d(config.bits))
 
 
 def create_model(config: ModelConfig, pretrained: bool = False, weights: Path | None = None) -> CbirNet:

@@ -186,10 +186,33 @@ def _metrics_table(payload: dict) -> list[str]:
         (f"kNN vote-share ROC-AUC (k={k})", s2.get("vote_auc"), 0.5),
         (f"Precision@{k}", s2["precision_at_k"], "—"),
         (f"mAP@{k}", s2["map_at_k"], "—"),
+        *_optional_rows(s2, k, base),
         (f'Majority baseline accuracy (always "{_label_name(payload)}")', base["majority_accuracy"], "—"),
     ]
     lines = ["| Metric | Value | Majority baseline |", "|---|---:|---:|"]
     return lines + [f"| {name} | {_fmt(value)} | {_fmt(ref)} |" for name, value, ref in rows]
+
+
+def _optional_rows(s2: dict, k: int, base: dict) -> list[tuple[str, Any, Any]]:
+    """Rows for the stage-2 metrics that only some reports carry (codes, multilabel)."""
+    rows = []
+    if "map_at_k_any_finding" in s2:
+        rows.append((f"mAP@{k}, any shared finding", s2["map_at_k_any_finding"], "—"))
+    if "hamming_map_at_k" in s2:
+        rows.append((f"mAP@{k}, Hamming ranking of the codes", s2["hamming_map_at_k"], "—"))
+    if "prefilter_knn_accuracy" in s2:
+        rows.append((f"kNN accuracy (k={k}) after a Hamming prefilter to {s2.get('prefilter_size', '?')}",
+                     s2["prefilter_knn_accuracy"], base["majority_accuracy"]))
+    return rows
+
+
+def _per_class_table(payload: dict) -> list[str]:
+    """Stage 1 ROC-AUC per label (multilabel reports), or nothing."""
+    aucs = payload["stage1"].get("per_class_auc")
+    if not aucs:
+        return []
+    return ["| Label | Stage 1 ROC-AUC |", "|---|---:|", *(f"| {_fmt(name)} | {_fmt(auc)} |"
+                                                      for name, auc in aucs.items()), ""]
 
 
 def _confusion_table(payload: dict) -> list[str]:
@@ -228,6 +251,7 @@ def render_markdown(
         "## Metrics", "", *_metrics_table(payload), "",
         f"**Interpretation:** {interpretation(payload)}", "",
         *_confusion_table(payload), "",
+        *_per_class_table(payload),
         "## Plots", "", f"![ROC]({roc_png})", "", f"![Precision@k]({precision_png})", "",
     ]
     return "\n".join(lines)

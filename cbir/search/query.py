@@ -89,7 +89,7 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
     embedded = embed_image(loaded, image)
     hits = search_embedding(index, collection, embedded, k, flt, prefilter, hamming_radius)
     target, negative = meta.get("target", loaded.config.target), meta.get("negative_label", "negative")
-    probability = float(embedded.probabilities[0])
+    probability = embedded.probability
     return QueryResult(
         collection=collection, model_fingerprint=loaded.fingerprint, k=k,
         neighbors=[_neighbor(rank, hit) for rank, hit in enumerate(hits, start=1)],

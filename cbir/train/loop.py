@@ -1,4 +1,4 @@
-"""Train a CbirNet on a `Records` dataset; keep the checkpoint with the best validation AUC."""
+"""Train a CbirNet (task binary, hash or multilabel) on a `Records` dataset; keep the best validation AUC."""
 
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ from cbir.data.loading import iterate_batches
 from cbir.data.records import Records
 from cbir.data.transforms import augment, standardize
 from cbir.errors import CbirError, DatasetError
-from cbir.metrics import roc_auc
-from cbir.models import CbirNet, ModelConfig, create_model, save_checkpoint
+from cbir.metrics import per_class_auc, roc_auc
+from cbir.models import CbirNet, ModelConfig, ModelOutput, create_model, save_checkpoint
+from cbir.train.losses import hash_loss, positive_weights
+
+#: Largest BCE pos_weight for a rare class (multilabel).
+MAX_POS_WEIGHT = 50.0
 
 
 @dataclass
@@ -78,10 +82,46 @@ def preload(records: Records, size: int, settings: TrainSettings, reporter: Repo
     return torch.cat(images), np.asarray(keep), failures
 
 
+def targets_of(records: Records, task: str) -> np.ndarray:
+    """Training targets: `records.y` as (N, 1) for binary and hash, the multi-hot `records.labels` (N, C) for
+    multilabel (with the RSNA layout that is the single Pneumonia column)."""
+    if task == "multilabel":
+        return records.labels.astype(np.float32)
+    return records.y.astype(np.float32)[:, None]
+
+
+def _check_train_targets(records: Records, y: np.ndarray, task: str) -> None:
+    positives = y.sum(axis=0)
+    if task == "multilabel":
+        if not ((positives > 0) & (positives < len(y))).any():
+            raise DatasetError(f"{records.root}: no label has both classes in the train split")
+    elif positives[0] == 0 or positives[0] == len(y):
+        raise DatasetError(f"{records.root}: the train split has only one class of {records.target!r}")
+
+
+def validation_scores(y_val: np.ndarray, prob: np.ndarray, config: ModelConfig) -> dict:
+    """The selection AUC: ROC-AUC of the target (binary, hash), or the mean per-class AUC over the classes
+    that have both values in validation (multilabel, which also reports each class's AUC; None = undefined)."""
+    if config.task != "multilabel":
+        return {"auc": roc_auc(y_val[:, 0], prob[:, 0])}
+    aucs = per_class_auc(y_val, prob)
+    defined = [a for a in aucs if not math.isnan(a)]
+    return {"auc": float(np.mean(defined)) if defined else math.nan,
+            "per_class": {name: None if math.isnan(a) else a for name, a in zip(config.label_names, aucs, strict=True)},
+            "target": aucs[config.target_index]}
+
+
 def train_model(records: Records, config: ModelConfig, settings: TrainSettings, out: Path,
                 reporter: Reporter = QUIET) -> TrainResult:
-    """Fit `config` on the train split, select by validation AUC, and write the checkpoint to `out`."""
+    """Fit `config` on the train split, select by validation AUC, and write the checkpoint to `out`.
+
+    binary: class-weighted BCE on the target. hash: the same BCE plus the pairwise-likelihood,
+    quantisation and bit-balance losses of `cbir.train.losses`, weighted by the config's `hash_*` fields.
+    multilabel: BCE over every label with per-class pos_weight (neg/pos, at most 50; 1 for a class without
+    positives), selected by the mean per-class validation AUC.
+    """
     started = time.perf_counter()
+    config.validate()
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     train, val = records.split("train"), records.split("val")
@@ -92,12 +132,12 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
         reporter.warn("no validation split: using every 10th training image for model selection")
     x_train, keep_train, fail_train = preload(train, config.image_size, settings, reporter, "train")
     x_val, keep_val, fail_val = preload(val, config.image_size, settings, reporter, "val")
-    y_train = torch.from_numpy(train.y[keep_train]).float()
-    y_val = val.y[keep_val]
-    positives = float(y_train.sum())
-    if positives == 0 or positives == len(y_train):
-        raise DatasetError(f"{records.root}: the train split has only one class of {records.target!r}")
-    pos_weight = torch.tensor([(len(y_train) - positives) / positives], device=device)
+    y_train_np = targets_of(train, config.task)[keep_train]
+    _check_train_targets(records, y_train_np, config.task)
+    y_train = torch.from_numpy(y_train_np)
+    y_val = targets_of(val, config.task)[keep_val]
+    clip = MAX_POS_WEIGHT if config.task == "multilabel" else None
+    pos_weight = positive_weights(y_train, clip).to(device)
 
     model = create_model(config, pretrained=settings.pretrained,
                          weights=Path(settings.weights) if settings.weights else None).to(device)
@@ -109,21 +149,30 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
-    by_auc = len(np.unique(y_val)) == 2
+    by_auc = bool(((y_val.min(axis=0) == 0) & (y_val.max(axis=0) == 1)).any()) if len(y_val) else False
     if not by_auc:
-        reporter.warn(f"the validation split has only one class of {records.target!r}: AUC is undefined, so the "
-                      "checkpoint is chosen by validation loss")
+        what = "no label with both classes" if config.task == "multilabel" else f"one class of {records.target!r}"
+        reporter.warn(f"the validation split has only {what}: AUC is undefined, so the checkpoint is chosen by "
+                      "validation loss")
     best = {"score": -math.inf, "auc": math.nan, "epoch": 0}
     fingerprint, history = "", []
     for epoch in range(1, settings.epochs + 1):
         t0 = time.perf_counter()
         train_loss = _train_epoch(model, x_train, y_train, optimizer, schedule, pos_weight, settings,
                                   generator, device, reporter, epoch)
-        val_prob, val_loss = _predict(model, x_val, torch.from_numpy(y_val).float(), pos_weight, device)
-        val_auc = roc_auc(y_val, val_prob)
+        if model.hash_head is not None:
+            calibrate_hash_centre(model, x_train, device)
+        val_prob, val_loss, val_codes = _predict(model, x_val, torch.from_numpy(y_val), pos_weight, device)
+        scores = validation_scores(y_val, val_prob, config)
+        val_auc = scores["auc"]
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                "val_auc": None if math.isnan(val_auc) else val_auc, "lr": optimizer.param_groups[0]["lr"],
                "seconds": round(time.perf_counter() - t0, 2)}
+        if "per_class" in scores:
+            row["val_auc_per_class"] = scores["per_class"]
+            row["val_target_auc"] = None if math.isnan(scores["target"]) else scores["target"]
+        if config.task == "hash":
+            row["val_bit_ones"] = _bit_ones(val_codes)
         history.append(row)
         with log_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -139,10 +188,41 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
                          failures=fail_train + fail_val, seconds=round(time.perf_counter() - started, 2))
     summary = {k: v for k, v in asdict(result).items() if k != "out"} | {
         "best_val_auc": None if math.isnan(result.best_val_auc) else result.best_val_auc,
-        "dataset": records.dataset, "layout": records.layout, "root": str(records.root),
+        "dataset": records.dataset, "layout": records.layout, "root": str(records.root), "task": config.task,
         "settings": asdict(settings), "device": str(device)}
     (out / "train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return result
+
+
+@torch.no_grad()
+def calibrate_hash_centre(model: CbirNet, x: torch.Tensor, device: torch.device, batch_size: int = 128) -> None:
+    """Set the hash layer's BatchNorm statistics to the exact mean and variance of its pre-activations on `x`
+    (the unaugmented training images, eval-mode backbone), so each code bit's threshold is the training mean.
+
+    A running average over a few short epochs still remembers the untrained network, and the codes of the
+    saved model then come out nearly constant.
+    """
+    model.eval()
+    linear, norm = model.hash_head
+    outputs = [linear(model.projection(model.forward_features(standardize(x[i:i + batch_size].float()).to(device))))
+               for i in range(0, len(x), batch_size)]
+    values = torch.cat(outputs)
+    norm.running_mean.copy_(values.mean(dim=0))
+    norm.running_var.copy_(values.var(dim=0) if len(values) > 1 else torch.ones_like(norm.running_var))
+
+
+def _bit_ones(codes: np.ndarray) -> dict[str, float]:
+    """How often the bits are 1 on the validation images: the least and most often set bit, and the mean."""
+    ones = codes.mean(axis=0)
+    return {"min": float(ones.min()), "mean": float(ones.mean()), "max": float(ones.max())}
+
+
+def _batch_loss(model: CbirNet, out: ModelOutput, target: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(out.logits, target, pos_weight=pos_weight)
+    if out.hash is None:
+        return loss
+    c = model.config
+    return loss + hash_loss(out.hash, target, c.hash_pair_weight, c.hash_quant_weight, c.hash_balance_weight)
 
 
 def _train_epoch(model: CbirNet, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -158,8 +238,7 @@ def _train_epoch(model: CbirNet, x: torch.Tensor, y: torch.Tensor, optimizer: to
             if len(idx) < 2:
                 continue  # batch norm needs two samples
             batch = standardize(augment(x[idx].float(), generator)).to(device)
-            target = y[idx].to(device).view(-1, 1)
-            loss = F.binary_cross_entropy_with_logits(model(batch).logits, target, pos_weight=pos_weight)
+            loss = _batch_loss(model, model(batch), y[idx].to(device), pos_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -172,16 +251,18 @@ def _train_epoch(model: CbirNet, x: torch.Tensor, y: torch.Tensor, optimizer: to
 
 @torch.no_grad()
 def _predict(model: CbirNet, x: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor,
-             device: torch.device, batch_size: int = 128) -> tuple[np.ndarray, float]:
+             device: torch.device, batch_size: int = 128) -> tuple[np.ndarray, float, np.ndarray]:
+    """Validation probabilities (N, outputs), the mean BCE (the classification part only) and the codes."""
     model.eval()
-    probs, loss = [], 0.0
+    probs, codes, loss = [], [], 0.0
     for start in range(0, len(x), batch_size):
-        logits = model(standardize(x[start:start + batch_size].float()).to(device)).logits
-        target = y[start:start + batch_size].to(device).view(-1, 1)
-        loss += float(F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight,
-                                                         reduction="sum"))
-        probs.append(torch.sigmoid(logits[:, 0]).cpu().numpy())
-    return np.concatenate(probs), loss / max(len(x), 1)
+        out = model(standardize(x[start:start + batch_size].float()).to(device))
+        target = y[start:start + batch_size].to(device)
+        loss += float(F.binary_cross_entropy_with_logits(out.logits, target, pos_weight=pos_weight,
+                                                         reduction="sum")) / target.shape[1]
+        probs.append(torch.sigmoid(out.logits).cpu().numpy())
+        codes.append(out.code.cpu().numpy())
+    return np.concatenate(probs), loss / max(len(x), 1), np.concatenate(codes)
 
 
 def _cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int

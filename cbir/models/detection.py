@@ -1,0 +1,347 @@
+"""`CbirDetector`: an FCOS box detector on a timm backbone (in_chans=1) with a feature pyramid.
+
+Why FCOS. The detector has to train from random initialisation on a CPU at 64–256 px. FCOS is anchor-free
+(one point per feature-map location, no anchor shapes or anchor/box IoU matching to tune for the small
+input), its focal classification loss copes with images that have no box at all (RSNA negatives), and its
+GroupNorm head does not depend on batch statistics, so it behaves the same at batch sizes of 8–32.
+Measured on synthetic RSNA (400 images at 128 px, resnet10t from scratch, 12 epochs, one CPU thread, same
+backbone/FPN/schedule): FCOS reached test box mAP 0.30 (RSNA metric) and image AUC 0.96; RetinaNet (3 scales
+× 3 ratios per level) reached image AUC 0.98 but box mAP 0.05, its box scores staying near its 0.05
+threshold for most of training. Faster R-CNN was not measured: its two stages (RPN proposals, then RoI heads
+on sampled proposals) cost more per step on a CPU and give few useful proposals early in training from
+scratch.
+
+Pieces: ``timm.create_model(backbone, features_only=True, in_chans=1)`` gives the maps at strides 8, 16 and
+32 (`levels`); torchvision's `FeaturePyramidNetwork` turns them into `fpn_channels`-wide P3–P5; torchvision's
+`FCOS` head (`head_convs` convolutions per branch) predicts one class ("opacity"), boxes and centre-ness.
+The torchvision transform is set to the model size (`min_size = max_size = image_size`, so it never
+resizes) and to mean 0 / std 1 on one channel: inputs are letterboxed (`cbir.data.transforms.letterbox`)
+and per-image standardised (`standardize`) grey tensors, exactly like `CbirNet`'s.
+
+For retrieval the detector mirrors `CbirNet`: `embed(x)` (= `forward(x)`) returns a `ModelOutput` whose
+`embedding` is the globally average-pooled last backbone map projected to `embed_dim` and L2-normalised,
+whose `code` is the sign of a fixed seeded random projection of it (LSH, `bits` bits), and whose `logits`
+are the logit of the image score: the highest box score over every candidate location, before the score
+threshold and NMS (so it is the score of the best box `detect` returns whenever it returns one, and stays a
+continuous ranking score, without ties at 0, when it returns none).
+
+Boxes: `detect(x)` gives xyxy boxes in model-input pixels; `detect_original(x, geometries)` gives
+[x, y, w, h] boxes in each original image's pixels (the `Records.meta["boxes"]` convention), mapped back
+through the letterbox `Geometry`. A checkpoint is the usual directory (config.json with
+``"task": "detection"``, model.safetensors, fingerprint), written by `cbir.models.checkpoint.save_checkpoint`
+and read back by `load_detector`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import FeaturePyramidNetwork
+
+from cbir.data.transforms import Geometry
+from cbir.errors import CbirError
+from cbir.models.checkpoint import CONFIG, FINGERPRINT, WEIGHTS, fingerprint_of
+from cbir.models.factory import ModelOutput
+
+DETECTION_TASK = "detection"
+DETECTORS = ("fcos",)
+#: Probabilities are clamped to [EPS, 1 - EPS] before taking the logit, so logits stay finite.
+EPS = 1e-6
+
+
+@dataclass
+class DetectorConfig:
+    """Everything needed to rebuild a detector; saved as the checkpoint's config.json.
+
+    The first fields are those of `ModelConfig` (same names, same meaning), so code that reads a checkpoint's
+    config for retrieval (image size, embedding size, bits, label names) works on both.
+    """
+
+    backbone: str = "resnet18"
+    task: str = DETECTION_TASK
+    image_size: int = 224
+    embed_dim: int = 128
+    bits: int = 64
+    label_names: list[str] = field(default_factory=lambda: ["Pneumonia"])
+    target: str = "Pneumonia"
+    drop_rate: float = 0.0
+    code_seed: int = 0
+    detector: str = "fcos"
+    box_class: str = "opacity"
+    levels: list[int] = field(default_factory=lambda: [2, 3, 4])
+    fpn_channels: int = 64
+    head_convs: int = 2
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 20
+    #: boxes scoring below this are dropped from reported detections (chosen on validation box mAP).
+    box_threshold: float = 0.3
+
+    @property
+    def num_outputs(self) -> int:
+        return 1
+
+    @property
+    def target_index(self) -> int:
+        """Column of the target's logit: the one image-score logit."""
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class _Backbone(nn.Module):
+    """timm feature maps → FPN maps (an OrderedDict, as torchvision detectors expect)."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__()
+        if config.backbone not in timm.list_models() and not timm.is_model(config.backbone):
+            raise CbirError(f"unknown timm backbone {config.backbone!r} (see `timm.list_models()`)")
+        try:
+            self.body = timm.create_model(config.backbone, pretrained=False, features_only=True, in_chans=1,
+                                          out_indices=tuple(config.levels))
+        except (RuntimeError, ValueError, IndexError, AssertionError) as exc:
+            raise CbirError(f"{config.backbone}: no feature maps at levels {config.levels} ({exc})") from None
+        self.channels = list(self.body.feature_info.channels())
+        self.strides = [int(s) for s in self.body.feature_info.reduction()]
+        self.fpn = FeaturePyramidNetwork(self.channels, config.fpn_channels)
+        self.out_channels = config.fpn_channels
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.body(x))
+
+    def pyramid(self, features: list[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(OrderedDict((f"p{i}", f) for i, f in enumerate(features)))
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.pyramid(self.features(x))
+
+
+class CbirDetector(nn.Module):
+    """FCOS on a timm backbone + FPN, with `CbirNet`'s retrieval outputs (see the module docstring)."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__()
+        if config.task != DETECTION_TASK:
+            raise CbirError(f"a detector needs task {DETECTION_TASK!r}, not {config.task!r}")
+        if config.detector not in DETECTORS:
+            raise CbirError(f"unknown detector {config.detector!r} (choose from {', '.join(DETECTORS)})")
+        if config.fpn_channels % 16:
+            raise CbirError(f"fpn_channels must be a multiple of 16 (GroupNorm), got {config.fpn_channels}")
+        self.config = config
+        backbone = _Backbone(config)
+        anchors = AnchorGenerator(tuple((s,) for s in backbone.strides), ((1.0,),) * len(backbone.strides))
+        head = _fcos_head(config.fpn_channels, config.head_convs)
+        self.detector = FCOS(
+            backbone, num_classes=1, min_size=config.image_size, max_size=config.image_size,
+            image_mean=[0.0], image_std=[1.0], anchor_generator=anchors, head=head,
+            score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
+            detections_per_img=config.detections_per_img,
+        )
+        self.embedding_head = nn.Linear(backbone.channels[-1], config.embed_dim)
+        generator = torch.Generator().manual_seed(config.code_seed)
+        self.register_buffer("code_projection", torch.randn(config.embed_dim, config.bits, generator=generator))
+
+    @property
+    def backbone(self) -> _Backbone:
+        return self.detector.backbone
+
+    # -- the shared pass ---------------------------------------------------------------------------------
+
+    def _run(self, x: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | list[dict[str, torch.Tensor]], torch.Tensor]:
+        """One backbone pass: (last backbone map, losses when `targets` else detections, image-score logits)."""
+        images = list(x)
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        image_list, targets = self.detector.transform(images, targets)
+        raw = self.backbone.features(image_list.tensors)
+        pyramid = list(self.backbone.pyramid(raw).values())
+        head = self.detector.head(pyramid)
+        anchors = self.detector.anchor_generator(image_list, pyramid)
+        per_level = [p.shape[2] * p.shape[3] for p in pyramid]
+        scores = torch.sqrt(torch.sigmoid(head["cls_logits"]) * torch.sigmoid(head["bbox_ctrness"]))
+        best = scores.flatten(1).max(dim=1).values.clamp(EPS, 1 - EPS)
+        logits = torch.logit(best).view(-1, 1)
+        if targets is not None:
+            return raw[-1], self.detector.compute_loss(targets, head, anchors, per_level), logits
+        split_head = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
+        split_anchors = [list(a.split(per_level)) for a in anchors]
+        detections = self.detector.postprocess_detections(split_head, split_anchors, image_list.image_sizes)
+        detections = self.detector.transform.postprocess(detections, image_list.image_sizes, sizes)
+        return raw[-1], detections, logits
+
+    def _output(self, last: torch.Tensor, logits: torch.Tensor) -> ModelOutput:
+        embedding = F.normalize(self.embedding_head(last.mean(dim=(2, 3))), dim=1)
+        code = (embedding @ self.code_projection > 0).to(torch.uint8)
+        return ModelOutput(embedding, logits, code)
+
+    # -- public API --------------------------------------------------------------------------------------
+
+    def forward_features(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """The FPN maps (P3… at the backbone's strides) of standardised (B, 1, S, S) inputs."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        """(embedding, logits of the image score, LSH code), like `CbirNet`."""
+        last, _, logits = self._run(x)
+        return self._output(last, logits)
+
+    def embed(self, x: torch.Tensor) -> ModelOutput:
+        return self.forward(x)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits)
+
+    def loss(self, x: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """FCOS losses (classification, bbox_regression, bbox_ctrness) for xyxy input-pixel `boxes`."""
+        full = [{"boxes": t["boxes"], "labels": t.get("labels", torch.zeros(len(t["boxes"]), dtype=torch.int64,
+                                                                             device=t["boxes"].device))}
+                for t in targets]
+        _, losses, _ = self._run(x, full)
+        return losses
+
+    def detect_all(self, x: torch.Tensor) -> tuple[ModelOutput, list[dict[str, torch.Tensor]]]:
+        """Retrieval outputs and every detection above `score_thresh`, from one pass."""
+        last, detections, logits = self._run(x)
+        return self._output(last, logits), [{"boxes": d["boxes"], "scores": d["scores"]} for d in detections]
+
+    def detect(self, x: torch.Tensor, threshold: float | None = None) -> list[dict[str, torch.Tensor]]:
+        """Per image, xyxy `boxes` in input pixels and their `scores`, best first, above `threshold`
+        (the config's `box_threshold` when None; 0 keeps every box above `score_thresh`)."""
+        threshold = self.config.box_threshold if threshold is None else threshold
+        _, detections = self.detect_all(x)
+        return [filter_detections(d, threshold) for d in detections]
+
+    def detect_original(self, x: torch.Tensor, geometries: Sequence[Geometry], threshold: float | None = None
+                        ) -> list[dict[str, np.ndarray]]:
+        """Per image, [x, y, w, h] `boxes` in the original image's pixels (numpy) and `scores`."""
+        if len(geometries) != len(x):
+            raise ValueError(f"{len(geometries)} geometries for {len(x)} images")
+        return [{"boxes": boxes_to_original(d["boxes"].cpu().numpy(), g), "scores": d["scores"].cpu().numpy()}
+                for d, g in zip(self.detect(x, threshold), geometries, strict=True)]
+
+
+def _fcos_head(channels: int, convs: int) -> nn.Module:
+    from torchvision.models.detection.fcos import FCOSHead
+
+    return FCOSHead(channels, num_anchors=1, num_classes=1, num_convs=convs)
+
+
+def create_detector(config: DetectorConfig) -> CbirDetector:
+    """A randomly initialised detector for `config`."""
+    return CbirDetector(config)
+
+
+def filter_detections(detection: dict[str, torch.Tensor], threshold: float) -> dict[str, torch.Tensor]:
+    keep = detection["scores"] >= threshold
+    return {"boxes": detection["boxes"][keep], "scores": detection["scores"][keep]}
+
+
+def image_score(detection: dict[str, Any]) -> float:
+    """The image's highest box score (0 when it has no box)."""
+    scores = detection["scores"]
+    scores = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    return float(scores.max()) if scores.size else 0.0
+
+
+# -- boxes ------------------------------------------------------------------------------------------------
+
+
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+def boxes_to_input(boxes: np.ndarray | list, geometry: Geometry, min_side: float = 1.0) -> np.ndarray:
+    """Dataset [x, y, w, h] boxes in original pixels → xyxy in model-input pixels, clipped to the input;
+    boxes narrower or shorter than `min_side` input pixels after clipping are dropped."""
+    xyxy = np.clip(xywh_to_xyxy(geometry.to_input(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))),
+                   0, geometry.size)
+    keep = ((xyxy[:, 2] - xyxy[:, 0]) >= min_side) & ((xyxy[:, 3] - xyxy[:, 1]) >= min_side)
+    return xyxy[keep]
+
+
+def boxes_to_original(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """xyxy boxes in model-input pixels → [x, y, w, h] in original pixels, clipped to the original image."""
+    xyxy = xywh_to_xyxy(geometry.to_original(xyxy_to_xywh(boxes)))
+    xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, geometry.width)
+    xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, geometry.height)
+    return xyxy_to_xywh(xyxy)
+
+
+def letterbox_geometry(height: int, width: int, size: int) -> Geometry:
+    """The `Geometry` that `cbir.data.transforms.letterbox` gives an (height, width) image, without pixels."""
+    scale = size / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    return Geometry(int(height), int(width), size, scale, float((size - new_w) // 2), float((size - new_h) // 2))
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+
+
+def is_detector_checkpoint(path: str | Path) -> bool:
+    """Whether `path` (a checkpoint directory or a file in one) holds a detection model."""
+    path = Path(path)
+    config = (path.parent if path.is_file() else path) / CONFIG
+    try:
+        return json.loads(config.read_text()).get("task") == DETECTION_TASK
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+@dataclass
+class LoadedDetector:
+    model: CbirDetector
+    config: DetectorConfig
+    fingerprint: str
+    path: Path
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> LoadedDetector:
+    """Rebuild a detector in eval mode; refuse weights that do not match the recorded fingerprint."""
+    path = Path(path)
+    if path.is_file() and path.name in (CONFIG, WEIGHTS, FINGERPRINT):
+        path = path.parent
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise CbirError(f"{path}: not a cbir model (missing {name}; train one with `cbir train`)")
+    try:
+        config = DetectorConfig.from_dict(json.loads((path / CONFIG).read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CbirError(f"{path / CONFIG}: unreadable model config ({exc})") from None
+    if config.task != DETECTION_TASK:
+        raise CbirError(f"{path}: a {config.task!r} model, not a detector")
+    fingerprint = fingerprint_of(config, path / WEIGHTS)  # type: ignore[arg-type]  # only .to_dict() is used
+    recorded = (path / FINGERPRINT).read_text().strip() if (path / FINGERPRINT).is_file() else fingerprint
+    if recorded != fingerprint:
+        raise CbirError(f"{path}: weights do not match the recorded fingerprint ({recorded} ≠ {fingerprint})")
+    model = create_detector(config)
+    try:
+        model.load_state_dict(load_file(str(path / WEIGHTS)))
+    except (RuntimeError, OSError) as exc:
+        raise CbirError(f"{path / WEIGHTS}: cannot load weights ({str(exc).splitlines()[0][:140]})") from None
+    model.to(device).eval()
+    return LoadedDetector(model, config, fingerprint, path.resolve())
