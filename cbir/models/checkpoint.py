@@ -6,9 +6,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from cbir.errors import CbirError
 from cbir.models.factory import CbirNet, ModelConfig, create_model
@@ -20,7 +22,7 @@ FINGERPRINT = "fingerprint"
 
 @dataclass
 class LoadedModel:
-    model: CbirNet
+    model: CbirNet  # or a CbirDetector, which has the same forward() → ModelOutput and probabilities()
     config: ModelConfig
     fingerprint: str
     path: Path
@@ -47,7 +49,10 @@ def save_checkpoint(model: CbirNet, out: Path) -> str:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the model in eval mode; refuse a directory whose weights do not match its fingerprint."""
+    """Rebuild the model (a CbirNet, or a detector for task detection) in eval mode.
+
+    Refuses a directory whose weights do not match its recorded fingerprint.
+    """
     path = Path(path)
     if path.is_file() and path.name in (CONFIG, WEIGHTS, FINGERPRINT):
         path = path.parent
@@ -55,17 +60,26 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         if not (path / name).is_file():
             raise CbirError(f"{path}: not a cbir model (missing {name}; train one with `cbir train`)")
     try:
-        config = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+        config, model = _build(json.loads((path / CONFIG).read_text()))
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
         raise CbirError(f"{path / CONFIG}: unreadable model config ({exc})") from None
     fingerprint = fingerprint_of(config, path / WEIGHTS)
     recorded = (path / FINGERPRINT).read_text().strip() if (path / FINGERPRINT).is_file() else fingerprint
     if recorded != fingerprint:
         raise CbirError(f"{path}: weights do not match the recorded fingerprint ({recorded} ≠ {fingerprint})")
-    model = create_model(config)
     try:
         model.load_state_dict(load_file(str(path / WEIGHTS)))
     except (RuntimeError, OSError) as exc:
         raise CbirError(f"{path / WEIGHTS}: cannot load weights ({str(exc).splitlines()[0][:140]})") from None
     model.to(device).eval()
     return LoadedModel(model, config, fingerprint, path.resolve())
+
+
+def _build(data: dict) -> tuple[Any, nn.Module]:
+    """(config, freshly initialised model) for a config.json's contents."""
+    if data.get("task") == "detection":
+        from cbir.models.detection import DetectorConfig, create_detector  # detection imports this module
+        detector_config = DetectorConfig.from_dict(data)
+        return detector_config, create_detector(detector_config)
+    config = ModelConfig.from_dict(data)
+    return config, create_model(config)

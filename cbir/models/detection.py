@@ -45,7 +45,6 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -53,7 +52,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from cbir.data.transforms import Geometry
 from cbir.errors import CbirError
-from cbir.models.checkpoint import CONFIG, FINGERPRINT, WEIGHTS, fingerprint_of
+from cbir.models.checkpoint import CONFIG, LoadedModel, load_checkpoint
 from cbir.models.factory import ModelOutput
 
 DETECTION_TASK = "detection"
@@ -312,36 +311,9 @@ def is_detector_checkpoint(path: str | Path) -> bool:
         return False
 
 
-@dataclass
-class LoadedDetector:
-    model: CbirDetector
-    config: DetectorConfig
-    fingerprint: str
-    path: Path
-
-
-def load_detector(path: str | Path, device: str | torch.device = "cpu") -> LoadedDetector:
-    """Rebuild a detector in eval mode; refuse weights that do not match the recorded fingerprint."""
-    path = Path(path)
-    if path.is_file() and path.name in (CONFIG, WEIGHTS, FINGERPRINT):
-        path = path.parent
-    for name in (CONFIG, WEIGHTS):
-        if not (path / name).is_file():
-            raise CbirError(f"{path}: not a cbir model (missing {name}; train one with `cbir train`)")
-    try:
-        config = DetectorConfig.from_dict(json.loads((path / CONFIG).read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise CbirError(f"{path / CONFIG}: unreadable model config ({exc})") from None
-    if config.task != DETECTION_TASK:
-        raise CbirError(f"{path}: a {config.task!r} model, not a detector")
-    fingerprint = fingerprint_of(config, path / WEIGHTS)  # type: ignore[arg-type]  # only .to_dict() is used
-    recorded = (path / FINGERPRINT).read_text().strip() if (path / FINGERPRINT).is_file() else fingerprint
-    if recorded != fingerprint:
-        raise CbirError(f"{path}: weights do not match the recorded fingerprint ({recorded} ≠ {fingerprint})")
-    model = create_detector(config)
-    try:
-        model.load_state_dict(load_file(str(path / WEIGHTS)))
-    except (RuntimeError, OSError) as exc:
-        raise CbirError(f"{path / WEIGHTS}: cannot load weights ({str(exc).splitlines()[0][:140]})") from None
-    model.to(device).eval()
-    return LoadedDetector(model, config, fingerprint, path.resolve())
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """`load_checkpoint` for a checkpoint that must hold a detector."""
+    if (Path(path) / CONFIG).is_file() and not is_detector_checkpoint(path):
+        task = json.loads((Path(path) / CONFIG).read_text()).get("task")
+        raise CbirError(f"{path}: a {task!r} model, not a detector")
+    return load_checkpoint(path, device)
