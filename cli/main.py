@@ -110,8 +110,9 @@ def synth(layout: LayoutOpt = "rsna",
 def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           out_dir: Annotated[Path, typer.Option("--out", help="run folder for the checkpoint")],
           layout: LayoutOpt = "auto",
-          task: Annotated[str, typer.Option("--task", help="binary, hash (trained K-bit codes) or multilabel "
-                                            "(one output per label; RSNA has only Pneumonia)")] = "binary",
+          task: Annotated[str, typer.Option("--task", help="binary, hash (trained K-bit codes), multilabel "
+                                            "(one output per label; RSNA has only Pneumonia) or detection "
+                                            "(FCOS on the RSNA boxes)")] = "binary",
           backbone: Annotated[str, typer.Option("--backbone", help="any timm model name")] = "resnet18",
           image_size: Annotated[int, typer.Option("--image-size", min=16)] = 224,
           epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
@@ -130,7 +131,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     from cbir.data.layout import load_dataset
     from cbir.models import ModelConfig
     from cbir.train import TrainSettings, train_model
-    ModelConfig(task=task, bits=bits).validate()  # a bad --task/--bits fails before the dataset is read
+    if task != "detection":
+        ModelConfig(task=task, bits=bits).validate()  # a bad --task/--bits fails before the dataset is read
     records = load_dataset(data, layout, seed=seed, patient_regex=patient_regex)
     reporter = _reporter()
     for note in records.notes:
@@ -142,7 +144,14 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     counts = records.meta["split"].value_counts().to_dict()
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}), target {records.target!r}, "
                  f"{int(records.y.sum())} positive")
-    result = train_model(records, config, settings, out_dir, reporter)
+    if task == "detection":
+        from cbir.models.detection import DetectorConfig
+        from cbir.train.detection import train_detector
+        detector = DetectorConfig(backbone=backbone, image_size=image_size, embed_dim=embed_dim, bits=bits,
+                                  label_names=list(records.label_names), target=records.target)
+        result = train_detector(records, detector, settings, out_dir, reporter)
+    else:
+        result = train_model(records, config, settings, out_dir, reporter)
     auc = "n/a" if math.isnan(result.best_val_auc) else f"{result.best_val_auc:.4f}"
     out.print(f"model {result.fingerprint} saved to {out_dir} (best epoch {result.best_epoch}, "
               f"val AUC {auc}, {result.seconds:.0f} s)", markup=False)

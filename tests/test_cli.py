@@ -220,3 +220,24 @@ def test_demo_runs_end_to_end_small(tmp_path: Path) -> None:
     code, _, err = run("demo", "--out", tmp_path / "precious")
     assert code == 2 and "not a cbir demo folder" in err
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+def test_detection_task_through_the_cli(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    model, index = tmp_path / "det", tmp_path / "idx"
+    code, out, err = run("train", "--data", pipeline["data"], "--task", "detection", "--backbone", "test_resnet",
+                         "--image-size", 64, "--epochs", 1, "--embed-dim", 16, "--bits", 32, "--out", model,
+                         "--workers", 0, "--batch-size", 8)
+    assert code == 0, err
+    assert json.loads((model / "config.json").read_text())["task"] == "detection"
+    code, out, err = run("ingest", "--data", pipeline["data"], "--model", model, "--index", index,
+                         "--collection", "det", "--workers", 0)
+    assert code == 0 and f"{N} ingested" in out, err
+    code, out, err = run("query", _dicoms(pipeline["data"])[0], "--index", index, "--collection", "det", "--k", 3,
+                         "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["neighbors"]) == 3 and 0.0 <= result["prediction"]["probability"] <= 1.0
+    code, out, err = run("evaluate", "--index", index, "--collection", "det", "--k", 3, "--out", tmp_path / "rep",
+                         "--json")
+    assert code == 0, err
+    assert "roc_auc" in json.loads(out)["stage1"]

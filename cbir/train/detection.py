@@ -36,7 +36,7 @@ from cbir.models.detection import (
     filter_detections,
     letterbox_geometry,
 )
-from cbir.train.loop import TrainResult, TrainSettings, preload, resolve_device
+from cbir.train.loop import TrainResult, TrainSettings, cosine_with_warmup, preload, resolve_device
 
 #: Box score thresholds tried on validation for the reported boxes.
 BOX_THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)
@@ -105,7 +105,7 @@ def train_detector(records: Records, config: DetectorConfig, settings: TrainSett
     model = create_detector(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(use) / settings.batch_size)
-    schedule = _cosine_with_warmup(optimizer, steps_per_epoch * settings.epochs, warmup=steps_per_epoch)
+    schedule = cosine_with_warmup(optimizer, steps_per_epoch * settings.epochs, warmup=steps_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -229,13 +229,3 @@ def choose_box_threshold(detections: list[dict[str, torch.Tensor]], geometries: 
         if not math.isnan(value) and (math.isnan(best[1]) or value > best[1]):
             best = (float(t), value)
     return best
-
-
-def _cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int
-                        ) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -143,7 +143,7 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
                          weights=Path(settings.weights) if settings.weights else None).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(y_train) / settings.batch_size)
-    schedule = _cosine_with_warmup(optimizer, steps_per_epoch * settings.epochs, warmup=steps_per_epoch)
+    schedule = cosine_with_warmup(optimizer, steps_per_epoch * settings.epochs, warmup=steps_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +265,7 @@ def _predict(model: CbirNet, x: torch.Tensor, y: torch.Tensor, pos_weight: torch
     return np.concatenate(probs), loss / max(len(x), 1), np.concatenate(codes)
 
 
-def _cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total: int, warmup: int
                         ) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup:
