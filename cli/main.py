@@ -328,6 +328,28 @@ def demo(out_dir: Annotated[Path, typer.Option("--out", help="demo folder")] = P
         out.print(line, markup=False)
 
 
+@app.command()
+@guarded
+def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder) dataset")],
+              out_dir: Annotated[Path, typer.Option("--out", help="results folder")],
+              layout: LayoutOpt = "auto",
+              nih: Annotated[Path | None, typer.Option("--nih", help="NIH dataset for the multilabel row")] = None,
+              backbone: Annotated[str, typer.Option("--backbone")] = "resnet18",
+              image_size: Annotated[int, typer.Option("--image-size", min=16)] = 224,
+              epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+              bits: Annotated[int, typer.Option("--bits", min=16, max=256)] = 64,
+              k: Annotated[int, typer.Option("--k", min=1)] = 10,
+              tasks: Annotated[list[str] | None, typer.Option("--task", help="only these approaches")] = None,
+              device: Annotated[str, typer.Option("--device")] = "auto",
+              patient_regex: RegexOpt = None) -> None:
+    """Train the four approaches, ingest and evaluate each, and write results.md/results.json."""
+    from cbir.reproduce import run_reproduce
+    results = run_reproduce(data, out_dir, layout, nih, backbone, image_size, epochs, device, bits, k=k,
+                            tasks=tasks, patient_regex=patient_regex, reporter=_reporter())
+    out.print((out_dir / "results.md").read_text(), markup=False)
+    out.print(f"results: {out_dir / 'results.md'} ({len(results['rows'])} approaches)", markup=False)
+
+
 def main() -> None:
     app()
 

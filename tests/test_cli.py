@@ -241,3 +241,22 @@ def test_detection_task_through_the_cli(pipeline: dict[str, Path], tmp_path: Pat
                          "--json")
     assert code == 0, err
     assert "roc_auc" in json.loads(out)["stage1"]
+
+
+def test_reproduce_writes_the_results_table(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    nih = tmp_path / "nih"
+    assert run("synth", "--layout", "nih", "--n", 40, "--size", 48, "--out", nih, "--seed", 2)[0] == 0
+    code, out, err = run("reproduce", "--data", pipeline["data"], "--nih", nih, "--out", tmp_path / "res",
+                         "--backbone", "test_resnet", "--image-size", 48, "--epochs", 1, "--bits", 32, "--k", 5)
+    assert code == 0, err
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert [r["task"] for r in results["rows"]] == ["binary", "hash", "multilabel", "detection"]
+    multilabel = results["rows"][2]
+    assert multilabel["trained_on"] == "nih" and multilabel["note"] == ""
+    for row in results["rows"]:
+        assert 0 <= row["knn_accuracy"] <= 1 and 0.5 <= row["majority_accuracy"] <= 1 and row["bits"] == 32
+    table = (tmp_path / "res" / "results.md").read_text()
+    assert "| Binary classification + hash layer |" in table and "majority baseline" in table
+    from cbir.index import open_index
+    with open_index(str(tmp_path / "res" / "index")) as index:
+        assert sorted(index.list_collections()) == ["binary", "detection", "hash", "multilabel"]

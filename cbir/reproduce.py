@@ -1,0 +1,156 @@
+"""`cbir reproduce`: train the four seed approaches, ingest each into its own collection, evaluate all on
+the same test patients, and write `results.md` and `results.json`.
+
+The queries are the test split of the RSNA-layout (or folder-layout) data, which every approach ingests
+with the same deterministic by-patient split. With `--nih`, the multilabel approach is trained on the NIH
+data (14 findings) and then ingests and is evaluated on the same RSNA archive (its Pneumonia output is the
+stage-1 score). Without `--nih` it trains on the RSNA data alone, where multilabel is just [Pneumonia],
+and the table says so. Detection needs boxes, so it runs only on the rsna layout. Multilabel needs more
+than one label, or an NIH set, so it is skipped on a two-class folder layout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cbir.console import QUIET, Reporter
+from cbir.data.layout import load_dataset
+from cbir.data.records import Records
+from cbir.errors import CbirError
+from cbir.evaluate.run import evaluate_collection
+from cbir.index import open_index
+from cbir.index.ingest import ingest_records
+from cbir.io import load_pseudonymizer
+from cbir.models import ModelConfig, load_checkpoint
+from cbir.train import TrainSettings, train_model
+
+APPROACHES = {
+    "binary": "Binary classification (baseline)",
+    "hash": "Binary classification + hash layer",
+    "multilabel": "Multilabel classification",
+    "detection": "Detection (boxes)",
+}
+
+
+@dataclass
+class Row:
+    task: str
+    approach: str
+    trained_on: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    bits: int = 0
+    embed_dim: int = 0
+    note: str = ""
+
+
+def applicable_tasks(records: Records, nih: Records | None) -> list[str]:
+    """The approaches this data supports, in the seed table's order."""
+    tasks = ["binary", "hash"]
+    if nih is not None or len(records.label_names) > 2 or records.layout == "rsna":
+        tasks.append("multilabel")
+    if records.layout == "rsna" and any(len(b) for b in records.meta["boxes"]):
+        tasks.append("detection")
+    return tasks
+
+
+def _train(task: str, records: Records, settings: TrainSettings, out: Path, backbone: str, image_size: int,
+           bits: int, embed_dim: int, reporter: Reporter) -> None:
+    if task == "detection":
+        from cbir.models.detection import DetectorConfig
+        from cbir.train.detection import train_detector
+        config = DetectorConfig(backbone=backbone, image_size=image_size, embed_dim=embed_dim, bits=bits,
+                                label_names=list(records.label_names), target=records.target)
+        train_detector(records, config, settings, out, reporter)
+        return
+    config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
+                         label_names=list(records.label_names), target=records.target)
+    train_model(records, config, settings, out, reporter)
+
+
+def run_reproduce(data: Path, out: Path, layout: str = "auto", nih: Path | None = None,
+                  backbone: str = "resnet18", image_size: int = 224, epochs: int = 10, device: str = "auto",
+                  bits: int = 64, embed_dim: int = 128, k: int = 10, tasks: list[str] | None = None,
+                  batch_size: int = 32, patient_regex: str | None = None,
+                  reporter: Reporter = QUIET) -> dict[str, Any]:
+    records = load_dataset(data, layout, patient_regex=patient_regex)
+    nih_records = load_dataset(nih, "nih") if nih else None
+    chosen = tasks or applicable_tasks(records, nih_records)
+    unknown = [t for t in chosen if t not in APPROACHES]
+    if unknown:
+        raise CbirError(f"unknown task(s) {', '.join(unknown)} (choose from {', '.join(APPROACHES)})")
+    out.mkdir(parents=True, exist_ok=True)
+    pseudonymize = load_pseudonymizer()
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, device=device)
+    rows: list[Row] = []
+    for task in chosen:
+        train_set = nih_records if task == "multilabel" and nih_records is not None else records
+        row = Row(task, APPROACHES[task], trained_on=train_set.dataset)
+        if task == "multilabel" and nih_records is None:
+            row.note = f"trained on {records.dataset} alone: labels {records.label_names}"
+        reporter.log(f"== {row.approach}: train on {train_set.dataset}")
+        started = time.perf_counter()
+        _train(task, train_set, settings, out / "models" / task, backbone, image_size, bits, embed_dim, reporter)
+        row.seconds["train"] = round(time.perf_counter() - started, 1)
+        loaded = load_checkpoint(out / "models" / task, device="cpu" if device == "auto" else device)
+        row.bits, row.embed_dim = loaded.config.bits, loaded.config.embed_dim
+        with open_index(str(out / "index"), writable=True, create=True) as index:
+            if index.has_collection(task):
+                index.delete_collection(task)
+            started = time.perf_counter()
+            ingest_records(records, loaded, index, task, pseudonymize, reporter=reporter)
+            row.seconds["ingest"] = round(time.perf_counter() - started, 1)
+            started = time.perf_counter()
+            row.metrics = evaluate_collection(index, task, loaded, out / "reports" / task, k=k, reporter=reporter)
+            row.seconds["evaluate"] = round(time.perf_counter() - started, 1)
+        rows.append(row)
+    results = {"data": str(data), "layout": records.layout, "nih": str(nih) if nih else None,
+               "backbone": backbone, "image_size": image_size, "epochs": epochs, "k": k,
+               "rows": [_row_json(r) for r in rows]}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(render_results(results))
+    return results
+
+
+def _row_json(row: Row) -> dict[str, Any]:
+    s1, s2, base = row.metrics["stage1"], row.metrics["stage2"], row.metrics["baseline"]
+    return {"task": row.task, "approach": row.approach, "trained_on": row.trained_on, "note": row.note,
+            "roc_auc": s1.get("roc_auc"), "knn_accuracy": s2.get("knn_accuracy"),
+            "balanced_accuracy": s2.get("balanced_accuracy"), "map_at_k": s2.get("map_at_k"),
+            "hamming_map_at_k": s2.get("hamming_map_at_k"), "majority_accuracy": base.get("majority_accuracy"),
+            "n_queries": row.metrics.get("n_queries"), "bits": row.bits, "embed_dim": row.embed_dim,
+            "seconds": row.seconds}
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def render_results(results: dict[str, Any]) -> str:
+    k = results["k"]
+    lines = [
+        f"# Results: {results['layout']} data at {results['image_size']} px, {results['backbone']}, "
+        f"{results['epochs']} epochs",
+        "",
+        f"Queries: the test split ({results['rows'][0]['n_queries'] if results['rows'] else 0} images); "
+        "archive: train + val; same-patient neighbours excluded. Percentages.",
+        "",
+        f"| Approach | Stage 1 ROC-AUC | kNN accuracy | balanced accuracy | mAP@{k} | Hamming mAP@{k} | "
+        "majority baseline | bits | embedding | train s | ingest s | evaluate s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+    for row in results["rows"]:
+        name = row["approach"] + (" *" if row["note"] else "")
+        if row["note"]:
+            notes.append(f"\\* {row['approach']}: {row['note']}.")
+        secs = row["seconds"]
+        lines.append(f"| {name} | {_pct(row['roc_auc'])} | {_pct(row['knn_accuracy'])} | "
+                     f"{_pct(row['balanced_accuracy'])} | {_pct(row['map_at_k'])} | {_pct(row['hamming_map_at_k'])} | "
+                     f"{_pct(row['majority_accuracy'])} | {row['bits']} | {row['embed_dim']} | "
+                     f"{secs.get('train', 0):.0f} | {secs.get('ingest', 0):.0f} | {secs.get('evaluate', 0):.0f} |")
+    return "\n".join(lines + [""] + notes + [""])
