@@ -21,6 +21,7 @@ from cbir.console import QUIET, Reporter
 from cbir.data.layout import load_dataset
 from cbir.data.records import Records
 from cbir.errors import CbirError
+from cbir.evaluate.heldout import detection_scores, multilabel_auc
 from cbir.evaluate.run import evaluate_collection
 from cbir.index import open_index
 from cbir.index.ingest import ingest_records
@@ -46,6 +47,7 @@ class Row:
     bits: int = 0
     embed_dim: int = 0
     note: str = ""
+    heldout: dict[str, Any] = field(default_factory=dict)  # per-finding AUC (multilabel), box mAP (detection)
 
 
 def applicable_tasks(records: Records, nih: Records | None) -> list[str]:
@@ -63,7 +65,7 @@ def _train(task: str, records: Records, settings: TrainSettings, out: Path, back
     if task == "detection":
         from cbir.models.detection import DetectorConfig
         from cbir.train.detection import train_detector
-        config = DetectorConfig(backbone=backbone, image_size=image_size, embed_dim=embed_dim, bits=bits,
+        config = DetectorConfig(backbone=backbone, image_size=image_size, bits=bits,
                                 label_names=list(records.label_names), target=records.target)
         train_detector(records, config, settings, out, reporter)
         return
@@ -72,11 +74,26 @@ def _train(task: str, records: Records, settings: TrainSettings, out: Path, back
     train_model(records, config, settings, out, reporter)
 
 
+def _reusable(model_dir: Path, task: str, backbone: str, image_size: int, bits: int, epochs: int) -> float | None:
+    """Training seconds of a finished run in `model_dir` made with these settings, or None."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        summary = json.loads((model_dir / "train.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (config.get("task") == task and config.get("backbone") == backbone
+            and config.get("image_size") == image_size and config.get("bits") == bits
+            and (summary.get("settings") or {}).get("epochs") == epochs)
+    return float(summary.get("seconds") or 0.0) if same and (model_dir / "model.safetensors").exists() else None
+
+
 def run_reproduce(data: Path, out: Path, layout: str = "auto", nih: Path | None = None,
                   backbone: str = "resnet18", image_size: int = 224, epochs: int = 10, device: str = "auto",
                   bits: int = 64, embed_dim: int = 128, k: int = 10, tasks: list[str] | None = None,
-                  batch_size: int = 32, patient_regex: str | None = None,
+                  batch_size: int = 32, patient_regex: str | None = None, reuse: bool = False,
                   reporter: Reporter = QUIET) -> dict[str, Any]:
+    """See the module docstring. With `reuse`, a model already trained in `out` with the same settings is
+    used as it is (its recorded training time is reported) and only ingest and evaluation run again."""
     records = load_dataset(data, layout, patient_regex=patient_regex)
     nih_records = load_dataset(nih, "nih") if nih else None
     chosen = tasks or applicable_tasks(records, nih_records)
@@ -92,11 +109,17 @@ def run_reproduce(data: Path, out: Path, layout: str = "auto", nih: Path | None 
         row = Row(task, APPROACHES[task], trained_on=train_set.dataset)
         if task == "multilabel" and nih_records is None:
             row.note = f"trained on {records.dataset} alone: labels {records.label_names}"
-        reporter.log(f"== {row.approach}: train on {train_set.dataset}")
-        started = time.perf_counter()
-        _train(task, train_set, settings, out / "models" / task, backbone, image_size, bits, embed_dim, reporter)
-        row.seconds["train"] = round(time.perf_counter() - started, 1)
-        loaded = load_checkpoint(out / "models" / task, device="cpu" if device == "auto" else device)
+        model_dir = out / "models" / task
+        previous = _reusable(model_dir, task, backbone, image_size, bits, epochs) if reuse else None
+        if previous is not None:
+            reporter.log(f"== {row.approach}: reusing the model trained in {model_dir}")
+            row.seconds["train"] = round(previous, 1)
+        else:
+            reporter.log(f"== {row.approach}: train on {train_set.dataset}")
+            started = time.perf_counter()
+            _train(task, train_set, settings, model_dir, backbone, image_size, bits, embed_dim, reporter)
+            row.seconds["train"] = round(time.perf_counter() - started, 1)
+        loaded = load_checkpoint(model_dir, device="cpu" if device == "auto" else device)
         row.bits, row.embed_dim = loaded.config.bits, loaded.config.embed_dim
         with open_index(str(out / "index"), writable=True, create=True) as index:
             if index.has_collection(task):
@@ -107,6 +130,7 @@ def run_reproduce(data: Path, out: Path, layout: str = "auto", nih: Path | None 
             started = time.perf_counter()
             row.metrics = evaluate_collection(index, task, loaded, out / "reports" / task, k=k, reporter=reporter)
             row.seconds["evaluate"] = round(time.perf_counter() - started, 1)
+        row.heldout = _heldout(task, train_set, loaded, reporter)
         rows.append(row)
     results = {"data": str(data), "layout": records.layout, "nih": str(nih) if nih else None,
                "backbone": backbone, "image_size": image_size, "epochs": epochs, "k": k,
@@ -116,14 +140,26 @@ def run_reproduce(data: Path, out: Path, layout: str = "auto", nih: Path | None 
     return results
 
 
+def _heldout(task: str, train_set: Records, loaded: Any, reporter: Reporter) -> dict[str, Any]:
+    """Per-finding AUC (multilabel) or box mAP (detection) on the test split of the training data."""
+    test = train_set.split("test")
+    if len(test) == 0 or task not in ("multilabel", "detection"):
+        return {}
+    if task == "multilabel":
+        return {"dataset": train_set.dataset, **multilabel_auc(test, loaded)}
+    return {"dataset": train_set.dataset, **detection_scores(test, loaded, reporter=reporter)}
+
+
 def _row_json(row: Row) -> dict[str, Any]:
     s1, s2, base = row.metrics["stage1"], row.metrics["stage2"], row.metrics["baseline"]
     return {"task": row.task, "approach": row.approach, "trained_on": row.trained_on, "note": row.note,
             "roc_auc": s1.get("roc_auc"), "knn_accuracy": s2.get("knn_accuracy"),
             "balanced_accuracy": s2.get("balanced_accuracy"), "map_at_k": s2.get("map_at_k"),
-            "hamming_map_at_k": s2.get("hamming_map_at_k"), "majority_accuracy": base.get("majority_accuracy"),
+            "hamming_map_at_k": s2.get("hamming_map_at_k"), "prefilter_knn_accuracy": s2.get("prefilter_knn_accuracy"),
+            "majority_accuracy": base.get("majority_accuracy"),
+            "majority_balanced_accuracy": base.get("majority_balanced_accuracy"),
             "n_queries": row.metrics.get("n_queries"), "bits": row.bits, "embed_dim": row.embed_dim,
-            "seconds": row.seconds}
+            "codes": s2.get("codes") or {}, "heldout": row.heldout, "seconds": row.seconds}
 
 
 def _pct(value: float | None) -> str:
@@ -131,26 +167,65 @@ def _pct(value: float | None) -> str:
 
 
 def render_results(results: dict[str, Any]) -> str:
-    k = results["k"]
+    k, rows = results["k"], results["rows"]
     lines = [
         f"# Results: {results['layout']} data at {results['image_size']} px, {results['backbone']}, "
         f"{results['epochs']} epochs",
         "",
-        f"Queries: the test split ({results['rows'][0]['n_queries'] if results['rows'] else 0} images); "
-        "archive: train + val; same-patient neighbours excluded. Percentages.",
+        f"Queries: the test split ({rows[0]['n_queries'] if rows else 0} images); archive: train + val; "
+        "same-patient neighbours excluded. Percentages; the majority baseline always predicts the archive's "
+        "majority label (its balanced accuracy is 50).",
         "",
         f"| Approach | Stage 1 ROC-AUC | kNN accuracy | balanced accuracy | mAP@{k} | Hamming mAP@{k} | "
-        "majority baseline | bits | embedding | train s | ingest s | evaluate s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "prefilter + kNN accuracy | majority baseline | bits | embedding | train s | ingest s | evaluate s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
-    for row in results["rows"]:
+    for row in rows:
         name = row["approach"] + (" *" if row["note"] else "")
         if row["note"]:
             notes.append(f"\\* {row['approach']}: {row['note']}.")
         secs = row["seconds"]
         lines.append(f"| {name} | {_pct(row['roc_auc'])} | {_pct(row['knn_accuracy'])} | "
                      f"{_pct(row['balanced_accuracy'])} | {_pct(row['map_at_k'])} | {_pct(row['hamming_map_at_k'])} | "
-                     f"{_pct(row['majority_accuracy'])} | {row['bits']} | {row['embed_dim']} | "
-                     f"{secs.get('train', 0):.0f} | {secs.get('ingest', 0):.0f} | {secs.get('evaluate', 0):.0f} |")
-    return "\n".join(lines + [""] + notes + [""])
+                     f"{_pct(row.get('prefilter_knn_accuracy'))} | {_pct(row['majority_accuracy'])} | {row['bits']} | "
+                     f"{row['embed_dim']} | {secs.get('train', 0):.0f} | {secs.get('ingest', 0):.0f} | "
+                     f"{secs.get('evaluate', 0):.0f} |")
+    lines += ["", *notes, *_codes_section(rows, k), *_heldout_section(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _codes_section(rows: list[dict[str, Any]], k: int) -> list[str]:
+    coded = [r for r in rows if r.get("codes")]
+    if not coded:
+        return []
+    lines = ["", "## Binary codes: the model's own, LSH and ITQ", "",
+             "`model` is the learned hash layer for the hash approach and LSH inside the model otherwise; `lsh` "
+             "is the sign of a seeded Gaussian projection of the embedding; `itq` is fitted on the archive's "
+             f"embeddings. Hamming mAP@{k} ranks by code alone; prefilter + kNN keeps the Hamming top-N "
+             "(10 % of the archive) and ranks it by exact cosine.", "",
+             f"| Approach | code | Hamming mAP@{k} | prefilter + kNN accuracy | prefilter + kNN balanced |",
+             "|---|---|---:|---:|---:|"]
+    for row in coded:
+        for name, v in row["codes"].items():
+            lines.append(f"| {row['approach']} | {name} | {_pct(v['hamming_map_at_k'])} | "
+                         f"{_pct(v['prefilter_knn_accuracy'])} | {_pct(v['prefilter_balanced_accuracy'])} |")
+    return lines
+
+
+def _heldout_section(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for row in rows:
+        held = row.get("heldout") or {}
+        if "per_class_auc" in held:
+            lines += ["", f"## Multilabel: per-finding ROC-AUC on the {held['dataset']} test split "
+                      f"({held['n_images']} images)", "", "| Finding | ROC-AUC |", "|---|---:|",
+                      *(f"| {name} | {_pct(auc)} |" for name, auc in held["per_class_auc"].items()),
+                      f"| mean | {_pct(held['mean_auc'])} |"]
+        if "box_map" in held:
+            lines += ["", f"## Detection on the {held['dataset']} test split ({held['n_images']} images, "
+                      f"{held['n_with_boxes']} with boxes)", "",
+                      f"Box mAP (RSNA metric, IoU 0.40–0.75, original pixels) {_pct(held['box_map'])} at box "
+                      f"threshold {held['box_threshold']:.2f} (chosen on validation); image-score ROC-AUC "
+                      f"{_pct(held['roc_auc'])}."]
+    return lines

@@ -118,7 +118,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
           batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 32,
           lr: Annotated[float, typer.Option("--lr")] = 1e-3,
-          embed_dim: Annotated[int, typer.Option("--embed-dim", min=2)] = 128,
+          embed_dim: Annotated[int, typer.Option(
+              "--embed-dim", min=2, help="embedding size (detection: fixed by the FPN, levels × channels)")] = 128,
           bits: Annotated[int, typer.Option("--bits", min=8, max=1024,
                                             help="code bits (task hash: 16..256)")] = 64,
           weights: Annotated[Path | None, typer.Option("--weights", help="local backbone weights file")] = None,
@@ -147,7 +148,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     if task == "detection":
         from cbir.models.detection import DetectorConfig
         from cbir.train.detection import train_detector
-        detector = DetectorConfig(backbone=backbone, image_size=image_size, embed_dim=embed_dim, bits=bits,
+        detector = DetectorConfig(backbone=backbone, image_size=image_size, bits=bits,
                                   label_names=list(records.label_names), target=records.target)
         result = train_detector(records, detector, settings, out_dir, reporter)
     else:
@@ -166,7 +167,10 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
            strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad file")] = False,
            device: Annotated[str, typer.Option("--device")] = "auto",
-           seed: Annotated[int, typer.Option("--seed")] = 0, patient_regex: RegexOpt = None) -> None:
+           seed: Annotated[int, typer.Option("--seed")] = 0, patient_regex: RegexOpt = None,
+           codes: Annotated[str | None, typer.Option(
+               "--codes", help="binary codes of a new collection: model (hash layer or LSH) or itq (fitted here)")
+           ] = None) -> None:
     """Embed every image of a dataset and upsert it into the index."""
     from cbir.data.layout import load_dataset
     from cbir.index.ingest import ingest_records
@@ -179,7 +183,7 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     reporter = _reporter()
     with _open(index, writable=True, create=True) as idx:
         summary = ingest_records(records, loaded, idx, collection, pseudonymize, batch_size, workers, strict,
-                                 reporter)
+                                 reporter, codes=codes)
     out.print(summary.line, markup=False)
     if summary.failed:
         raise typer.Exit(1)
@@ -341,11 +345,13 @@ def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder
               k: Annotated[int, typer.Option("--k", min=1)] = 10,
               tasks: Annotated[list[str] | None, typer.Option("--task", help="only these approaches")] = None,
               device: Annotated[str, typer.Option("--device")] = "auto",
-              patient_regex: RegexOpt = None) -> None:
+              patient_regex: RegexOpt = None,
+              reuse: Annotated[bool, typer.Option(
+                  "--reuse", help="keep models already trained in --out with these settings")] = False) -> None:
     """Train the four approaches, ingest and evaluate each, and write results.md/results.json."""
     from cbir.reproduce import run_reproduce
     results = run_reproduce(data, out_dir, layout, nih, backbone, image_size, epochs, device, bits, k=k,
-                            tasks=tasks, patient_regex=patient_regex, reporter=_reporter())
+                            tasks=tasks, patient_regex=patient_regex, reuse=reuse, reporter=_reporter())
     out.print((out_dir / "results.md").read_text(), markup=False)
     out.print(f"results: {out_dir / 'results.md'} ({len(results['rows'])} approaches)", markup=False)
 

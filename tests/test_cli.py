@@ -260,3 +260,22 @@ def test_reproduce_writes_the_results_table(pipeline: dict[str, Path], tmp_path:
     from cbir.index import open_index
     with open_index(str(tmp_path / "res" / "index")) as index:
         assert sorted(index.list_collections()) == ["binary", "detection", "hash", "multilabel"]
+    for row in results["rows"]:
+        assert set(row["codes"]) == {"model", "lsh", "itq"}, row["task"]
+        assert all(0 <= v["hamming_map_at_k"] <= 1 for v in row["codes"].values())
+    from cbir.data.nih import FINDINGS
+    assert list(multilabel["heldout"]["per_class_auc"]) == list(FINDINGS)
+    assert multilabel["heldout"]["dataset"] == "nih"
+    detection = results["rows"][3]["heldout"]
+    assert detection["n_images"] > 0 and (detection["box_map"] is None or 0 <= detection["box_map"] <= 1)
+    assert "## Binary codes" in table and "per-finding ROC-AUC" in table and "Box mAP" in table
+    # --reuse keeps the trained models (and their recorded training time) and redoes ingest + evaluation
+    code, out, err = run("reproduce", "--data", pipeline["data"], "--out", tmp_path / "res", "--task", "binary",
+                         "--backbone", "test_resnet", "--image-size", 48, "--epochs", 1, "--bits", 32, "--k", 5,
+                         "--reuse")
+    assert code == 0, err
+    again = json.loads((tmp_path / "res" / "results.json").read_text())["rows"][0]
+    assert "reusing the model" in err + out
+    assert again["seconds"]["train"] == pytest.approx(
+        json.loads((tmp_path / "res" / "models" / "binary" / "train.json").read_text())["seconds"], abs=0.1)
+    assert again["knn_accuracy"] == results["rows"][0]["knn_accuracy"]

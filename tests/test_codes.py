@@ -58,3 +58,10 @@ def test_itq_refuses_more_bits_than_dimensions() -> None:
     x, _ = clustered(dim=8)
     with pytest.raises(ValueError, match="bits ≤ embedding size"):
         fit_itq(x, 16)
+
+
+def test_itq_refuses_fewer_embeddings_than_bits() -> None:
+    x, _ = clustered(dim=32)
+    with pytest.raises(ValueError, match="at least as many embeddings as bits"):
+        fit_itq(x[:10], 16)
+    assert fit_itq(x[:16], 16).bits == 16

@@ -27,9 +27,9 @@ from cbir.models.detection import (
     load_detector,
 )
 from cbir.train.detection import (
-    _prepare,
     augment_with_boxes,
     original_shape,
+    prepare_split,
     train_detector,
     train_epoch,
 )
@@ -39,7 +39,7 @@ BACKBONE = "test_resnet"
 
 
 def tiny_config(**kw) -> DetectorConfig:
-    return DetectorConfig(**{"backbone": BACKBONE, "image_size": 64, "embed_dim": 16, "bits": 12,
+    return DetectorConfig(**{"backbone": BACKBONE, "image_size": 64, "bits": 12,
                              "fpn_channels": 32, "head_convs": 1} | kw)
 
 
@@ -77,11 +77,13 @@ def test_detector_outputs_mirror_cbirnet():
         out = model(x)
         pyramid = model.forward_features(x)
         detections = model.detect(x, threshold=0.0)
-    assert out.embedding.shape == (3, 16) and out.code.shape == (3, 12) and out.logits.shape == (3, 1)
+    assert out.embedding.shape == (3, 3 * 32) and out.code.shape == (3, 12) and out.logits.shape == (3, 1)
     assert out.code.dtype == torch.uint8 and set(out.code.unique().tolist()) <= {0, 1}
     assert torch.allclose(out.embedding.norm(dim=1), torch.ones(3), atol=1e-5)
     assert torch.isfinite(out.logits).all()
     assert [p.shape[-1] for p in pyramid.values()] == [8, 4, 2]  # strides 8, 16, 32
+    pooled = torch.cat([p.amax(dim=(2, 3)) for p in pyramid.values()], dim=1)  # the embedding: max-pooled FPN
+    assert torch.allclose(out.embedding, pooled / pooled.norm(dim=1, keepdim=True), atol=1e-5)
     assert len(detections) == 3
     for d, logit in zip(detections, out.logits[:, 0], strict=True):
         assert d["boxes"].shape[1] == 4 and (d["boxes"] >= 0).all() and (d["boxes"] <= 64).all()
@@ -100,7 +102,7 @@ def test_detector_refuses_other_tasks_and_backbones():
 
 def test_training_steps_reduce_the_loss(rsna):
     torch.manual_seed(0)
-    split = _prepare(rsna, 64, TrainSettings(workers=0), _quiet(), "all")
+    split = prepare_split(rsna, 64, TrainSettings(workers=0), _quiet(), "all")
     model = create_detector(tiny_config())
     boxed = np.flatnonzero([len(b) > 0 for b in split.boxes])
     use = np.concatenate([boxed[:4], np.flatnonzero(split.y == 0)[:4]])  # one batch: 4 with boxes, 4 without

@@ -35,13 +35,13 @@ def lsh_codes(embeddings: np.ndarray, bits: int, seed: int = 0) -> np.ndarray:
 
 
 def fit_itq(embeddings: np.ndarray, bits: int, iterations: int = 50, seed: int = 0) -> ItqCodes:
-    """Fit ITQ on (N, dim) embeddings; raises ValueError when bits > dim or N < 2."""
+    """Fit ITQ on (N, dim) embeddings; raises ValueError when bits > dim or N < max(2, bits)."""
     x = np.asarray(embeddings, dtype=np.float64)
     n, dim = x.shape
     if bits > dim:
         raise ValueError(f"ITQ needs bits ≤ embedding size ({bits} > {dim}); use LSH codes instead")
-    if n < 2:
-        raise ValueError("ITQ needs at least two embeddings")
+    if n < max(2, bits):
+        raise ValueError(f"ITQ needs at least as many embeddings as bits ({n} < {max(2, bits)})")
     mean = x.mean(axis=0)
     centred = x - mean
     _, _, vt = np.linalg.svd(centred, full_matrices=False)

@@ -19,9 +19,11 @@ from cbir.console import QUIET, Reporter
 from cbir.data.records import Records
 from cbir.embed import embed_batches
 from cbir.errors import CbirError
+from cbir.evaluate.codes import POPCOUNT, compare_codes
 from cbir.evaluate.summary import summarize
 from cbir.index.base import HASH as HASH_FIELD
 from cbir.index.base import Filter, Index, unpack_code
+from cbir.index.codes import itq_from_meta
 from cbir.index.ingest import payload_labels
 from cbir.index.schema import check_model, negative_label
 from cbir.io import Pseudonymizer
@@ -54,7 +56,8 @@ class Archive:
     ids: list[str]
     targets: np.ndarray
     pseudonyms: np.ndarray
-    packed: np.ndarray   # (N, ceil(bits / 8)) uint8
+    packed: np.ndarray                    # (N, ceil(bits / 8)) uint8
+    embeddings: np.ndarray | None = None  # (N, dim) float32, when scrolled with vectors
 
 
 @dataclass
@@ -75,8 +78,10 @@ def stored_queries(index: Index, collection: str, bits: int | None = None) -> li
 
 
 def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudonymizer,
-                     reporter: Reporter) -> tuple[list[Query], list[str]]:
+                     reporter: Reporter, meta: dict[str, Any] | None = None) -> tuple[list[Query], list[str]]:
+    """Embed every image of `records` as a query, coded as the collection (`meta`) codes its points."""
     queries, failures = [], []
+    itq = itq_from_meta(meta or {})
     paths = records.meta["path"].tolist()
     y = records.y
     names = records.label_lists()
@@ -88,8 +93,9 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
                 patient = str(records.meta["patient"].iloc[item.index])
                 per_label = (dict(zip(model_labels, item.probabilities.tolist(), strict=True))
                              if model_labels else None)
+                code = item.code if itq is None else itq.encode(item.embedding[None])[0]
                 queries.append(Query(item.embedding, int(y[item.index]), item.probability, pseudonymize(patient),
-                                     item.code, payload_labels(records, names[item.index], negative), per_label))
+                                     code, payload_labels(records, names[item.index], negative), per_label))
             failures.extend(f"{f.path}: {f.reason}" for f in failed)
             bar.advance(len(embedded) + len(failed))
     return queries, failures
@@ -103,9 +109,10 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     Besides the common keys (see `cbir.evaluate.summary`), every report has `stage2.hamming_map_at_k` (mAP@k
     ranking the archive by the Hamming distance of the codes alone, ties by point id) and
     `stage2.prefilter_knn_accuracy` (kNN accuracy after a Hamming prefilter to 10 % of the archive, at least
-    50 points, then exact cosine). Multilabel models add `stage1.per_class_auc` (label → ROC-AUC of that
-    label's probability) and `stage2.map_at_k_any_finding`: a neighbour is relevant when it shares at least
-    one payload label with the query, so "No Finding" matches "No Finding".
+    50 points, then exact cosine), and `stage2.codes`: both figures again for the model's codes, LSH codes
+    and ITQ codes fitted on the archive (`cbir.evaluate.codes`). Multilabel models add `stage1.per_class_auc`
+    (label → ROC-AUC of that label's probability) and `stage2.map_at_k_any_finding`: a neighbour is relevant
+    when it shares at least one payload label with the query, so "No Finding" matches "No Finding".
     """
     started = time.perf_counter()
     meta = index.get_meta(collection)
@@ -119,12 +126,12 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     else:
         if pseudonymize is None:
             raise CbirError("evaluating external queries needs the pseudonym key")
-        queries, failures = embedded_queries(queries_from, loaded, pseudonymize, reporter)
+        queries, failures = embedded_queries(queries_from, loaded, pseudonymize, reporter, meta)
         archive_filter = Filter()
         source = f"{queries_from.dataset} ({queries_from.root})"
     if not queries:
         raise CbirError(f"collection {collection!r}: no query images ({source} is empty)")
-    archive = scroll_archive(index, collection, archive_filter, bits)
+    archive = scroll_archive(index, collection, archive_filter, bits, with_embeddings=True)
     if archive.targets.size == 0:
         raise CbirError(f"collection {collection!r}: the reference archive is empty")
     neighbours = _search(index, collection, archive_filter, archive, queries, k, reporter)
@@ -148,18 +155,22 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     return report
 
 
-def scroll_archive(index: Index, collection: str, flt: Filter, bits: int) -> Archive:
-    """Scroll the archive once (payloads only) and keep what the Hamming ranking needs, sorted by id."""
+def scroll_archive(index: Index, collection: str, flt: Filter, bits: int,
+                   with_embeddings: bool = False) -> Archive:
+    """Scroll the archive once and keep what the Hamming rankings need, sorted by id."""
     rows = sorted(((p.id, int(p.payload.get("target", 0)), p.payload.get("pseudonym"),
-                    p.payload.get(HASH_FIELD) or "") for p in index.scroll(collection, flt, with_vectors=False)),
+                    p.payload.get(HASH_FIELD) or "", p.embedding if with_embeddings else None)
+                   for p in index.scroll(collection, flt, with_vectors=with_embeddings)),
                   key=lambda row: row[0])
     width = (bits + 7) // 8
     packed = np.zeros((len(rows), width), dtype=np.uint8)
     for i, row in enumerate(rows):
         if row[3]:
             packed[i] = np.frombuffer(bytes.fromhex(row[3]), dtype=np.uint8)[:width]
+    embeddings = np.stack([r[4] for r in rows]).astype(np.float32) if with_embeddings and rows else None
     return Archive(ids=[r[0] for r in rows], targets=np.array([r[1] for r in rows], dtype=np.int64),
-                   pseudonyms=np.array([r[2] or "" for r in rows], dtype=object), packed=packed)
+                   pseudonyms=np.array([r[2] or "" for r in rows], dtype=object), packed=packed,
+                   embeddings=embeddings)
 
 
 def prefilter_size(archive_size: int) -> int:
@@ -170,7 +181,7 @@ def prefilter_size(archive_size: int) -> int:
 def hamming_ranking(archive: Archive, code: np.ndarray, k: int, exclude: str | None = None) -> np.ndarray:
     """Positions of the k archive points nearest to `code` by Hamming distance (ties by ascending id),
     leaving out the points of pseudonym `exclude`."""
-    distance = _POPCOUNT[archive.packed ^ np.packbits(np.asarray(code, dtype=np.uint8))].sum(axis=1)
+    distance = POPCOUNT[archive.packed ^ np.packbits(np.asarray(code, dtype=np.uint8))].sum(axis=1)
     keep = np.flatnonzero(archive.pseudonyms != exclude) if exclude else np.arange(len(archive.ids))
     order = np.argsort(distance[keep], kind="stable")  # the archive is sorted by id: stable keeps id order
     return keep[order[:k]]
@@ -210,6 +221,8 @@ def _extra_metrics(loaded: LoadedModel, archive: Archive, queries: list[Query], 
         vote, _ = knn_vote(neighbours.prefilter_targets, k)
         stage2["prefilter_knn_accuracy"] = float(np.mean(vote == y_query))
         stage2["prefilter_size"] = prefilter_size(archive.targets.size)
+        if archive.embeddings is not None:
+            stage2["codes"] = _code_comparison(archive, queries, y_query, k)
     if loaded.config.task == "multilabel":
         stage2["map_at_k_any_finding"] = map_at_k(_shares_a_finding(queries, neighbours, k), k)
         aucs = _per_class_auc(queries, loaded.config.label_names)
@@ -224,6 +237,16 @@ def _hamming_map(archive: Archive, queries: list[Query], y_query: np.ndarray, k:
         nearest = hamming_ranking(archive, query.code, k, exclude=query.pseudonym)
         relevant[row, :len(nearest)] = archive.targets[nearest] == y_query[row]
     return map_at_k(relevant, k)
+
+
+def _code_comparison(archive: Archive, queries: list[Query], y_query: np.ndarray, k: int) -> dict[str, Any]:
+    """The model's codes against LSH and archive-fitted ITQ codes (`cbir.evaluate.codes`)."""
+    bits = len(queries[0].code)
+    archive_codes = np.unpackbits(archive.packed, axis=1)[:, :bits]
+    groups = np.array([q.pseudonym or f"\0query {i}" for i, q in enumerate(queries)], dtype=object)
+    return compare_codes(archive.embeddings, archive_codes, archive.targets, archive.pseudonyms,
+                         np.stack([q.embedding for q in queries]), np.stack([q.code for q in queries]),
+                         y_query, groups, k, prefilter_size(archive.targets.size))
 
 
 def _shares_a_finding(queries: list[Query], neighbours: Neighbours, k: int) -> np.ndarray:
@@ -248,7 +271,3 @@ def _per_class_auc(queries: list[Query], names: list[str]) -> dict[str, float] |
 def _code(payload: dict, bits: int | None) -> np.ndarray | None:
     hexstr = payload.get(HASH_FIELD)
     return unpack_code(hexstr, bits) if hexstr and bits else None
-
-
-#: Set bits of every byte value.
-_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int64)

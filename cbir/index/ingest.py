@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -12,6 +12,7 @@ from cbir.data.records import Records
 from cbir.embed import Embedded, embed_batches
 from cbir.errors import BadInputError, CbirError
 from cbir.index.base import Index, Point
+from cbir.index.codes import ITQ_FIT_SIZE, check_code_source, code_source, fit_itq_meta, itq_from_meta
 from cbir.index.schema import (
     check_key,
     check_model,
@@ -44,15 +45,20 @@ class IngestSummary:
 
 
 def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseudonymize: Pseudonymizer,
-                       records: Records) -> dict:
-    """Create the collection, or check that an existing one matches this model and key."""
+                       records: Records, codes: str | None = None) -> dict:
+    """Create the collection, or check that an existing one matches this model, key and code source."""
+    check_code_source(codes, loaded.config.bits, loaded.config.embed_dim)
     if index.has_collection(collection):
         meta = index.get_meta(collection)
         check_model(meta, loaded, collection)
         check_key(meta, pseudonymize, collection)
+        if codes is not None and codes != code_source(meta):
+            raise CbirError(f"collection {collection!r} stores {code_source(meta)} codes, not {codes}; "
+                            "ingest into a new collection to change the code source")
     else:
         meta = collection_meta(loaded, pseudonymize, records.target,
                                negative_label(records.label_names, records.target))
+        meta["codes"] = codes or "model"
         index.create_collection(collection, loaded.config.embed_dim, loaded.config.bits, meta)
     roots = dict(meta.get("roots") or {})
     if roots.get(records.dataset) != str(records.root):
@@ -64,35 +70,66 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
 
 def ingest_records(records: Records, loaded: LoadedModel, index: Index, collection: str,
                    pseudonymize: Pseudonymizer, batch_size: int = 32, workers: int = 2, strict: bool = False,
-                   reporter: Reporter = QUIET) -> IngestSummary:
-    """Embed and upsert every image; bad files are reported and counted, and the run goes on."""
+                   reporter: Reporter = QUIET, codes: str | None = None,
+                   itq_fit_size: int = ITQ_FIT_SIZE) -> IngestSummary:
+    """Embed and upsert every image; bad files are reported and counted, and the run goes on.
+
+    `codes` picks the code source of a new collection (`cbir.index.codes`; default: the model's). When ITQ
+    still has to be fitted, images are taken in a seeded random order and the first `itq_fit_size` embeddings
+    are held back until ITQ is fitted on them, so nothing is embedded twice.
+    """
     started = time.perf_counter()
-    meta = prepare_collection(index, collection, loaded, pseudonymize, records)
+    meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes)
     summary = IngestSummary(collection, total=len(records), points_before=index.count(collection))
     paths = records.meta["path"].tolist()
+    fitting = code_source(meta) == "itq" and not meta.get("itq")
+    order = np.random.default_rng(0).permutation(len(paths)) if fitting else np.arange(len(paths))
     model_labels = list(loaded.config.label_names) if loaded.config.task == "multilabel" else None
     seen: set[str] = set()
+    held: list[Embedded] = []
+
+    def upsert(items: list[Embedded]) -> None:
+        points = []
+        for item, code in zip(items, _codes(meta, items), strict=True):
+            point = _point(records, item, code, pseudonymize, meta, model_labels)
+            if point.id in seen:
+                summary.skipped += 1
+                reporter.warn(f"{paths[item.index]}: duplicate SOPInstanceUID in this run; kept the first")
+                continue
+            seen.add(point.id)
+            points.append(point)
+        if points:
+            index.upsert(collection, points)
+            summary.ingested += len(points)
+
+    def fit_now() -> None:
+        nonlocal fitting
+        meta["itq"] = fit_itq_meta(np.stack([item.embedding for item in held]), loaded.config.bits)
+        index.set_meta(collection, meta)
+        reporter.log(f"fitted ITQ codes on {len(held)} embeddings")
+        fitting = False
+        upsert(held)
+        held.clear()
+
     with reporter.task(f"ingest {records.dataset}", len(paths)) as bar:
-        for embedded, failures in embed_batches(loaded, paths, batch_size, workers, pseudonymize):
+        for embedded, failures in embed_batches(loaded, [paths[i] for i in order], batch_size, workers,
+                                                pseudonymize):
             for failure in failures:
                 if strict:
                     raise BadInputError(failure.path, failure.reason)
                 summary.failed += 1
                 summary.failures.append(f"{failure.path}: {failure.reason}")
                 reporter.warn(f"{failure.path}: {failure.reason}")
-            points = []
-            for item in embedded:
-                point = _point(records, item, pseudonymize, meta, model_labels)
-                if point.id in seen:
-                    summary.skipped += 1
-                    reporter.warn(f"{paths[item.index]}: duplicate SOPInstanceUID in this run; kept the first")
-                    continue
-                seen.add(point.id)
-                points.append(point)
-            if points:
-                index.upsert(collection, points)
-                summary.ingested += len(points)
+            items = [replace(item, index=int(order[item.index])) for item in embedded]
+            if fitting:
+                held.extend(items)
+                if len(held) >= itq_fit_size:
+                    fit_now()
+            else:
+                upsert(items)
             bar.advance(len(embedded) + len(failures))
+        if fitting and held:
+            fit_now()
     summary.points_after = index.count(collection)
     summary.seconds = round(time.perf_counter() - started, 2)
     if summary.ingested == 0 and summary.total:
@@ -112,7 +149,15 @@ def payload_labels(records: Records, names: list[str], negative: str) -> list[st
     return ["No Finding" if len(records.label_names) > 1 else negative]
 
 
-def _point(records: Records, item: Embedded, pseudonymize: Pseudonymizer, meta: dict,
+def _codes(meta: dict, items: list[Embedded]) -> list[np.ndarray]:
+    """The collection's code of each item: ITQ's when the collection uses it, else the model's."""
+    itq = itq_from_meta(meta)
+    if itq is None or not items:
+        return [item.code for item in items]
+    return list(itq.encode(np.stack([item.embedding for item in items])))
+
+
+def _point(records: Records, item: Embedded, code: np.ndarray, pseudonymize: Pseudonymizer, meta: dict,
            model_labels: list[str] | None) -> Point:
     """One point; `model_labels` (multilabel models) names the per-label probabilities stored beside the target's."""
     row = records.meta.iloc[item.index]
@@ -130,6 +175,6 @@ def _point(records: Records, item: Embedded, pseudonymize: Pseudonymizer, meta: 
     body = payload(dataset=records.dataset, split=str(row["split"]), relpath=str(row["relpath"]), labels=labels,
                    primary=primary, target=target, meta=safe.as_payload(),
                    boxes=list(boxes) if isinstance(boxes, list | tuple | np.ndarray) else [],
-                   probability=item.probability, code=item.code, probabilities=per_label)
+                   probability=item.probability, code=code, probabilities=per_label)
     return Point(id=point_id(records.dataset, item.instance_key, str(row["relpath"])),
-                 embedding=item.embedding.astype(np.float32), code=item.code.astype(np.uint8), payload=body)
+                 embedding=item.embedding.astype(np.float32), code=code.astype(np.uint8), payload=body)

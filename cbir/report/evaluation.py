@@ -215,6 +215,18 @@ def _per_class_table(payload: dict) -> list[str]:
                                                       for name, auc in aucs.items()), ""]
 
 
+def _codes_table(payload: dict) -> list[str]:
+    """Stage 2 with the model's codes, LSH and archive-fitted ITQ (reports that carry `stage2.codes`)."""
+    codes = payload["stage2"].get("codes")
+    if not codes:
+        return []
+    k = payload.get("k", "k")
+    return ["| Binary code | Hamming-ranking mAP@" + f"{k} | prefilter + kNN accuracy | prefilter + kNN balanced |",
+            "|---|---:|---:|---:|",
+            *(f"| {name} | {_fmt(v['hamming_map_at_k'])} | {_fmt(v['prefilter_knn_accuracy'])} | "
+              f"{_fmt(v['prefilter_balanced_accuracy'])} |" for name, v in codes.items()), ""]
+
+
 def _confusion_table(payload: dict) -> list[str]:
     (tn, fp), (fn, tp) = payload["stage2"]["confusion"]
     positive, negative = _class_names(payload)
@@ -252,6 +264,7 @@ def render_markdown(
         f"**Interpretation:** {interpretation(payload)}", "",
         *_confusion_table(payload), "",
         *_per_class_table(payload),
+        *_codes_table(payload),
         "## Plots", "", f"![ROC]({roc_png})", "", f"![Precision@k]({precision_png})", "",
     ]
     return "\n".join(lines)

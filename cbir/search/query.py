@@ -21,6 +21,7 @@ import numpy as np
 from cbir.embed import Embedded, embed_image
 from cbir.errors import CbirError
 from cbir.index.base import Filter, Hit, Index
+from cbir.index.codes import collection_code
 from cbir.index.schema import FILTER_ALIASES, check_model
 from cbir.io import Pseudonymizer, read_image
 from cbir.models import LoadedModel
@@ -87,6 +88,7 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
     check_model(meta, loaded, collection)
     image = read_image(path, pseudonymize)
     embedded = embed_image(loaded, image)
+    embedded.code = collection_code(meta, embedded.embedding, embedded.code)
     hits = search_embedding(index, collection, embedded, k, flt, prefilter, hamming_radius)
     target, negative = meta.get("target", loaded.config.target), meta.get("negative_label", "negative")
     probability = embedded.probability

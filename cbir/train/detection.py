@@ -49,7 +49,7 @@ class DetectionTrainResult(TrainResult):
 
 
 @dataclass
-class _Split:
+class Split:
     x: torch.Tensor                 # (N, 1, S, S) float16 letterboxed, in [0, 1]
     y: np.ndarray                   # (N,) 0/1 targets
     geometries: list[Geometry]
@@ -70,13 +70,14 @@ def original_shape(path: str | Path) -> tuple[int, int]:
         raise BadInputError(path, f"cannot read the image size ({type(exc).__name__})") from None
 
 
-def _prepare(records: Records, size: int, settings: TrainSettings, reporter: Reporter, label: str) -> _Split:
+def prepare_split(records: Records, size: int, settings: TrainSettings, reporter: Reporter, label: str) -> Split:
+    """Decode a split once: letterboxed pixels, targets, geometries and boxes (input and original pixels)."""
     x, keep, failures = preload(records, size, settings, reporter, label)
     paths = records.meta["path"].to_numpy()[keep]
     geometries = [letterbox_geometry(*original_shape(p), size) for p in paths]
     original = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in records.meta["boxes"].to_numpy()[keep]]
     boxes = [torch.from_numpy(boxes_to_input(b, g)) for b, g in zip(original, geometries, strict=True)]
-    return _Split(x, records.y[keep], geometries, boxes, original, failures)
+    return Split(x, records.y[keep], geometries, boxes, original, failures)
 
 
 def train_detector(records: Records, config: DetectorConfig, settings: TrainSettings, out: Path,
@@ -95,8 +96,8 @@ def train_detector(records: Records, config: DetectorConfig, settings: TrainSett
     if len(val) == 0:
         val = train.subset(np.arange(len(train)) % 10 == 0)
         reporter.warn("no validation split: using every 10th training image for model selection")
-    tr = _prepare(train, config.image_size, settings, reporter, "train")
-    va = _prepare(val, config.image_size, settings, reporter, "val")
+    tr = prepare_split(train, config.image_size, settings, reporter, "train")
+    va = prepare_split(val, config.image_size, settings, reporter, "val")
     unboxed = np.flatnonzero((tr.y == 1) & np.array([len(b) == 0 for b in tr.boxes]))
     if len(unboxed):
         reporter.warn(f"{len(unboxed)} positive training images have no box: left out of detection training")
@@ -156,7 +157,7 @@ def train_detector(records: Records, config: DetectorConfig, settings: TrainSett
     return result
 
 
-def train_epoch(model: CbirDetector, data: _Split, use: np.ndarray, optimizer: torch.optim.Optimizer,
+def train_epoch(model: CbirDetector, data: Split, use: np.ndarray, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler | None, batch_size: int,
                 generator: torch.Generator, device: torch.device, reporter: Reporter = QUIET,
                 epoch: int = 1) -> dict[str, float]:
