@@ -235,6 +235,9 @@ def _print_query(result: dict[str, Any]) -> None:
     out.print(f"kNN vote: {vote['label']} ({vote['fraction']:.0%} of {len(result['neighbors'])} neighbours)",
               markup=False)
     out.print(f"model: P({pred['target']}) = {pred['probability']:.3f} → {pred['label']}", markup=False)
+    for found in pred.get("boxes") or []:
+        x, y, w, h = found["box"]
+        out.print(f"model box: x {x:.0f}, y {y:.0f}, w {w:.0f}, h {h:.0f} (score {found['score']:.2f})", markup=False)
     if result.get("montage"):
         out.print(f"montage: {result['montage']}", markup=False)
 

@@ -237,6 +237,10 @@ def test_detection_task_through_the_cli(pipeline: dict[str, Path], tmp_path: Pat
     assert code == 0, err
     result = json.loads(out)
     assert len(result["neighbors"]) == 3 and 0.0 <= result["prediction"]["probability"] <= 1.0
+    height, width = result["query"]["shape"]
+    for found in result["prediction"]["boxes"]:
+        x, y, w, h = found["box"]
+        assert 0 <= x <= x + w <= width + 0.1 and 0 <= y <= y + h <= height + 0.1 and 0 <= found["score"] <= 1
     code, out, err = run("evaluate", "--index", index, "--collection", "det", "--k", 3, "--out", tmp_path / "rep",
                          "--json")
     assert code == 0, err

@@ -165,6 +165,24 @@ def test_detect_original_reports_original_pixels():
     assert (b[:, 1] >= 0).all() and (b[:, 1] + b[:, 3] <= 100 + 1e-3).all()
 
 
+def test_detect_image_gives_scored_boxes_in_original_pixels():
+    from cbir.embed import detect_image
+    from cbir.io import SafeMeta, XrayImage
+    from cbir.models.checkpoint import LoadedModel
+
+    torch.manual_seed(0)
+    config = tiny_config(score_thresh=0.0, box_threshold=0.0)
+    model = create_detector(config).eval()
+    pixels = np.random.default_rng(0).random((100, 200), np.float32)
+    found = detect_image(LoadedModel(model, config, "f", Path(".")), XrayImage(pixels, SafeMeta(), None, "raster"))
+    x = standardize(torch.from_numpy(letterbox(pixels, 64)[0])[None, None])
+    with torch.no_grad():
+        expected = model.detect_original(x, [letterbox_geometry(100, 200, 64)], threshold=0.0)[0]
+    assert len(found) == len(expected["boxes"]) > 0
+    np.testing.assert_allclose([f["box"] for f in found], expected["boxes"], atol=0.051)
+    assert [f["score"] for f in found] == sorted((f["score"] for f in found), reverse=True)
+
+
 def test_original_shape_reads_headers(rsna, tmp_path: Path):
     assert original_shape(rsna.meta["path"][0]) == (64, 64)
     from PIL import Image

@@ -62,5 +62,19 @@ def embed_image(loaded: LoadedModel, image: XrayImage) -> Embedded:
                     loaded.config.target_index)
 
 
+@torch.inference_mode()
+def detect_image(loaded: LoadedModel, image: XrayImage) -> list[dict[str, float | list[float]]]:
+    """A detector's boxes for one read image, best first, as {"box": [x, y, w, h], "score"} in the original
+    image's pixels (above the checkpoint's box threshold); [] for models without boxes."""
+    if loaded.config.task != "detection":
+        return []
+    pixels, geometry = letterbox(image.pixels, loaded.config.image_size)
+    device = next(loaded.model.parameters()).device
+    x = standardize(torch.from_numpy(pixels)[None, None].float()).to(device)
+    found = loaded.model.detect_original(x, [geometry])[0]
+    return [{"box": [round(float(v), 1) for v in box], "score": round(float(score), 4)}
+            for box, score in zip(found["boxes"], found["scores"], strict=True)]
+
+
 def _embedded(item: Loaded, emb: np.ndarray, code: np.ndarray, probs: np.ndarray, target: int) -> Embedded:
     return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry, target)

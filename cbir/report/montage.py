@@ -54,7 +54,10 @@ def write_montage(result: dict[str, Any], query_pixels: np.ndarray, roots: dict[
              f"kNN vote: {vote['label']} ({vote['fraction']:.0%} of {len(neighbors)})")
     draw.text((8, 10), _fit(draw, title, big, COLS * TILE - 16), fill=(255, 255, 255), font=big)
     query_lines = ["query", _demographics(result.get("query") or {})]
-    _paste(canvas, draw, _tile(query_pixels), 0, header, query_lines, small, None, [])
+    predicted = [b["box"] for b in pred.get("boxes") or []]
+    if predicted:
+        query_lines[0] = f"query: {len(predicted)} predicted box{'es' if len(predicted) > 1 else ''}"
+    _paste(canvas, draw, _tile(query_pixels), 0, header, query_lines, small, None, predicted)
     for i, hit in enumerate(neighbors):
         col, row = i % COLS, 1 + i // COLS
         pixels = _neighbor_pixels(hit, roots)

@@ -6,7 +6,10 @@ The JSON form (`QueryResult.to_json`) is a stable interface:
    "neighbors": [{"rank", "id", "score", "hamming", "labels", "label", "path", "dataset", "split",
                   "view", "sex", "age_band", "boxes"}],
    "vote": {"label", "fraction", "positive_fraction"},
-   "prediction": {"label", "probability"}}
+   "prediction": {"label", "probability", "target", "boxes"}}
+
+`prediction.boxes` is present for detection models only: [{"box": [x, y, w, h], "score"}], best first, in the
+query image's original pixels.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir.embed import Embedded, embed_image
+from cbir.embed import Embedded, detect_image, embed_image
 from cbir.errors import CbirError
 from cbir.index.base import Filter, Hit, Index
 from cbir.index.codes import collection_code
@@ -92,12 +95,15 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
     hits = search_embedding(index, collection, embedded, k, flt, prefilter, hamming_radius)
     target, negative = meta.get("target", loaded.config.target), meta.get("negative_label", "negative")
     probability = embedded.probability
+    prediction = {"label": target if probability >= 0.5 else negative, "probability": round(probability, 6),
+                  "target": target}
+    if loaded.config.task == "detection":
+        prediction["boxes"] = detect_image(loaded, image)
     return QueryResult(
         collection=collection, model_fingerprint=loaded.fingerprint, k=k,
         neighbors=[_neighbor(rank, hit) for rank, hit in enumerate(hits, start=1)],
         vote=vote(hits, target),
-        prediction={"label": target if probability >= 0.5 else negative, "probability": round(probability, 6),
-                    "target": target},
+        prediction=prediction,
         query={"path": str(path), "view": image.meta.view, "sex": image.meta.sex,
                "age_band": image.meta.age_band, "shape": list(image.shape)},
         pixels=image.pixels,
