@@ -170,6 +170,9 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            seed: Annotated[int, typer.Option("--seed")] = 0, patient_regex: RegexOpt = None,
            codes: Annotated[str | None, typer.Option(
                "--codes", help="binary codes of a new collection: model (hash layer or LSH) or itq (fitted here)")
+           ] = None,
+           part: Annotated[str | None, typer.Option(
+               "--part", help="i/n: only the i-th of n deterministic slices (n machines ingest in parallel)")
            ] = None) -> None:
     """Embed every image of a dataset and upsert it into the index."""
     from cbir.data.layout import load_dataset
@@ -178,12 +181,20 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     from cbir.models import load_checkpoint
     from cbir.train.loop import resolve_device
     records = load_dataset(data, layout, seed=seed, patient_regex=patient_regex)
+    first_part = True
+    if part:
+        from cbir.data.splits import parse_part
+        try:
+            i, n = parse_part(part)
+        except ValueError as exc:
+            raise CbirError(str(exc)) from None
+        records, first_part = records.part(i, n), i == 1
     loaded = load_checkpoint(model, resolve_device(device))
     pseudonymize = load_pseudonymizer()
     reporter = _reporter()
     with _open(index, writable=True, create=True) as idx:
         summary = ingest_records(records, loaded, idx, collection, pseudonymize, batch_size, workers, strict,
-                                 reporter, codes=codes)
+                                 reporter, codes=codes, may_fit_itq=first_part)
     out.print(summary.line, markup=False)
     if summary.failed:
         raise typer.Exit(1)

@@ -70,6 +70,11 @@ class Records:
             target=self.target, notes=list(self.notes),
         )
 
+    def part(self, i: int, n: int) -> Records:
+        """The i-th of n deterministic slices (1-based), by a hash of each image's relative path."""
+        from cbir.data.splits import part_mask
+        return self.subset(part_mask(self.meta["relpath"].astype(str), i, n))
+
     def split(self, name: str) -> Records:
         return self.subset((self.meta["split"] == name).to_numpy())
 

@@ -53,6 +53,25 @@ def train_val_splits(
     return np.where(patient_uniform(patients, seed) < val_share, "val", "train")
 
 
+def parse_part(text: str) -> tuple[int, int]:
+    """`"i/n"` (1 ≤ i ≤ n) → (i, n); ValueError with the reason otherwise."""
+    left, sep, right = text.partition("/")
+    try:
+        i, n = int(left), int(right)
+    except ValueError:
+        i = n = 0
+    if not sep or n < 1 or not 1 <= i <= n:
+        raise ValueError(f"bad part {text!r}: use i/n with 1 ≤ i ≤ n, e.g. 1/4")
+    return i, n
+
+
+def part_mask(keys: Iterable[object], i: int, n: int) -> np.ndarray:
+    """Rows in part i of n (1-based): each key goes to one part by a hash of the key alone, so n machines
+    that each take one part cover every row exactly once, whatever order they list the rows in."""
+    values = np.array([_unit_hash(f"part:{key}") for key in keys], dtype=np.float64)
+    return np.floor(values * n).astype(np.int64) == i - 1
+
+
 def _normalise(fractions: Sequence[float]) -> np.ndarray:
     shares = np.asarray(fractions, dtype=np.float64)
     if shares.shape != (3,) or (shares < 0).any() or shares.sum() <= 0:

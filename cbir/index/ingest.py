@@ -71,18 +71,22 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
 def ingest_records(records: Records, loaded: LoadedModel, index: Index, collection: str,
                    pseudonymize: Pseudonymizer, batch_size: int = 32, workers: int = 2, strict: bool = False,
                    reporter: Reporter = QUIET, codes: str | None = None,
-                   itq_fit_size: int = ITQ_FIT_SIZE) -> IngestSummary:
+                   itq_fit_size: int = ITQ_FIT_SIZE, may_fit_itq: bool = True) -> IngestSummary:
     """Embed and upsert every image; bad files are reported and counted, and the run goes on.
 
     `codes` picks the code source of a new collection (`cbir.index.codes`; default: the model's). When ITQ
     still has to be fitted, images are taken in a seeded random order and the first `itq_fit_size` embeddings
-    are held back until ITQ is fitted on them, so nothing is embedded twice.
+    are held back until ITQ is fitted on them, so nothing is embedded twice. `may_fit_itq=False` (parallel
+    ingest parts other than the first) refuses to fit, so that all parts share one set of ITQ parameters.
     """
     started = time.perf_counter()
     meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes)
     summary = IngestSummary(collection, total=len(records), points_before=index.count(collection))
     paths = records.meta["path"].tolist()
     fitting = code_source(meta) == "itq" and not meta.get("itq")
+    if fitting and not may_fit_itq:
+        raise CbirError(f"collection {collection!r} has no fitted ITQ codes yet: ingest part 1 first, which fits "
+                        "them, then start the other parts")
     order = np.random.default_rng(0).permutation(len(paths)) if fitting else np.arange(len(paths))
     model_labels = list(loaded.config.label_names) if loaded.config.task == "multilabel" else None
     seen: set[str] = set()

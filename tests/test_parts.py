@@ -1,0 +1,55 @@
+"""`cbir ingest --part i/n`: n deterministic slices that cover a dataset exactly once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cbir.data.layout import load_dataset
+from cbir.data.splits import parse_part, part_mask
+from cbir.data.synth import synth_dataset
+from cbir.index import open_index
+from cbir.models import ModelConfig
+from cbir.train import TrainSettings, train_model
+from cli.main import app
+
+
+def test_parts_cover_every_key_once_whatever_the_order() -> None:
+    keys = [f"images/{i:05d}.dcm" for i in range(1000)]
+    masks = np.stack([part_mask(keys, i, 4) for i in range(1, 5)])
+    assert (masks.sum(axis=0) == 1).all()
+    assert all(200 < m.sum() < 300 for m in masks)  # roughly even
+    shuffled = list(np.random.default_rng(0).permutation(keys))
+    again = {k for k, keep in zip(shuffled, part_mask(shuffled, 2, 4), strict=True) if keep}
+    assert again == {k for k, keep in zip(keys, masks[1], strict=True) if keep}
+
+
+@pytest.mark.parametrize("text", ["0/4", "5/4", "1/0", "a/b", "3", "1/-2"])
+def test_bad_part_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="bad part"):
+        parse_part(text)
+
+
+def test_two_parts_ingest_one_collection_without_duplicates(tmp_path: Path) -> None:
+    root = tmp_path / "rsna"
+    synth_dataset("rsna", 30, 32, root, seed=4)
+    records = load_dataset(root, "rsna")
+    config = ModelConfig(backbone="test_resnet", task="binary", image_size=32, embed_dim=16, bits=16,
+                         label_names=list(records.label_names), target=records.target)
+    model = train_model(records, config, TrainSettings(epochs=1, batch_size=8, workers=0), tmp_path / "m").out
+    runner = CliRunner()
+    args = ["ingest", "--data", str(root), "--model", str(model), "--index", str(tmp_path / "idx"), "--workers", "0"]
+    bad = runner.invoke(app, [*args, "--collection", "itq", "--codes", "itq", "--part", "2/2"])
+    assert bad.exit_code != 0 and "ingest part 1 first" in bad.stderr
+    assert runner.invoke(app, [*args, "--collection", "c", "--part", "5/2"]).exit_code not in (0, 1)
+    sizes = []
+    for part in ("2/2", "1/2"):
+        result = runner.invoke(app, [*args, "--collection", "c", "--part", part])
+        assert result.exit_code == 0, result.stderr
+        sizes.append(int(result.stdout.split(" files")[0].split()[-1]))
+    with open_index(str(tmp_path / "idx")) as index:
+        ids = [p.id for p in index.scroll("c", with_vectors=False)]
+    assert sum(sizes) == len(records) == len(ids) == len(set(ids)) and min(sizes) > 0
