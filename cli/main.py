@@ -173,7 +173,10 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            ] = None,
            part: Annotated[str | None, typer.Option(
                "--part", help="i/n: only the i-th of n deterministic slices (n machines ingest in parallel)")
-           ] = None) -> None:
+           ] = None,
+           shards: Annotated[int, typer.Option("--shards", min=1, help="server: shards of a new collection")] = 1,
+           replicas: Annotated[int, typer.Option("--replicas", min=1, help="server: copies of each shard")] = 1,
+           ) -> None:
     """Embed every image of a dataset and upsert it into the index."""
     from cbir.data.layout import load_dataset
     from cbir.index.ingest import ingest_records
@@ -194,7 +197,7 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     reporter = _reporter()
     with _open(index, writable=True, create=True) as idx:
         summary = ingest_records(records, loaded, idx, collection, pseudonymize, batch_size, workers, strict,
-                                 reporter, codes=codes, may_fit_itq=first_part)
+                                 reporter, codes=codes, may_fit_itq=first_part, shards=shards, replicas=replicas)
     out.print(summary.line, markup=False)
     if summary.failed:
         raise typer.Exit(1)

@@ -1,4 +1,4 @@
-"""`cbir ingest --part i/n`: n deterministic slices that cover a dataset exactly once."""
+"""Ingest for a shared server: `--part i/n` slices that cover a dataset exactly once, and `--shards/--replicas`."""
 
 from __future__ import annotations
 
@@ -53,3 +53,21 @@ def test_two_parts_ingest_one_collection_without_duplicates(tmp_path: Path) -> N
     with open_index(str(tmp_path / "idx")) as index:
         ids = [p.id for p in index.scroll("c", with_vectors=False)]
     assert sum(sizes) == len(records) == len(ids) == len(set(ids)) and min(sizes) > 0
+
+
+def test_shards_and_replicas(tmp_path: Path) -> None:
+    root = tmp_path / "rsna"
+    synth_dataset("rsna", 12, 32, root, seed=4)
+    records = load_dataset(root, "rsna")
+    config = ModelConfig(backbone="test_resnet", task="binary", image_size=32, embed_dim=16, bits=16,
+                         label_names=list(records.label_names), target=records.target)
+    model = train_model(records, config, TrainSettings(epochs=1, batch_size=8, workers=0), tmp_path / "m").out
+    runner = CliRunner()
+    args = ["ingest", "--data", str(root), "--model", str(model), "--workers", "0", "--shards", "3", "--replicas", "2"]
+    edge = runner.invoke(app, [*args, "--index", str(tmp_path / "edge")])
+    assert edge.exit_code == 2 and "need a Qdrant server" in edge.stderr and len(edge.stderr.splitlines()) == 1
+    local = runner.invoke(app, [*args, "--index", f"local:{tmp_path / 'local'}"])  # the server's code path
+    assert local.exit_code == 0, local.stderr
+    with open_index(f"local:{tmp_path / 'local'}") as index:
+        meta = index.get_meta("cbir")
+        assert (meta["shards"], meta["replicas"]) == (3, 2) and index.count("cbir") == len(records)

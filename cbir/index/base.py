@@ -80,8 +80,10 @@ class Index(ABC):
     def list_collections(self) -> list[str]: ...
 
     @abstractmethod
-    def create_collection(self, name: str, dim: int, bits: int, meta: dict[str, Any]) -> None:
-        """Create an empty collection with payload indexes; fails if it exists."""
+    def create_collection(self, name: str, dim: int, bits: int, meta: dict[str, Any], shards: int = 1,
+                          replicas: int = 1) -> None:
+        """Create an empty collection with payload indexes; fails if it exists. `shards` and `replicas` are
+        a server's distribution settings (the embedded index is one shard and refuses others)."""
 
     @abstractmethod
     def has_collection(self, name: str) -> bool: ...

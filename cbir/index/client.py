@@ -100,7 +100,8 @@ class ClientIndex(Index):
         with self._errors(name, "lookup"):
             return self._client.collection_exists(name)
 
-    def create_collection(self, name: str, dim: int, bits: int, meta: dict[str, Any]) -> None:
+    def create_collection(self, name: str, dim: int, bits: int, meta: dict[str, Any], shards: int = 1,
+                          replicas: int = 1) -> None:
         self._check_writable()
         if self.has_collection(name):
             raise IndexError_(f"{self._where(name)}: the collection already exists")
@@ -111,7 +112,9 @@ class ClientIndex(Index):
                                   hnsw_config=qm.HnswConfigDiff(m=0)),
         }
         with self._errors(name, "create"):
-            self._client.create_collection(name, vectors_config=vectors, metadata=_meta_record(meta))
+            # local mode accepts and ignores the distribution settings; a server applies them
+            self._client.create_collection(name, vectors_config=vectors, metadata=_meta_record(meta),
+                                           shard_number=int(shards), replication_factor=int(replicas))
             if self.is_server:
                 for field_name in INDEXED_FIELDS:
                     self._client.create_payload_index(name, field_name, qm.PayloadSchemaType.KEYWORD,

@@ -147,8 +147,12 @@ class EdgeIndex(Index):
     def has_collection(self, name: str) -> bool:
         return bool(_NAME.fullmatch(name)) and (self._collections / name / META_FILE).is_file()
 
-    def create_collection(self, name: str, dim: int, bits: int, meta: dict[str, Any]) -> None:
+    def create_collection(self, name: str, dim: int, bits: int, meta: dict[str, Any], shards: int = 1,
+                          replicas: int = 1) -> None:
         self._check_writable()
+        if shards != 1 or replicas != 1:
+            raise IndexError_(f"{self.location}: the embedded index is one shard on one machine; --shards and "
+                              "--replicas need a Qdrant server (--index http://host:6333)")
         if not _NAME.fullmatch(name):
             raise IndexError_(f"{self.location}: invalid collection name {name!r} "
                               "(letters, digits, '_', '-', '.'; at most 128 characters)")

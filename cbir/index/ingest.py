@@ -45,21 +45,24 @@ class IngestSummary:
 
 
 def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseudonymize: Pseudonymizer,
-                       records: Records, codes: str | None = None) -> dict:
+                       records: Records, codes: str | None = None, shards: int = 1, replicas: int = 1,
+                       reporter: Reporter = QUIET) -> dict:
     """Create the collection, or check that an existing one matches this model, key and code source."""
     check_code_source(codes, loaded.config.bits, loaded.config.embed_dim)
     if index.has_collection(collection):
         meta = index.get_meta(collection)
         check_model(meta, loaded, collection)
         check_key(meta, pseudonymize, collection)
+        if (shards, replicas) != (1, 1) and (shards, replicas) != (meta.get("shards"), meta.get("replicas")):
+            reporter.warn(f"collection {collection!r} exists: --shards/--replicas apply only when it is created")
         if codes is not None and codes != code_source(meta):
             raise CbirError(f"collection {collection!r} stores {code_source(meta)} codes, not {codes}; "
                             "ingest into a new collection to change the code source")
     else:
         meta = collection_meta(loaded, pseudonymize, records.target,
                                negative_label(records.label_names, records.target))
-        meta["codes"] = codes or "model"
-        index.create_collection(collection, loaded.config.embed_dim, loaded.config.bits, meta)
+        meta.update(codes=codes or "model", shards=shards, replicas=replicas)
+        index.create_collection(collection, loaded.config.embed_dim, loaded.config.bits, meta, shards, replicas)
     roots = dict(meta.get("roots") or {})
     if roots.get(records.dataset) != str(records.root):
         roots[records.dataset] = str(records.root)
@@ -71,7 +74,8 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
 def ingest_records(records: Records, loaded: LoadedModel, index: Index, collection: str,
                    pseudonymize: Pseudonymizer, batch_size: int = 32, workers: int = 2, strict: bool = False,
                    reporter: Reporter = QUIET, codes: str | None = None,
-                   itq_fit_size: int = ITQ_FIT_SIZE, may_fit_itq: bool = True) -> IngestSummary:
+                   itq_fit_size: int = ITQ_FIT_SIZE, may_fit_itq: bool = True, shards: int = 1,
+                   replicas: int = 1) -> IngestSummary:
     """Embed and upsert every image; bad files are reported and counted, and the run goes on.
 
     `codes` picks the code source of a new collection (`cbir.index.codes`; default: the model's). When ITQ
@@ -80,7 +84,7 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     ingest parts other than the first) refuses to fit, so that all parts share one set of ITQ parameters.
     """
     started = time.perf_counter()
-    meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes)
+    meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes, shards, replicas, reporter)
     summary = IngestSummary(collection, total=len(records), points_before=index.count(collection))
     paths = records.meta["path"].tolist()
     fitting = code_source(meta) == "itq" and not meta.get("itq")
