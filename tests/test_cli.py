@@ -263,13 +263,16 @@ def test_reproduce_writes_the_results_table(pipeline: dict[str, Path], tmp_path:
     assert "| Binary classification + hash layer |" in table and "majority baseline" in table
     from cbir.index import open_index
     with open_index(str(tmp_path / "res" / "index")) as index:
-        assert sorted(index.list_collections()) == ["binary", "detection", "hash", "multilabel"]
+        assert sorted(index.list_collections()) == ["binary", "detection", "hash", "multilabel", "multilabel_nih"]
     for row in results["rows"]:
         assert set(row["codes"]) == {"model", "lsh", "itq"}, row["task"]
         assert all(0 <= v["hamming_map_at_k"] <= 1 for v in row["codes"].values())
     from cbir.data.nih import FINDINGS
     assert list(multilabel["heldout"]["per_class_auc"]) == list(FINDINGS)
     assert multilabel["heldout"]["dataset"] == "nih"
+    own = multilabel["heldout"]["retrieval"]
+    assert own["collection"] == "multilabel_nih" and own["n_queries"] > 0
+    assert 0 <= own["map_at_k_any_finding"] <= 1 and 0 <= own["knn_accuracy"] <= 1
     detection = results["rows"][3]["heldout"]
     assert detection["n_images"] > 0 and (detection["box_map"] is None or 0 <= detection["box_map"] <= 1)
     assert "## Binary codes" in table and "per-finding ROC-AUC" in table and "Box mAP" in table
