@@ -286,7 +286,9 @@ def _print_report(report: dict[str, Any], out_dir: Path) -> None:
     table = Table(title=f"evaluation: {report['n_queries']} queries, k = {report['k']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    rows = [("stage 1 ROC-AUC", s1["roc_auc"]), ("kNN accuracy", s2["knn_accuracy"]),
+    rows = [("stage 1 ROC-AUC", s1["roc_auc"]),
+            *([("box mAP (IoU 0.40–0.75)", s1["box_map"])] if "box_map" in s1 else []),
+            ("kNN accuracy", s2["knn_accuracy"]),
             ("kNN balanced accuracy", s2["balanced_accuracy"]), (f"precision@{report['k']}", s2["precision_at_k"]),
             (f"mAP@{report['k']}", s2["map_at_k"]),
             *[(name, s2[key]) for key, name in (("map_at_k_any_finding", "mAP, any shared finding"),

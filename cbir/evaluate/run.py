@@ -139,6 +139,8 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     prob_query = np.array([q.probability for q in queries])
     relevant = (neighbours.targets == y_query[:, None]) & (np.arange(k)[None, :] < neighbours.found[:, None])
     extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k)
+    if loaded.config.task == "detection":
+        extra["stage1"].update(_box_metrics(meta, loaded, queries_from, reporter))
     report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query,
                        neighbor_y=neighbours.targets, archive_y=archive.targets, k=k, relevant=relevant,
                        extra=extra)
@@ -237,6 +239,29 @@ def _hamming_map(archive: Archive, queries: list[Query], y_query: np.ndarray, k:
         nearest = hamming_ranking(archive, query.code, k, exclude=query.pseudonym)
         relevant[row, :len(nearest)] = archive.targets[nearest] == y_query[row]
     return map_at_k(relevant, k)
+
+
+def _box_metrics(meta: dict[str, Any], loaded: LoadedModel, queries_from: Records | None,
+                 reporter: Reporter) -> dict[str, Any]:
+    """A detector's box mAP on the query images: the external queries, or the test split of the dataset the
+    collection was ingested from (when its folder is still there and has boxes); {} when neither is at hand."""
+    from cbir.data.layout import load_dataset
+    from cbir.evaluate.heldout import detection_scores
+    source = queries_from
+    if source is None:
+        for root in (meta.get("roots") or {}).values():
+            try:
+                source = load_dataset(Path(root), "auto").split("test")
+                break
+            except CbirError:
+                continue
+    has_boxes = source is not None and "boxes" in source.meta and any(len(b) for b in source.meta["boxes"])
+    if not has_boxes:
+        reporter.warn("box mAP not computed: the query images' boxes are not available")
+        return {}
+    scores = detection_scores(source, loaded, reporter=reporter)
+    return {"box_map": scores["box_map"], "box_threshold": scores["box_threshold"],
+            "box_images": scores["n_images"], "box_images_with_boxes": scores["n_with_boxes"]}
 
 
 def _code_comparison(archive: Archive, queries: list[Query], y_query: np.ndarray, k: int) -> dict[str, Any]:

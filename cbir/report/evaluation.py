@@ -181,6 +181,7 @@ def _metrics_table(payload: dict) -> list[str]:
         ("Stage 1 ROC-AUC", s1["roc_auc"], 0.5),
         ("Stage 1 accuracy @ 0.5", s1["accuracy_at_0.5"], base["majority_accuracy"]),
         ("Stage 1 balanced accuracy @ 0.5", s1["balanced_accuracy"], base["majority_balanced_accuracy"]),
+        *([("Box mAP (RSNA metric, IoU 0.40–0.75)", s1["box_map"], "—")] if "box_map" in s1 else []),
         (f"kNN accuracy (k={k})", s2["knn_accuracy"], base["majority_accuracy"]),
         (f"kNN balanced accuracy (k={k})", s2["balanced_accuracy"], base["majority_balanced_accuracy"]),
         (f"kNN vote-share ROC-AUC (k={k})", s2.get("vote_auc"), 0.5),
