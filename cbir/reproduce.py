@@ -28,6 +28,7 @@ from cbir.index.ingest import ingest_records
 from cbir.io import load_pseudonymizer
 from cbir.models import ModelConfig, load_checkpoint
 from cbir.train import TrainSettings, train_model
+from cbir.train.loop import resolve_device
 
 APPROACHES = {
     "binary": "Binary classification (baseline)",
@@ -119,7 +120,7 @@ def run_reproduce(data: Path, out: Path, layout: str = "auto", nih: Path | None 
             started = time.perf_counter()
             _train(task, train_set, settings, model_dir, backbone, image_size, bits, embed_dim, reporter)
             row.seconds["train"] = round(time.perf_counter() - started, 1)
-        loaded = load_checkpoint(model_dir, device="cpu" if device == "auto" else device)
+        loaded = load_checkpoint(model_dir, device=resolve_device(device))
         row.bits, row.embed_dim = loaded.config.bits, loaded.config.embed_dim
         with open_index(str(out / "index"), writable=True, create=True) as index:
             if index.has_collection(task):
@@ -136,7 +137,7 @@ def run_reproduce(data: Path, out: Path, layout: str = "auto", nih: Path | None 
         rows.append(row)
     results = {"data": str(data), "layout": records.layout, "nih": str(nih) if nih else None,
                "backbone": backbone, "image_size": image_size, "epochs": epochs, "k": k,
-               "rows": [_row_json(r) for r in rows]}
+               "device": str(resolve_device(device)), "rows": [_row_json(r) for r in rows]}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(render_results(results))
     return results
@@ -190,7 +191,7 @@ def render_results(results: dict[str, Any]) -> str:
     k, rows = results["k"], results["rows"]
     lines = [
         f"# Results: {results['layout']} data at {results['image_size']} px, {results['backbone']}, "
-        f"{results['epochs']} epochs",
+        f"{results['epochs']} epochs" + (f", on {results['device']}" if results.get("device") else ""),
         "",
         f"Queries: the test split ({rows[0]['n_queries'] if rows else 0} images); archive: train + val; "
         "same-patient neighbours excluded. Percentages; the majority baseline always predicts the archive's "
