@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cbir.data.layout import load_dataset
+from cbir.data.records import Records
 from cbir.data.splits import parse_part, part_mask
 from cbir.data.synth import synth_dataset
 from cbir.index import open_index
@@ -33,15 +34,23 @@ def test_bad_part_is_refused(text: str) -> None:
         parse_part(text)
 
 
-def test_two_parts_ingest_one_collection_without_duplicates(tmp_path: Path) -> None:
-    root = tmp_path / "rsna"
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Records, Path]:
+    """30 synthetic RSNA images and a 1-epoch model trained on them."""
+    root = tmp_path_factory.mktemp("parts") / "rsna"
     synth_dataset("rsna", 30, 32, root, seed=4)
     records = load_dataset(root, "rsna")
     config = ModelConfig(backbone="test_resnet", task="binary", image_size=32, embed_dim=16, bits=16,
                          label_names=list(records.label_names), target=records.target)
-    model = train_model(records, config, TrainSettings(epochs=1, batch_size=8, workers=0), tmp_path / "m").out
+    settings = TrainSettings(epochs=1, batch_size=8, workers=0)
+    return records, train_model(records, config, settings, root.parent / "model").out
+
+
+def test_two_parts_ingest_one_collection_without_duplicates(dataset: tuple[Records, Path], tmp_path: Path) -> None:
+    records, model = dataset
     runner = CliRunner()
-    args = ["ingest", "--data", str(root), "--model", str(model), "--index", str(tmp_path / "idx"), "--workers", "0"]
+    args = ["ingest", "--data", str(records.root), "--model", str(model), "--index", str(tmp_path / "idx"),
+            "--workers", "0"]
     bad = runner.invoke(app, [*args, "--collection", "itq", "--codes", "itq", "--part", "2/2"])
     assert bad.exit_code != 0 and "ingest part 1 first" in bad.stderr
     assert runner.invoke(app, [*args, "--collection", "c", "--part", "5/2"]).exit_code not in (0, 1)
@@ -55,15 +64,11 @@ def test_two_parts_ingest_one_collection_without_duplicates(tmp_path: Path) -> N
     assert sum(sizes) == len(records) == len(ids) == len(set(ids)) and min(sizes) > 0
 
 
-def test_shards_and_replicas(tmp_path: Path) -> None:
-    root = tmp_path / "rsna"
-    synth_dataset("rsna", 12, 32, root, seed=4)
-    records = load_dataset(root, "rsna")
-    config = ModelConfig(backbone="test_resnet", task="binary", image_size=32, embed_dim=16, bits=16,
-                         label_names=list(records.label_names), target=records.target)
-    model = train_model(records, config, TrainSettings(epochs=1, batch_size=8, workers=0), tmp_path / "m").out
+def test_shards_and_replicas(dataset: tuple[Records, Path], tmp_path: Path) -> None:
+    records, model = dataset
     runner = CliRunner()
-    args = ["ingest", "--data", str(root), "--model", str(model), "--workers", "0", "--shards", "3", "--replicas", "2"]
+    args = ["ingest", "--data", str(records.root), "--model", str(model), "--workers", "0", "--shards", "3",
+            "--replicas", "2"]
     edge = runner.invoke(app, [*args, "--index", str(tmp_path / "edge")])
     assert edge.exit_code == 2 and "need a Qdrant server" in edge.stderr and len(edge.stderr.splitlines()) == 1
     local = runner.invoke(app, [*args, "--index", f"local:{tmp_path / 'local'}"])  # the server's code path
