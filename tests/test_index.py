@@ -503,3 +503,36 @@ def test_open_index_picks_the_backend(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(IndexError_, match="http://127.0.0.1:9"):
         idx.list_collections()
     idx.close()
+
+
+# --- property: the Hamming prefilter on random codes, against brute force ---------------------------
+
+def random_code_data(seed: int, bits: int) -> Data:
+    """Uniformly random `bits`-bit codes, unrelated to the embeddings: with few bits most distances tie."""
+    data = make_data(seed)
+    rng = np.random.default_rng(seed + 1000)
+    return Data(data.ids, data.emb, rng.integers(0, 2, size=(N, bits)).astype(np.uint8), data.payloads)
+
+
+@pytest.mark.parametrize("kind", ["edge", "local"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_prefilter_property_on_random_codes(kind: str, seed: int, tmp_path: Path) -> None:
+    bits = (12, 16, 24)[seed]
+    data = random_code_data(seed, bits)
+    rng = np.random.default_rng(seed)
+    with open_backend(kind, tmp_path) as index:
+        index.create_collection("p", DIM, bits, META)
+        index.upsert("p", data.points)
+        for _ in range(6):
+            q = rng.normal(size=DIM).astype(np.float32)
+            code = rng.integers(0, 2, bits).astype(np.uint8)
+            flt = FILTERS[int(rng.integers(0, 6))] if rng.random() < 0.5 else None
+            n, radius = int(rng.integers(1, N + 20)), int(rng.integers(0, bits + 1))
+            # k = n returns the whole candidate set: exactly the n nearest codes, ties broken by id
+            hits = index.search("p", q, n, flt, code=code, prefilter=n)
+            assert {h.id for h in hits} == {e[0] for e in brute(data, q, n, flt, code=code, prefilter=n)}
+            assert_hits(index.search("p", q, 7, flt, code=code, prefilter=n),
+                        brute(data, q, 7, flt, code=code, prefilter=n))
+            within = index.search("p", q, N, flt, code=code, hamming_radius=radius)
+            assert_hits(within, brute(data, q, N, flt, code=code, radius=radius))
+            assert all(h.hamming <= radius for h in within)
