@@ -95,10 +95,13 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     model_labels = list(loaded.config.label_names) if loaded.config.task == "multilabel" else None
     seen: set[str] = set()
     held: list[Embedded] = []
+    itq = itq_from_meta(meta)  # parsed once; None while it is still to be fitted, or for the model's codes
 
     def upsert(items: list[Embedded]) -> None:
         points = []
-        for item, code in zip(items, _codes(meta, items), strict=True):
+        item_codes = ([i.code for i in items] if itq is None or not items
+                      else list(itq.encode(np.stack([i.embedding for i in items]))))
+        for item, code in zip(items, item_codes, strict=True):
             point = _point(records, item, code, pseudonymize, meta, model_labels)
             if point.id in seen:
                 summary.skipped += 1
@@ -111,9 +114,10 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
             summary.ingested += len(points)
 
     def fit_now() -> None:
-        nonlocal fitting
+        nonlocal fitting, itq
         meta["itq"] = fit_itq_meta(np.stack([item.embedding for item in held]), loaded.config.bits)
         index.set_meta(collection, meta)
+        itq = itq_from_meta(meta)
         reporter.log(f"fitted ITQ codes on {len(held)} embeddings")
         fitting = False
         upsert(held)
@@ -155,14 +159,6 @@ def payload_labels(records: Records, names: list[str], negative: str) -> list[st
     if records.layout == "folder" or names:
         return names
     return ["No Finding" if len(records.label_names) > 1 else negative]
-
-
-def _codes(meta: dict, items: list[Embedded]) -> list[np.ndarray]:
-    """The collection's code of each item: ITQ's when the collection uses it, else the model's."""
-    itq = itq_from_meta(meta)
-    if itq is None or not items:
-        return [item.code for item in items]
-    return list(itq.encode(np.stack([item.embedding for item in items])))
 
 
 def _point(records: Records, item: Embedded, code: np.ndarray, pseudonymize: Pseudonymizer, meta: dict,
