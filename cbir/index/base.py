@@ -26,6 +26,9 @@ SCHEMA_VERSION = 1
 EMBEDDING = "embedding"
 HASH = "hash"
 
+#: The reserved collection that holds a server's (or local mode's) migration ledger in its metadata.
+LEDGER_COLLECTION = "cbir_ledger"
+
 #: Payload fields that get a keyword index (created before the bulk load).
 INDEXED_FIELDS = ("labels", "dataset", "split", "view", "sex", "age_band", "pseudonym", "team")
 
@@ -125,6 +128,13 @@ class Index(ABC):
         candidates; with `hamming_radius=R`, only points within Hamming distance R. Hits then carry
         their Hamming distance.
         """
+
+    @abstractmethod
+    def get_ledger(self) -> list[dict[str, Any]]:
+        """The migrations applied to this index, oldest first ([] for a new index)."""
+
+    @abstractmethod
+    def set_ledger(self, entries: list[dict[str, Any]]) -> None: ...
 
     def close(self) -> None:  # noqa: B027 - a no-op unless the backend holds resources
         """Release files and connections."""

@@ -33,6 +33,7 @@ from cbir.index.base import (
     EMBEDDING,
     HASH,
     INDEXED_FIELDS,
+    LEDGER_COLLECTION,
     SCHEMA_VERSION,
     UPSERT_BATCH,
     Filter,
@@ -134,6 +135,22 @@ class ClientIndex(Index):
             raise IndexError_(f"{self._where(name)}: schema version {record.get('schema_version')!r}, this "
                               f"cbir reads version {SCHEMA_VERSION}")
         return record["meta"]
+
+    def get_ledger(self) -> list[dict[str, Any]]:
+        if not self.has_collection(LEDGER_COLLECTION):
+            return []
+        with self._errors(LEDGER_COLLECTION, "reading the migration ledger"):
+            metadata = self._client.get_collection(LEDGER_COLLECTION).config.metadata or {}
+        return list(metadata.get("applied") or [])
+
+    def set_ledger(self, entries: list[dict[str, Any]]) -> None:
+        self._check_writable()
+        with self._errors(LEDGER_COLLECTION, "writing the migration ledger"):
+            if not self._client.collection_exists(LEDGER_COLLECTION):
+                self._client.create_collection(LEDGER_COLLECTION, vectors_config={},
+                                               metadata={"applied": entries})
+            else:
+                self._client.update_collection(LEDGER_COLLECTION, metadata={"applied": entries})
 
     def set_meta(self, name: str, meta: dict[str, Any]) -> None:
         self._check_writable()

@@ -184,6 +184,19 @@ class EdgeIndex(Index):
     def get_meta(self, name: str) -> dict[str, Any]:
         return self._read_record(name)["meta"]
 
+    def get_ledger(self) -> list[dict[str, Any]]:
+        path = self._root / LEDGER_FILE
+        if not path.is_file():
+            return []
+        try:
+            return list(json.loads(path.read_text())["applied"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IndexError_(f"{path}: unreadable migration ledger ({exc})") from None
+
+    def set_ledger(self, entries: list[dict[str, Any]]) -> None:
+        self._check_writable()
+        _write_atomic(self._root / LEDGER_FILE, json.dumps({"applied": entries}, indent=2))
+
     def set_meta(self, name: str, meta: dict[str, Any]) -> None:
         self._check_writable()
         record = self._read_record(name)
@@ -353,6 +366,9 @@ class EdgeIndex(Index):
         except Exception as exc:
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise IndexError_(f"{self._where(name)}: {action} failed: {detail}") from exc
+
+
+LEDGER_FILE = "ledger.json"
 
 
 def _config(dim: int, bits: int) -> qe.EdgeConfig:

@@ -1,0 +1,1 @@
+"""Index migrations, applied in order by `cbir migrate` (see `cbir.index.migrate`)."""
