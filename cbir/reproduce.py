@@ -25,6 +25,7 @@ from cbir.evaluate.heldout import multilabel_auc
 from cbir.evaluate.run import evaluate_collection
 from cbir.index import open_index
 from cbir.index.ingest import ingest_records
+from cbir.index.versions import drop
 from cbir.io import load_pseudonymizer
 from cbir.models import ModelConfig, load_checkpoint
 from cbir.train import TrainSettings, train_model
@@ -124,7 +125,7 @@ def run_reproduce(data: Path, out: Path, layout: str = "auto", nih: Path | None 
         row.bits, row.embed_dim = loaded.config.bits, loaded.config.embed_dim
         with open_index(str(out / "index"), writable=True, create=True) as index:
             if index.has_collection(task):
-                index.delete_collection(task)
+                drop(index, task)
             started = time.perf_counter()
             ingest_records(records, loaded, index, task, pseudonymize, reporter=reporter)
             row.seconds["ingest"] = round(time.perf_counter() - started, 1)
@@ -161,7 +162,7 @@ def _own_retrieval(index: Any, train_set: Records, loaded: Any, pseudonymize: An
     """Stage 2 of a multilabel model on its own (NIH) archive, where relevance can mean a shared finding."""
     collection = f"multilabel_{train_set.dataset}"
     if index.has_collection(collection):
-        index.delete_collection(collection)
+        drop(index, collection)
     ingest_records(train_set, loaded, index, collection, pseudonymize, reporter=reporter)
     report = evaluate_collection(index, collection, loaded, out / "reports" / collection, k=k, reporter=reporter)
     s2, base = report["stage2"], report["baseline"]

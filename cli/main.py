@@ -35,6 +35,8 @@ DEFAULT_COLLECTION = os.environ.get("CBIR_COLLECTION", "cbir")
 IndexOpt = Annotated[str | None, typer.Option("--index", help="Index location: a directory (Qdrant Edge), "
                                               "http(s)://host:6333, local:PATH or :memory: [$CBIR_INDEX]")]
 CollectionOpt = Annotated[str, typer.Option("--collection", help="Collection name [$CBIR_COLLECTION]")]
+TeamOpt = Annotated[str | None, typer.Option("--team", envvar="CBIR_TEAM", show_envvar=True,
+                                             help="your team: uses the team's own collection, TEAM.COLLECTION")]
 LayoutOpt = Annotated[str, typer.Option("--layout", help="rsna, nih, folder or auto")]
 RegexOpt = Annotated[str | None, typer.Option("--patient-regex",
                                               help="folder layout: regex whose first group is the patient")]
@@ -68,9 +70,27 @@ def _reporter(quiet: bool = False) -> Any:
     return Reporter(quiet=quiet, console=err)
 
 
+_SERVER: dict[str, Any] = {}
+
+
+@app.callback()
+def _server_options(
+        api_key: Annotated[str | None, typer.Option(
+            "--api-key", envvar="CBIR_QDRANT_API_KEY", show_envvar=True,
+            help="Qdrant server: API key or JWT (a team's read-only key can query but not ingest)")] = None,
+        timeout: Annotated[int | None, typer.Option(
+            "--timeout", envvar="CBIR_QDRANT_TIMEOUT", show_envvar=True, min=1,
+            help="Qdrant server: seconds per request (qdrant-client's default when unset)")] = None,
+        ca_cert: Annotated[str | None, typer.Option(
+            "--ca-cert", envvar="CBIR_QDRANT_CA_CERT", show_envvar=True,
+            help="Qdrant server over https://: CA bundle of a private certificate authority")] = None) -> None:
+    """Content-based image retrieval for chest X-rays."""
+    _SERVER.update(api_key=api_key, timeout=timeout, ca_cert=ca_cert)
+
+
 def _open(location: str | None, writable: bool = False, create: bool = False) -> Any:
     from cbir.index import open_index
-    return open_index(location, writable=writable, create=create, api_key=os.environ.get("CBIR_QDRANT_API_KEY"))
+    return open_index(location, writable=writable, create=create, **_SERVER)
 
 
 def _load_model(model: Path | None, index: Any, collection: str, device: str) -> Any:
@@ -176,13 +196,24 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            ] = None,
            shards: Annotated[int, typer.Option("--shards", min=1, help="server: shards of a new collection")] = 1,
            replicas: Annotated[int, typer.Option("--replicas", min=1, help="server: copies of each shard")] = 1,
+           team: TeamOpt = None,
+           reindex: Annotated[bool, typer.Option(
+               "--reindex", help="build the next version of the collection (e.g. with a new model) while queries "
+               "go on, then swap it in and delete the old version")] = False,
+           allow_count_change: Annotated[bool, typer.Option(
+               "--allow-count-change", help="--reindex: swap even if the point counts differ (keeps the old "
+               "version)")] = False,
            ) -> None:
     """Embed every image of a dataset and upsert it into the index."""
     from cbir.data.layout import load_dataset
     from cbir.index.ingest import ingest_records
+    from cbir.index.teams import team_collection
     from cbir.io import load_pseudonymizer
     from cbir.models import load_checkpoint
     from cbir.train.loop import resolve_device
+    collection = team_collection(collection, team)
+    if reindex and part:
+        raise CbirError("--reindex builds a whole new version in one run; it cannot be combined with --part")
     records = load_dataset(data, layout, seed=seed, patient_regex=patient_regex)
     first_part = True
     if part:
@@ -197,7 +228,8 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     reporter = _reporter()
     with _open(index, writable=True, create=True) as idx:
         summary = ingest_records(records, loaded, idx, collection, pseudonymize, batch_size, workers, strict,
-                                 reporter, codes=codes, may_fit_itq=first_part, shards=shards, replicas=replicas)
+                                 reporter, codes=codes, may_fit_itq=first_part, shards=shards, replicas=replicas,
+                                 team=team, reindex=reindex, allow_count_change=allow_count_change)
     out.print(summary.line, markup=False)
     if summary.failed:
         raise typer.Exit(1)
@@ -215,10 +247,12 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
           hamming_radius: Annotated[int | None, typer.Option("--hamming-radius", min=0)] = None,
           as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
           montage: Annotated[Path | None, typer.Option("--montage", help="write a PNG montage")] = None,
-          device: Annotated[str, typer.Option("--device")] = "auto") -> None:
+          device: Annotated[str, typer.Option("--device")] = "auto", team: TeamOpt = None) -> None:
     """Find the k most similar archived cases to one image."""
+    from cbir.index.teams import team_collection
     from cbir.io import load_pseudonymizer
     from cbir.search import parse_filters, query_image
+    collection = team_collection(collection, team)
     flt = parse_filters(filters)
     with _open(index) as idx:
         loaded = _load_model(model, idx, collection, device)
@@ -265,10 +299,12 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
              out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("cbir-report"),
              as_json: Annotated[bool, typer.Option("--json")] = False,
              device: Annotated[str, typer.Option("--device")] = "auto",
-             patient_regex: RegexOpt = None) -> None:
+             patient_regex: RegexOpt = None, team: TeamOpt = None) -> None:
     """Stage-1 ROC-AUC and stage-2 kNN metrics with the majority baseline; writes report.md/json."""
     from cbir.data.layout import load_dataset
     from cbir.evaluate.run import evaluate_collection
+    from cbir.index.teams import team_collection
+    collection = team_collection(collection, team)
     from cbir.io import load_pseudonymizer
     reporter = _reporter(quiet=as_json)
     with _open(index) as idx:
@@ -312,26 +348,90 @@ def _majority_name(report: dict[str, Any]) -> str:
 @index_app.command("info")
 @guarded
 def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List collections with point counts, model fingerprint, dimensions and schema version."""
+    """List collections (by the name you query them with) with their stored version, point counts, model
+    fingerprint, dimensions, team and schema version."""
     with _open(index) as idx:
+        by_collection = {c: a for a, c in idx.list_aliases().items()}
         rows = []
         for name in idx.list_collections():
             meta = idx.get_meta(name)
-            rows.append({"collection": name, "points": idx.count(name), "model_fingerprint":
-                         meta.get("model_fingerprint"), "backbone": meta.get("backbone"), "dim": meta.get("dim"),
-                         "bits": meta.get("bits"), "schema_version": meta.get("schema_version"),
-                         "model_path": meta.get("model_path")})
+            rows.append({"collection": by_collection.get(name, name), "stored_as": name,
+                         "current": name in by_collection, "points": idx.count(name),
+                         "model_fingerprint": meta.get("model_fingerprint"), "backbone": meta.get("backbone"),
+                         "dim": meta.get("dim"), "bits": meta.get("bits"), "team": meta.get("team"),
+                         "schema_version": idx.schema_version(name), "model_path": meta.get("model_path")})
         location = idx.location
     if as_json:
         sys.stdout.write(json.dumps({"index": location, "collections": rows}, indent=2) + "\n")
         return
     table = Table(title=f"index {location}")
-    for column in ("collection", "points", "model_fingerprint", "backbone", "dim", "bits", "schema_version"):
+    columns = ("collection", "stored_as", "points", "model_fingerprint", "backbone", "dim", "bits", "team",
+               "schema_version")
+    for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("collection", "points", "model_fingerprint", "backbone", "dim",
-                                              "bits", "schema_version")))
+        table.add_row(*(str(row[c]) if row[c] is not None else "" for c in columns))
     out.print(table)
+
+
+@index_app.command("drop")
+@guarded
+def index_drop(collection: Annotated[str, typer.Argument(help="a collection, or a stored version")],
+               index: IndexOpt = None) -> None:
+    """Delete a collection with all its versions, or one stored version that no alias points at."""
+    from cbir.index.versions import drop
+    with _open(index, writable=True) as idx:
+        names = drop(idx, collection)
+    out.print(f"deleted {', '.join(names)}", markup=False)
+
+
+@index_app.command("export")
+@guarded
+def index_export(collection: Annotated[str, typer.Argument(help="the collection to export")],
+                 out_file: Annotated[Path, typer.Option("--out", help="snapshot file to write")],
+                 index: IndexOpt = None, team: TeamOpt = None) -> None:
+    """Write one collection to a file as a Qdrant shard snapshot (server → file → Edge, and back)."""
+    from cbir.index.snapshots import export_collection
+    from cbir.index.teams import team_collection
+    with _open(index) as idx:
+        done = export_collection(idx, team_collection(collection, team), out_file, _reporter())
+    size = out_file.stat().st_size / 2**20
+    out.print(f"exported {done.points} points of {done.collection!r} to {out_file} ({size:.1f} MiB, "
+              f"{done.method})", markup=False)
+
+
+@index_app.command("import")
+@guarded
+def index_import(snapshot: Annotated[Path, typer.Argument(help="a file from `cbir index export`")],
+                 index: IndexOpt = None,
+                 collection: Annotated[str | None, typer.Option(
+                     "--collection", help="import under this name (default: the exported one)")] = None,
+                 replace: Annotated[bool, typer.Option(
+                     "--replace", help="swap it in as the next version of an existing collection")] = False,
+                 shards: Annotated[int, typer.Option("--shards", min=1, help="server: shards")] = 1,
+                 replicas: Annotated[int, typer.Option("--replicas", min=1, help="server: replicas")] = 1,
+                 ) -> None:
+    """Load a snapshot file into an index (Qdrant Edge, a server or local mode) as a collection; a team's
+    collection keeps its name (TEAM.COLLECTION) and its team."""
+    from cbir.index.snapshots import import_collection
+    with _open(index, writable=True, create=True) as idx:
+        done = import_collection(idx, snapshot, collection, replace, shards, replicas, _reporter())
+    out.print(f"imported {done.points} points: {done.swap.line}", markup=False)
+
+
+@index_app.command("prune")
+@guarded
+def index_prune(index: IndexOpt = None,
+                wait: Annotated[float, typer.Option("--wait", min=0, help="seconds to wait for readers")] = 0.0
+                ) -> None:
+    """Delete old versions that a reindex left behind because another process was still reading them."""
+    from cbir.index.versions import prune
+    with _open(index, writable=True) as idx:
+        deleted, busy = prune(idx, wait=wait)
+    out.print(f"deleted {len(deleted)} old version(s){': ' + ', '.join(deleted) if deleted else ''}", markup=False)
+    if busy:
+        err.print(f"still in use by another process: {', '.join(busy)}", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -62,7 +62,8 @@ def test_reingest_does_not_duplicate(pipeline: dict[str, Path]) -> None:
     info = json.loads(run("index", "info", "--index", pipeline["index"], "--json")[1])
     (row,) = [c for c in info["collections"] if c["collection"] == "rsna"]
     assert row["points"] == N
-    assert row["dim"] == 16 and row["bits"] == 32 and row["schema_version"] == 1
+    assert row["dim"] == 16 and row["bits"] == 32 and row["schema_version"] == 2
+    assert row["stored_as"] == "rsna__v1" and row["current"] and row["team"] is None
     assert row["model_fingerprint"] == (pipeline["model"] / "fingerprint").read_text().strip()
 
 
@@ -265,7 +266,7 @@ def test_reproduce_writes_the_results_table(pipeline: dict[str, Path], tmp_path:
     assert "| Binary classification + hash layer |" in table and "majority baseline" in table
     from cbir.index import open_index
     with open_index(str(tmp_path / "res" / "index")) as index:
-        assert sorted(index.list_collections()) == ["binary", "detection", "hash", "multilabel", "multilabel_nih"]
+        assert sorted(index.list_aliases()) == ["binary", "detection", "hash", "multilabel", "multilabel_nih"]
     for row in results["rows"]:
         assert set(row["codes"]) == {"model", "lsh", "itq"}, row["task"]
         assert all(0 <= v["hamming_map_at_k"] <= 1 for v in row["codes"].values())
@@ -288,3 +289,85 @@ def test_reproduce_writes_the_results_table(pipeline: dict[str, Path], tmp_path:
     assert again["seconds"]["train"] == pytest.approx(
         json.loads((tmp_path / "res" / "models" / "binary" / "train.json").read_text())["seconds"], abs=0.1)
     assert again["knn_accuracy"] == results["rows"][0]["knn_accuracy"]
+
+
+def _info(index: Path) -> dict[str, dict]:
+    code, out, err = run("index", "info", "--index", index, "--json")
+    assert code == 0, err
+    return {row["collection"]: row for row in json.loads(out)["collections"]}
+
+
+def test_reindex_with_a_new_model(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    index = tmp_path / "index"
+    base = ("--data", pipeline["data"], "--index", index, "--collection", "re", "--workers", 0)
+    assert run("ingest", *base, "--model", pipeline["model"])[0] == 0
+    new_model = tmp_path / "model2"
+    code, out, err = run("train", "--data", pipeline["data"], "--layout", "rsna", "--task", "binary", "--backbone",
+                         "test_resnet", "--image-size", 32, "--epochs", 1, "--embed-dim", 24, "--bits", 16,
+                         "--out", new_model, "--workers", 0, "--seed", 5)
+    assert code == 0, err
+    code, out, err = run("ingest", *base, "--model", new_model)          # a plain ingest refuses the new model
+    assert code == 2 and "was built with model" in err
+    code, out, err = run("ingest", *base, "--model", new_model, "--reindex")
+    assert code == 0, err
+    assert "alias 're' now points at 're__v2'" in out and "'re__v1' (60 points) was deleted" in out
+    row = _info(index)["re"]
+    assert row["stored_as"] == "re__v2" and row["points"] == N and row["dim"] == 24 and row["bits"] == 16
+    assert row["model_fingerprint"] == (new_model / "fingerprint").read_text().strip()
+    dicom = _dicoms(pipeline["data"])[0]
+    code, out, err = run("query", dicom, "--index", index, "--collection", "re", "--k", 3, "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["neighbors"]) == 3
+    code, out, err = run("query", dicom, "--index", index, "--collection", "re", "--model", pipeline["model"])
+    assert code == 2 and "was built with model" in err
+    code, out, err = run("ingest", *base[:4], "--collection", "nothing", "--model", new_model, "--reindex")
+    assert code == 2 and "no collection 'nothing' to reindex" in err
+    code, out, err = run("ingest", *base, "--model", new_model, "--reindex", "--part", "1/2")
+    assert code == 2 and "cannot be combined with --part" in err
+
+
+def test_teams_get_their_own_collections(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    from cbir.index import open_index
+    index = tmp_path / "index"
+    base = ("--data", pipeline["data"], "--model", pipeline["model"], "--index", index, "--collection", "cases",
+            "--workers", 0)
+    assert run("ingest", *base, "--team", "radiology", "--part", "1/2")[0] == 0
+    assert run("ingest", *base, "--team", "icu", "--part", "2/2")[0] == 0
+    info = _info(index)
+    assert info["radiology.cases"]["team"] == "radiology" and info["icu.cases"]["team"] == "icu"
+    assert info["radiology.cases"]["points"] + info["icu.cases"]["points"] == N
+    with open_index(str(index)) as idx:
+        teams = {name: {p.id: p.payload["team"] for p in idx.scroll(name)} for name in ("radiology.cases",
+                                                                                         "icu.cases")}
+    assert set(teams["radiology.cases"].values()) == {"radiology"} and set(teams["icu.cases"].values()) == {"icu"}
+    assert not teams["radiology.cases"].keys() & teams["icu.cases"].keys()
+    for dicom in _dicoms(pipeline["data"])[:4]:
+        code, out, err = run("query", dicom, "--index", index, "--collection", "cases", "--team", "icu", "--k", 30,
+                             "--json")
+        assert code == 0, err
+        assert {n["id"] for n in json.loads(out)["neighbors"]} <= teams["icu.cases"].keys()
+    code, out, err = run("ingest", *base[:6], "--collection", "radiology.cases", "--workers", 0)
+    assert code == 2 and "belongs to team 'radiology'; pass --team radiology" in err
+    code, out, err = run("ingest", *base[:6], "--collection", "radiology.cases", "--team", "icu", "--workers", 0)
+    assert code == 2 and "without a team prefix" in err
+    code, out, err = run("query", _dicoms(pipeline["data"])[0], "--index", index, "--team", "Bad Team")
+    assert code == 2 and "--team 'Bad Team'" in err
+
+
+def test_export_and_import_through_the_cli(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    snapshot = tmp_path / "rsna.snapshot"
+    code, out, err = run("index", "export", "rsna", "--index", pipeline["index"], "--out", snapshot)
+    assert code == 0, err
+    assert f"exported {N} points of 'rsna'" in out and "edge shard" in out
+    for location in (str(tmp_path / "edge"), f"local:{tmp_path / 'local'}"):
+        code, out, err = run("index", "import", snapshot, "--index", location)
+        assert code == 0, err
+        assert f"imported {N} points: alias 'rsna' now points at 'rsna__v1'" in out
+        row = _info(location)["rsna"]
+        assert row["points"] == N and row["schema_version"] == 2
+        dicom = _dicoms(pipeline["data"])[2]
+        code, out, err = run("query", dicom, "--index", location, "--collection", "rsna", "--k", 3, "--json")
+        assert code == 0, err
+        assert json.loads(out)["neighbors"][0]["path"] == f"stage_2_train_images/{dicom.name}"
+    code, out, err = run("index", "import", tmp_path / "nope.snapshot", "--index", tmp_path / "edge")
+    assert code == 2 and "no such file" in err

@@ -20,7 +20,7 @@ import pytest
 from cbir.errors import IndexError_
 from cbir.index import Filter, Hit, Index, Point, open_index
 from cbir.index.base import HASH, nearest_by_hamming, pack_code
-from cbir.index.client import ClientIndex
+from cbir.index.client import ClientIndex, ServerSettings
 from cbir.index.edge import EdgeIndex
 
 N, DIM, BITS = 300, 32, 64
@@ -134,7 +134,7 @@ def open_backend(kind: str, folder: Path, writable: bool = True, create: bool = 
         return ClientIndex(f"local:{folder / 'local'}", writable=writable, create=create)
     assert SERVER_URL, SERVER_SKIP
     api_key = os.environ.get("CBIR_TEST_QDRANT_API_KEY")
-    return ClientIndex(SERVER_URL, writable=True, create=True, api_key=api_key)
+    return ClientIndex(SERVER_URL, writable=True, create=True, settings=ServerSettings(api_key=api_key))
 
 
 def fresh_name(kind: str) -> str:
@@ -436,18 +436,33 @@ def test_persistence_across_reopen(kind: str, tmp_path: Path, data: Data) -> Non
             idx.upsert("cxr", data.points[:1])
 
 
-def test_edge_one_writer_at_a_time(tmp_path: Path) -> None:
-    with EdgeIndex(tmp_path / "idx", writable=True, create=True):
-        with pytest.raises(IndexError_, match="in use by another process.*Qdrant server") as err:
-            EdgeIndex(tmp_path / "idx", writable=True)
-        assert "\n" not in str(err.value)
-        with pytest.raises(IndexError_, match="being written by another process.*Qdrant server"):
-            EdgeIndex(tmp_path / "idx")
-    with EdgeIndex(tmp_path / "idx") as reader, EdgeIndex(tmp_path / "idx") as other:  # readers share
-        assert reader.list_collections() == other.list_collections() == []
-        with pytest.raises(IndexError_, match="in use by another process"):
-            EdgeIndex(tmp_path / "idx", writable=True)
-    EdgeIndex(tmp_path / "idx", writable=True).close()  # closing released every lock
+def test_edge_one_writer_per_collection(tmp_path: Path, data: Data) -> None:
+    """Locks are per collection (flock is per open file, so two EdgeIndex objects behave like two processes)."""
+    with EdgeIndex(tmp_path / "idx", writable=True, create=True) as writer:
+        writer.create_collection("a", DIM, BITS, META)
+        writer.upsert("a", data.points[:5])
+        with EdgeIndex(tmp_path / "idx", writable=True) as other:
+            with pytest.raises(IndexError_, match="'a': the collection is in use by another process.*Qdrant server"
+                               ) as err:
+                other.upsert("a", data.points[5:6])
+            assert "\n" not in str(err.value)
+            other.create_collection("b", DIM, BITS, META)           # another collection: no conflict
+            other.upsert("b", data.points[:3])
+        with EdgeIndex(tmp_path / "idx") as reader:
+            with pytest.raises(IndexError_, match="being written by another process.*Qdrant server"):
+                reader.count("a")
+            assert reader.count("b") == 3                            # b was closed by its writer
+    with EdgeIndex(tmp_path / "idx") as reader, EdgeIndex(tmp_path / "idx") as another:  # readers share
+        assert reader.count("a") == another.count("a") == 5
+        with EdgeIndex(tmp_path / "idx", writable=True) as writer:
+            with pytest.raises(IndexError_, match="in use by another process"):
+                writer.upsert("a", data.points[5:6])
+            with pytest.raises(IndexError_, match="in use by another process"):
+                writer.delete_collection("a")
+            assert writer.count("a") == 5                           # its shared lock survived the failed upgrade
+    with EdgeIndex(tmp_path / "idx", writable=True) as writer:      # closing released every lock
+        writer.upsert("a", data.points[5:6])
+        assert writer.count("a") == 6
 
 
 def test_edge_layout_and_interrupted_create(tmp_path: Path, data: Data) -> None:

@@ -5,9 +5,13 @@ on disk, `http(s)://…` a Qdrant server, and `local:PATH` / `:memory:` qdrant-c
 
 Each collection stores two named vectors per point:
   `embedding`  cosine, dimension `dim`
-  `hash`       the K-bit binary code as 0/1 floats, Manhattan distance, so Qdrant's distance is
-               exactly the Hamming distance
+  `hash`       the K-bit binary code as 0/1, stored as uint8 (schema 2; float32 in schema 1), Manhattan
+               distance, so Qdrant's distance is exactly the Hamming distance
 and the packed code as hex in the payload field `hash`.
+
+Names: every method takes a collection name or an alias. `cbir ingest` makes versioned collections
+(`NAME__v1`, `NAME__v2`, …) behind the alias `NAME` (see `cbir.index.versions`); on a server the alias is a
+Qdrant alias, on Qdrant Edge an entry of the index's `aliases.json` manifest. A move is atomic in both.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import numpy as np
 
 from cbir.errors import IndexError_
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Schema versions this cbir reads and writes; older ones are converted by `cbir migrate` (0002).
+READABLE_SCHEMAS = (1, 2)
 EMBEDDING = "embedding"
 HASH = "hash"
 
@@ -89,10 +95,13 @@ class Index(ABC):
         a server's distribution settings (the embedded index is one shard and refuses others)."""
 
     @abstractmethod
-    def has_collection(self, name: str) -> bool: ...
+    def has_collection(self, name: str) -> bool:
+        """Whether `name` is a collection or an alias of one."""
 
     @abstractmethod
-    def delete_collection(self, name: str) -> None: ...
+    def delete_collection(self, name: str, wait: float = 0.0) -> None:
+        """Delete a collection (not an alias). `wait` is how many seconds to wait for other processes that
+        still read it (Qdrant Edge) before failing."""
 
     @abstractmethod
     def get_meta(self, name: str) -> dict[str, Any]:
@@ -129,12 +138,36 @@ class Index(ABC):
         their Hamming distance.
         """
 
+    # --- aliases: a stable name for a collection that can move atomically -----------------------------
+
+    @abstractmethod
+    def list_aliases(self) -> dict[str, str]:
+        """Alias → collection, for every alias of this index."""
+
+    @abstractmethod
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Point `alias` at `collection` (creating or moving it) in one atomic step."""
+
+    @abstractmethod
+    def delete_alias(self, alias: str) -> None: ...
+
+    def resolve(self, name: str) -> str:
+        """The collection that `name` (an alias or a collection) stands for."""
+        return self.list_aliases().get(name, name)
+
+    @abstractmethod
+    def schema_version(self, name: str) -> int:
+        """The schema version a collection was written with (see `READABLE_SCHEMAS`)."""
+
     @abstractmethod
     def get_ledger(self) -> list[dict[str, Any]]:
         """The migrations applied to this index, oldest first ([] for a new index)."""
 
     @abstractmethod
     def set_ledger(self, entries: list[dict[str, Any]]) -> None: ...
+
+    def release(self, name: str) -> None:  # noqa: B027 - a no-op unless the backend locks collections
+        """Flush and close one collection so that other processes can read it (Qdrant Edge)."""
 
     def close(self) -> None:  # noqa: B027 - a no-op unless the backend holds resources
         """Release files and connections."""

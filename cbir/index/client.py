@@ -3,7 +3,7 @@
 
 Collection metadata is kept in the collection's own metadata (`create_collection(metadata=…)`, supported
 by qdrant-client 1.20 in local mode and by Qdrant servers from 1.16), under the single key `cbir`:
-`{"schema_version": 1, "meta": {...}}`. `update_collection` merges metadata key by key, so writing the
+`{"schema_version": 2, "meta": {...}}`. `update_collection` merges metadata key by key, so writing the
 whole `cbir` value replaces the dict. Collections without that key are not cbir's: `list_collections`
 leaves them out. The dimension and bit count are read from the vector configuration.
 
@@ -12,14 +12,20 @@ asks for the Hamming-nearest ids (ties broken by id, see `base.nearest_by_hammin
 by cosine under a `HasIdCondition`; `hamming_radius` alone is one query whose `Prefetch` on the `hash`
 vector has a distance threshold.
 
-Local mode ignores payload indexes and search params (and warns about them), so they are only sent to a
-server. Local mode on disk locks its folder: one process at a time, readers included.
+Names are passed to the engine as given, so an alias is resolved by Qdrant itself, per request: a query
+through an alias never sees half a swap, and a read-only JWT scoped to the alias is enough to query.
+`update_collection_aliases` moves an alias atomically (delete + create in one request).
+
+Local mode ignores payload indexes, search params and the uint8 vector datatype (and warns about them), so
+they are only sent to a server. Local mode on disk locks its folder: one process at a time, readers included.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ from cbir.index.base import (
     HASH,
     INDEXED_FIELDS,
     LEDGER_COLLECTION,
+    READABLE_SCHEMAS,
     SCHEMA_VERSION,
     UPSERT_BATCH,
     Filter,
@@ -53,24 +60,52 @@ META_KEY = "cbir"
 _SHARE_HINT = "use a Qdrant server to share an index"
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """How to reach a Qdrant server: API key (or JWT), request timeout in seconds (qdrant-client's own
+    setting; None keeps its default), and a CA bundle for TLS with a private certificate authority."""
+
+    api_key: str | None = None
+    timeout: int | None = None
+    ca_cert: str | None = None
+
+    @classmethod
+    def from_env(cls, api_key: str | None = None, timeout: int | None = None,
+                 ca_cert: str | None = None) -> ServerSettings:
+        """Arguments first, then $CBIR_QDRANT_API_KEY, $CBIR_QDRANT_TIMEOUT and $CBIR_QDRANT_CA_CERT."""
+        env_timeout = os.environ.get("CBIR_QDRANT_TIMEOUT")
+        try:
+            timeout = timeout if timeout is not None else (int(env_timeout) if env_timeout else None)
+        except ValueError:
+            raise IndexError_(f"$CBIR_QDRANT_TIMEOUT={env_timeout!r}: not a whole number of seconds") from None
+        return cls(api_key or os.environ.get("CBIR_QDRANT_API_KEY") or None, timeout,
+                   ca_cert or os.environ.get("CBIR_QDRANT_CA_CERT") or None)
+
+
 class ClientIndex(Index):
     """Collections in a Qdrant server or in qdrant-client's local mode."""
 
     def __init__(self, location: str, writable: bool = False, create: bool = False,
-                 api_key: str | None = None, timeout: int | None = None) -> None:
+                 settings: ServerSettings | None = None) -> None:
         if create and not writable:
             raise ValueError("create=True needs writable=True")
         self.location = location
         self.writable = writable
         self.is_server = location.startswith(("http://", "https://"))
+        self.settings = settings or ServerSettings()
         self._search_params = qm.SearchParams(exact=True) if self.is_server else None
         self._schemas: dict[str, Schema] = {}
-        self._client = self._connect(create, api_key, timeout)
+        self._client = self._connect(create)
 
-    def _connect(self, create: bool, api_key: str | None, timeout: int | None) -> QdrantClient:
+    def _connect(self, create: bool) -> QdrantClient:
         if self.is_server:
-            return QdrantClient(url=self.location, api_key=api_key, timeout=timeout,
-                                check_compatibility=False)
+            extra: dict[str, Any] = {}
+            if self.settings.ca_cert:
+                if not Path(self.settings.ca_cert).is_file():
+                    raise IndexError_(f"{self.settings.ca_cert}: CA certificate file not found")
+                extra["verify"] = self.settings.ca_cert  # passed on to httpx
+            return QdrantClient(url=self.location, api_key=self.settings.api_key, timeout=self.settings.timeout,
+                                check_compatibility=False, **extra)
         if self.location == ":memory:":
             return QdrantClient(location=":memory:")
         if not self.location.startswith("local:"):
@@ -106,11 +141,14 @@ class ClientIndex(Index):
         self._check_writable()
         if self.has_collection(name):
             raise IndexError_(f"{self._where(name)}: the collection already exists")
+        if name in self.list_aliases():
+            raise IndexError_(f"{self._where(name)}: the name is an alias")
         vectors = {
             EMBEDDING: qm.VectorParams(size=int(dim), distance=qm.Distance.COSINE),
-            # Only ever scanned exactly: no HNSW graph.
+            # 0/1 as uint8 (schema 2), only ever scanned exactly: no HNSW graph.
             HASH: qm.VectorParams(size=int(bits), distance=qm.Distance.MANHATTAN,
-                                  hnsw_config=qm.HnswConfigDiff(m=0)),
+                                  hnsw_config=qm.HnswConfigDiff(m=0),
+                                  datatype=qm.Datatype.UINT8 if self.is_server else None),
         }
         with self._errors(name, "create"):
             # local mode accepts and ignores the distribution settings; a server applies them
@@ -122,19 +160,85 @@ class ClientIndex(Index):
                                                       wait=True)
         self._schemas[name] = Schema(int(dim), int(bits))
 
-    def delete_collection(self, name: str) -> None:
+    def delete_collection(self, name: str, wait: float = 0.0) -> None:
+        """Delete a collection (the server finishes requests in flight); `wait` is for Edge and unused here."""
         self._check_writable()
+        if name in self.list_aliases():
+            raise IndexError_(f"{self._where(name)}: is an alias; delete the collection it points at "
+                              f"({self.resolve(name)!r}) or move the alias")
         self._config(name)
+        users = [a for a, c in self.list_aliases().items() if c == name]
+        if users:
+            raise IndexError_(f"{self._where(name)}: alias {users[0]!r} points at it; move the alias first")
         self._schemas.pop(name, None)
         with self._errors(name, "delete"):
             self._client.delete_collection(name)
 
     def get_meta(self, name: str) -> dict[str, Any]:
+        return self._record(name)["meta"]
+
+    def schema_version(self, name: str) -> int:
+        return int(self._record(name)["schema_version"])
+
+    def _record(self, name: str) -> dict[str, Any]:
         record = self._config(name).metadata[META_KEY]
-        if record.get("schema_version") != SCHEMA_VERSION:
+        if record.get("schema_version") not in READABLE_SCHEMAS:
             raise IndexError_(f"{self._where(name)}: schema version {record.get('schema_version')!r}, this "
-                              f"cbir reads version {SCHEMA_VERSION}")
-        return record["meta"]
+                              f"cbir reads versions {', '.join(map(str, READABLE_SCHEMAS))}; upgrade cbir")
+        return record
+
+    # --- snapshots (see cbir.index.snapshots) ------------------------------------------------------
+
+    def shard_count(self, name: str) -> int:
+        return int(self._config(name).params.shard_number or 1)
+
+    def download_shard_snapshot(self, name: str, path: Path) -> None:
+        """Stream the server's snapshot of the collection's only shard to `path` (Qdrant's
+        `GET /collections/{name}/shards/0/snapshot`, the format Qdrant Edge unpacks)."""
+        import httpx  # qdrant-client's own HTTP library
+
+        if not self.is_server:
+            raise IndexError_(f"{self.location}: local mode has no snapshots")
+        collection = self.resolve(name)
+        url = f"{self.location.rstrip('/')}/collections/{collection}/shards/0/snapshot"
+        headers = {"api-key": self.settings.api_key} if self.settings.api_key else {}
+        with (self._errors(name, "downloading the snapshot"),
+              httpx.stream("GET", url, headers=headers, timeout=self.settings.timeout or 300,
+                           verify=self.settings.ca_cert or True) as response):
+            if response.status_code != 200:
+                hint = " (snapshots need a full-access API key)" if response.status_code in (401, 403) else ""
+                raise IndexError_(f"{self._where(name)}: snapshot download failed: HTTP {response.status_code}"
+                                  + hint)
+            with open(path, "wb") as fh:
+                for chunk in response.iter_bytes(1 << 20):
+                    fh.write(chunk)
+
+    # --- aliases -----------------------------------------------------------------------------------
+
+    def list_aliases(self) -> dict[str, str]:
+        with self._errors(None, "listing aliases"):
+            return {a.alias_name: a.collection_name for a in self._client.get_aliases().aliases}
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        self._check_writable()
+        aliases = self.list_aliases()
+        if collection in aliases or not self._client.collection_exists(collection):
+            raise IndexError_(f"{self.location}: no collection {collection!r} to point {alias!r} at")
+        operations: list[Any] = []
+        if alias in aliases:
+            operations.append(qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=alias)))
+        operations.append(qm.CreateAliasOperation(
+            create_alias=qm.CreateAlias(collection_name=collection, alias_name=alias)))
+        with self._errors(alias, "moving the alias"):
+            self._client.update_collection_aliases(change_aliases_operations=operations)  # one atomic request
+
+    def delete_alias(self, alias: str) -> None:
+        self._check_writable()
+        if alias not in self.list_aliases():
+            raise IndexError_(f"{self.location}: no alias {alias!r}")
+        with self._errors(alias, "deleting the alias"):
+            self._client.update_collection_aliases(change_aliases_operations=[
+                qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=alias))])
 
     def get_ledger(self) -> list[dict[str, Any]]:
         if not self.has_collection(LEDGER_COLLECTION):
@@ -156,7 +260,8 @@ class ClientIndex(Index):
         self._check_writable()
         self._config(name)
         with self._errors(name, "set metadata"):
-            self._client.update_collection(name, metadata=_meta_record(meta))
+            # keeps the schema version the collection was written with
+            self._client.update_collection(name, metadata=_meta_record(meta, self.schema_version(name)))
 
     # --- points ------------------------------------------------------------------------------------
 
@@ -282,12 +387,14 @@ class ClientIndex(Index):
         return config
 
     def _schema(self, name: str) -> Schema:
-        if name not in self._schemas:
-            vectors = self._config(name).params.vectors
+        """Vector sizes of the collection `name` stands for now (cached by collection, not by alias)."""
+        collection = self.resolve(name)
+        if collection not in self._schemas:
+            vectors = self._config(collection).params.vectors
             if not isinstance(vectors, dict) or not {EMBEDDING, HASH} <= vectors.keys():
                 raise IndexError_(f"{self._where(name)}: lacks the '{EMBEDDING}'/'{HASH}' vectors")
-            self._schemas[name] = Schema(vectors[EMBEDDING].size, vectors[HASH].size)
-        return self._schemas[name]
+            self._schemas[collection] = Schema(vectors[EMBEDDING].size, vectors[HASH].size)
+        return self._schemas[collection]
 
     @contextmanager
     def _errors(self, name: str | None, action: str) -> Iterator[None]:
@@ -318,8 +425,8 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _meta_record(meta: dict[str, Any]) -> dict[str, Any]:
-    return {META_KEY: {"schema_version": SCHEMA_VERSION, "meta": meta}}
+def _meta_record(meta: dict[str, Any], schema_version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    return {META_KEY: {"schema_version": schema_version, "meta": meta}}
 
 
 def _match(value: Any) -> qm.MatchValue | qm.MatchAny:

@@ -21,6 +21,16 @@ from cbir.index.schema import (
     payload,
     point_id,
 )
+from cbir.index.teams import check_team
+from cbir.index.versions import (
+    Swap,
+    check_alias_name,
+    create_versioned,
+    next_version,
+    split_version,
+    swap,
+    versions,
+)
 from cbir.io import Pseudonymizer, SafeMeta
 from cbir.io.phi import age_band, sex_of, view_of
 from cbir.models import LoadedModel
@@ -37,22 +47,27 @@ class IngestSummary:
     points_before: int = 0
     points_after: int = 0
     seconds: float = 0.0
+    swap: Swap | None = None
 
     @property
     def line(self) -> str:
-        return (f"{self.total} files: {self.ingested} ingested, {self.skipped} skipped, {self.failed} failed; "
+        text = (f"{self.total} files: {self.ingested} ingested, {self.skipped} skipped, {self.failed} failed; "
                 f"collection {self.collection!r} holds {self.points_after} points ({self.seconds:.1f} s)")
+        return text + (f"; reindex: {self.swap.line}" if self.swap else "")
 
 
 def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseudonymize: Pseudonymizer,
                        records: Records, codes: str | None = None, shards: int = 1, replicas: int = 1,
-                       reporter: Reporter = QUIET) -> dict:
-    """Create the collection, or check that an existing one matches this model, key and code source."""
+                       reporter: Reporter = QUIET, team: str | None = None, version_of: str | None = None) -> dict:
+    """Create the collection (`collection__v1` behind the alias `collection`), or check that an existing one
+    matches this model, key, team and code source. `version_of=ALIAS` creates `collection` itself, as the next
+    version of ALIAS (a reindex)."""
     check_code_source(codes, loaded.config.bits, loaded.config.embed_dim)
     if index.has_collection(collection):
         meta = index.get_meta(collection)
         check_model(meta, loaded, collection)
         check_key(meta, pseudonymize, collection)
+        check_team(meta, team, collection)
         if (shards, replicas) != (1, 1) and (shards, replicas) != (meta.get("shards"), meta.get("replicas")):
             reporter.warn(f"collection {collection!r} exists: --shards/--replicas apply only when it is created")
         if codes is not None and codes != code_source(meta):
@@ -61,8 +76,12 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
     else:
         meta = collection_meta(loaded, pseudonymize, records.target,
                                negative_label(records.label_names, records.target))
-        meta.update(codes=codes or "model", shards=shards, replicas=replicas)
-        index.create_collection(collection, loaded.config.embed_dim, loaded.config.bits, meta, shards, replicas)
+        meta.update(codes=codes or "model", shards=shards, replicas=replicas, team=team)
+        if version_of is not None:
+            index.create_collection(collection, loaded.config.embed_dim, loaded.config.bits, meta, shards, replicas)
+        else:
+            create_versioned(index, collection, loaded.config.embed_dim, loaded.config.bits, meta, shards,
+                             replicas)
     roots = dict(meta.get("roots") or {})
     if roots.get(records.dataset) != str(records.root):
         roots[records.dataset] = str(records.root)
@@ -75,17 +94,27 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
                    pseudonymize: Pseudonymizer, batch_size: int = 32, workers: int = 2, strict: bool = False,
                    reporter: Reporter = QUIET, codes: str | None = None,
                    itq_fit_size: int = ITQ_FIT_SIZE, may_fit_itq: bool = True, shards: int = 1,
-                   replicas: int = 1) -> IngestSummary:
+                   replicas: int = 1, team: str | None = None, reindex: bool = False,
+                   allow_count_change: bool = False) -> IngestSummary:
     """Embed and upsert every image; bad files are reported and counted, and the run goes on.
 
     `codes` picks the code source of a new collection (`cbir.index.codes`; default: the model's). When ITQ
     still has to be fitted, images are taken in a seeded random order and the first `itq_fit_size` embeddings
     are held back until ITQ is fitted on them, so nothing is embedded twice. `may_fit_itq=False` (parallel
     ingest parts other than the first) refuses to fit, so that all parts share one set of ITQ parameters.
+
+    `reindex=True` fills the next version of the existing collection `collection` (possibly with a new
+    model) while queries keep using the current one, then moves the alias (`cbir.index.versions.swap`).
     """
     started = time.perf_counter()
-    meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes, shards, replicas, reporter)
-    summary = IngestSummary(collection, total=len(records), points_before=index.count(collection))
+    alias = collection
+    if reindex:
+        collection = _start_reindex(index, alias, pseudonymize, team)
+    else:
+        check_alias_name(collection)
+    meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes, shards, replicas, reporter,
+                              team, version_of=alias if reindex else None)
+    summary = IngestSummary(alias, total=len(records), points_before=index.count(collection))
     paths = records.meta["path"].tolist()
     fitting = code_source(meta) == "itq" and not meta.get("itq")
     if fitting and not may_fit_itq:
@@ -142,12 +171,30 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
             bar.advance(len(embedded) + len(failures))
         if fitting and held:
             fit_now()
-    summary.points_after = index.count(collection)
-    summary.seconds = round(time.perf_counter() - started, 2)
     if summary.ingested == 0 and summary.total:
         raise CbirError(f"{records.root}: none of the {summary.total} images could be ingested "
                         f"(first error: {summary.failures[0] if summary.failures else 'none'})")
+    if reindex:
+        summary.swap = swap(index, alias, collection, allow_count_change, reporter=reporter)
+    summary.points_after = index.count(alias)
+    summary.seconds = round(time.perf_counter() - started, 2)
     return summary
+
+
+def _start_reindex(index: Index, alias: str, pseudonymize: Pseudonymizer, team: str | None) -> str:
+    """The name of the version to fill; the current one must exist, and key and team must match it."""
+    if alias not in index.list_aliases():
+        if index.has_collection(alias):
+            raise CbirError(f"collection {alias!r} has no versions yet; run `cbir migrate` first")
+        raise CbirError(f"--reindex: there is no collection {alias!r} to reindex (ingest without --reindex)")
+    current = index.get_meta(alias)
+    check_key(current, pseudonymize, alias)
+    check_team(current, team, alias)
+    current_number = (split_version(index.resolve(alias)) or (alias, 0))[1]
+    for name in versions(index, alias):  # what an interrupted reindex left behind: start over
+        if (split_version(name) or (alias, 0))[1] > current_number:
+            index.delete_collection(name)
+    return next_version(index, alias)
 
 
 def payload_labels(records: Records, names: list[str], negative: str) -> list[str]:
@@ -179,6 +226,6 @@ def _point(records: Records, item: Embedded, code: np.ndarray, pseudonymize: Pse
     body = payload(dataset=records.dataset, split=str(row["split"]), relpath=str(row["relpath"]), labels=labels,
                    primary=primary, target=target, meta=safe.as_payload(),
                    boxes=list(boxes) if isinstance(boxes, list | tuple | np.ndarray) else [],
-                   probability=item.probability, code=code, probabilities=per_label)
+                   probability=item.probability, code=code, probabilities=per_label, team=meta.get("team"))
     return Point(id=point_id(records.dataset, item.instance_key, str(row["relpath"])),
                  embedding=item.embedding.astype(np.float32), code=code.astype(np.uint8), payload=body)

@@ -68,7 +68,7 @@ def check_key(meta: dict[str, Any], pseudonymize: Pseudonymizer, collection: str
 
 def payload(*, dataset: str, split: str, relpath: str, labels: list[str], primary: str, target: int,
             meta: dict[str, Any], boxes: list, probability: float, code: Any,
-            probabilities: dict[str, float] | None = None) -> dict[str, Any]:
+            probabilities: dict[str, float] | None = None, team: str | None = None) -> dict[str, Any]:
     """The stored payload: labels and coarse metadata only, never a raw identifier.
 
     `probability` is the model's probability of the collection's target for every task; multilabel models
@@ -89,7 +89,7 @@ def payload(*, dataset: str, split: str, relpath: str, labels: list[str], primar
         "boxes": [[round(float(v), 1) for v in box] for box in boxes],
         "probability": round(float(probability), 6),
         "hash": pack_code(code),
-        "team": None,
+        "team": team,
     }
     if probabilities is not None:
         body["probabilities"] = {name: round(float(p), 6) for name, p in probabilities.items()}
