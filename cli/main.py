@@ -419,6 +419,20 @@ def index_import(snapshot: Annotated[Path, typer.Argument(help="a file from `cbi
     out.print(f"imported {done.points} points: {done.swap.line}", markup=False)
 
 
+@index_app.command("token")
+@guarded
+def index_token(collection: CollectionOpt = DEFAULT_COLLECTION, team: TeamOpt = None,
+                write: Annotated[bool, typer.Option("--write", help="also allow ingest (default: query only)")] = False,
+                days: Annotated[float, typer.Option("--days", min=0.01, help="valid for this many days")] = 90.0,
+                ) -> None:
+    """Print a JWT for one team's collection, signed with the server's API key (--api-key): read-only unless
+    --write. The server needs QDRANT__SERVICE__JWT_RBAC=true; the team passes the token as its --api-key."""
+    from cbir.index.teams import team_collection
+    from cbir.index.tokens import make_token
+    sys.stdout.write(make_token(_SERVER.get("api_key") or "", [team_collection(collection, team)], write, days)
+                     + "\n")
+
+
 @index_app.command("prune")
 @guarded
 def index_prune(index: IndexOpt = None,

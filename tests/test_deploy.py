@@ -19,6 +19,7 @@ def test_single_node_is_persistent_and_keyed_from_the_environment() -> None:
     assert any(v.endswith(":/qdrant/storage") for v in single["volumes"])
     assert single["environment"]["QDRANT__SERVICE__API_KEY"].startswith("${QDRANT__SERVICE__API_KEY")
     assert "6333:6333" in single["ports"]
+    assert single["environment"]["QDRANT__SERVICE__JWT_RBAC"] == "true"  # per-team tokens (cbir index token)
 
 
 def test_cluster_profile_has_three_bootstrapped_nodes() -> None:

@@ -9,11 +9,12 @@ import sys
 import tarfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_index import BITS, DIM, META, N, make_data, open_backend
+from test_index import BITS, DIM, META, SERVER_URL, N, make_data, open_backend
 
 from cbir.errors import CbirError, IndexError_
 from cbir.index import Index, Point, open_index
@@ -23,6 +24,7 @@ from cbir.index.versions import create_versioned, drop, next_version, prune, swa
 
 FIXTURE = Path(__file__).parent / "fixtures" / "index-v1.tar.gz"
 KINDS = ("edge", "local")
+ALL_KINDS = (*KINDS, "server") if SERVER_URL else KINDS   # a live server when $CBIR_TEST_QDRANT_URL is set
 LOCATION = {"edge": lambda root: str(root / "edge"), "local": lambda root: f"local:{root / 'local'}"}
 
 
@@ -98,69 +100,92 @@ def test_interrupted_migration_is_finished_by_the_next_run(kind: str, tmp_path: 
 
 # --- aliases and swaps ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
+def _alias(kind: str) -> str:
+    """A server is shared: its test aliases get unique names."""
+    return f"cbir_test_{uuid.uuid4().hex[:8]}" if kind == "server" else "cxr"
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_versions_swap_and_prune(kind: str, tmp_path: Path) -> None:
+    cxr = _alias(kind)
     with open_backend(kind, tmp_path) as index:
-        v1 = _filled(index, "cxr", 1)
-        assert v1 == "cxr__v1" and index.list_aliases() == {"cxr": "cxr__v1"} and index.has_collection("cxr")
-        assert index.search("cxr", make_data().emb[0], 1)[0].payload["version"] == 1
-        short = _filled(index, "cxr", 2, count=N - 1)
-        with pytest.raises(CbirError, match="holds 299 points but 'cxr__v1' holds 300; the alias was not moved"):
-            swap(index, "cxr", short)
-        assert index.resolve("cxr") == "cxr__v1"
-        result = swap(index, "cxr", short, allow_count_change=True)
-        assert index.resolve("cxr") == short and not result.deleted_old and "differ" in result.line
-        assert versions(index, "cxr") == ["cxr__v1", "cxr__v2"]
-        with pytest.raises(IndexError_, match="alias 'cxr' points at it"):
-            index.delete_collection(short)
-        assert prune(index) == (["cxr__v1"], [])
-        v3 = _filled(index, "cxr", 3, count=N - 1)
-        result = swap(index, "cxr", v3)
-        assert result.deleted_old and versions(index, "cxr") == [v3] and index.count("cxr") == N - 1
-        with pytest.raises(CbirError, match="reserves"):
-            create_versioned(index, "bad__v2", DIM, BITS, META)
-        assert drop(index, "cxr") == [v3] and index.list_aliases() == {} and index.list_collections() == []
+        try:
+            _swap_and_prune(index, cxr)
+        finally:
+            if index.has_collection(cxr):
+                drop(index, cxr)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def _swap_and_prune(index: Index, cxr: str) -> None:
+    v1 = _filled(index, cxr, 1)
+    assert v1 == f"{cxr}__v1" and index.list_aliases()[cxr] == v1 and index.has_collection(cxr)
+    assert index.search(cxr, make_data().emb[0], 1)[0].payload["version"] == 1
+    short = _filled(index, cxr, 2, count=N - 1)
+    with pytest.raises(CbirError, match=f"holds 299 points but '{cxr}__v1' holds 300; the alias was not moved"):
+        swap(index, cxr, short)
+    assert index.resolve(cxr) == f"{cxr}__v1"
+    result = swap(index, cxr, short, allow_count_change=True)
+    assert index.resolve(cxr) == short and not result.deleted_old and "differ" in result.line
+    assert versions(index, cxr) == [f"{cxr}__v1", f"{cxr}__v2"]
+    with pytest.raises(IndexError_, match=f"alias '{cxr}' points at it"):
+        index.delete_collection(short)
+    assert prune(index, cxr) == ([f"{cxr}__v1"], [])
+    v3 = _filled(index, cxr, 3, count=N - 1)
+    result = swap(index, cxr, v3)
+    assert result.deleted_old and versions(index, cxr) == [v3] and index.count(cxr) == N - 1
+    with pytest.raises(CbirError, match="reserves"):
+        create_versioned(index, "bad__v2", DIM, BITS, META)
+    assert drop(index, cxr) == [v3] and cxr not in index.list_aliases() and versions(index, cxr) == []
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_alias_swap_under_concurrent_queries(kind: str, tmp_path: Path) -> None:
     """Readers query the alias nonstop while the next version is built and swapped in: none fails, each
     answer comes whole from one version, and the old version is gone at the end."""
     data = make_data()
+    cxr = _alias(kind)
     with open_backend(kind, tmp_path) as index:
-        _filled(index, "cxr", 1)
-        seen: list[list[int]] = [[] for _ in range(3)]
-        errors: list[BaseException] = []
-        stop = threading.Event()
+        try:
+            _swap_under_queries(index, cxr, data)
+        finally:
+            if index.has_collection(cxr):
+                drop(index, cxr)
 
-        def read(slot: int) -> None:
-            q, code = data.emb[slot * 7], data.codes[slot * 7]
-            while not stop.is_set():
-                try:
-                    for hits in (index.search("cxr", q, 10), index.search("cxr", q, 10, code=code, prefilter=50),
-                                 index.search("cxr", q, 10, code=code, hamming_radius=24)):
-                        assert len(hits) == 10
-                        tags = {h.payload["version"] for h in hits}
-                        assert len(tags) == 1, tags                       # never a mix of versions
-                        seen[slot].append(tags.pop())
-                except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-                    errors.append(exc)
-                    return
 
-        readers = [threading.Thread(target=read, args=(i,)) for i in range(3)]
-        for thread in readers:
-            thread.start()
-        time.sleep(0.3)
-        new = _filled(index, "cxr", 2)
-        result = swap(index, "cxr", new)
-        time.sleep(0.3)
-        stop.set()
-        for thread in readers:
-            thread.join(30)
-        assert not errors, errors[0]
-        assert result.deleted_old and index.list_collections() == ["cxr__v2"]
-        for tags in seen:
-            assert tags[0] == 1 and tags[-1] == 2 and tags == sorted(tags)  # v1 until the swap, then v2
+def _swap_under_queries(index: Index, cxr: str, data) -> None:
+    _filled(index, cxr, 1)
+    seen: list[list[int]] = [[] for _ in range(3)]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read(slot: int) -> None:
+        q, code = data.emb[slot * 7], data.codes[slot * 7]
+        while not stop.is_set():
+            try:
+                for hits in (index.search(cxr, q, 10), index.search(cxr, q, 10, code=code, prefilter=50),
+                             index.search(cxr, q, 10, code=code, hamming_radius=24)):
+                    assert len(hits) == 10
+                    tags = {h.payload["version"] for h in hits}
+                    assert len(tags) == 1, tags                       # never a mix of versions
+                    seen[slot].append(tags.pop())
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+                return
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(3)]
+    for thread in readers:
+        thread.start()
+    time.sleep(0.3)
+    new = _filled(index, cxr, 2)
+    result = swap(index, cxr, new)
+    time.sleep(0.3)
+    stop.set()
+    for thread in readers:
+        thread.join(30)
+    assert not errors, errors[0]
+    assert result.deleted_old and versions(index, cxr) == [f"{cxr}__v2"]
+    for tags in seen:
+        assert tags[0] == 1 and tags[-1] == 2 and tags == sorted(tags)  # v1 until the swap, then v2
 
 
 READER = """
@@ -257,3 +282,73 @@ def test_bad_snapshot_files(tmp_path: Path) -> None:
                 import_collection(index, path)
             assert "\n" not in str(err.value)
         assert index.list_collections() == []
+
+
+# --- team tokens ---------------------------------------------------------------------------------------
+
+def test_team_token_is_a_signed_collection_scoped_jwt() -> None:
+    import base64
+    import hashlib
+    import hmac
+
+    from cbir.index.tokens import make_token
+
+    def decode(part: str) -> dict:
+        return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+    token = make_token("secret", ["radiology.rsna"], days=1, now=1_000_000)
+    header, body, signature = token.split(".")
+    assert decode(header) == {"alg": "HS256", "typ": "JWT"}
+    assert decode(body) == {"access": [{"collection": "radiology.rsna", "access": "r"}], "exp": 1_086_400}
+    expected = hmac.new(b"secret", f"{header}.{body}".encode(), hashlib.sha256).digest()
+    assert base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)) == expected
+    assert decode(make_token("secret", ["a"], write=True).split(".")[1])["access"][0]["access"] == "rw"
+    with pytest.raises(CbirError, match="signed with the server's API key"):
+        make_token("", ["a"])
+
+
+@pytest.mark.skipif(not SERVER_URL, reason="set $CBIR_TEST_QDRANT_URL (and $CBIR_TEST_QDRANT_API_KEY, with "
+                    "QDRANT__SERVICE__JWT_RBAC=true on the server) to check team tokens against a live server")
+def test_read_only_team_token_on_a_live_server() -> None:
+    import os
+
+    from cbir.index.client import ClientIndex, ServerSettings
+    from cbir.index.tokens import make_token
+
+    admin_key = os.environ.get("CBIR_TEST_QDRANT_API_KEY")
+    if not admin_key:
+        pytest.skip("needs $CBIR_TEST_QDRANT_API_KEY: the server's admin key, which signs the token")
+    alias = f"cbir_test_{uuid.uuid4().hex[:8]}"
+    with ClientIndex(SERVER_URL, writable=True, settings=ServerSettings(api_key=admin_key)) as admin:
+        _filled(admin, alias, 1)
+        try:
+            token = make_token(admin_key, [alias])
+            with ClientIndex(SERVER_URL, writable=True, settings=ServerSettings(api_key=token)) as team:
+                assert len(team.search(alias, make_data().emb[0], 5)) == 5 and team.count(alias) == N
+                with pytest.raises(IndexError_, match="HTTP 403"):
+                    team.upsert(alias, _points(1, 1))
+        finally:
+            drop(admin, alias)
+
+
+@pytest.mark.skipif(not SERVER_URL, reason="set $CBIR_TEST_QDRANT_URL to move a snapshot server → file → Edge → "
+                    "file → server against a live server")
+def test_snapshot_server_to_edge_and_back(tmp_path: Path) -> None:
+    data = make_data()
+    alias = f"cbir_test_{uuid.uuid4().hex[:8]}"
+    with open_backend("server", tmp_path) as server:
+        _filled(server, alias, 1)
+        try:
+            expected = [h.id for h in server.search(alias, data.emb[4], 10, code=data.codes[4], prefilter=40)]
+            done = export_collection(server, alias, tmp_path / "a.snapshot")
+            assert done.method == "server snapshot" and done.points == N
+            with open_backend("edge", tmp_path) as edge:
+                import_collection(edge, tmp_path / "a.snapshot")
+                got = [h.id for h in edge.search(alias, data.emb[4], 10, code=data.codes[4], prefilter=40)]
+                assert got == expected
+                export_collection(edge, alias, tmp_path / "b.snapshot")
+            back = import_collection(server, tmp_path / "b.snapshot", replace=True)
+            assert back.swap.deleted_old and server.count(alias) == N
+            assert [h.id for h in server.search(alias, data.emb[4], 10, code=data.codes[4], prefilter=40)] == expected
+        finally:
+            drop(server, alias)

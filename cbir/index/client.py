@@ -23,6 +23,7 @@ they are only sent to a server. Local mode on disk locks its folder: one process
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ from cbir.index.base import (
 )
 
 META_KEY = "cbir"
+#: Seconds a collection's vector sizes are cached (see `ClientIndex._schema`).
+SCHEMA_TTL = 2.0
 _SHARE_HINT = "use a Qdrant server to share an index"
 
 
@@ -94,7 +97,7 @@ class ClientIndex(Index):
         self.is_server = location.startswith(("http://", "https://"))
         self.settings = settings or ServerSettings()
         self._search_params = qm.SearchParams(exact=True) if self.is_server else None
-        self._schemas: dict[str, Schema] = {}
+        self._schemas: dict[str, tuple[Schema, float]] = {}
         self._client = self._connect(create)
 
     def _connect(self, create: bool) -> QdrantClient:
@@ -158,7 +161,7 @@ class ClientIndex(Index):
                 for field_name in INDEXED_FIELDS:
                     self._client.create_payload_index(name, field_name, qm.PayloadSchemaType.KEYWORD,
                                                       wait=True)
-        self._schemas[name] = Schema(int(dim), int(bits))
+        self._schemas[name] = (Schema(int(dim), int(bits)), time.monotonic())
 
     def delete_collection(self, name: str, wait: float = 0.0) -> None:
         """Delete a collection (the server finishes requests in flight); `wait` is for Edge and unused here."""
@@ -387,14 +390,18 @@ class ClientIndex(Index):
         return config
 
     def _schema(self, name: str) -> Schema:
-        """Vector sizes of the collection `name` stands for now (cached by collection, not by alias)."""
-        collection = self.resolve(name)
-        if collection not in self._schemas:
-            vectors = self._config(collection).params.vectors
-            if not isinstance(vectors, dict) or not {EMBEDDING, HASH} <= vectors.keys():
-                raise IndexError_(f"{self._where(name)}: lacks the '{EMBEDDING}'/'{HASH}' vectors")
-            self._schemas[collection] = Schema(vectors[EMBEDDING].size, vectors[HASH].size)
-        return self._schemas[collection]
+        """Vector sizes of the collection `name` stands for. The server resolves an alias itself (no
+        `GET /aliases`, which a collection-scoped token may not be allowed); cached for `SCHEMA_TTL` seconds
+        so that an alias moved to a collection with other sizes is noticed."""
+        cached = self._schemas.get(name)
+        if cached is not None and time.monotonic() - cached[1] < SCHEMA_TTL:
+            return cached[0]
+        vectors = self._config(name).params.vectors
+        if not isinstance(vectors, dict) or not {EMBEDDING, HASH} <= vectors.keys():
+            raise IndexError_(f"{self._where(name)}: lacks the '{EMBEDDING}'/'{HASH}' vectors")
+        schema = Schema(vectors[EMBEDDING].size, vectors[HASH].size)
+        self._schemas[name] = (schema, time.monotonic())
+        return schema
 
     @contextmanager
     def _errors(self, name: str | None, action: str) -> Iterator[None]:
