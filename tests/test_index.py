@@ -551,3 +551,26 @@ def test_prefilter_property_on_random_codes(kind: str, seed: int, tmp_path: Path
             within = index.search("p", q, N, flt, code=code, hamming_radius=radius)
             assert_hits(within, brute(data, q, N, flt, code=code, radius=radius))
             assert all(h.hamming <= radius for h in within)
+
+
+def test_multi_index_hashing_keys_cover_every_code_within_the_radius() -> None:
+    """Pigeonhole: any code within Hamming R of the query has a substring among the query's MIH keys."""
+    from cbir.index.base import MIH_MAX_KEYS, mih_keys, mih_substrings, mih_widths
+
+    assert mih_widths(64) == [16] * 4 and mih_widths(24) == [12, 12] and mih_widths(70) == [14] * 5
+    assert mih_widths(16) == [16] and sum(mih_widths(100)) == 100
+    code = np.array([1, 0] * 8, dtype=np.uint8)
+    assert mih_substrings(code) == [0b1010101010101010]
+    rng = np.random.default_rng(0)
+    for bits in (16, 24, 64, 70):
+        for radius in (0, 1, 3, 7, 12):
+            q = rng.integers(0, 2, bits).astype(np.uint8)
+            keys = mih_keys(q, radius)
+            if keys is None:
+                assert radius // len(mih_widths(bits)) >= 3
+                continue
+            assert sum(len(k) for k in keys) <= MIH_MAX_KEYS
+            for _ in range(50):
+                other = q.copy()
+                other[rng.choice(bits, size=min(radius, bits), replace=False)] ^= 1
+                assert any(s in k for s, k in zip(mih_substrings(other), keys, strict=True))

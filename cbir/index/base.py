@@ -38,6 +38,15 @@ LEDGER_COLLECTION = "cbir_ledger"
 #: Payload fields that get a keyword index (created before the bulk load).
 INDEXED_FIELDS = ("labels", "dataset", "split", "view", "sex", "age_band", "pseudonym", "team")
 
+#: Multi-index hashing (schema 2): the code is cut into substrings of about `MIH_WIDTH` bits, stored as the
+#: integer payload fields `mih_0`, `mih_1`, … with an integer index. A code within Hamming distance R of the
+#: query's has at least one substring within ⌊R/m⌋ of the query's (pigeonhole), so a payload filter on those
+#: substring neighbourhoods narrows a radius search to a superset of its answers, which the `hash` vector
+#: then checks exactly. Measured on Qdrant Edge (docs/performance.md): at 100k points R=8 takes 3.7 ms
+#: instead of 193 ms for the full scan. Above `MIH_MAX_KEYS` filter values the full scan is used.
+MIH_WIDTH = 16
+MIH_MAX_KEYS = 4096
+
 FilterValue = str | int | bool | Sequence[str]
 
 
@@ -58,10 +67,11 @@ class Filter:
 
 @dataclass(frozen=True)
 class Schema:
-    """A collection's vector sizes."""
+    """A collection's vector sizes and schema version."""
 
     dim: int
     bits: int
+    version: int = SCHEMA_VERSION
 
 
 @dataclass
@@ -221,6 +231,56 @@ def nearest_by_hamming(query: Callable[[int], list[tuple[str, int]]], n: int) ->
         if len(found) < limit or found[-1][1] > found[n - 1][1]:
             return sorted(found, key=lambda pair: (pair[1], pair[0]))[:n]
         limit *= 4
+
+
+def mih_widths(bits: int) -> list[int]:
+    """Substring widths for a `bits`-bit code: ⌈bits/16⌉ pieces as equal as possible."""
+    m = max(1, -(-bits // MIH_WIDTH))
+    return [bits // m + (1 if i < bits % m else 0) for i in range(m)]
+
+
+def mih_field(i: int) -> str:
+    return f"mih_{i}"
+
+
+def mih_substrings(code: np.ndarray) -> list[int]:
+    """The code's substrings as unsigned integers (big-endian bits), one per `mih_widths` piece."""
+    bits = np.asarray(code, dtype=np.int64)
+    out, start = [], 0
+    for width in mih_widths(len(bits)):
+        piece = bits[start:start + width]
+        out.append(int((piece << np.arange(width - 1, -1, -1)).sum()))
+        start += width
+    return out
+
+
+def mih_keys(code: np.ndarray, radius: int) -> list[list[int]] | None:
+    """Per substring, every value within ⌊radius/m⌋ bits of the query's; None if that is over `MIH_MAX_KEYS`."""
+    from itertools import combinations
+    from math import comb
+
+    widths = mih_widths(len(code))
+    r = radius // len(widths)
+    if sum(sum(comb(w, i) for i in range(r + 1)) for w in widths) > MIH_MAX_KEYS:
+        return None
+    keys = []
+    for value, width in zip(mih_substrings(code), widths, strict=True):
+        near = [value]
+        for flips in range(1, r + 1):
+            near += [value ^ sum(1 << b for b in bits) for bits in combinations(range(width), flips)]
+        keys.append(near)
+    return keys
+
+
+def stored_payload(point: Point) -> dict[str, Any]:
+    """The payload as stored: the point's own fields, the packed code (`hash`) and the MIH substrings."""
+    return {**point.payload, HASH: pack_code(point.code),
+            **{mih_field(i): v for i, v in enumerate(mih_substrings(point.code))}}
+
+
+def public_payload(payload: dict[str, Any] | None) -> dict[str, Any]:
+    """A stored payload without the MIH substrings (the packed `hash` stays: any client may read it)."""
+    return {k: v for k, v in (payload or {}).items() if not k.startswith("mih_")}
 
 
 def check_vectors(where: str, dim: int, bits: int, embedding: np.ndarray, code: np.ndarray | None) -> None:

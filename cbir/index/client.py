@@ -52,9 +52,13 @@ from cbir.index.base import (
     check_point_id,
     check_vectors,
     hamming_to,
+    mih_field,
+    mih_keys,
+    mih_widths,
     nearest_by_hamming,
-    pack_code,
+    public_payload,
     radius_threshold,
+    stored_payload,
 )
 
 META_KEY = "cbir"
@@ -161,6 +165,8 @@ class ClientIndex(Index):
                 for field_name in INDEXED_FIELDS:
                     self._client.create_payload_index(name, field_name, qm.PayloadSchemaType.KEYWORD,
                                                       wait=True)
+                for i in range(len(mih_widths(bits))):
+                    self._client.create_payload_index(name, mih_field(i), qm.PayloadSchemaType.INTEGER, wait=True)
         self._schemas[name] = (Schema(int(dim), int(bits)), time.monotonic())
 
     def delete_collection(self, name: str, wait: float = 0.0) -> None:
@@ -349,10 +355,12 @@ class ClientIndex(Index):
                 return None
             return {"query_filter": qm.Filter(must=[qm.HasIdCondition(has_id=[i for i, _ in candidates])])}
         if radius is not None:
-            population = self.count(name, flt)
+            condition = _filter(flt, self._mih(name, code, radius))
+            with self._errors(name, "count"):
+                population = self._client.count(name, count_filter=condition, exact=True).count
             if population == 0:
                 return None
-            return {"prefetch": qm.Prefetch(query=_floats(code), using=HASH, filter=_filter(flt),
+            return {"prefetch": qm.Prefetch(query=_floats(code), using=HASH, filter=condition,
                                             limit=population, score_threshold=radius_threshold(radius),
                                             params=self._search_params)}
         return {"query_filter": _filter(flt)}
@@ -361,12 +369,17 @@ class ClientIndex(Index):
                     radius: int | None) -> list[tuple[str, int]]:
         """(id, Hamming distance) of the `limit` nearest codes, nearest first."""
         threshold = None if radius is None else radius_threshold(radius)
+        mih = None if radius is None else self._mih(name, code, radius)
         with self._errors(name, "Hamming search"):
             scored = self._client.query_points(name, query=_floats(code), using=HASH,
-                                               query_filter=_filter(flt), limit=limit,
+                                               query_filter=_filter(flt, mih), limit=limit,
                                                score_threshold=threshold, with_payload=False,
                                                search_params=self._search_params).points
         return [(str(p.id), int(round(p.score))) for p in scored]
+
+    def _mih(self, name: str, code: np.ndarray, radius: int) -> list[list[int]] | None:
+        """The multi-index-hashing keys for a radius search (schema 2 stores the substrings), else None."""
+        return mih_keys(code, radius) if self._schema(name).version >= 2 else None
 
     # --- internals ---------------------------------------------------------------------------------
 
@@ -399,7 +412,8 @@ class ClientIndex(Index):
         vectors = self._config(name).params.vectors
         if not isinstance(vectors, dict) or not {EMBEDDING, HASH} <= vectors.keys():
             raise IndexError_(f"{self._where(name)}: lacks the '{EMBEDDING}'/'{HASH}' vectors")
-        schema = Schema(vectors[EMBEDDING].size, vectors[HASH].size)
+        version = int((self._config(name).metadata or {}).get(META_KEY, {}).get("schema_version", SCHEMA_VERSION))
+        schema = Schema(vectors[EMBEDDING].size, vectors[HASH].size, version)
         self._schemas[name] = (schema, time.monotonic())
         return schema
 
@@ -442,12 +456,15 @@ def _match(value: Any) -> qm.MatchValue | qm.MatchAny:
     return qm.MatchValue(value=value)
 
 
-def _filter(flt: Filter | None) -> qm.Filter | None:
-    if not flt:
+def _filter(flt: Filter | None, mih: list[list[int]] | None = None) -> qm.Filter | None:
+    """The payload filter, and with `mih` keys also "at least one substring is near the query's"."""
+    if not flt and not mih:
         return None
+    flt = flt or Filter()
     must = [qm.FieldCondition(key=key, match=_match(v)) for key, v in flt.must.items()]
     must_not = [qm.FieldCondition(key=key, match=_match(v)) for key, v in flt.must_not.items()]
-    return qm.Filter(must=must or None, must_not=must_not or None)
+    should = [qm.FieldCondition(key=mih_field(i), match=qm.MatchAny(any=keys)) for i, keys in enumerate(mih or [])]
+    return qm.Filter(must=must or None, must_not=must_not or None, should=should or None)
 
 
 def _floats(vector: np.ndarray) -> list[float]:
@@ -456,7 +473,7 @@ def _floats(vector: np.ndarray) -> list[float]:
 
 def _point_struct(point: Point) -> qm.PointStruct:
     vectors = {EMBEDDING: _floats(point.embedding), HASH: _floats(point.code)}
-    return qm.PointStruct(id=point.id, vector=vectors, payload={**point.payload, HASH: pack_code(point.code)})
+    return qm.PointStruct(id=point.id, vector=vectors, payload=stored_payload(point))
 
 
 def _to_point(record: qm.Record, with_vectors: bool) -> Point:
@@ -465,10 +482,10 @@ def _to_point(record: qm.Record, with_vectors: bool) -> Point:
         code = np.rint(record.vector[HASH]).astype(np.uint8)
     else:
         embedding, code = np.empty(0, np.float32), np.empty(0, np.uint8)
-    return Point(str(record.id), embedding, code, dict(record.payload or {}))
+    return Point(str(record.id), embedding, code, public_payload(record.payload))
 
 
 def _to_hit(point: qm.ScoredPoint, code: np.ndarray | None) -> Hit:
-    payload = dict(point.payload or {})
+    payload = public_payload(point.payload)
     hamming = hamming_to(payload[HASH], code) if code is not None and HASH in payload else None
     return Hit(str(point.id), float(point.score), payload, hamming)

@@ -71,9 +71,13 @@ from cbir.index.base import (
     check_point_id,
     check_vectors,
     hamming_to,
+    mih_field,
+    mih_keys,
+    mih_widths,
     nearest_by_hamming,
-    pack_code,
+    public_payload,
     radius_threshold,
+    stored_payload,
 )
 
 META_FILE = "meta.json"
@@ -272,6 +276,8 @@ class EdgeIndex(Index):
                 shard = qe.EdgeShard.create(str(folder / "shard"), _config(dim, bits))
                 for field_name in INDEXED_FIELDS:
                     shard.update(qe.UpdateOperation.create_field_index(field_name, qe.PayloadSchemaType.Keyword))
+                for i in range(len(mih_widths(bits))):
+                    shard.update(qe.UpdateOperation.create_field_index(mih_field(i), qe.PayloadSchemaType.Integer))
                 shard.flush()
             self._shards[name] = shard
             _write_atomic(folder / META_FILE, text)
@@ -458,7 +464,9 @@ class EdgeIndex(Index):
                 return None
             condition = qe.Filter(must=[qe.HasIdCondition({point_id for point_id, _ in candidates})])
         elif radius is not None:
-            population = self.count(name, flt)
+            condition = _filter(flt, self._mih(name, code, radius))
+            with self._errors(name, "count"):
+                population = self._shard(name).count(qe.CountRequest(exact=True, filter=condition))
             if population == 0:
                 return None
             prefetches = [qe.Prefetch(limit=population, query=_hash_nearest(code), filter=condition,
@@ -472,11 +480,16 @@ class EdgeIndex(Index):
                     radius: int | None) -> list[tuple[str, int]]:
         """(id, Hamming distance) of the `limit` nearest codes, nearest first."""
         threshold = None if radius is None else radius_threshold(radius)
-        request = qe.QueryRequest(limit=limit, query=_hash_nearest(code), filter=_filter(flt),
+        mih = None if radius is None else self._mih(name, code, radius)
+        request = qe.QueryRequest(limit=limit, query=_hash_nearest(code), filter=_filter(flt, mih),
                                   score_threshold=threshold, with_payload=False, params=_EXACT)
         with self._errors(name, "Hamming search"):
             scored = self._shard(name).query(request)
         return [(str(p.id), int(round(p.score))) for p in scored]
+
+    def _mih(self, name: str, code: np.ndarray, radius: int) -> list[list[int]] | None:
+        """The multi-index-hashing keys for a radius search (schema 2 stores the substrings), else None."""
+        return mih_keys(code, radius) if self._schema(name).version >= 2 else None
 
     # --- internals ---------------------------------------------------------------------------------
 
@@ -510,7 +523,7 @@ class EdgeIndex(Index):
     def _schema(self, name: str) -> Schema:
         if name not in self._schemas:
             record = self._read_record(name)
-            self._schemas[name] = Schema(int(record["dim"]), int(record["bits"]))
+            self._schemas[name] = Schema(int(record["dim"]), int(record["bits"]), int(record["schema_version"]))
         return self._schemas[name]
 
     def _shard(self, name: str, write: bool = False) -> qe.EdgeShard:
@@ -560,12 +573,15 @@ def _match(value: Any) -> qe.MatchValue | qe.MatchAny:
     return qe.MatchValue(value)
 
 
-def _filter(flt: Filter | None) -> qe.Filter | None:
-    if not flt:
+def _filter(flt: Filter | None, mih: list[list[int]] | None = None) -> qe.Filter | None:
+    """The payload filter, and with `mih` keys also "at least one substring is near the query's"."""
+    if not flt and not mih:
         return None
+    flt = flt or Filter()
     must = [qe.FieldCondition(key, match=_match(v)) for key, v in flt.must.items()]
     must_not = [qe.FieldCondition(key, match=_match(v)) for key, v in flt.must_not.items()]
-    return qe.Filter(must=must or None, must_not=must_not or None)
+    should = [qe.FieldCondition(mih_field(i), match=qe.MatchAny(keys)) for i, keys in enumerate(mih or [])]
+    return qe.Filter(must=must or None, must_not=must_not or None, should=should or None)
 
 
 def _hash_nearest(code: np.ndarray) -> qe.Query:
@@ -575,7 +591,7 @@ def _hash_nearest(code: np.ndarray) -> qe.Query:
 def _edge_point(point: Point) -> qe.Point:
     vectors = {EMBEDDING: np.asarray(point.embedding, dtype=np.float32),
                HASH: np.asarray(point.code, dtype=np.float32)}
-    return qe.Point(point.id, vectors, {**point.payload, HASH: pack_code(point.code)})
+    return qe.Point(point.id, vectors, stored_payload(point))
 
 
 def _to_point(record: qe.Record, with_vectors: bool) -> Point:
@@ -584,11 +600,11 @@ def _to_point(record: qe.Record, with_vectors: bool) -> Point:
         code = np.rint(record.vector[HASH]).astype(np.uint8)
     else:
         embedding, code = np.empty(0, np.float32), np.empty(0, np.uint8)
-    return Point(str(record.id), embedding, code, dict(record.payload or {}))
+    return Point(str(record.id), embedding, code, public_payload(record.payload))
 
 
 def _to_hit(point: qe.ScoredPoint, code: np.ndarray | None) -> Hit:
-    payload = dict(point.payload or {})
+    payload = public_payload(point.payload)
     hamming = hamming_to(payload[HASH], code) if code is not None and HASH in payload else None
     return Hit(str(point.id), float(point.score), payload, hamming)
 

@@ -1,0 +1,1 @@
+"""Benchmarks (measurements, not tests): run as modules, e.g. `python -m cbir.bench.mih`."""
