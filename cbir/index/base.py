@@ -245,13 +245,17 @@ def mih_field(i: int) -> str:
 
 def mih_substrings(code: np.ndarray) -> list[int]:
     """The code's substrings as unsigned integers (big-endian bits), one per `mih_widths` piece."""
-    bits = np.asarray(code, dtype=np.int64)
-    out, start = [], 0
-    for width in mih_widths(len(bits)):
-        piece = bits[start:start + width]
-        out.append(int((piece << np.arange(width - 1, -1, -1)).sum()))
+    return [int(v) for v in mih_matrix(np.asarray(code)[None, :])[0]]
+
+
+def mih_matrix(codes: np.ndarray) -> np.ndarray:
+    """`mih_substrings` of every row of an (n, bits) 0/1 array, as an (n, m) int64 array."""
+    codes = np.asarray(codes, dtype=np.int64)
+    columns, start = [], 0
+    for width in mih_widths(codes.shape[1]):
+        columns.append(codes[:, start:start + width] @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64)))
         start += width
-    return out
+    return np.stack(columns, axis=1)
 
 
 def mih_keys(code: np.ndarray, radius: int) -> list[list[int]] | None:
@@ -272,10 +276,14 @@ def mih_keys(code: np.ndarray, radius: int) -> list[list[int]] | None:
     return keys
 
 
-def stored_payload(point: Point) -> dict[str, Any]:
-    """The payload as stored: the point's own fields, the packed code (`hash`) and the MIH substrings."""
-    return {**point.payload, HASH: pack_code(point.code),
-            **{mih_field(i): v for i, v in enumerate(mih_substrings(point.code))}}
+def stored_payloads(points: Sequence[Point]) -> list[dict[str, Any]]:
+    """The payloads as stored: each point's own fields, the packed code (`hash`) and the MIH substrings."""
+    if not points:
+        return []
+    subs = mih_matrix(np.stack([p.code for p in points])).tolist()
+    fields = [mih_field(i) for i in range(len(subs[0]))]
+    return [{**p.payload, HASH: pack_code(p.code), **dict(zip(fields, row, strict=True))}
+            for p, row in zip(points, subs, strict=True)]
 
 
 def public_payload(payload: dict[str, Any] | None) -> dict[str, Any]:

@@ -58,7 +58,7 @@ from cbir.index.base import (
     nearest_by_hamming,
     public_payload,
     radius_threshold,
-    stored_payload,
+    stored_payloads,
 )
 
 META_KEY = "cbir"
@@ -165,8 +165,9 @@ class ClientIndex(Index):
                 for field_name in INDEXED_FIELDS:
                     self._client.create_payload_index(name, field_name, qm.PayloadSchemaType.KEYWORD,
                                                       wait=True)
+                lookup_only = qm.IntegerIndexParams(type=qm.IntegerIndexType.INTEGER, lookup=True, range=False)
                 for i in range(len(mih_widths(bits))):
-                    self._client.create_payload_index(name, mih_field(i), qm.PayloadSchemaType.INTEGER, wait=True)
+                    self._client.create_payload_index(name, mih_field(i), lookup_only, wait=True)
         self._schemas[name] = (Schema(int(dim), int(bits)), time.monotonic())
 
     def delete_collection(self, name: str, wait: float = 0.0) -> None:
@@ -289,7 +290,8 @@ class ClientIndex(Index):
                           point.embedding, point.code)
         with self._errors(name, "upsert"):
             for start in range(0, len(points), UPSERT_BATCH):
-                batch = [_point_struct(p) for p in points[start:start + UPSERT_BATCH]]
+                chunk = points[start:start + UPSERT_BATCH]
+                batch = [_point_struct(p, body) for p, body in zip(chunk, stored_payloads(chunk), strict=True)]
                 self._client.upsert(name, points=batch, wait=True)
 
     def existing_ids(self, name: str, ids: Sequence[str]) -> set[str]:
@@ -471,9 +473,9 @@ def _floats(vector: np.ndarray) -> list[float]:
     return np.asarray(vector, dtype=np.float32).tolist()
 
 
-def _point_struct(point: Point) -> qm.PointStruct:
+def _point_struct(point: Point, payload: dict[str, Any]) -> qm.PointStruct:
     vectors = {EMBEDDING: _floats(point.embedding), HASH: _floats(point.code)}
-    return qm.PointStruct(id=point.id, vector=vectors, payload=stored_payload(point))
+    return qm.PointStruct(id=point.id, vector=vectors, payload=payload)
 
 
 def _to_point(record: qm.Record, with_vectors: bool) -> Point:

@@ -77,7 +77,7 @@ from cbir.index.base import (
     nearest_by_hamming,
     public_payload,
     radius_threshold,
-    stored_payload,
+    stored_payloads,
 )
 
 META_FILE = "meta.json"
@@ -276,8 +276,9 @@ class EdgeIndex(Index):
                 shard = qe.EdgeShard.create(str(folder / "shard"), _config(dim, bits))
                 for field_name in INDEXED_FIELDS:
                     shard.update(qe.UpdateOperation.create_field_index(field_name, qe.PayloadSchemaType.Keyword))
+                lookup_only = qe.IntegerIndexParams(lookup=True, range=False, enable_hnsw=False)
                 for i in range(len(mih_widths(bits))):
-                    shard.update(qe.UpdateOperation.create_field_index(mih_field(i), qe.PayloadSchemaType.Integer))
+                    shard.update(qe.UpdateOperation.create_field_index(mih_field(i), lookup_only))
                 shard.flush()
             self._shards[name] = shard
             _write_atomic(folder / META_FILE, text)
@@ -389,7 +390,8 @@ class EdgeIndex(Index):
             shard = self._shard(name, write=True)
             with self._errors(name, "upsert"):
                 for start in range(0, len(points), UPSERT_BATCH):
-                    batch = [_edge_point(p) for p in points[start:start + UPSERT_BATCH]]
+                    chunk = points[start:start + UPSERT_BATCH]
+                    batch = [_edge_point(p, body) for p, body in zip(chunk, stored_payloads(chunk), strict=True)]
                     shard.update(qe.UpdateOperation.upsert_points(batch))
                 pending, since = self._unflushed.get(name, (0, time.monotonic()))
                 pending += len(points)
@@ -588,10 +590,10 @@ def _hash_nearest(code: np.ndarray) -> qe.Query:
     return qe.Query.Nearest(np.asarray(code, dtype=np.float32), using=HASH)
 
 
-def _edge_point(point: Point) -> qe.Point:
+def _edge_point(point: Point, payload: dict[str, Any]) -> qe.Point:
     vectors = {EMBEDDING: np.asarray(point.embedding, dtype=np.float32),
                HASH: np.asarray(point.code, dtype=np.float32)}
-    return qe.Point(point.id, vectors, stored_payload(point))
+    return qe.Point(point.id, vectors, payload)
 
 
 def _to_point(record: qe.Record, with_vectors: bool) -> Point:
