@@ -16,6 +16,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from cbir.errors import printable
+
 
 class Task:
     def __init__(self, progress: Progress | None, task_id: int | None) -> None:
@@ -35,11 +37,11 @@ class Reporter:
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, markup=False, soft_wrap=True)
+            self.console.print(printable(message), markup=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         """Warnings are shown even when quiet (they name a bad file or a risk)."""
-        self.console.print(f"warning: {message}", markup=False, soft_wrap=True, style="yellow")
+        self.console.print(f"warning: {printable(message)}", markup=False, soft_wrap=True, style="yellow")
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:

@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def printable(text: str) -> str:
+    """`text` safe to print and to store as UTF-8: undecodable file-name bytes become \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class CbirError(Exception):
     """Base class of every error a user can cause and fix (exit code 2 in the CLI)."""
 
@@ -15,7 +20,7 @@ class BadInputError(CbirError):
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(printable(f"{self.path}: {reason}"))
 
 
 class DatasetError(CbirError):

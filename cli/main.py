@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cbir.errors import CbirError
+from cbir.errors import CbirError, printable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Content-based image retrieval for chest X-rays.")
@@ -38,6 +38,9 @@ CollectionOpt = Annotated[str, typer.Option("--collection", help="Collection nam
 TeamOpt = Annotated[str | None, typer.Option("--team", envvar="CBIR_TEAM", show_envvar=True,
                                              help="your team: uses the team's own collection, TEAM.COLLECTION")]
 LayoutOpt = Annotated[str, typer.Option("--layout", help="rsna, nih, folder or auto")]
+MaxPixelsOpt = Annotated[int | None, typer.Option(
+    "--max-pixels", min=4, envvar="CBIR_MAX_PIXELS", show_envvar=True,
+    help="refuse images with more pixels than this (default 80,000,000)")]
 RegexOpt = Annotated[str | None, typer.Option("--patient-regex",
                                               help="folder layout: regex whose first group is the patient")]
 
@@ -49,7 +52,7 @@ def guarded(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except CbirError as exc:
-            err.print(f"error: {exc}", markup=False)
+            err.print(f"error: {printable(str(exc))}", markup=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted", markup=False)
@@ -59,8 +62,9 @@ def guarded(func: F) -> F:
         except Exception as exc:  # noqa: BLE001 - the last line of defence for users
             if os.environ.get("CBIR_DEBUG"):
                 traceback.print_exc()
-            err.print(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                      "(set CBIR_DEBUG=1 for the traceback)", markup=False)
+            detail = printable(str(exc).splitlines()[0]) if str(exc) else ""
+            err.print(f"internal error: {type(exc).__name__}: {detail} (set CBIR_DEBUG=1 for the traceback)",
+                      markup=False)
             raise typer.Exit(3) from None
     return wrapper  # type: ignore[return-value]
 
@@ -91,6 +95,12 @@ def _server_options(
 def _open(location: str | None, writable: bool = False, create: bool = False) -> Any:
     from cbir.index import open_index
     return open_index(location, writable=writable, create=create, **_SERVER)
+
+
+def _set_max_pixels(limit: int | None) -> None:
+    """The pixel limit reaches the readers (and their worker processes) through $CBIR_MAX_PIXELS."""
+    if limit is not None:
+        os.environ["CBIR_MAX_PIXELS"] = str(limit)
 
 
 def _load_model(model: Path | None, index: Any, collection: str, device: str) -> Any:
@@ -196,7 +206,7 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            ] = None,
            shards: Annotated[int, typer.Option("--shards", min=1, help="server: shards of a new collection")] = 1,
            replicas: Annotated[int, typer.Option("--replicas", min=1, help="server: copies of each shard")] = 1,
-           team: TeamOpt = None,
+           team: TeamOpt = None, max_pixels: MaxPixelsOpt = None,
            reindex: Annotated[bool, typer.Option(
                "--reindex", help="build the next version of the collection (e.g. with a new model) while queries "
                "go on, then swap it in and delete the old version")] = False,
@@ -212,6 +222,7 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     from cbir.models import load_checkpoint
     from cbir.train.loop import resolve_device
     collection = team_collection(collection, team)
+    _set_max_pixels(max_pixels)
     if reindex and part:
         raise CbirError("--reindex builds a whole new version in one run; it cannot be combined with --part")
     records = load_dataset(data, layout, seed=seed, patient_regex=patient_regex)
@@ -247,12 +258,14 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
           hamming_radius: Annotated[int | None, typer.Option("--hamming-radius", min=0)] = None,
           as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
           montage: Annotated[Path | None, typer.Option("--montage", help="write a PNG montage")] = None,
-          device: Annotated[str, typer.Option("--device")] = "auto", team: TeamOpt = None) -> None:
+          device: Annotated[str, typer.Option("--device")] = "auto", team: TeamOpt = None,
+          max_pixels: MaxPixelsOpt = None) -> None:
     """Find the k most similar archived cases to one image."""
     from cbir.index.teams import team_collection
     from cbir.io import load_pseudonymizer
     from cbir.search import parse_filters, query_image
     collection = team_collection(collection, team)
+    _set_max_pixels(max_pixels)
     flt = parse_filters(filters)
     with _open(index) as idx:
         loaded = _load_model(model, idx, collection, device)

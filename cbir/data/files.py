@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cbir.data.records import META_COLUMNS
-from cbir.errors import DatasetError
+from cbir.errors import DatasetError, printable
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm")
 
@@ -31,7 +31,9 @@ def check_root(root: Path | str) -> Path:
 def iter_files(root: Path, top: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Iterator[FileEntry]:
     """Files under `top` with one of `extensions` (any case), in sorted order; hidden entries skipped.
 
-    Symlinked sub-folders are not followed, so link loops cannot recurse.
+    Symlinked sub-folders are not followed, so link loops cannot recurse. A file name that is not valid
+    UTF-8 keeps its real path but gets a printable name and relative path (`\\xNN` escapes), which is what
+    labels, splits and payloads see.
     """
     root_str = str(root)
     suffixes = tuple(ext.lower() for ext in extensions)
@@ -41,7 +43,7 @@ def iter_files(root: Path, top: Path, extensions: Sequence[str] = IMAGE_EXTENSIO
         prefix = "" if rel_dir == "." else rel_dir + "/"
         for name in sorted(filenames):
             if not name.startswith(".") and name.lower().endswith(suffixes):
-                yield name, dirpath + os.sep + name, prefix + name
+                yield printable(name), dirpath + os.sep + name, printable(prefix + name)
 
 
 def file_map(root: Path, tops: Iterable[Path], extensions: Sequence[str]) -> dict[str, tuple[str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ class Loaded:
     geometry: Geometry
     meta: SafeMeta
     instance_key: str | None
+    digest: str = ""            # hash of the decoded pixels: tells a duplicate UID from a conflicting one
 
 
 @dataclass
@@ -53,7 +55,8 @@ class ImageFiles(Dataset):
             return Failed(index, path, exc.reason)
         except (MemoryError, RecursionError) as exc:
             return Failed(index, path, f"cannot be processed ({type(exc).__name__})")
-        return Loaded(index, pixels, geometry, image.meta, image.instance_key)
+        digest = hashlib.sha256(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()[:32]
+        return Loaded(index, pixels, geometry, image.meta, image.instance_key, digest)
 
 
 @dataclass

@@ -82,6 +82,7 @@ def load_nih(root: Path, seed: int = 0) -> Records:
     if not found.all():
         notes.append(f"dropped {int((~found).sum())} of {len(frame)} rows of {csv.name} "
                      f"with no image under {where}")
+    missing = [(f"images/{name}", f"listed in {csv.name} but not found") for name in names[~found]]
     frame, labels = frame[found].reset_index(drop=True), labels[found]
     names = frame["Image Index"]
     split, split_note = _splits(root, names, frame["Patient ID"], seed)
@@ -96,7 +97,7 @@ def load_nih(root: Path, seed: int = 0) -> Records:
     notes = [f"nih layout: {len(frame)} images of {frame['Patient ID'].nunique()} patients from {csv.name}",
              *notes, split_note]
     return Records(root=root, dataset="nih", layout="nih", label_names=list(FINDINGS), labels=labels,
-                   meta=meta, target=TARGET, notes=notes)
+                   meta=meta, target=TARGET, notes=notes, missing=missing)
 
 
 def _clean_rows(frame: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame, list[str]]:

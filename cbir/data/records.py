@@ -40,6 +40,9 @@ class Records:
     meta: pd.DataFrame
     target: str
     notes: list[str] = field(default_factory=list)
+    #: Files the label table lists but the folder lacks, as (expected relative path, reason). Ingest reports
+    #: each one and counts it; splits leave them out.
+    missing: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.float32).reshape(len(self.meta), -1)
@@ -73,7 +76,11 @@ class Records:
     def part(self, i: int, n: int) -> Records:
         """The i-th of n deterministic slices (1-based), by a hash of each image's relative path."""
         from cbir.data.splits import part_mask
-        return self.subset(part_mask(self.meta["relpath"].astype(str), i, n))
+        sliced = self.subset(part_mask(self.meta["relpath"].astype(str), i, n))
+        if self.missing:
+            keep = part_mask(pd.Series([rel for rel, _ in self.missing]), i, n)
+            sliced.missing = [m for m, k in zip(self.missing, keep, strict=True) if k]
+        return sliced
 
     def split(self, name: str) -> Records:
         return self.subset((self.meta["split"] == name).to_numpy())

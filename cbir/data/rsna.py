@@ -79,6 +79,9 @@ def load_rsna(root: Path, seed: int = 0) -> Records:
     if not found.all():
         notes.append(f"dropped {int((~found).sum())} of {len(table)} patients in {LABELS_CSV} "
                      f"with no image in {where}")
+    expected_dir = next((name for name in IMAGE_DIRS if (root / name).is_dir()), IMAGE_DIRS[0])
+    missing = [(f"{expected_dir}/{pid}.dcm", f"listed in {LABELS_CSV} but not found")
+               for pid in table["patientId"][~found]]
     table = table[found].reset_index(drop=True)
     files = [images[pid] for pid in table["patientId"]]
     view, sex, age, header_note = _header_fields(root, table["patientId"])
@@ -88,7 +91,7 @@ def load_rsna(root: Path, seed: int = 0) -> Records:
     )
     return Records(root=root, dataset="rsna", layout="rsna", label_names=[TARGET],
                    labels=table["Target"].to_numpy(np.float32)[:, None], meta=meta, target=TARGET,
-                   notes=[*notes, header_note])
+                   notes=[*notes, header_note], missing=missing)
 
 
 def _find_images(root: Path) -> tuple[dict[str, tuple[str, str]], str]:

@@ -24,6 +24,7 @@ class Embedded:
     instance_key: str | None
     geometry: Geometry
     target_index: int = 0       # column of the target in `probabilities`
+    digest: str = ""            # hash of the decoded pixels (see `cbir.data.loading.Loaded`)
 
     @property
     def probability(self) -> float:
@@ -77,4 +78,4 @@ def detect_image(loaded: LoadedModel, image: XrayImage) -> list[dict[str, float 
 
 
 def _embedded(item: Loaded, emb: np.ndarray, code: np.ndarray, probs: np.ndarray, target: int) -> Embedded:
-    return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry, target)
+    return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry, target, item.digest)

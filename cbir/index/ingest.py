@@ -32,6 +32,7 @@ from cbir.index.versions import (
     versions,
 )
 from cbir.io import Pseudonymizer, SafeMeta
+from cbir.io.dicom import peek_instance_key
 from cbir.io.phi import age_band, sex_of, view_of
 from cbir.models import LoadedModel
 
@@ -41,8 +42,9 @@ class IngestSummary:
     collection: str
     total: int = 0
     ingested: int = 0
-    skipped: int = 0
-    failed: int = 0
+    already: int = 0        # in the collection before this run (by point ID), not read again
+    skipped: int = 0        # duplicates within this run: same SOPInstanceUID and the same pixels
+    failed: int = 0         # unreadable, missing, or a SOPInstanceUID conflict (same UID, other pixels)
     failures: list[str] = field(default_factory=list)
     points_before: int = 0
     points_after: int = 0
@@ -51,7 +53,8 @@ class IngestSummary:
 
     @property
     def line(self) -> str:
-        text = (f"{self.total} files: {self.ingested} ingested, {self.skipped} skipped, {self.failed} failed; "
+        text = (f"{self.total} files: {self.ingested} ingested, {self.already} already in the index, "
+                f"{self.skipped} duplicates skipped, {self.failed} failed; "
                 f"collection {self.collection!r} holds {self.points_after} points ({self.seconds:.1f} s)")
         return text + (f"; reindex: {self.swap.line}" if self.swap else "")
 
@@ -114,15 +117,30 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
         check_alias_name(collection)
     meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes, shards, replicas, reporter,
                               team, version_of=alias if reindex else None)
-    summary = IngestSummary(alias, total=len(records), points_before=index.count(collection))
+    summary = IngestSummary(alias, total=len(records) + len(records.missing),
+                            points_before=index.count(collection))
     paths = records.meta["path"].tolist()
+
+    def fail(path: str, reason: str) -> None:
+        if strict:
+            raise BadInputError(path, reason)
+        summary.failed += 1
+        summary.failures.append(f"{path}: {reason}")
+        reporter.warn(f"{path}: {reason}")
+
+    for relpath, reason in records.missing:
+        fail(str(records.root / relpath), reason)
+    todo = np.arange(len(paths))
+    if summary.points_before:
+        todo = _not_yet_ingested(index, collection, records, reporter)
+        summary.already = len(paths) - len(todo)
     fitting = code_source(meta) == "itq" and not meta.get("itq")
     if fitting and not may_fit_itq:
         raise CbirError(f"collection {collection!r} has no fitted ITQ codes yet: ingest part 1 first, which fits "
                         "them, then start the other parts")
-    order = np.random.default_rng(0).permutation(len(paths)) if fitting else np.arange(len(paths))
+    order = np.random.default_rng(0).permutation(todo) if fitting else todo
     model_labels = list(loaded.config.label_names) if loaded.config.task == "multilabel" else None
-    seen: set[str] = set()
+    seen: dict[str, tuple[str, str]] = {}  # point ID → (pixel digest, path) of the first file with it
     held: list[Embedded] = []
     itq = itq_from_meta(meta)  # parsed once; None while it is still to be fitted, or for the model's codes
 
@@ -133,10 +151,15 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
         for item, code in zip(items, item_codes, strict=True):
             point = _point(records, item, code, pseudonymize, meta, model_labels)
             if point.id in seen:
-                summary.skipped += 1
-                reporter.warn(f"{paths[item.index]}: duplicate SOPInstanceUID in this run; kept the first")
+                digest, first = seen[point.id]
+                if digest == item.digest:
+                    summary.skipped += 1
+                    reporter.warn(f"{paths[item.index]}: same SOPInstanceUID and pixels as {first}; skipped")
+                else:
+                    fail(paths[item.index], f"SOPInstanceUID conflict: same UID as {first} but other pixels; "
+                                            "kept the first")
                 continue
-            seen.add(point.id)
+            seen[point.id] = (item.digest, paths[item.index])
             points.append(point)
         if points:
             index.upsert(collection, points)
@@ -152,15 +175,11 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
         upsert(held)
         held.clear()
 
-    with reporter.task(f"ingest {records.dataset}", len(paths)) as bar:
+    with reporter.task(f"ingest {records.dataset}", len(order)) as bar:
         for embedded, failures in embed_batches(loaded, [paths[i] for i in order], batch_size, workers,
                                                 pseudonymize):
             for failure in failures:
-                if strict:
-                    raise BadInputError(failure.path, failure.reason)
-                summary.failed += 1
-                summary.failures.append(f"{failure.path}: {failure.reason}")
-                reporter.warn(f"{failure.path}: {failure.reason}")
+                fail(failure.path, failure.reason)
             items = [replace(item, index=int(order[item.index])) for item in embedded]
             if fitting:
                 held.extend(items)
@@ -171,7 +190,7 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
             bar.advance(len(embedded) + len(failures))
         if fitting and held:
             fit_now()
-    if summary.ingested == 0 and summary.total:
+    if summary.ingested == 0 and summary.already == 0 and summary.total:
         raise CbirError(f"{records.root}: none of the {summary.total} images could be ingested "
                         f"(first error: {summary.failures[0] if summary.failures else 'none'})")
     if reindex:
@@ -179,6 +198,20 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     summary.points_after = index.count(alias)
     summary.seconds = round(time.perf_counter() - started, 2)
     return summary
+
+
+def _not_yet_ingested(index: Index, collection: str, records: Records, reporter: Reporter) -> np.ndarray:
+    """Positions of the images whose point ID is not in the collection yet, found without decoding pixels
+    (a DICOM's ID comes from its header's SOPInstanceUID, other files' from their relative path), so that an
+    interrupted or repeated ingest resumes where it stopped."""
+    ids = [point_id(records.dataset, peek_instance_key(path), str(rel))
+           for path, rel in zip(records.meta["path"], records.meta["relpath"], strict=True)]
+    present: set[str] = set()
+    for start in range(0, len(ids), 1024):
+        present |= index.existing_ids(collection, ids[start:start + 1024])
+    if present:
+        reporter.log(f"{len(present)} of {len(ids)} images are already in {collection!r}; not read again")
+    return np.array([i for i, pid in enumerate(ids) if pid not in present], dtype=np.int64)
 
 
 def _start_reindex(index: Index, alias: str, pseudonymize: Pseudonymizer, team: str | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +23,14 @@ from cbir.io.pixels import process
 #: plugins (Pillow, pylibjpeg) happen to be installed. Uncompressed data needs no plugin.
 DECODING_PLUGIN = "gdcm"
 
-#: Images with more pixels than this (per frame) are refused before decoding.
+#: Images with more pixels than this (per frame) are refused before decoding ($CBIR_MAX_PIXELS overrides it).
 MAX_PIXELS = 80_000_000
+
+
+def max_pixels() -> int:
+    """The pixel limit: $CBIR_MAX_PIXELS (set by `--max-pixels`), else `MAX_PIXELS`."""
+    value = os.environ.get("CBIR_MAX_PIXELS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
 
 
 def read_header(path: str | Path) -> Dataset:
@@ -38,14 +45,15 @@ def read_header(path: str | Path) -> Dataset:
     return ds
 
 
-def decode(ds: Dataset, path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Stored pixel values of the first frame (no LUTs applied)."""
+def decode(ds: Dataset, path: str | Path, limit: int | None = None) -> np.ndarray:
+    """Stored pixel values of the first frame (no LUTs applied); more than `limit` pixels are refused."""
+    limit = max_pixels() if limit is None else limit
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         kind = str(ds.get("SOPClassUID", "")) and getattr(ds.SOPClassUID, "name", str(ds.SOPClassUID))
         raise BadInputError(path, f"no pixel data ({kind or 'unknown SOP class'})")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows * cols > max_pixels:
-        raise BadInputError(path, f"image too large ({cols}×{rows} pixels, limit {max_pixels})")
+    if rows * cols > limit:
+        raise BadInputError(path, f"image too large ({cols}×{rows} pixels, limit {limit}; see --max-pixels)")
     if rows < 2 or cols < 2:
         raise BadInputError(path, f"image too small ({cols}×{rows} pixels)")
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -53,6 +61,9 @@ def decode(ds: Dataset, path: str | Path, max_pixels: int = MAX_PIXELS) -> np.nd
     syntax = ds.file_meta.TransferSyntaxUID
     options: dict[str, object] = {"index": 0} if int(ds.get("NumberOfFrames", 1) or 1) > 1 else {}
     if syntax.is_compressed:
+        if not _can_decode(syntax):
+            raise BadInputError(path, f"unsupported transfer syntax {syntax.name} ({syntax}): no decoder for it is "
+                                      "installed")
         options["decoding_plugin"] = DECODING_PLUGIN
     try:
         with _quiet_pydicom():
@@ -65,6 +76,15 @@ def decode(ds: Dataset, path: str | Path, max_pixels: int = MAX_PIXELS) -> np.nd
         raise BadInputError(path, f"corrupt pixel data ({_first_line(exc)})") from None
     except (ValueError, EOFError, OSError, KeyError, IndexError, AttributeError, TypeError) as exc:
         raise BadInputError(path, f"corrupt pixel data ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _can_decode(syntax: pydicom.uid.UID) -> bool:
+    """Whether the pinned plugin decodes this compressed syntax here."""
+    from pydicom.pixels.decoders.base import get_decoder
+    try:
+        return DECODING_PLUGIN in get_decoder(syntax).available_plugins
+    except (NotImplementedError, ValueError, KeyError):
+        return False
 
 
 def safe_meta(ds: Dataset, pseudonymize: Pseudonymizer | None) -> SafeMeta:
@@ -84,12 +104,27 @@ def instance_key(ds: Dataset) -> str | None:
     return hashlib.sha256(uid.encode()).hexdigest()[:32] if uid else None
 
 
+def peek_instance_key(path: str | Path) -> str | None:
+    """`instance_key` from the header alone (no pixels read); None for a non-DICOM or unreadable file."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        if head[128:132] != b"DICM" and not (len(head) >= 4 and head[1] == 0 and head[0] in (2, 8) and head[3] == 0):
+            return None
+        with _quiet_pydicom():
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True,
+                                 specific_tags=["SOPInstanceUID"])
+        return instance_key(ds)
+    except Exception:  # noqa: BLE001 - the full read later reports what is wrong with the file
+        return None
+
+
 def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None,
-               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, SafeMeta, str | None]:
+               limit: int | None = None) -> tuple[np.ndarray, SafeMeta, str | None]:
     """(pixels float32 [0,1], safe metadata, instance key) of a DICOM file."""
     with _quiet_pydicom():
         ds = read_header(path)
-        arr = decode(ds, path, max_pixels)
+        arr = decode(ds, path, limit)
         try:
             pixels = process(arr, ds)
         except (ValueError, TypeError, KeyError, IndexError) as exc:

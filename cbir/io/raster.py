@@ -8,16 +8,17 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cbir.errors import BadInputError
+from cbir.io.dicom import max_pixels
 
-MAX_PIXELS = 80_000_000
 
-
-def read_raster(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def read_raster(path: str | Path, limit: int | None = None) -> np.ndarray:
     """Any Pillow-readable image → grey; 16-bit PNGs keep their range before scaling."""
+    limit = max_pixels() if limit is None else limit
     try:
         with Image.open(path) as img:
-            if img.width * img.height > max_pixels:
-                raise BadInputError(path, f"image too large ({img.width}×{img.height} pixels, limit {max_pixels})")
+            if img.width * img.height > limit:
+                raise BadInputError(path, f"image too large ({img.width}×{img.height} pixels, limit {limit}; "
+                                          "see --max-pixels)")
             if img.width < 2 or img.height < 2:
                 raise BadInputError(path, f"image too small ({img.width}×{img.height} pixels)")
             img.load()
@@ -25,7 +26,9 @@ def read_raster(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except BadInputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise BadInputError(path, f"not a readable image ({type(exc).__name__}: {str(exc)[:120]})") from None
+        detail = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip(" :")[:120]
+        raise BadInputError(path, f"not a readable image ({type(exc).__name__}{': ' + detail if detail else ''})"
+                            ) from None
     low, high = float(arr.min()), float(arr.max())
     if high <= low:
         return np.zeros(arr.shape, dtype=np.float32)
