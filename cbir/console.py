@@ -28,6 +28,25 @@ class Task:
             self._progress.advance(self._id, n)
 
 
+class PlainTask(Task):
+    """Progress as plain lines (`ingest rsna: 120/400`) at every tenth, for logs and pipes."""
+
+    def __init__(self, console: Console, description: str, total: int | None) -> None:
+        super().__init__(None, None)
+        self._console, self._description, self._total = console, description, total
+        self._done, self._shown = 0, 0
+
+    def advance(self, n: int = 1) -> None:
+        self._done += n
+        if not self._total:
+            return
+        step = max(1, self._total // 10)
+        if self._done // step > self._shown // step or self._done == self._total:
+            self._shown = self._done
+            self._console.print(f"{printable(self._description)}: {self._done}/{self._total}", markup=False,
+                                soft_wrap=True)
+
+
 class Reporter:
     """What library code calls to show progress and one-line messages (to stderr)."""
 
@@ -48,9 +67,11 @@ class Reporter:
         if self.quiet:
             yield Task(None, None)
             return
+        if not self.console.is_terminal and not _force():
+            yield PlainTask(self.console, description, total)
+            return
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-                            transient=False, disable=not self.console.is_terminal and not _force())
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
         with progress:
             yield Task(progress, progress.add_task(description, total=total))
 

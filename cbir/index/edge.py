@@ -83,8 +83,8 @@ from cbir.index.base import (
 META_FILE = "meta.json"
 ALIASES_FILE = "aliases.json"
 LEDGER_FILE = "ledger.json"
-FLUSH_POINTS = 4096
-FLUSH_SECONDS = 5.0
+FLUSH_POINTS = int(os.environ.get("CBIR_EDGE_FLUSH_POINTS", "4096"))  # at most this many points lost to a kill
+FLUSH_SECONDS = float(os.environ.get("CBIR_EDGE_FLUSH_SECONDS", "5"))
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _EXACT = qe.SearchParams(exact=True)
 _SHARE_HINT = "use a Qdrant server to share an index"
