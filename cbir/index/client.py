@@ -22,6 +22,7 @@ they are only sent to a server. Local mode on disk locks its folder: one process
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -60,6 +61,7 @@ from cbir.index.base import (
     radius_threshold,
     stored_payloads,
 )
+from cbir.index.retry import RetryingClient, call_with_retries
 
 META_KEY = "cbir"
 #: Seconds a collection's vector sizes are cached (see `ClientIndex._schema`).
@@ -75,18 +77,17 @@ class ServerSettings:
     api_key: str | None = None
     timeout: int | None = None
     ca_cert: str | None = None
+    retries: int = 3
 
     @classmethod
     def from_env(cls, api_key: str | None = None, timeout: int | None = None,
-                 ca_cert: str | None = None) -> ServerSettings:
-        """Arguments first, then $CBIR_QDRANT_API_KEY, $CBIR_QDRANT_TIMEOUT and $CBIR_QDRANT_CA_CERT."""
-        env_timeout = os.environ.get("CBIR_QDRANT_TIMEOUT")
-        try:
-            timeout = timeout if timeout is not None else (int(env_timeout) if env_timeout else None)
-        except ValueError:
-            raise IndexError_(f"$CBIR_QDRANT_TIMEOUT={env_timeout!r}: not a whole number of seconds") from None
+                 ca_cert: str | None = None, retries: int | None = None) -> ServerSettings:
+        """Arguments first, then $CBIR_QDRANT_API_KEY, $CBIR_QDRANT_TIMEOUT, $CBIR_QDRANT_CA_CERT and
+        $CBIR_QDRANT_RETRIES."""
+        timeout = timeout if timeout is not None else _env_int("CBIR_QDRANT_TIMEOUT", None)
+        retries = retries if retries is not None else _env_int("CBIR_QDRANT_RETRIES", 3)
         return cls(api_key or os.environ.get("CBIR_QDRANT_API_KEY") or None, timeout,
-                   ca_cert or os.environ.get("CBIR_QDRANT_CA_CERT") or None)
+                   ca_cert or os.environ.get("CBIR_QDRANT_CA_CERT") or None, int(retries or 0))
 
 
 class ClientIndex(Index):
@@ -111,8 +112,9 @@ class ClientIndex(Index):
                 if not Path(self.settings.ca_cert).is_file():
                     raise IndexError_(f"{self.settings.ca_cert}: CA certificate file not found")
                 extra["verify"] = self.settings.ca_cert  # passed on to httpx
-            return QdrantClient(url=self.location, api_key=self.settings.api_key, timeout=self.settings.timeout,
-                                check_compatibility=False, **extra)
+            client = QdrantClient(url=self.location, api_key=self.settings.api_key, timeout=self.settings.timeout,
+                                  check_compatibility=False, **extra)
+            return RetryingClient(client, self.location, self.settings.retries)  # type: ignore[return-value]
         if self.location == ":memory:":
             return QdrantClient(location=":memory:")
         if not self.location.startswith("local:"):
@@ -212,16 +214,22 @@ class ClientIndex(Index):
         collection = self.resolve(name)
         url = f"{self.location.rstrip('/')}/collections/{collection}/shards/0/snapshot"
         headers = {"api-key": self.settings.api_key} if self.settings.api_key else {}
-        with (self._errors(name, "downloading the snapshot"),
-              httpx.stream("GET", url, headers=headers, timeout=self.settings.timeout or 300,
-                           verify=self.settings.ca_cert or True) as response):
-            if response.status_code != 200:
-                hint = " (snapshots need a full-access API key)" if response.status_code in (401, 403) else ""
-                raise IndexError_(f"{self._where(name)}: snapshot download failed: HTTP {response.status_code}"
-                                  + hint)
-            with open(path, "wb") as fh:
-                for chunk in response.iter_bytes(1 << 20):
-                    fh.write(chunk)
+
+        def download() -> None:
+            with httpx.stream("GET", url, headers=headers, timeout=self.settings.timeout or 300,
+                              verify=self.settings.ca_cert or True) as response:
+                if response.status_code in (500, 502, 503, 504):
+                    response.raise_for_status()  # transient: retried
+                if response.status_code != 200:
+                    hint = " (snapshots need a full-access API key)" if response.status_code in (401, 403) else ""
+                    raise IndexError_(f"{self._where(name)}: snapshot download failed: HTTP "
+                                      f"{response.status_code}{hint}")
+                with open(path, "wb") as fh:
+                    for chunk in response.iter_bytes(1 << 20):
+                        fh.write(chunk)
+
+        with self._errors(name, "downloading the snapshot"):
+            call_with_retries(self.location, self.settings.retries, download)
 
     # --- aliases -----------------------------------------------------------------------------------
 
@@ -281,16 +289,18 @@ class ClientIndex(Index):
             return self._client.count(name, count_filter=_filter(flt), exact=True).count
 
     def upsert(self, name: str, points: Sequence[Point]) -> None:
-        """Write points in batches of `UPSERT_BATCH`; nothing is written if one of them is bad."""
+        """Write points in requests of at most `UPSERT_BATCH` points and about `MAX_REQUEST_BYTES` (see
+        `batch_size`); nothing is written if one of them is bad."""
         self._check_writable()
         schema = self._schema(name)
         for point in points:
             check_point_id(self._where(name), point.id)
             check_vectors(f"{self._where(name)}: point {point.id}", schema.dim, schema.bits,
                           point.embedding, point.code)
+        step = batch_size(points)
         with self._errors(name, "upsert"):
-            for start in range(0, len(points), UPSERT_BATCH):
-                chunk = points[start:start + UPSERT_BATCH]
+            for start in range(0, len(points), step):
+                chunk = points[start:start + step]
                 batch = [_point_struct(p, body) for p, body in zip(chunk, stored_payloads(chunk), strict=True)]
                 self._client.upsert(name, points=batch, wait=True)
 
@@ -428,6 +438,30 @@ class ClientIndex(Index):
             raise
         except Exception as exc:
             raise IndexError_(f"{self._where(name)}: {action} failed: {_detail(exc)}") from exc
+
+
+#: Qdrant refuses requests over 32 MiB; cbir keeps each upsert request near a quarter of that.
+MAX_REQUEST_BYTES = 8 * 2**20
+
+
+def batch_size(points: Sequence[Point]) -> int:
+    """Points per upsert request: `UPSERT_BATCH`, or fewer when the largest point's JSON (a float takes up
+    to 24 characters) would push a request past `MAX_REQUEST_BYTES`."""
+    if not points:
+        return UPSERT_BATCH
+    largest = max(24 * (p.embedding.size + p.code.size) + len(json.dumps(p.payload, default=str)) + 256
+                  for p in points)
+    return max(1, min(UPSERT_BATCH, MAX_REQUEST_BYTES // largest))
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise IndexError_(f"${name}={value!r}: not a whole number") from None
 
 
 def _detail(exc: Exception) -> str:
