@@ -372,7 +372,8 @@ def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--
                          "current": name in by_collection, "points": idx.count(name),
                          "model_fingerprint": meta.get("model_fingerprint"), "backbone": meta.get("backbone"),
                          "dim": meta.get("dim"), "bits": meta.get("bits"), "team": meta.get("team"),
-                         "schema_version": idx.schema_version(name), "model_path": meta.get("model_path")})
+                         "schema_version": idx.schema_version(name), "model_path": meta.get("model_path"),
+                         "key_fingerprint": meta.get("key_fingerprint")})
         location = idx.location
     if as_json:
         sys.stdout.write(json.dumps({"index": location, "collections": rows}, indent=2) + "\n")

@@ -160,9 +160,24 @@ def test_query_with_another_model_is_refused(pipeline: dict[str, Path], tmp_path
 def test_unknown_collection_and_missing_index(pipeline: dict[str, Path], tmp_path: Path) -> None:
     code, _, err = run("query", _dicoms(pipeline["data"])[0], "--index", pipeline["index"],
                        "--collection", "nope")
-    assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run("index", "info", "--index", tmp_path / "nowhere")
-    assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "no collection 'nope'" in err and len(err.strip().splitlines()) == 1
+    for args in (("index", "info"), ("query", _dicoms(pipeline["data"])[0]), ("evaluate",)):
+        code, _, err = run(*args, "--index", tmp_path / "nowhere")
+        assert code == 2 and "nowhere: no index here" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "nowhere").exists()
+
+
+def test_empty_collection_is_one_line(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    from cbir.index import open_index
+    from cbir.index.versions import create_versioned
+    with open_index(str(pipeline["index"])) as idx:
+        meta = idx.get_meta("rsna")
+    with open_index(str(tmp_path / "index"), writable=True, create=True) as idx:
+        create_versioned(idx, "empty", meta["dim"], meta["bits"], meta)
+    for args in (("query", _dicoms(pipeline["data"])[0]), ("evaluate", "--out", tmp_path / "rep")):
+        code, out, err = run(*args, "--index", tmp_path / "index", "--collection", "empty")
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "collection 'empty' is empty: ingest images into it first" in err and "Traceback" not in err
 
 
 def test_dataset_errors_are_one_line(tmp_path: Path) -> None:
@@ -371,3 +386,76 @@ def test_export_and_import_through_the_cli(pipeline: dict[str, Path], tmp_path: 
         assert json.loads(out)["neighbors"][0]["path"] == f"stage_2_train_images/{dicom.name}"
     code, out, err = run("index", "import", tmp_path / "nope.snapshot", "--index", tmp_path / "edge")
     assert code == 2 and "no such file" in err
+
+
+def _phi_values(data: Path) -> set[str]:
+    """Every identifying header value the synthetic DICOMs carry (names, IDs, dates, accession, institution,
+    address, physician, UIDs and the private tag), except the patientId that RSNA uses as the file name. (Study
+    times are left out: six digits also occur inside probabilities.)"""
+    keywords = ("PatientName", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber", "InstitutionName",
+                "InstitutionAddress", "ReferringPhysicianName", "StudyDate", "SOPInstanceUID",
+                "StudyInstanceUID", "SeriesInstanceUID")
+    secrets: set[str] = set()
+    for path in _dicoms(data):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        secrets |= {str(ds.get(k) or "").strip() for k in keywords}
+        secrets |= {str(elem.value).strip() for elem in ds if elem.tag.is_private and elem.VR == "LO"}
+        secrets |= {str(ds.PatientName).split("^")[0]}   # a family name alone is identifying too
+    return {s for s in secrets if len(s) >= 6}
+
+
+def test_no_phi_anywhere_cbir_writes(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """Ingest, query (with montage) and evaluate on headers full of fake PHI, then search every payload, the
+    collection metadata, the reports, the montage (file names and PNG text chunks) and all log output."""
+    from cbir.index import open_index
+    secrets = _phi_values(pipeline["data"])
+    assert len(secrets) > 5 * N and any(s.startswith("SYNTH-PATIENT-KEY-") for s in secrets)
+    logs = []
+    index = tmp_path / "index"
+    for args in (("ingest", "--data", pipeline["data"], "--model", pipeline["model"], "--index", index,
+                  "--collection", "phi", "--workers", 0),
+                 ("query", _dicoms(pipeline["data"])[3], "--index", index, "--collection", "phi", "--k", 5,
+                  "--montage", tmp_path / "out" / "montage.png"),
+                 ("query", _dicoms(pipeline["data"])[3], "--index", index, "--collection", "phi", "--json"),
+                 ("evaluate", "--index", index, "--collection", "phi", "--k", 5, "--out", tmp_path / "out" / "rep"),
+                 ("index", "info", "--index", index, "--json")):
+        code, out, err = run(*args)
+        assert code == 0, err
+        logs.append(out + err)
+    texts = list(logs)
+    names = []
+    for path in (tmp_path / "out").rglob("*"):
+        names.append(path.name)
+        if path.suffix in (".md", ".json"):
+            texts.append(path.read_text())
+        if path.suffix == ".png":
+            texts.append(json.dumps(Image.open(path).info, default=str))
+    with open_index(str(index)) as idx:
+        texts.append(json.dumps([p.payload for p in idx.scroll("phi")]) + json.dumps(idx.get_meta("phi")))
+    haystack = "\n".join(texts + names)
+    assert len(names) >= 4
+    leaked = sorted(s for s in secrets if s in haystack)
+    assert leaked == [], leaked[:5]
+
+
+def test_ingest_refuses_a_second_pseudonym_key(pipeline: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from cbir.index import open_index
+    from cbir.io.phi import Pseudonymizer
+    index = tmp_path / "index"
+    args = ("ingest", "--data", pipeline["data"], "--model", pipeline["model"], "--index", index, "--collection",
+            "keyed", "--workers", 0)
+    first_key, other_key = "a" * 64, "b" * 64
+    monkeypatch.setenv("CBIR_PSEUDONYM_KEY", first_key)
+    assert run(*args)[0] == 0
+    with open_index(str(index)) as idx:
+        before = sorted(p.payload["pseudonym"] for p in idx.scroll("keyed"))
+        meta = idx.get_meta("keyed")
+    assert meta["key_fingerprint"] == Pseudonymizer(first_key.encode()).fingerprint
+    assert first_key not in json.dumps(meta)                     # the fingerprint, never the key
+    monkeypatch.setenv("CBIR_PSEUDONYM_KEY", other_key)
+    code, out, err = run(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert meta["key_fingerprint"] in err and Pseudonymizer(other_key.encode()).fingerprint in err
+    with open_index(str(index)) as idx:
+        assert sorted(p.payload["pseudonym"] for p in idx.scroll("keyed")) == before

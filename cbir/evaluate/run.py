@@ -130,6 +130,8 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
         archive_filter = Filter()
         source = f"{queries_from.dataset} ({queries_from.root})"
     if not queries:
+        if index.count(collection) == 0:
+            raise CbirError(f"collection {collection!r} is empty: ingest images into it first (cbir ingest)")
         raise CbirError(f"collection {collection!r}: no query images ({source} is empty)")
     archive = scroll_archive(index, collection, archive_filter, bits, with_embeddings=True)
     if archive.targets.size == 0:

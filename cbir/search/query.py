@@ -93,6 +93,8 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
     embedded = embed_image(loaded, image)
     embedded.code = collection_code(meta, embedded.embedding, embedded.code)
     hits = search_embedding(index, collection, embedded, k, flt, prefilter, hamming_radius)
+    if not hits and index.count(collection) == 0:
+        raise CbirError(f"collection {collection!r} is empty: ingest images into it first (cbir ingest)")
     target, negative = meta.get("target", loaded.config.target), meta.get("negative_label", "negative")
     probability = embedded.probability
     prediction = {"label": target if probability >= 0.5 else negative, "probability": round(probability, 6),
