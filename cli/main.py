@@ -495,6 +495,67 @@ def migrate(index: IndexOpt = None,
 
 @app.command()
 @guarded
+def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-separated")] = "10000,100000",
+          dim: Annotated[int, typer.Option("--dim", min=2)] = 512,
+          bits: Annotated[int, typer.Option("--bits", min=8)] = 64,
+          queries: Annotated[int, typer.Option("--queries", min=5)] = 200,
+          prefilter: Annotated[int, typer.Option("--prefilter", min=10, help="N of the top-N Hamming prefilter")
+                               ] = 1000,
+          radius: Annotated[int | None, typer.Option("--radius", min=0,
+                                                     help="Hamming radius (default bits/4)")] = None,
+          json_out: Annotated[Path | None, typer.Option("--json", help="write the results as JSON")] = None,
+          from_index: Annotated[bool, typer.Option("--from-index", help="use --index/--collection's points")
+                                ] = False,
+          index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION,
+          hnsw: Annotated[bool, typer.Option("--hnsw/--no-hnsw", help="also build and query an HNSW graph")] = True,
+          pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="also time the model side")
+                              ] = True,
+          backbone: Annotated[str, typer.Option("--backbone", help="pipeline: backbone")] = "resnet18",
+          image_size: Annotated[int, typer.Option("--image-size", help="pipeline: model input size")] = 224,
+          ) -> None:
+    """Time the query path against the alternatives in one run (Qdrant Edge exact/HNSW/prefilters, local mode,
+    NumPy, FAISS, cbir's in-memory searcher) and the model pipeline; prints a table, writes JSON."""
+    from cbir.bench.data import from_index as data_from_index
+    from cbir.bench.data import synthetic
+    from cbir.bench.pipeline import bench_pipeline
+    from cbir.bench.run import bench_vectors, to_json
+    reporter = _reporter()
+    rows = []
+    if from_index:
+        with _open(index) as idx:
+            datasets = [data_from_index(idx, collection, queries)]
+    else:
+        try:
+            sizes = [int(x) for x in n.split(",") if x.strip()]
+        except ValueError:
+            raise CbirError(f"--n {n!r}: give sizes like 10000,100000") from None
+        datasets = [synthetic(size, dim, bits, queries) for size in sizes]
+    for data in datasets:
+        reporter.log(f"{len(data.points):,} points ({data.source})")
+        rows += bench_vectors(data, prefilter=prefilter, radius=radius, hnsw=hnsw, reporter=reporter)
+    model_side = bench_pipeline(backbone, image_size, reporter=reporter) if pipeline else None
+    result = to_json(rows, model_side, {"n": n, "dim": dim, "bits": bits, "queries": queries,
+                                        "prefilter": prefilter, "radius": radius, "from_index": from_index})
+    table = Table(title="cbir bench")
+    columns = ("engine", "method", "n", "filter", "p50_ms", "p99_ms", "recall_at_10", "ingest_points_per_s",
+               "build_s", "queries")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("engine", "method", "filter") else "right")
+    for row in result["rows"]:
+        table.add_row(*(f"{row[c]:,}" if isinstance(row[c], int) else str(row[c]) for c in columns))
+    out.print(table, width=max(out.width, 150))
+    if model_side:
+        out.print(f"pipeline ({model_side['backbone']} at {model_side['image_size']} px): "
+                  f"{model_side['images_per_s']} images/s with decoding vs {model_side['bare_forward_images_per_s']} "
+                  f"bare forward ({100 * model_side['pipeline_fraction_of_bare']:.0f} %); warm query "
+                  f"{model_side['warm_query_ms']} ms p50", markup=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        out.print(f"wrote {json_out}", markup=False)
+
+
+@app.command()
+@guarded
 def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder) dataset")],
               out_dir: Annotated[Path, typer.Option("--out", help="results folder")],
               layout: LayoutOpt = "auto",

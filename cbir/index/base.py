@@ -43,9 +43,10 @@ INDEXED_FIELDS = ("labels", "dataset", "split", "view", "sex", "age_band", "pseu
 #: query's has at least one substring within ⌊R/m⌋ of the query's (pigeonhole), so a payload filter on those
 #: substring neighbourhoods narrows a radius search to a superset of its answers, which the `hash` vector
 #: then checks exactly. Measured on Qdrant Edge (docs/performance.md): at 100k points R=8 takes 3.7 ms
-#: instead of 193 ms for the full scan. Above `MIH_MAX_KEYS` filter values the full scan is used.
+#: instead of 193 ms for the full scan, R=16 (10,068 filter values) 42 ms instead of 212 ms. Above
+#: `MIH_MAX_KEYS` filter values the full scan is used.
 MIH_WIDTH = 16
-MIH_MAX_KEYS = 4096
+MIH_MAX_KEYS = 16384
 
 FilterValue = str | int | bool | Sequence[str]
 

@@ -374,7 +374,7 @@ class EdgeIndex(Index):
             name = self.resolve(name)
             shard = self._shard(name)
             with self._errors(name, "count"):
-                return shard.count(qe.CountRequest(exact=True, filter=_filter(flt)))
+                return shard.count(qe.CountRequest(exact=True, filter=edge_filter(flt)))
 
     def upsert(self, name: str, points: Sequence[Point]) -> None:
         """Write points in batches of `UPSERT_BATCH`; nothing is written if one is bad. Flushes now and
@@ -428,7 +428,7 @@ class EdgeIndex(Index):
         name = self.resolve(name)
         offset: Any = None
         while True:
-            request = qe.ScrollRequest(offset=offset, limit=batch, filter=_filter(flt), with_payload=True,
+            request = qe.ScrollRequest(offset=offset, limit=batch, filter=edge_filter(flt), with_payload=True,
                                        with_vector=with_vectors)
             with self._mutex, self._errors(name, "scroll"):
                 records, offset = self._shard(name).scroll(request)
@@ -458,7 +458,7 @@ class EdgeIndex(Index):
                         code: np.ndarray | None, prefilter: int | None,
                         radius: int | None) -> qe.QueryRequest | None:
         """Exact cosine query, over the Hamming candidates when asked; None when there are none."""
-        condition, prefetches = _filter(flt), None
+        condition, prefetches = edge_filter(flt), None
         if prefilter is not None:
             candidates = nearest_by_hamming(lambda limit: self._hash_query(name, code, flt, limit, radius),
                                             prefilter)
@@ -466,7 +466,7 @@ class EdgeIndex(Index):
                 return None
             condition = qe.Filter(must=[qe.HasIdCondition({point_id for point_id, _ in candidates})])
         elif radius is not None:
-            condition = _filter(flt, self._mih(name, code, radius))
+            condition = edge_filter(flt, self._mih(name, code, radius))
             with self._errors(name, "count"):
                 population = self._shard(name).count(qe.CountRequest(exact=True, filter=condition))
             if population == 0:
@@ -483,7 +483,7 @@ class EdgeIndex(Index):
         """(id, Hamming distance) of the `limit` nearest codes, nearest first."""
         threshold = None if radius is None else radius_threshold(radius)
         mih = None if radius is None else self._mih(name, code, radius)
-        request = qe.QueryRequest(limit=limit, query=_hash_nearest(code), filter=_filter(flt, mih),
+        request = qe.QueryRequest(limit=limit, query=_hash_nearest(code), filter=edge_filter(flt, mih),
                                   score_threshold=threshold, with_payload=False, params=_EXACT)
         with self._errors(name, "Hamming search"):
             scored = self._shard(name).query(request)
@@ -575,7 +575,7 @@ def _match(value: Any) -> qe.MatchValue | qe.MatchAny:
     return qe.MatchValue(value)
 
 
-def _filter(flt: Filter | None, mih: list[list[int]] | None = None) -> qe.Filter | None:
+def edge_filter(flt: Filter | None, mih: list[list[int]] | None = None) -> qe.Filter | None:
     """The payload filter, and with `mih` keys also "at least one substring is near the query's"."""
     if not flt and not mih:
         return None

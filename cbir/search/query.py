@@ -15,6 +15,7 @@ query image's original pixels.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from cbir.errors import CbirError
 from cbir.index.base import Filter, Hit, Index
 from cbir.index.codes import collection_code
 from cbir.index.schema import FILTER_ALIASES, check_model
-from cbir.io import Pseudonymizer, read_image
+from cbir.io import Pseudonymizer, XrayImage, read_image
 from cbir.models import LoadedModel
 
 NEIGHBOR_FIELDS = ("labels", "label", "path", "dataset", "split", "view", "sex", "age_band", "boxes")
@@ -90,11 +91,22 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
     meta = index.get_meta(collection)
     check_model(meta, loaded, collection)
     image = read_image(path, pseudonymize)
+
+    def search(embedded: Embedded) -> list[Hit]:
+        hits = search_embedding(index, collection, embedded, k, flt, prefilter, hamming_radius)
+        if not hits and index.count(collection) == 0:
+            raise CbirError(f"collection {collection!r} is empty: ingest images into it first (cbir ingest)")
+        return hits
+
+    return answer(image, str(path), loaded, meta, collection, k, search)
+
+
+def answer(image: XrayImage, name: str, loaded: LoadedModel, meta: dict[str, Any], collection: str, k: int,
+           search: Callable[[Embedded], list[Hit]]) -> QueryResult:
+    """Embed a read image, search with `search` (an index, or an in-memory copy) and assemble the result."""
     embedded = embed_image(loaded, image)
     embedded.code = collection_code(meta, embedded.embedding, embedded.code)
-    hits = search_embedding(index, collection, embedded, k, flt, prefilter, hamming_radius)
-    if not hits and index.count(collection) == 0:
-        raise CbirError(f"collection {collection!r} is empty: ingest images into it first (cbir ingest)")
+    hits = search(embedded)
     target, negative = meta.get("target", loaded.config.target), meta.get("negative_label", "negative")
     probability = embedded.probability
     prediction = {"label": target if probability >= 0.5 else negative, "probability": round(probability, 6),
@@ -106,7 +118,7 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
         neighbors=[_neighbor(rank, hit) for rank, hit in enumerate(hits, start=1)],
         vote=vote(hits, target),
         prediction=prediction,
-        query={"path": str(path), "view": image.meta.view, "sex": image.meta.sex,
+        query={"path": name, "view": image.meta.view, "sex": image.meta.sex,
                "age_band": image.meta.age_band, "shape": list(image.shape)},
         pixels=image.pixels,
     )

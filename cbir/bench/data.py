@@ -1,0 +1,77 @@
+"""Benchmark data: clustered embeddings (not isotropic noise), codes that correlate with them, payloads with a
+field that a filter can cut to 20 %, and queries near the archive. Or the points of a real collection."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from cbir.index.base import Filter, Index, Point
+
+LABELS = ("a", "b", "c", "d", "e")   # uniform: `label=a` keeps 20 % of the points
+FILTER_20 = Filter(must={"label": "a"})
+
+
+@dataclass
+class BenchData:
+    points: list[Point]
+    queries: np.ndarray          # (Q, dim) float32, normalised
+    query_codes: np.ndarray      # (Q, bits) uint8
+    source: str
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return np.stack([p.embedding for p in self.points])
+
+    @property
+    def codes(self) -> np.ndarray:
+        return np.stack([p.code for p in self.points])
+
+
+def synthetic(n: int, dim: int, bits: int, queries: int, seed: int = 0, clusters: int | None = None,
+              spread: float = 0.3) -> BenchData:
+    """`clusters` Gaussian clusters (default n/500, at least 20) on the unit sphere; codes are the signs of a
+    fixed random projection (what an LSH or a trained hash head gives: near embeddings, near codes); queries
+    are archive points with fresh noise, so each has true neighbours."""
+    rng = np.random.default_rng(seed)
+    clusters = clusters or max(20, n // 500)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    which = rng.integers(0, clusters, n)
+    emb = centres[which] + spread * rng.normal(size=(n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    projection = rng.normal(size=(dim, bits)).astype(np.float32)
+    codes = (emb @ projection > 0).astype(np.uint8)
+    picks = rng.integers(0, n, queries)
+    q = emb[picks] + 0.5 * spread * rng.normal(size=(queries, dim)).astype(np.float32) / np.sqrt(dim) * 4
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    points = [Point(str(uuid.UUID(bytes=rng.bytes(16), version=4)), emb[i], codes[i],
+                    {"label": LABELS[i % len(LABELS)], "view": "PA" if i % 3 else "AP", "cluster": int(which[i])})
+              for i in range(n)]
+    return BenchData(points, q.astype(np.float32), (q @ projection > 0).astype(np.uint8), "synthetic")
+
+
+def from_index(index: Index, collection: str, queries: int, seed: int = 0) -> BenchData:
+    """A real collection: its points, and `queries` of its own points (perturbed slightly) as queries."""
+    points = list(index.scroll(collection, with_vectors=True, batch=2048))
+    if not points:
+        raise ValueError(f"collection {collection!r} is empty")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(points), queries)
+    emb = np.stack([points[i].embedding for i in picks])
+    emb = emb + 0.01 * rng.normal(size=emb.shape).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    codes = np.stack([points[i].code for i in picks])
+    for i, p in enumerate(points):   # the filter field, as in the synthetic data
+        p.payload = {**p.payload, "label": LABELS[i % len(LABELS)]}
+    return BenchData(points, emb.astype(np.float32), codes, f"{index.location} {collection}")
+
+
+def exact_top(embeddings: np.ndarray, mask: np.ndarray | None, query: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the exact cosine top k (within `mask`): the ground truth for recall."""
+    scores = embeddings @ query
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+    top = np.argpartition(-scores, k)[:k]
+    return top[np.argsort(-scores[top])]

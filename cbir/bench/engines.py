@@ -1,0 +1,200 @@
+"""The engines `cbir bench` compares. Each loads the benchmark points (timed) and answers queries by method.
+
+Methods: `exact_knn` (exact cosine), `hnsw_knn` (approximate), `topn_prefilter_rerank` (the N nearest codes by
+Hamming distance, then exact cosine), `radius_prefilter_rerank` (codes within Hamming R, then exact cosine),
+`binary_flat_rerank` (FAISS IndexBinaryFlat top N + NumPy rerank).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from cbir.bench.data import BenchData
+from cbir.index.base import Filter
+
+Search = Callable[[np.ndarray, np.ndarray, Filter | None], list[int]]   # (query, code, filter) → positions
+
+
+class Engine:
+    name = ""
+    filters = True                    # whether it answers payload-filtered queries
+
+    def load(self, data: BenchData) -> tuple[float, float]:
+        """Load the points; returns (ingest points/s, index build seconds)."""
+        raise NotImplementedError
+
+    def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
+        raise NotImplementedError
+
+    def close(self) -> None:  # noqa: B027 - most engines hold nothing
+        pass
+
+
+class IndexEngine(Engine):
+    """cbir's `Index` (Qdrant Edge, or qdrant-client local mode): exact search, prefilters through Qdrant."""
+
+    def __init__(self, kind: str) -> None:
+        self.name = "qdrant-edge" if kind == "edge" else "qdrant-local"
+        self.kind = kind
+        self._tmp = tempfile.TemporaryDirectory(prefix="cbir-bench-")
+
+    def load(self, data: BenchData) -> tuple[float, float]:
+        from cbir.index import open_index
+        location = str(Path(self._tmp.name) / "edge") if self.kind == "edge" else ":memory:"
+        self.index = open_index(location, writable=True, create=True)
+        dim, bits = data.points[0].embedding.size, data.points[0].code.size
+        self.index.create_collection("bench", dim, bits, {"dim": dim, "bits": bits})
+        started = time.perf_counter()
+        for start in range(0, len(data.points), 2048):
+            self.index.upsert("bench", data.points[start:start + 2048])
+        self.index.release("bench")  # flushed, as a reader would find it
+        seconds = time.perf_counter() - started
+        self.position = {p.id: i for i, p in enumerate(data.points)}
+        return len(data.points) / seconds, 0.0
+
+    def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
+        def run(**kw: object) -> Search:
+            def search(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
+                extra = {**kw, "code": code} if kw else {}
+                return [self.position[h.id] for h in self.index.search("bench", q, k, flt, **extra)]
+            return search
+        return {"exact_knn": run(), "topn_prefilter_rerank": run(prefilter=prefilter),
+                "radius_prefilter_rerank": run(hamming_radius=radius)}
+
+    def close(self) -> None:
+        self.index.close()
+        self._tmp.cleanup()
+
+
+class EdgeHnswEngine(Engine):
+    """Qdrant Edge with an HNSW graph on the embedding (built by `optimize()`), searched approximately."""
+
+    name = "qdrant-edge"
+
+    def __init__(self, m: int = 16, ef_construct: int = 64, ef: int = 64) -> None:
+        self.m, self.ef_construct, self.ef = m, ef_construct, ef
+        self._tmp = tempfile.TemporaryDirectory(prefix="cbir-bench-hnsw-")
+
+    def load(self, data: BenchData) -> tuple[float, float]:
+        import qdrant_edge as qe
+
+        from cbir.index.edge import edge_filter
+        self._filter = edge_filter
+        dim = data.points[0].embedding.size
+        hnsw = qe.HnswIndexConfig(m=self.m, ef_construct=self.ef_construct, full_scan_threshold=10_000)
+        config = qe.EdgeConfig(vectors={"embedding": qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine,
+                                                                          hnsw_config=hnsw)}, wal_enabled=False)
+        self.shard = qe.EdgeShard.create(str(Path(self._tmp.name) / "shard"), config)
+        self.shard.update(qe.UpdateOperation.create_field_index("label", qe.PayloadSchemaType.Keyword))
+        started = time.perf_counter()
+        for start in range(0, len(data.points), 2048):
+            batch = [qe.Point(p.id, {"embedding": p.embedding}, p.payload) for p in data.points[start:start + 2048]]
+            self.shard.update(qe.UpdateOperation.upsert_points(batch))
+        self.shard.flush()
+        ingest = len(data.points) / (time.perf_counter() - started)
+        started = time.perf_counter()
+        self.shard.optimize()
+        build = time.perf_counter() - started
+        self.position = {p.id: i for i, p in enumerate(data.points)}
+        self._params = qe.SearchParams(hnsw_ef=self.ef, exact=False)
+        return ingest, build
+
+    def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
+        import qdrant_edge as qe
+
+        def search(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
+            request = qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using="embedding"), filter=self._filter(flt),
+                                      with_payload=False, params=self._params)
+            return [self.position[str(p.id)] for p in self.shard.query(request)]
+        return {"hnsw_knn": search}
+
+    def close(self) -> None:
+        self.shard.close()
+        self._tmp.cleanup()
+
+
+class MemoryEngine(Engine):
+    """cbir's in-memory searcher (`cbir.search.memory`), what `cbir serve` answers with."""
+
+    name = "cbir-memory"
+
+    def load(self, data: BenchData) -> tuple[float, float]:
+        from cbir.search.memory import MemoryIndex
+        started = time.perf_counter()
+        self.memory = MemoryIndex(data.points)
+        seconds = time.perf_counter() - started
+        self.position = {p.id: i for i, p in enumerate(data.points)}
+        return len(data.points) / seconds, 0.0
+
+    def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
+        def run(**kw: object) -> Search:
+            def search(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
+                extra = {**kw, "code": code} if kw else {}
+                return [self.position[h.id] for h in self.memory.search(q, k, flt, **extra)]
+            return search
+        return {"exact_knn": run(), "topn_prefilter_rerank": run(prefilter=prefilter),
+                "radius_prefilter_rerank": run(hamming_radius=radius)}
+
+
+class NumpyEngine(Engine):
+    """The exact baseline: one matrix-vector product over every embedding."""
+
+    name = "numpy"
+
+    def load(self, data: BenchData) -> tuple[float, float]:
+        started = time.perf_counter()
+        self.emb = np.ascontiguousarray(data.embeddings)
+        self.labels = np.array([p.payload.get("label") for p in data.points])
+        return len(data.points) / (time.perf_counter() - started), 0.0
+
+    def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
+        def search(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
+            scores = self.emb @ q
+            if flt:
+                scores = np.where(self.labels == flt.must["label"], scores, -np.inf)
+            top = np.argpartition(-scores, k)[:k]
+            return top[np.argsort(-scores[top])].tolist()
+        return {"exact_knn": search}
+
+
+class FaissEngine(Engine):
+    """FAISS (`pip install 'cbir[bench]'`): IndexFlatIP, and IndexBinaryFlat top N + NumPy rerank."""
+
+    name = "faiss"
+    filters = False
+
+    def load(self, data: BenchData) -> tuple[float, float]:
+        import faiss
+        started = time.perf_counter()
+        self.emb = np.ascontiguousarray(data.embeddings)
+        self.flat = faiss.IndexFlatIP(self.emb.shape[1])
+        self.flat.add(self.emb)
+        codes = data.codes
+        self.binary = faiss.IndexBinaryFlat(codes.shape[1])
+        self.binary.add(np.packbits(codes, axis=1))
+        return len(data.points) / (time.perf_counter() - started), 0.0
+
+    def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
+        def flat(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
+            return self.flat.search(q[None], k)[1][0].tolist()
+
+        def binary(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
+            candidates = self.binary.search(np.packbits(code)[None], prefilter)[1][0]
+            candidates = candidates[candidates >= 0]
+            scores = self.emb[candidates] @ q
+            top = np.argsort(-scores)[:k]
+            return candidates[top].tolist()
+        return {"exact_knn": flat, "binary_flat_rerank": binary}
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True

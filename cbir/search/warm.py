@@ -1,0 +1,59 @@
+"""A warm searcher: the model loaded and the collection in memory, for processes that answer many queries
+(`cbir serve`, `cbir bench`). A query then costs decode + one forward pass + an in-memory search."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cbir.embed import Embedded
+from cbir.errors import CbirError
+from cbir.index.base import Filter, Hit, Index
+from cbir.index.schema import check_model
+from cbir.io import Pseudonymizer, XrayImage, read_image
+from cbir.models import LoadedModel
+from cbir.search.memory import MemoryIndex
+from cbir.search.query import QueryResult, answer
+
+
+class WarmSearcher:
+    """`query(path)` like `cbir query`, from memory; `refresh()` reloads when the collection changed."""
+
+    def __init__(self, index: Index, collection: str, loaded: LoadedModel,
+                 pseudonymize: Pseudonymizer | None = None) -> None:
+        self.index, self.collection, self.loaded, self.pseudonymize = index, collection, loaded, pseudonymize
+        self.meta = index.get_meta(collection)
+        check_model(self.meta, loaded, collection)
+        self.memory = MemoryIndex.load(index, collection)
+        self._version = self._stamp()
+        self.loaded_at = time.time()
+
+    def _stamp(self) -> tuple[str, int]:
+        return self.index.resolve(self.collection), self.index.count(self.collection)
+
+    def refresh(self) -> bool:
+        """Reload if the alias moved or the point count changed; returns whether it reloaded."""
+        stamp = self._stamp()
+        if stamp == self._version:
+            return False
+        self.meta = self.index.get_meta(self.collection)
+        check_model(self.meta, self.loaded, self.collection)
+        self.memory = MemoryIndex.load(self.index, self.collection)
+        self._version, self.loaded_at = stamp, time.time()
+        return True
+
+    def query(self, path: str | Path, k: int = 10, flt: Filter | None = None, prefilter: int | None = None,
+              hamming_radius: int | None = None) -> QueryResult:
+        return self.query_image(read_image(path, self.pseudonymize), str(path), k, flt, prefilter, hamming_radius)
+
+    def query_image(self, image: XrayImage, name: str, k: int = 10, flt: Filter | None = None,
+                    prefilter: int | None = None, hamming_radius: int | None = None) -> QueryResult:
+        if not len(self.memory):
+            raise CbirError(f"collection {self.collection!r} is empty: ingest images into it first (cbir ingest)")
+
+        def search(embedded: Embedded) -> list[Hit]:
+            use_code = prefilter is not None or hamming_radius is not None
+            return self.memory.search(embedded.embedding, k, flt, embedded.code if use_code else None, prefilter,
+                                      hamming_radius)
+
+        return answer(image, name, self.loaded, self.meta, self.collection, k, search)
