@@ -512,6 +512,9 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
                               ] = True,
           backbone: Annotated[str, typer.Option("--backbone", help="pipeline: backbone")] = "resnet18",
           image_size: Annotated[int, typer.Option("--image-size", help="pipeline: model input size")] = 224,
+          pipeline_images: Annotated[int, typer.Option("--pipeline-images", min=8, help="pipeline: DICOMs")] = 96,
+          source_size: Annotated[int, typer.Option("--source-size", min=32, help="pipeline: DICOM size (px)")
+                                 ] = 1024,
           ) -> None:
     """Time the query path against the alternatives in one run (Qdrant Edge exact/HNSW/prefilters, local mode,
     NumPy, FAISS, cbir's in-memory searcher) and the model pipeline; prints a table, writes JSON."""
@@ -533,7 +536,8 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
     for data in datasets:
         reporter.log(f"{len(data.points):,} points ({data.source})")
         rows += bench_vectors(data, prefilter=prefilter, radius=radius, hnsw=hnsw, reporter=reporter)
-    model_side = bench_pipeline(backbone, image_size, reporter=reporter) if pipeline else None
+    model_side = (bench_pipeline(backbone, image_size, n_images=pipeline_images, source_size=source_size,
+                                 reporter=reporter) if pipeline else None)
     result = to_json(rows, model_side, {"n": n, "dim": dim, "bits": bits, "queries": queries,
                                         "prefilter": prefilter, "radius": radius, "from_index": from_index})
     table = Table(title="cbir bench")

@@ -57,19 +57,25 @@ class MemoryIndex:
         if k <= 0 or not len(self) or (prefilter is not None and prefilter <= 0) or (hamming_radius or 0) < 0:
             return []
         candidates = self.candidates(flt)
+        everything = candidates is None  # no filter: work on the arrays themselves, not on copies
+        if everything:
+            candidates = np.arange(len(self))
         distances = None
         if code is not None:
-            distances = hamming(self.words[candidates], pack_words(np.asarray(code)[None, :])[0])
+            words = self.words if everything else self.words[candidates]
+            distances = hamming(words, pack_words(np.asarray(code)[None, :])[0])
             if hamming_radius is not None:
                 keep = distances <= hamming_radius
                 candidates, distances = candidates[keep], distances[keep]
             if prefilter is not None and prefilter < len(candidates):
                 keep = self._nearest(candidates, distances, prefilter)
                 candidates, distances = candidates[keep], distances[keep]
+            everything = everything and len(candidates) == len(self) and hamming_radius is None
         if not len(candidates):
             return []
         query = np.asarray(embedding, dtype=np.float32)
-        scores = self.embeddings[candidates] @ (query / np.linalg.norm(query))
+        matrix = self.embeddings if everything else self.embeddings[candidates]
+        scores = matrix @ (query / np.linalg.norm(query))
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         top = top[np.argsort(-scores[top], kind="stable")]
         return [Hit(self.ids[candidates[i]], float(scores[i]), self.payloads[candidates[i]],
@@ -87,10 +93,10 @@ class MemoryIndex:
 
     # --- payload filters ---------------------------------------------------------------------------
 
-    def candidates(self, flt: Filter | None) -> np.ndarray:
-        """Positions of the points that pass the filter."""
+    def candidates(self, flt: Filter | None) -> np.ndarray | None:
+        """Positions of the points that pass the filter (None: no filter, all of them)."""
         if not flt:
-            return np.arange(len(self))
+            return None
         mask = np.ones(len(self), dtype=bool)
         for key, value in flt.must.items():
             mask &= self._mask(key, value)

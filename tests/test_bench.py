@@ -1,0 +1,74 @@
+"""`cbir bench`: the output schema and the recall computation (correctness only; no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from cbir.bench.data import FILTER_20, exact_top, synthetic
+from cbir.bench.run import bench_vectors, recall
+from cli.main import app
+
+ROW_KEYS = {"engine", "method", "n", "filter", "p50_ms", "p99_ms", "recall_at_10", "ingest_points_per_s"}
+PIPELINE_KEYS = {"images_per_s", "bare_forward_images_per_s", "warm_query_ms"}
+
+
+def test_recall_counts_the_true_neighbours_found() -> None:
+    truth = np.array([4, 8, 15, 16, 23, 42, 1, 2, 3, 5])
+    assert recall(truth.tolist(), truth) == 1.0
+    assert recall([4, 8, 99, 100], truth) == 0.2
+    assert recall([], truth) == 0.0
+    emb = np.eye(12, dtype=np.float32)
+    q = emb[3] + 0.1 * emb[5]
+    q /= np.linalg.norm(q)
+    assert exact_top(emb, None, q, 2).tolist() == [3, 5]
+    mask = np.ones(12, bool)
+    mask[3] = False
+    assert exact_top(emb, mask, q, 1).tolist() == [5]
+
+
+def test_synthetic_data_is_clustered_and_codes_follow_embeddings() -> None:
+    data = synthetic(2000, 32, 32, 20, clusters=10)
+    emb, codes = data.embeddings, data.codes
+    near = [exact_top(emb, None, q, 10) for q in data.queries]
+    near_ham = np.mean([(codes[i] != c).sum(axis=1).mean() for i, c in zip(near, data.query_codes, strict=True)])
+    random_ham = (codes[:200] != data.query_codes[0]).sum(axis=1).mean()
+    assert near_ham < 0.6 * random_ham                      # codes correlate with the embeddings
+    kept = np.mean([p.payload["label"] == FILTER_20.must["label"] for p in data.points])
+    assert abs(kept - 0.2) < 0.01
+
+
+def test_bench_rows_schema_and_exact_methods_have_full_recall() -> None:
+    data = synthetic(600, 16, 32, 12)
+    rows = bench_vectors(data, prefilter=100, hnsw=True)
+    engines = {(r.engine, r.method) for r in rows}
+    for needed in (("cbir-memory", "topn_prefilter_rerank"), ("cbir-memory", "radius_prefilter_rerank"),
+                   ("numpy", "exact_knn"), ("qdrant-edge", "exact_knn"), ("qdrant-edge", "hnsw_knn"),
+                   ("qdrant-edge", "topn_prefilter_rerank"), ("qdrant-local", "exact_knn")):
+        assert needed in engines
+    for row in rows:
+        assert set(vars(row)) >= ROW_KEYS and row.n == 600 and row.queries >= 5
+        assert 0 <= row.recall_at_10 <= 1 and row.p50_ms <= row.p99_ms and row.ingest_points_per_s > 0
+        if row.method == "exact_knn":
+            assert row.recall_at_10 == 1.0, row
+    memory = {(r.method, r.filter): r.recall_at_10 for r in rows if r.engine == "cbir-memory"}
+    edge = {(r.method, r.filter): r.recall_at_10 for r in rows if r.engine == "qdrant-edge" and r.method != "hnsw_knn"}
+    assert memory == edge                                   # same answers, so the same recall
+    assert {r.filter for r in rows} == {"none", "label=a (20%)"}
+
+
+def test_cli_bench_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--n", "400", "--dim", "16", "--bits", "32", "--queries", "8",
+                                      "--prefilter", "50", "--no-hnsw", "--backbone", "test_resnet",
+                                      "--image-size", "32", "--pipeline-images", "24", "--source-size", "64",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert isinstance(report["rows"], list) and report["rows"]
+    assert all(set(row) >= ROW_KEYS for row in report["rows"])
+    assert set(report["pipeline"]) >= PIPELINE_KEYS and report["pipeline"]["images_per_s"] > 0
+    assert "cbir bench" in result.stdout and "warm query" in result.stdout
