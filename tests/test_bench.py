@@ -50,7 +50,7 @@ def test_bench_rows_schema_and_exact_methods_have_full_recall() -> None:
                    ("qdrant-edge", "topn_prefilter_rerank"), ("qdrant-local", "exact_knn")):
         assert needed in engines
     for row in rows:
-        assert set(vars(row)) >= ROW_KEYS and row.n == 600 and row.queries >= 5
+        assert set(vars(row)) >= ROW_KEYS and row.n == 600 and row.queries >= 3
         assert 0 <= row.recall_at_10 <= 1 and row.p50_ms <= row.p99_ms and row.ingest_points_per_s > 0
         if row.method == "exact_knn":
             assert row.recall_at_10 == 1.0, row

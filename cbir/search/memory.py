@@ -56,39 +56,47 @@ class MemoryIndex:
             raise ValueError("prefilter and hamming_radius need the query's hash code")
         if k <= 0 or not len(self) or (prefilter is not None and prefilter <= 0) or (hamming_radius or 0) < 0:
             return []
-        candidates = self.candidates(flt)
-        everything = candidates is None  # no filter: work on the arrays themselves, not on copies
-        if everything:
-            candidates = np.arange(len(self))
+        candidates = self.candidates(flt)   # None: every point, without copying anything
         distances = None
         if code is not None:
-            words = self.words if everything else self.words[candidates]
+            words = self.words if candidates is None else self.words[candidates]
             distances = hamming(words, pack_words(np.asarray(code)[None, :])[0])
+            keep = None
             if hamming_radius is not None:
-                keep = distances <= hamming_radius
-                candidates, distances = candidates[keep], distances[keep]
-            if prefilter is not None and prefilter < len(candidates):
-                keep = self._nearest(candidates, distances, prefilter)
-                candidates, distances = candidates[keep], distances[keep]
-            everything = everything and len(candidates) == len(self) and hamming_radius is None
-        if not len(candidates):
+                keep = np.flatnonzero(distances <= hamming_radius)
+            if prefilter is not None and prefilter < (len(distances) if keep is None else len(keep)):
+                inner = self._nearest(distances if keep is None else distances[keep],
+                                      self.id_rank if candidates is None and keep is None else
+                                      self.id_rank[_take(candidates, keep)], prefilter)
+                keep = inner if keep is None else keep[inner]
+            if keep is not None:
+                candidates, distances = _take(candidates, keep), distances[keep]
+        if candidates is not None and not len(candidates):
             return []
         query = np.asarray(embedding, dtype=np.float32)
-        matrix = self.embeddings if everything else self.embeddings[candidates]
+        matrix = self.embeddings if candidates is None else self.embeddings[candidates]
         scores = matrix @ (query / np.linalg.norm(query))
         top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         top = top[np.argsort(-scores[top], kind="stable")]
-        return [Hit(self.ids[candidates[i]], float(scores[i]), self.payloads[candidates[i]],
-                    None if distances is None else int(distances[i])) for i in top]
+        rows = top if candidates is None else candidates[top]
+        return [Hit(self.ids[row], float(scores[i]), self.payloads[row],
+                    None if distances is None else int(distances[i])) for i, row in zip(top, rows, strict=True)]
 
-    def _nearest(self, candidates: np.ndarray, distances: np.ndarray, n: int) -> np.ndarray:
-        """Positions of the n nearest codes, ties broken by ascending id: every code below the cut-off
-        distance, then the tied ones with the smallest ids."""
-        counts = np.cumsum(np.bincount(distances, minlength=self.bits + 1))
-        cut = int(np.searchsorted(counts, n))                  # the distance of the n-th nearest
-        below = np.flatnonzero(distances < cut)
-        tied = np.flatnonzero(distances == cut)
-        tied = tied[np.argsort(self.id_rank[candidates[tied]], kind="stable")[: n - len(below)]]
+    def _nearest(self, distances: np.ndarray, id_rank: np.ndarray, n: int) -> np.ndarray:
+        """Positions of the n smallest distances, ties broken by ascending id: every distance below the cut-off,
+        then the tied ones with the smallest ids. The cut-off is guessed from a sample and then checked with two
+        counts, which is cheaper than a histogram of all distances."""
+        sample = distances[:: max(1, len(distances) // 2048)]
+        cut = int(np.partition(sample, min(len(sample) - 1, n * len(sample) // len(distances)))
+                  [min(len(sample) - 1, n * len(sample) // len(distances))])
+        while cut > 0 and np.count_nonzero(distances < cut) >= n:
+            cut -= 1
+        while np.count_nonzero(distances <= cut) < n:
+            cut += 1
+        near = np.flatnonzero(distances <= cut)                # one pass over all distances
+        at_cut = distances[near] == cut
+        below, tied = near[~at_cut], near[at_cut]
+        tied = tied[np.argsort(id_rank[tied], kind="stable")[: n - len(below)]]
         return np.concatenate([below, tied])
 
     # --- payload filters ---------------------------------------------------------------------------
@@ -133,5 +141,14 @@ def pack_words(codes: np.ndarray) -> np.ndarray:
 
 
 def hamming(words: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Hamming distance of each row of packed `words` to the packed `query`."""
+    """Hamming distance of each row of packed `words` to the packed `query` (uint8 up to 64 bits)."""
+    if words.shape[1] == 1:
+        return np.bitwise_count(words[:, 0] ^ query[0])
     return np.bitwise_count(words ^ query).sum(axis=1, dtype=np.int64)
+
+
+def _take(positions: np.ndarray | None, keep: np.ndarray | None) -> np.ndarray | None:
+    """`positions[keep]`, where None means all positions (or keep everything)."""
+    if keep is None:
+        return positions
+    return keep if positions is None else positions[keep]

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from cbir.embed import Embedded
-from cbir.errors import CbirError
+from cbir.errors import CbirError, IndexError_
 from cbir.index.base import Filter, Hit, Index
 from cbir.index.schema import check_model
 from cbir.io import Pseudonymizer, XrayImage, read_image
@@ -29,16 +29,27 @@ class WarmSearcher:
         self.loaded_at = time.time()
 
     def _stamp(self) -> tuple[str, int]:
-        return self.index.resolve(self.collection), self.index.count(self.collection)
+        """What tells a changed collection; the collection is released afterwards, so that an embedded index
+        stays writable by `cbir ingest` while this process serves from memory."""
+        try:
+            return self.index.resolve(self.collection), self.index.count(self.collection)
+        finally:
+            self.index.release(self.collection)
 
     def refresh(self) -> bool:
-        """Reload if the alias moved or the point count changed; returns whether it reloaded."""
-        stamp = self._stamp()
-        if stamp == self._version:
+        """Reload if the alias moved or the point count changed; returns whether it reloaded. While another
+        process writes the collection, the current copy keeps answering."""
+        try:
+            stamp = self._stamp()
+            if stamp == self._version:
+                return False
+            meta = self.index.get_meta(self.collection)
+            check_model(meta, self.loaded, self.collection)
+            memory = MemoryIndex.load(self.index, self.collection)
+            self.index.release(self.collection)
+        except IndexError_:
             return False
-        self.meta = self.index.get_meta(self.collection)
-        check_model(self.meta, self.loaded, self.collection)
-        self.memory = MemoryIndex.load(self.index, self.collection)
+        self.meta, self.memory = meta, memory
         self._version, self.loaded_at = stamp, time.time()
         return True
 

@@ -1,0 +1,100 @@
+"""`cbir serve`'s API through FastAPI's TestClient: answers equal `cbir query`, every error is a 4xx with one
+line, and the warm copy follows the collection when it grows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+import cbir.serve.app as serve_app
+from cbir.index import open_index
+from cbir.io import load_pseudonymizer
+from cbir.models import load_checkpoint
+from cbir.search import query_image
+from cbir.search.warm import WarmSearcher
+from cli.main import app as cli
+
+N = 40
+
+
+def _run(*args: object) -> None:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from cbir.models import ModelConfig, create_model, save_checkpoint
+    root = tmp_path_factory.mktemp("serve")
+    _run("synth", "--layout", "rsna", "--n", N, "--size", 48, "--out", root / "data", "--seed", 5)
+    save_checkpoint(create_model(ModelConfig(backbone="test_resnet", image_size=32, embed_dim=16, bits=32)),
+                    root / "model")
+    _run("ingest", "--data", root / "data", "--model", root / "model", "--index", root / "index", "--collection",
+         "rsna", "--workers", 0)
+    index = open_index(str(root / "index"))
+    loaded = load_checkpoint(root / "model")
+    searcher = WarmSearcher(index, "rsna", loaded, load_pseudonymizer())
+    client = TestClient(serve_app.create_app(searcher, max_upload_bytes=2**20))
+    yield {"root": root, "client": client, "index": index, "loaded": loaded, "searcher": searcher,
+           "dicoms": sorted((root / "data" / "stage_2_train_images").glob("*.dcm"))}
+    index.close()
+
+
+def _post(client: TestClient, path: Path, **form: object):
+    with open(path, "rb") as fh:
+        return client.post("/query", files={"file": (path.name, fh.read())},
+                           data={k: str(v) if not isinstance(v, list) else v for k, v in form.items()})
+
+
+def test_health_and_openapi(served: dict) -> None:
+    health = served["client"].get("/health").json()
+    assert health["status"] == "ok" and health["points"] == N and health["collection"] == "rsna"
+    assert health["model_fingerprint"] == served["loaded"].fingerprint
+    paths = served["client"].get("/openapi.json").json()["paths"]
+    assert "/query" in paths and "/health" in paths
+
+
+def test_query_equals_cbir_query(served: dict) -> None:
+    for dicom in served["dicoms"][:3]:
+        response = _post(served["client"], dicom, k=5)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        expected = query_image(dicom, served["loaded"], served["index"], "rsna", 5,
+                               pseudonymize=load_pseudonymizer()).to_json()
+        assert [n["id"] for n in body["neighbors"]] == [n["id"] for n in expected["neighbors"]]
+        assert body["neighbors"][0]["path"] == f"stage_2_train_images/{dicom.name}"
+        assert body["prediction"] == expected["prediction"] and body["vote"] == expected["vote"]
+        assert body["query"]["path"] == dicom.name and body["timing_ms"] > 0
+    served["index"].release("rsna")  # query_image read the index directly; the server itself holds nothing
+    body = _post(served["client"], served["dicoms"][0], k=10, filter="label=Pneumonia", prefilter=30).json()
+    assert body["neighbors"] and all("Pneumonia" in n["labels"] for n in body["neighbors"])
+
+
+def test_bad_requests_are_4xx_with_one_line(served: dict, tmp_path: Path) -> None:
+    client = served["client"]
+    noise = tmp_path / "noise.dcm"
+    noise.write_bytes(b"\x01" * 4096)
+    cases = [(_post(client, noise), 400, "noise.dcm: not a DICOM file"),
+             (client.post("/query", files={"file": ("empty.png", b"")}), 400, "empty file"),
+             (client.post("/query", files={"file": ("big.dcm", b"\0" * (2**20 + 1))}), 413, "larger than"),
+             (_post(client, served["dicoms"][0], k=0), 422, ""),
+             (_post(client, served["dicoms"][0], filter="nonsense"), 422, "bad filter 'nonsense'"),
+             (client.post("/query"), 422, "")]
+    for response, status, text in cases:
+        assert response.status_code == status, response.text
+        detail = response.json()["detail"]
+        if isinstance(detail, str):
+            assert text in detail and "\n" not in detail
+
+
+def test_the_warm_copy_follows_the_collection(served: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = served["root"]
+    _run("synth", "--layout", "rsna", "--n", 10, "--size", 48, "--out", root / "more", "--seed", 6)
+    _run("ingest", "--data", root / "more", "--model", root / "model", "--index", root / "index",
+         "--collection", "rsna", "--workers", 0)   # the server process does not block the writer
+    monkeypatch.setattr(serve_app, "REFRESH_SECONDS", 0.0)
+    _post(served["client"], served["dicoms"][0], k=3)
+    assert served["client"].get("/health").json()["points"] == N + 10
