@@ -508,6 +508,8 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
           radius: Annotated[int | None, typer.Option("--radius", min=0,
                                                      help="Hamming radius (default bits/4)")] = None,
           json_out: Annotated[Path | None, typer.Option("--json", help="write the results as JSON")] = None,
+          markdown_out: Annotated[Path | None, typer.Option("--markdown", help="write the table as Markdown")
+                                  ] = None,
           from_index: Annotated[bool, typer.Option("--from-index", help="use --index/--collection's points")
                                 ] = False,
           index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION,
@@ -525,7 +527,7 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
     from cbir.bench.data import from_index as data_from_index
     from cbir.bench.data import synthetic
     from cbir.bench.pipeline import bench_pipeline
-    from cbir.bench.run import bench_vectors, to_json
+    from cbir.bench.run import bench_vectors, markdown, to_json
     reporter = _reporter()
     rows = []
     if from_index:
@@ -560,6 +562,9 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
         out.print(f"wrote {json_out}", markup=False)
+    if markdown_out is not None:
+        markdown_out.write_text(markdown(result))
+        out.print(f"wrote {markdown_out}", markup=False)
 
 
 @app.command()

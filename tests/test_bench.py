@@ -65,10 +65,12 @@ def test_cli_bench_writes_json(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "--n", "400", "--dim", "16", "--bits", "32", "--queries", "8",
                                       "--prefilter", "50", "--no-hnsw", "--backbone", "test_resnet",
                                       "--image-size", "32", "--pipeline-images", "24", "--source-size", "64",
-                                      "--json", str(out)])
+                                      "--json", str(out), "--markdown", str(tmp_path / "bench.md")])
     assert result.exit_code == 0, result.stderr
     report = json.loads(out.read_text())
     assert isinstance(report["rows"], list) and report["rows"]
     assert all(set(row) >= ROW_KEYS for row in report["rows"])
     assert set(report["pipeline"]) >= PIPELINE_KEYS and report["pipeline"]["images_per_s"] > 0
     assert "cbir bench" in result.stdout and "warm query" in result.stdout
+    table = (tmp_path / "bench.md").read_text()
+    assert table.count("\n| ") == len(report["rows"]) + 1 and "images/s with decoding" in table

@@ -116,3 +116,21 @@ def machine() -> dict[str, Any]:
 def to_json(rows: list[Row], pipeline: dict[str, Any] | None, settings: dict[str, Any]) -> dict[str, Any]:
     return {"rows": [asdict(r) for r in rows], "pipeline": pipeline or {}, "settings": settings,
             "machine": machine()}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The rows as a Markdown table (for docs/performance.md), then the pipeline line."""
+    lines = ["| engine | method | n | filter | p50 ms | p99 ms | recall@10 | ingest points/s | build s | queries |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['engine']} | {r['method']} | {r['n']:,} | {r['filter']} | {r['p50_ms']:.3f} | "
+                     f"{r['p99_ms']:.3f} | {r['recall_at_10']:.3f} | {r['ingest_points_per_s']:,.0f} | "
+                     f"{r['build_s']:.1f} | {r['queries']} |")
+    p = result.get("pipeline") or {}
+    if p:
+        lines += ["", f"Pipeline ({p['backbone']} at {p['image_size']} px, {p['n_images']} synthetic "
+                      f"{p['source_size']}-px JPEG DICOMs, batch {p['batch_size']}, {p['workers']} decode workers): "
+                      f"{p['images_per_s']} images/s with decoding vs {p['bare_forward_images_per_s']} for the bare "
+                      f"forward pass ({100 * p['pipeline_fraction_of_bare']:.0f} %); warm query "
+                      f"{p['warm_query_ms']} ms p50, {p['warm_query_p99_ms']} ms p99 ({p['warm_queries']} queries)."]
+    return "\n".join(lines) + "\n"
