@@ -98,3 +98,36 @@ def test_the_warm_copy_follows_the_collection(served: dict, monkeypatch: pytest.
     monkeypatch.setattr(serve_app, "REFRESH_SECONDS", 0.0)
     _post(served["client"], served["dicoms"][0], k=3)
     assert served["client"].get("/health").json()["points"] == N + 10
+
+
+def test_viewer_page_thumbnails_and_region_search(served: dict) -> None:
+    client = served["client"]
+    page = client.get("/")
+    assert page.status_code == 200 and "<title>cbir" in page.text and "/query" in page.text
+    body = _post(client, served["dicoms"][1], k=6).json()
+    assert body["query"]["preview"].startswith("data:image/png;base64,") and body["query"]["region"] is None
+    first = body["neighbors"][0]
+    thumb = client.get(first["thumbnail"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    from io import BytesIO
+
+    from PIL import Image
+    picture = Image.open(BytesIO(thumb.content))
+    assert picture.size == (256, 256) and not picture.info.get("text")      # no header data in the picture
+    assert Image.open(BytesIO(client.get(first["image"]).content)).size == (1024, 1024)
+    h, w = body["query"]["shape"]
+    cropped = _post(client, served["dicoms"][1], k=6, region=f"0,0,{w // 2},{h // 2}").json()
+    assert cropped["query"]["region"] == [0, 0, w // 2, h // 2] and len(cropped["neighbors"]) == 6
+    assert [n["id"] for n in cropped["neighbors"]] != [n["id"] for n in body["neighbors"]]
+
+
+def test_viewer_error_paths(served: dict) -> None:
+    client = served["client"]
+    dicom = served["dicoms"][0]
+    for region, text in (("1,2,3", "give x,y,w,h"), ("a,b,c,d", "give x,y,w,h"), ("0,0,4,4", "at least 16×16"),
+                         ("5000,5000,100,100", "at least 16×16")):
+        response = _post(client, dicom, region=region)
+        assert response.status_code == 422 and text in response.json()["detail"], region
+    missing = client.get("/thumbnail/00000000-0000-4000-8000-000000000000")
+    assert missing.status_code == 404 and "no archived image" in missing.json()["detail"]
+    assert client.get(f"/thumbnail/{served['searcher'].memory.ids[0]}?size=5000").status_code == 422

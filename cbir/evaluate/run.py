@@ -25,7 +25,7 @@ from cbir.index.base import HASH as HASH_FIELD
 from cbir.index.base import Filter, Index, unpack_code
 from cbir.index.codes import itq_from_meta
 from cbir.index.ingest import payload_labels
-from cbir.index.schema import check_model, negative_label
+from cbir.index.schema import check_model, dataset_roots, negative_label
 from cbir.io import Pseudonymizer
 from cbir.metrics import knn_vote, majority_baseline, map_at_k, per_class_auc
 from cbir.models import LoadedModel
@@ -251,7 +251,7 @@ def _box_metrics(meta: dict[str, Any], loaded: LoadedModel, queries_from: Record
     from cbir.evaluate.heldout import detection_scores
     source = queries_from
     if source is None:
-        for root in (meta.get("roots") or {}).values():
+        for root in dataset_roots(meta):
             try:
                 source = load_dataset(Path(root), "auto").split("test")
                 break

@@ -14,6 +14,7 @@ from cbir.errors import BadInputError, CbirError
 from cbir.index.base import Index, Point
 from cbir.index.codes import ITQ_FIT_SIZE, check_code_source, code_source, fit_itq_meta, itq_from_meta
 from cbir.index.schema import (
+    add_root,
     check_key,
     check_model,
     collection_meta,
@@ -85,10 +86,7 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
         else:
             create_versioned(index, collection, loaded.config.embed_dim, loaded.config.bits, meta, shards,
                              replicas)
-    roots = dict(meta.get("roots") or {})
-    if roots.get(records.dataset) != str(records.root):
-        roots[records.dataset] = str(records.root)
-        meta["roots"] = roots
+    if add_root(meta, records.dataset, str(records.root)):
         index.set_meta(collection, meta)
     return meta
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from cbir.errors import CbirError, ModelMismatchError
@@ -46,6 +47,36 @@ def collection_meta(loaded: LoadedModel, pseudonymize: Pseudonymizer, target: st
         "roots": {},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def dataset_roots(meta: dict[str, Any], dataset: str | None = None) -> list[str]:
+    """The folders a collection's images were ingested from (of one dataset, or of all), oldest first.
+    (`roots[dataset]` is a list; collections written before it became one hold a single string.)"""
+    roots = meta.get("roots") or {}
+    values = [roots.get(str(dataset))] if dataset is not None else list(roots.values())
+    return [r for v in values if v for r in ([v] if isinstance(v, str) else v)]
+
+
+def add_root(meta: dict[str, Any], dataset: str, root: str) -> bool:
+    """Record that `dataset` images were ingested from `root`; returns whether `meta` changed."""
+    known = dataset_roots(meta, dataset)
+    if root in known:
+        return False
+    meta["roots"] = {**(meta.get("roots") or {}), dataset: [*known, root]}
+    return True
+
+
+def archive_file(meta: dict[str, Any], dataset: str | None, relpath: str | None) -> Path | None:
+    """The archived image of a payload (`dataset`, relative `path`): the first recorded root that holds it,
+    never a file outside the roots."""
+    if not relpath:
+        return None
+    for root in dataset_roots(meta, dataset):
+        base = Path(root).resolve()
+        path = (base / relpath).resolve()
+        if path.is_relative_to(base) and path.is_file():
+            return path
+    return None
 
 
 def check_model(meta: dict[str, Any], loaded: LoadedModel, collection: str) -> None:

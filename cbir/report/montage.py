@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cbir.data.transforms import letterbox
 from cbir.errors import BadInputError
+from cbir.index.schema import archive_file
 from cbir.io import read_image
 
 TILE = 256
@@ -41,7 +42,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width:
     return text
 
 
-def write_montage(result: dict[str, Any], query_pixels: np.ndarray, roots: dict[str, str], out: Path) -> Path:
+def write_montage(result: dict[str, Any], query_pixels: np.ndarray, roots: dict[str, Any], out: Path) -> Path:
     """Draw `result` (the query JSON) to `out`; unreadable archive images become grey tiles."""
     neighbors = result["neighbors"]
     rows = 1 + (len(neighbors) + COLS - 1) // COLS
@@ -78,12 +79,12 @@ def _demographics(entry: dict[str, Any]) -> str:
     return " · ".join(str(p) for p in parts if p) or "no header data"
 
 
-def _neighbor_pixels(hit: dict[str, Any], roots: dict[str, str]) -> np.ndarray | None:
-    root = roots.get(str(hit.get("dataset")))
-    if not root or not hit.get("path"):
+def _neighbor_pixels(hit: dict[str, Any], roots: dict[str, Any]) -> np.ndarray | None:
+    path = archive_file({"roots": roots}, hit.get("dataset"), hit.get("path"))
+    if path is None:
         return None
     try:
-        return read_image(Path(root) / str(hit["path"])).pixels
+        return read_image(path).pixels
     except BadInputError:
         return None
 
@@ -101,3 +102,21 @@ def _paste(canvas: Image.Image, draw: ImageDraw.ImageDraw, tile: tuple[Image.Ima
     for j, line in enumerate(lines):
         draw.text((x + 6, y + TILE + 4 + j * 18), _fit(draw, line, font, TILE - 12),
                   fill=colour or (230, 230, 230), font=font)
+
+
+def windowed_png(pixels: np.ndarray, size: int, boxes: list | None = None,
+                 colour: tuple[int, int, int] = POSITIVE) -> bytes:
+    """The image with the montage's grey windowing (1st–99th percentile), letterboxed to size×size, with
+    `boxes` ([x, y, w, h] in the image's pixels) drawn, as PNG bytes with no metadata."""
+    import io
+    low, high = np.percentile(pixels, [1, 99])
+    windowed = np.clip((pixels - low) / max(high - low, 1e-6), 0, 1)
+    square, geo = letterbox(windowed, size)
+    picture = Image.fromarray((square * 255).astype(np.uint8)).convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    for x, y, w, h in boxes or []:
+        x0, y0 = geo.pad_x + x * geo.scale, geo.pad_y + y * geo.scale
+        draw.rectangle([x0, y0, x0 + w * geo.scale, y0 + h * geo.scale], outline=colour, width=max(2, size // 128))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -36,6 +36,7 @@ class MemoryIndex:
         self.embeddings = (np.asarray(np.stack([p.embedding for p in points]), dtype=np.float32) if n
                            else np.zeros((0, 0), np.float32))
         self.words = pack_words(np.stack([p.code for p in points])) if n else np.zeros((0, 1), np.uint64)
+        self.position = {point_id: i for i, point_id in enumerate(self.ids)}
         order = sorted(range(n), key=lambda i: self.ids[i])
         self.id_rank = np.empty(n, dtype=np.int64)
         self.id_rank[order] = np.arange(n)

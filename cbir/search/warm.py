@@ -9,7 +9,7 @@ from pathlib import Path
 from cbir.embed import Embedded
 from cbir.errors import CbirError, IndexError_
 from cbir.index.base import Filter, Hit, Index
-from cbir.index.schema import check_model
+from cbir.index.schema import archive_file, check_model
 from cbir.io import Pseudonymizer, XrayImage, read_image
 from cbir.models import LoadedModel
 from cbir.search.memory import MemoryIndex
@@ -52,6 +52,14 @@ class WarmSearcher:
         self.meta, self.memory = meta, memory
         self._version, self.loaded_at = stamp, time.time()
         return True
+
+    def archive_path(self, point_id: str) -> Path | None:
+        """Where the archived image of a point is (under one of its dataset's recorded roots), if known."""
+        position = self.memory.position.get(point_id)
+        if position is None:
+            return None
+        payload = self.memory.payloads[position]
+        return archive_file(self.meta, payload.get("dataset"), payload.get("path"))
 
     def query(self, path: str | Path, k: int = 10, flt: Filter | None = None, prefilter: int | None = None,
               hamming_radius: int | None = None) -> QueryResult:

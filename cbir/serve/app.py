@@ -1,8 +1,13 @@
 """The HTTP API of `cbir serve` (FastAPI; OpenAPI at /docs and /openapi.json).
 
-    GET  /health   the collection, its size, the model and when they were loaded
-    POST /query    multipart: `file` (DICOM, PNG or JPEG) + k, filter (repeatable key=value), prefilter,
-                   hamming_radius → the `cbir query --json` result, plus `timing_ms`
+    GET  /                    the viewer (plain HTML and JavaScript, no build step)
+    GET  /health              the collection, its size, the model and when they were loaded
+    POST /query               multipart: `file` (DICOM, PNG or JPEG) + k, filter (repeatable key=value),
+                              prefilter, hamming_radius, region ("x,y,w,h" in the image's pixels: search with
+                              that crop) → the `cbir query --json` result, plus `timing_ms`, each neighbour's
+                              `thumbnail` and `image` URLs, and `query.preview` (a PNG data URL)
+    GET  /thumbnail/{id}      an archived case, downscaled (`size`, default 256), its boxes drawn, as a PNG
+                              without any header data
 
 The model and an in-memory copy of the collection (`cbir.search.warm.WarmSearcher`) are loaded once at start;
 a query costs decoding, one forward pass and an in-memory search. The collection is reloaded when its alias
@@ -12,20 +17,28 @@ moves or its point count changes (checked at most every `REFRESH_SECONDS`). Erro
 
 from __future__ import annotations
 
+import base64
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import HTMLResponse, Response
 
 from cbir.errors import BadInputError, CbirError, printable
+from cbir.io import XrayImage, read_image
+from cbir.report.montage import windowed_png
 from cbir.search import parse_filters
 from cbir.search.warm import WarmSearcher
 
 MAX_UPLOAD_BYTES = 64 * 2**20
 REFRESH_SECONDS = 5.0
+PREVIEW_SIZE = 512
+MIN_REGION = 16
+PAGE = Path(__file__).with_name("page.html")
 
 
 def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
@@ -39,6 +52,29 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
             state["checked"] = time.monotonic()
             searcher.refresh()
 
+    thumbnails: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE.read_text()
+
+    @app.get("/thumbnail/{point_id}", responses={200: {"content": {"image/png": {}}}})
+    def thumbnail(point_id: str, size: Annotated[int, Query(ge=32, le=1024)] = 256) -> Response:
+        key = (point_id, size)
+        if key not in thumbnails:
+            path = searcher.archive_path(point_id)
+            if path is None:
+                raise HTTPException(404, f"no archived image for point {point_id!r}")
+            payload = searcher.memory.payloads[searcher.memory.position[point_id]]
+            try:
+                thumbnails[key] = windowed_png(read_image(path).pixels, size, payload.get("boxes"))
+            except BadInputError as exc:
+                raise HTTPException(404, printable(f"archived image of {point_id} unreadable: {exc.reason}")
+                                    ) from None
+            if len(thumbnails) > 1024:
+                thumbnails.popitem(last=False)
+        return Response(thumbnails[key], media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "collection": searcher.collection, "points": len(searcher.memory),
@@ -50,7 +86,9 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
               k: Annotated[int, Form(ge=1, le=200)] = 10,
               filter: Annotated[list[str] | None, Form(description="key=value, repeatable")] = None,  # noqa: A002
               prefilter: Annotated[int | None, Form(ge=1)] = None,
-              hamming_radius: Annotated[int | None, Form(ge=0)] = None) -> dict[str, Any]:
+              hamming_radius: Annotated[int | None, Form(ge=0)] = None,
+              region: Annotated[str | None, Form(description="x,y,w,h in the image's pixels")] = None
+              ) -> dict[str, Any]:
         started = time.perf_counter()
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -63,16 +101,39 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
             with tempfile.TemporaryDirectory(prefix="cbir-upload-") as tmp:
                 path = Path(tmp) / (name or "upload")
                 path.write_bytes(data)
-                with lock:
-                    maybe_refresh()
-                    result = searcher.query(path, k, flt or None, prefilter, hamming_radius)
+                image = read_image(path, searcher.pseudonymize)
+            preview = windowed_png(image.pixels, PREVIEW_SIZE)
+            if region:
+                image = crop(image, region)
+            with lock:
+                maybe_refresh()
+                result = searcher.query_image(image, name, k, flt or None, prefilter, hamming_radius)
         except BadInputError as exc:
             raise HTTPException(400, printable(f"{name}: {exc.reason}")) from None
         except CbirError as exc:
             raise HTTPException(422, printable(str(exc))) from None
         body = result.to_json()
         body["query"]["path"] = name
+        body["query"]["preview"] = "data:image/png;base64," + base64.b64encode(preview).decode()
+        body["query"]["region"] = [int(v) for v in region.split(",")] if region else None
+        for neighbor in body["neighbors"]:
+            neighbor["thumbnail"] = f"/thumbnail/{neighbor['id']}"
+            neighbor["image"] = f"/thumbnail/{neighbor['id']}?size=1024"
         body["timing_ms"] = round(1000 * (time.perf_counter() - started), 1)
         return body
 
     return app
+
+
+def crop(image: XrayImage, region: str) -> XrayImage:
+    """The part of `image` inside "x,y,w,h" (original pixels); CbirError for a malformed or too small box."""
+    try:
+        x, y, w, h = (int(round(float(v))) for v in region.split(","))
+    except ValueError:
+        raise CbirError(f"region {region!r}: give x,y,w,h in pixels") from None
+    height, width = image.shape
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
+    if x1 - x0 < MIN_REGION or y1 - y0 < MIN_REGION:
+        raise CbirError(f"region {region!r}: at least {MIN_REGION}×{MIN_REGION} pixels inside the "
+                        f"{width}×{height} image")
+    return XrayImage(image.pixels[y0:y1, x0:x1], image.meta, image.instance_key, image.kind)
