@@ -179,3 +179,19 @@ def test_write_report_refuses_patient_keys(tmp_path: Path, data: dict, report: d
         context = {"queries": {"patient_ids": [1]}}
         write_report(report, tmp_path, data["y_query"], data["prob_query"], "T", context)
     assert not (tmp_path / "report.json").exists()
+
+
+def test_montage_labels_are_coloured_per_finding_and_never_overflow() -> None:
+    from PIL import Image, ImageDraw
+
+    from cbir.report.montage import FINDING_COLOURS, TILE, _draw_labels, _font, finding_colour
+    nih = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
+           "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
+    assert len({FINDING_COLOURS[n] for n in nih}) == 14 and finding_colour("Other") == finding_colour("Other")
+    image = Image.new("RGB", (TILE + 100, 30), (0, 0, 0))
+    _draw_labels(ImageDraw.Draw(image), 6, 5, nih, _font(13), TILE - 12)
+    pixels = np.asarray(image)
+    drawn = np.flatnonzero(pixels.sum(axis=(0, 2)))
+    assert drawn.min() >= 6 and drawn.max() < TILE - 6                # all 14 labels, yet inside the tile
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)}
+    assert FINDING_COLOURS["Atelectasis"] in colours and FINDING_COLOURS["Cardiomegaly"] in colours

@@ -118,6 +118,7 @@ def test_viewer_page_thumbnails_and_region_search(served: dict) -> None:
     h, w = body["query"]["shape"]
     cropped = _post(client, served["dicoms"][1], k=6, region=f"0,0,{w // 2},{h // 2}").json()
     assert cropped["query"]["region"] == [0, 0, w // 2, h // 2] and len(cropped["neighbors"]) == 6
+    assert cropped["query"]["shape"] == [h, w]                # the whole image's, which the region is part of
     assert [n["id"] for n in cropped["neighbors"]] != [n["id"] for n in body["neighbors"]]
 
 

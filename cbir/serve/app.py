@@ -103,6 +103,7 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
                 path.write_bytes(data)
                 image = read_image(path, searcher.pseudonymize)
             preview = windowed_png(image.pixels, PREVIEW_SIZE)
+            shape = list(image.shape)
             if region:
                 image = crop(image, region)
             with lock:
@@ -115,6 +116,7 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
         body = result.to_json()
         body["query"]["path"] = name
         body["query"]["preview"] = "data:image/png;base64," + base64.b64encode(preview).decode()
+        body["query"]["shape"] = shape   # of the whole uploaded image, which `region` is a part of
         body["query"]["region"] = [int(v) for v in region.split(",")] if region else None
         for neighbor in body["neighbors"]:
             neighbor["thumbnail"] = f"/thumbnail/{neighbor['id']}"
