@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,19 +25,33 @@ LOCAL_RADIUS_CAP = 5_000
 Search = Callable[[np.ndarray, np.ndarray, Filter | None], list[int]]   # (query, code, filter) → positions
 
 
-class Engine:
+class Engine(ABC):
     name = ""
     filters = True                    # whether it answers payload-filtered queries
 
+    @abstractmethod
     def load(self, data: BenchData) -> tuple[float, float]:
         """Load the points; returns (ingest points/s, index build seconds)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
-        raise NotImplementedError
+        """Method name → search function."""
 
     def close(self) -> None:  # noqa: B027 - most engines hold nothing
         pass
+
+
+def cbir_methods(search: Callable[..., list], position: dict[str, int], k: int, prefilter: int,
+                 radius: int) -> dict[str, Search]:
+    """Exact kNN and both prefilters through anything with `Index.search`'s contract (`search(q, k, flt, ...)`,
+    hits with ids), as benchmark positions."""
+    def run(**kw: object) -> Search:
+        def one(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
+            extra = {**kw, "code": code} if kw else {}
+            return [position[h.id] for h in search(q, k, flt, **extra)]
+        return one
+    return {"exact_knn": run(), "topn_prefilter_rerank": run(prefilter=prefilter),
+            "radius_prefilter_rerank": run(hamming_radius=radius)}
 
 
 class IndexEngine(Engine):
@@ -62,13 +77,8 @@ class IndexEngine(Engine):
         return len(data.points) / seconds, 0.0
 
     def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
-        def run(**kw: object) -> Search:
-            def search(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
-                extra = {**kw, "code": code} if kw else {}
-                return [self.position[h.id] for h in self.index.search("bench", q, k, flt, **extra)]
-            return search
-        methods = {"exact_knn": run(), "topn_prefilter_rerank": run(prefilter=prefilter),
-                   "radius_prefilter_rerank": run(hamming_radius=radius)}
+        methods = cbir_methods(lambda *a, **kw: self.index.search("bench", *a, **kw), self.position, k, prefilter,
+                               radius)
         if self.kind == "local" and len(self.position) > LOCAL_RADIUS_CAP:
             del methods["radius_prefilter_rerank"]  # seconds per query: see LOCAL_RADIUS_CAP
         return methods
@@ -139,13 +149,7 @@ class MemoryEngine(Engine):
         return len(data.points) / seconds, 0.0
 
     def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
-        def run(**kw: object) -> Search:
-            def search(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
-                extra = {**kw, "code": code} if kw else {}
-                return [self.position[h.id] for h in self.memory.search(q, k, flt, **extra)]
-            return search
-        return {"exact_knn": run(), "topn_prefilter_rerank": run(prefilter=prefilter),
-                "radius_prefilter_rerank": run(hamming_radius=radius)}
+        return cbir_methods(self.memory.search, self.position, k, prefilter, radius)
 
 
 class NumpyEngine(Engine):
