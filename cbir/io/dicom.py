@@ -104,12 +104,17 @@ def instance_key(ds: Dataset) -> str | None:
     return hashlib.sha256(uid.encode()).hexdigest()[:32] if uid else None
 
 
+def looks_like_raw_dicom(head: bytes) -> bool:
+    """A preamble-less DICOM starts with a (0008,xxxx) or (0002,xxxx) group element."""
+    return len(head) >= 8 and head[1] == 0 and head[0] in (0x02, 0x08) and head[3] == 0
+
+
 def peek_instance_key(path: str | Path) -> str | None:
     """`instance_key` from the header alone (no pixels read); None for a non-DICOM or unreadable file."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
-        if head[128:132] != b"DICM" and not (len(head) >= 4 and head[1] == 0 and head[0] in (2, 8) and head[3] == 0):
+        if head[128:132] != b"DICM" and not looks_like_raw_dicom(head):
             return None
         with _quiet_pydicom():
             ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True,

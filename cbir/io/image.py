@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.errors import BadInputError
-from cbir.io.dicom import read_dicom
+from cbir.io.dicom import looks_like_raw_dicom, read_dicom
 from cbir.io.phi import Pseudonymizer, SafeMeta
 from cbir.io.raster import read_raster
 
@@ -47,18 +47,13 @@ def sniff(path: str | Path) -> str:
     if head.startswith(PNG_MAGIC) or head.startswith(JPEG_MAGIC):
         return "raster"
     suffix = path.suffix.lower()
-    if suffix in (".dcm", ".dicom", "") and _looks_like_raw_dicom(head):
+    if suffix in (".dcm", ".dicom", "") and looks_like_raw_dicom(head):
         return "dicom"
     if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
         return "raster"
     if suffix in (".dcm", ".dicom"):
         raise BadInputError(path, "not a DICOM file (no DICM marker and no valid leading element)")
     raise BadInputError(path, "not an image (expected DICOM, PNG or JPEG)")
-
-
-def _looks_like_raw_dicom(head: bytes) -> bool:
-    """A preamble-less DICOM starts with a (0008,xxxx) or (0002,xxxx) group element."""
-    return len(head) >= 8 and head[1] == 0 and head[0] in (0x02, 0x08) and head[3] == 0
 
 
 def read_image(path: str | Path, pseudonymize: Pseudonymizer | None = None) -> XrayImage:
