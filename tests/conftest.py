@@ -36,3 +36,12 @@ def fresh_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     key_file = tmp_path / "keys" / "pseudonym.key"
     monkeypatch.setenv("CBIR_KEY_FILE", str(key_file))
     return key_file
+
+
+def run_cli(*args: object) -> tuple[int, str, str]:
+    """`cbir ARGS…` in this process: (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr

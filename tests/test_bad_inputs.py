@@ -10,18 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from badinputs import corpus_files, write_folder_corpus, write_good, write_rsna_missing
-from typer.testing import CliRunner
 
 from cbir.errors import printable
 from cbir.index import open_index
-from cli.main import app
-
-runner = CliRunner()
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
+from tests.conftest import run_cli as run
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cbir.errors import BadInputError
 from cbir.io import load_pseudonymizer, read_image
 from cbir.io.phi import Pseudonymizer, age_band
+from tests.badinputs import write_dicom
 from tests.conftest import shared_path
 
 RSNA_FILE = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
@@ -51,28 +50,10 @@ def test_real_raster_images_read_as_grey(name: str) -> None:
 
 def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", preamble: bool = True,
                  **extra: object) -> Path:
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JOHN", "MRN-12345", "19600101"
-    ds.PatientSex, ds.PatientAge, ds.ViewPosition, ds.Modality = "F", "047Y", "AP", "DX"
-    ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
-    ds.PhotometricInterpretation = photometric
-    bits = pixels.dtype.itemsize * 8
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, extra.pop("BitsStored", bits), bits - 1
-    ds.PixelRepresentation = 0
-    if pixels.ndim == 3:
-        ds.PlanarConfiguration = 0
-    for key, value in extra.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=preamble, implicit_vr=False, little_endian=True)
-    return path
+    """An uncompressed DICOM with known fake PHI (the header values the tests below check)."""
+    phi = {"PatientName": "DOE^JOHN", "PatientID": "MRN-12345", "PatientBirthDate": "19600101",
+           "PatientSex": "F", "PatientAge": "047Y", "ViewPosition": "AP", "Modality": "DX"}
+    return write_dicom(path, pixels, photometric=photometric, preamble=preamble, **{**phi, **extra})
 
 
 def test_16bit_rescale_and_window(tmp_path: Path) -> None:
