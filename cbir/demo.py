@@ -11,6 +11,7 @@ from typing import Any
 
 from cbir.console import QUIET, Reporter
 from cbir.data.layout import load_dataset
+from cbir.data.splits import SplitSpec
 from cbir.data.synth import synth_dataset
 from cbir.errors import CbirError
 from cbir.evaluate.run import evaluate_collection
@@ -88,7 +89,7 @@ def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone:
     reporter.log(f"1/6 synth: {n} RSNA-layout DICOMs at {size} px")
     with reporter.task("synth", n) as bar:
         synth_dataset("rsna", n, size, out / "data", seed=seed, progress=bar.advance)
-    records = load_dataset(out / "data", "rsna", seed=seed)
+    records = load_dataset(out / "data", "rsna", split=SplitSpec(seed=seed))
     lap("synth")
 
     reporter.log(f"2/6 train: {backbone} from scratch, {epochs} epochs")

@@ -16,13 +16,16 @@ import numpy as np
 __all__ = [
     "MajorityBaseline",
     "average_precision_at_k",
+    "average_precisions_at_k",
     "balanced_accuracy",
     "knn_vote",
     "majority_baseline",
     "map_at_k",
+    "map_at_k_hits",
     "per_class_auc",
     "precision_at_k",
     "precision_at_ks",
+    "recalls",
     "roc_auc",
     "roc_curve",
 ]
@@ -205,31 +208,67 @@ def precision_at_ks(relevant: np.ndarray, ks: Iterable[int]) -> dict[int, float]
     return {int(k): precision_at_k(relevant, k) for k in ks}
 
 
-def average_precision_at_k(relevant: np.ndarray, k: int) -> float:
-    """AP@k of one ranked list: `(1 / H) · Σ_{i≤k} P@i · rel_i`.
+def _ap_terms(relevant: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: Σ_{i≤k} P@i · rel_i, and the number of hits in the top k."""
+    top = relevant[:, :k]
+    precision = np.cumsum(top, axis=1) / np.arange(1, k + 1)
+    return (precision * top).sum(axis=1), top.sum(axis=1)
 
-    H is the number of relevant items retrieved in the top k (not the number in the whole archive,
-    which a kNN search does not know), so AP@k = 1 whenever every hit ranks above every miss. A list
-    with no relevant item in the top k scores 0.
+
+def _n_relevant(n_relevant: np.ndarray | int, queries: int) -> np.ndarray:
+    r = np.broadcast_to(np.asarray(n_relevant, dtype=np.float64), (queries,))
+    if (r < 0).any() or not np.isfinite(r).all():
+        raise ValueError("n_relevant must be finite and non-negative")
+    return r
+
+
+def average_precisions_at_k(relevant: np.ndarray, k: int, n_relevant: np.ndarray | int) -> np.ndarray:
+    """AP@k per query (the standard definition): `Σ_{i≤k} P@i · rel_i / min(k, R)`.
+
+    `R` (`n_relevant`, per query or one number) is the number of relevant items in the whole archive that the
+    ranking could return (same-patient items excluded). A query with R = 0 has no defined AP (`nan`). R must
+    be at least the hits in the top k.
     """
-    rel = np.asarray(relevant).ravel().astype(bool)
-    k = _check_k(k, rel.size, "relevant")
-    top = rel[:k]
-    hits = int(top.sum())
-    if hits == 0:
-        return 0.0
-    precision = np.cumsum(top) / np.arange(1, k + 1)
-    return float(precision[top].sum() / hits)
+    rel = _relevance(relevant)
+    k = _check_k(k, rel.shape[1], "relevant")
+    r = _n_relevant(n_relevant, rel.shape[0])
+    sums, hits = _ap_terms(rel, k)
+    if (hits > r).any():
+        raise ValueError("n_relevant is smaller than the relevant items retrieved")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(r > 0, sums / np.minimum(k, r), np.nan)
 
 
-def map_at_k(relevant: np.ndarray, k: int) -> float:
-    """Mean over queries of `average_precision_at_k` (same definition; `nan` with no queries)."""
+def average_precision_at_k(relevant: np.ndarray, k: int, n_relevant: int) -> float:
+    """AP@k of one ranked list (`average_precisions_at_k` for one query)."""
+    return float(average_precisions_at_k(np.asarray(relevant).reshape(1, -1), k, n_relevant)[0])
+
+
+def map_at_k(relevant: np.ndarray, k: int, n_relevant: np.ndarray | int) -> float:
+    """Mean AP@k (standard, `average_precisions_at_k`) over the queries with R > 0 (`nan` if none)."""
+    ap = average_precisions_at_k(relevant, k, n_relevant)
+    defined = ap[~np.isnan(ap)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
+def map_at_k_hits(relevant: np.ndarray, k: int) -> float:
+    """The hashing-literature variant of mAP@k (HashNet/DPSH evaluation code): each query's
+    `Σ_{i≤k} P@i · rel_i` is divided by its hits in the top k instead of min(k, R), so it is 1 whenever every
+    hit ranks above every miss, however few hits there are; a query with no hit scores 0. It measures the
+    order of the top k only, not how many relevant items were found (`nan` with no queries)."""
     rel = _relevance(relevant)
     k = _check_k(k, rel.shape[1], "relevant")
     if rel.shape[0] == 0:
         return float("nan")
-    top = rel[:, :k]
-    hits = top.sum(axis=1)
-    precision = np.cumsum(top, axis=1) / np.arange(1, k + 1)
-    ap = (precision * top).sum(axis=1) / np.maximum(hits, 1)
-    return float(np.mean(ap))
+    sums, hits = _ap_terms(rel, k)
+    return float(np.mean(sums / np.maximum(hits, 1)))
+
+
+def recalls(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Sensitivity (recall of class 1) and specificity (recall of class 0) of binary predictions."""
+    y = _binary_labels(y_true)
+    p = _binary_labels(y_pred)
+    if y.shape != p.shape:
+        raise ValueError(f"y_true has {y.size} values, y_pred {p.size}")
+    return {"sensitivity": float(p[y].mean()) if y.any() else float("nan"),
+            "specificity": float((~p[~y]).mean()) if (~y).any() else float("nan")}

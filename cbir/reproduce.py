@@ -1,33 +1,43 @@
-"""`cbir reproduce`: train the four seed approaches, ingest each into its own collection, evaluate all on
-the same test patients, and write `results.md` and `results.json`.
+"""`cbir reproduce`: the seed's table by patient-level k-fold cross-validation.
 
-The queries are the test split of the RSNA-layout (or folder-layout) data, which every approach ingests
-with the same deterministic by-patient split. With `--nih`, the multilabel approach is trained on the NIH
-data (14 findings) and then ingests and is evaluated on the same RSNA archive (its Pneumonia output is the
-stage-1 score). Without `--nih` it trains on the RSNA data alone, where multilabel is just [Pneumonia],
-and the table says so. Detection needs boxes, so it runs only on the rsna layout. Multilabel needs more
-than one label, or an NIH set, so it is skipped on a two-class folder layout.
+For each fold i of k (`cbir.data.splits.SplitSpec`: patient p is in fold ⌊u(p)·k⌋ + 1), every approach trains
+on the other folds (their validation share included), ingests the whole dataset into its own collection with
+that fold's split, and is evaluated with fold i's patients as queries against the other folds' images
+(same-patient neighbours excluded). The table gives mean ± sd over the folds and, pooling the folds (every
+patient is queried exactly once), 95 % bootstrap intervals by patient. `--folds 0` runs one hold-out split.
+
+With `--nih`, the multilabel approach is trained on the NIH data (14 findings, split into the same folds by
+NIH patient), then ingests and is evaluated on the same RSNA archive through its Pneumonia output; its own NIH
+archive is evaluated as well. Without `--nih`, the RSNA layout has one label only, so there is no honest
+multilabel row and it is left out. Detection needs boxes, so it runs only on the rsna layout. On a folder
+layout only binary and hash apply (multilabel with three or more classes).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cbir.console import QUIET, Reporter
 from cbir.data.layout import load_dataset
 from cbir.data.records import Records
+from cbir.data.splits import SplitSpec
 from cbir.errors import CbirError
 from cbir.evaluate.heldout import multilabel_auc
+from cbir.evaluate.pooled import pool_queries
 from cbir.evaluate.run import evaluate_collection
 from cbir.index import open_index
 from cbir.index.ingest import ingest_records
 from cbir.index.versions import drop
 from cbir.io import load_pseudonymizer
 from cbir.models import ModelConfig, load_checkpoint
+from cbir.report.doc import update_section
+from cbir.report.results import render_results
 from cbir.train import TrainSettings, train_model
 from cbir.train.loop import resolve_device
 
@@ -37,116 +47,181 @@ APPROACHES = {
     "multilabel": "Multilabel classification",
     "detection": "Detection (boxes)",
 }
+#: The seed thesis' table on the full RSNA challenge set (26,684 patients): stage-1 ROC-AUC and kNN accuracy.
+SEED_TABLE = {"binary": (0.8357, 0.7867), "hash": (0.8372, 0.7985), "multilabel": (0.8403, 0.8004),
+              "detection": (0.8319, 0.7948)}
+
+#: Metrics averaged over folds: name → path in an evaluation report.
+FOLD_METRICS = {
+    "roc_auc": ("stage1", "roc_auc"), "knn_accuracy": ("stage2", "knn_accuracy"),
+    "balanced_accuracy": ("stage2", "balanced_accuracy"), "map_at_k": ("stage2", "map_at_k"),
+    "map_at_k_hits": ("stage2", "map_at_k_hits"), "hamming_map_at_k": ("stage2", "hamming_map_at_k"),
+    "prefilter_knn_accuracy": ("stage2", "prefilter_knn_accuracy"),
+    "knn_sensitivity": ("stage2", "sensitivity"), "knn_specificity": ("stage2", "specificity"),
+    "model_sensitivity": ("stage1", "sensitivity"), "model_specificity": ("stage1", "specificity"),
+    "majority_accuracy": ("baseline", "majority_accuracy"), "box_map": ("stage1", "box_map"),
+}
 
 
 @dataclass
-class Row:
+class ReproduceOptions:
+    data: Path
+    out: Path
+    layout: str = "auto"
+    nih: Path | None = None
+    backbone: str = "resnet18"
+    image_size: int = 128
+    nih_image_size: int | None = None  # default: image_size
+    epochs: int = 15
+    device: str = "auto"
+    bits: int = 64
+    embed_dim: int = 128
+    k: int = 10
+    tasks: list[str] | None = None
+    batch_size: int = 32
+    patient_regex: str | None = None
+    reuse: bool = False
+    folds: int = 5
+    val_fraction: float = 0.1
+    seed: int = 0
+    doc: Path | None = None
+    readme: Path | None = None
+
+    def spec(self, fold: int) -> SplitSpec:
+        if self.folds:
+            return SplitSpec(seed=self.seed, val_fraction=self.val_fraction, folds=self.folds, fold=fold)
+        return SplitSpec(seed=self.seed, val_fraction=self.val_fraction)
+
+    @property
+    def fold_numbers(self) -> list[int]:
+        return list(range(1, self.folds + 1)) if self.folds else [0]
+
+
+@dataclass
+class FoldRow:
     task: str
-    approach: str
+    fold: int
     trained_on: str
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     bits: int = 0
     embed_dim: int = 0
-    note: str = ""
-    heldout: dict[str, Any] = field(default_factory=dict)  # per-finding AUC (multilabel), box mAP (detection)
+    heldout: dict[str, Any] = field(default_factory=dict)
 
 
 def applicable_tasks(records: Records, nih: Records | None) -> list[str]:
     """The approaches this data supports, in the seed table's order."""
     tasks = ["binary", "hash"]
-    if nih is not None or len(records.label_names) > 2 or records.layout == "rsna":
+    if nih is not None or len(records.label_names) > 2:
         tasks.append("multilabel")
     if records.layout == "rsna" and any(len(b) for b in records.meta["boxes"]):
         tasks.append("detection")
     return tasks
 
 
-def _train(task: str, records: Records, settings: TrainSettings, out: Path, backbone: str, image_size: int,
-           bits: int, embed_dim: int, reporter: Reporter) -> None:
+def _train(task: str, records: Records, settings: TrainSettings, out: Path, options: ReproduceOptions,
+           image_size: int, reporter: Reporter) -> None:
     if task == "detection":
         from cbir.models.detection import DetectorConfig
         from cbir.train.detection import train_detector
-        config = DetectorConfig(backbone=backbone, image_size=image_size, bits=bits,
+        config = DetectorConfig(backbone=options.backbone, image_size=image_size, bits=options.bits,
                                 label_names=list(records.label_names), target=records.target)
         train_detector(records, config, settings, out, reporter)
         return
-    config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
-                         label_names=list(records.label_names), target=records.target)
+    config = ModelConfig(backbone=options.backbone, task=task, image_size=image_size, embed_dim=options.embed_dim,
+                         bits=options.bits, label_names=list(records.label_names), target=records.target)
     train_model(records, config, settings, out, reporter)
 
 
-def _reusable(model_dir: Path, task: str, backbone: str, image_size: int, bits: int, epochs: int) -> float | None:
-    """Training seconds of a finished run in `model_dir` made with these settings, or None."""
+def _reusable(model_dir: Path, task: str, options: ReproduceOptions, image_size: int, spec: SplitSpec
+              ) -> float | None:
+    """Training seconds of a finished run in `model_dir` made with these settings and this split, or None."""
     try:
         config = json.loads((model_dir / "config.json").read_text())
         summary = json.loads((model_dir / "train.json").read_text())
+        split = json.loads((model_dir / "split.json").read_text())
     except (OSError, ValueError):
         return None
-    same = (config.get("task") == task and config.get("backbone") == backbone
-            and config.get("image_size") == image_size and config.get("bits") == bits
-            and (summary.get("settings") or {}).get("epochs") == epochs)
+    same = (config.get("task") == task and config.get("backbone") == options.backbone
+            and config.get("image_size") == image_size and config.get("bits") == options.bits
+            and (summary.get("settings") or {}).get("epochs") == options.epochs
+            and SplitSpec.from_dict(split.get("spec") or {}) == spec)
     return float(summary.get("seconds") or 0.0) if same and (model_dir / "model.safetensors").exists() else None
 
 
-def run_reproduce(data: Path, out: Path, layout: str = "auto", nih: Path | None = None,
-                  backbone: str = "resnet18", image_size: int = 224, epochs: int = 10, device: str = "auto",
-                  bits: int = 64, embed_dim: int = 128, k: int = 10, tasks: list[str] | None = None,
-                  batch_size: int = 32, patient_regex: str | None = None, reuse: bool = False,
-                  reporter: Reporter = QUIET) -> dict[str, Any]:
-    """See the module docstring. With `reuse`, a model already trained in `out` with the same settings is
-    used as it is (its recorded training time is reported) and only ingest and evaluation run again."""
-    records = load_dataset(data, layout, patient_regex=patient_regex)
-    nih_records = load_dataset(nih, "nih") if nih else None
-    chosen = tasks or applicable_tasks(records, nih_records)
+def run_reproduce(options: ReproduceOptions, reporter: Reporter = QUIET) -> dict[str, Any]:
+    """See the module docstring; returns results.json's dict. With `reuse`, a model already trained in `out`
+    with the same settings and split is used as it is (its recorded training time is reported)."""
+    started = time.perf_counter()
+    probe = load_dataset(options.data, options.layout, patient_regex=options.patient_regex)
+    probe_nih = load_dataset(options.nih, "nih") if options.nih else None
+    chosen = options.tasks or applicable_tasks(probe, probe_nih)
     unknown = [t for t in chosen if t not in APPROACHES]
     if unknown:
         raise CbirError(f"unknown task(s) {', '.join(unknown)} (choose from {', '.join(APPROACHES)})")
-    out.mkdir(parents=True, exist_ok=True)
+    if "multilabel" in chosen and probe_nih is None and len(probe.label_names) <= 2:
+        raise CbirError(f"{options.data}: multilabel needs --nih or a dataset with more than two labels "
+                        f"(this one has {probe.label_names})")
+    options.out.mkdir(parents=True, exist_ok=True)
     pseudonymize = load_pseudonymizer()
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, device=device)
-    rows: list[Row] = []
-    for task in chosen:
-        train_set = nih_records if task == "multilabel" and nih_records is not None else records
-        row = Row(task, APPROACHES[task], trained_on=train_set.dataset)
-        if task == "multilabel" and nih_records is None:
-            row.note = f"trained on {records.dataset} alone: labels {records.label_names}"
-        model_dir = out / "models" / task
-        previous = _reusable(model_dir, task, backbone, image_size, bits, epochs) if reuse else None
-        if previous is not None:
-            reporter.log(f"== {row.approach}: reusing the model trained in {model_dir}")
-            row.seconds["train"] = round(previous, 1)
-        else:
-            reporter.log(f"== {row.approach}: train on {train_set.dataset}")
-            started = time.perf_counter()
-            _train(task, train_set, settings, model_dir, backbone, image_size, bits, embed_dim, reporter)
-            row.seconds["train"] = round(time.perf_counter() - started, 1)
-        loaded = load_checkpoint(model_dir, device=resolve_device(device))
-        row.bits, row.embed_dim = loaded.config.bits, loaded.config.embed_dim
-        with open_index(str(out / "index"), writable=True, create=True) as index:
-            if index.has_collection(task):
-                drop(index, task)
-            started = time.perf_counter()
-            ingest_records(records, loaded, index, task, pseudonymize, reporter=reporter)
-            row.seconds["ingest"] = round(time.perf_counter() - started, 1)
-            started = time.perf_counter()
-            row.metrics = evaluate_collection(index, task, loaded, out / "reports" / task, k=k, reporter=reporter)
-            row.seconds["evaluate"] = round(time.perf_counter() - started, 1)
-            row.heldout = _heldout(task, train_set, loaded, row.metrics)
-            if task == "multilabel" and train_set is not records:
-                row.heldout["retrieval"] = _own_retrieval(index, train_set, loaded, pseudonymize, out, k, reporter)
-        rows.append(row)
-    results = {"data": str(data), "layout": records.layout, "nih": str(nih) if nih else None,
-               "backbone": backbone, "image_size": image_size, "epochs": epochs, "k": k,
-               "device": str(resolve_device(device)), "rows": [_row_json(r) for r in rows]}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(render_results(results))
-    return results
+    settings = TrainSettings(epochs=options.epochs, batch_size=options.batch_size, device=options.device,
+                             seed=options.seed)
+    rows: list[FoldRow] = []
+    for fold in options.fold_numbers:
+        spec = options.spec(fold)
+        records = load_dataset(options.data, options.layout, split=spec, patient_regex=options.patient_regex)
+        nih = load_dataset(options.nih, "nih", split=spec) if options.nih else None
+        tag = f"fold{fold}" if fold else "holdout"
+        reporter.log(f"=== {spec.describe()}: {_counts(records)}")
+        for task in chosen:
+            rows.append(_run_task(task, fold, tag, records, nih, settings, options, pseudonymize, reporter))
+            _write(options, rows, chosen, started, final=False)
+    return _write(options, rows, chosen, started, final=True)
+
+
+def _run_task(task: str, fold: int, tag: str, records: Records, nih: Records | None, settings: TrainSettings,
+              options: ReproduceOptions, pseudonymize: Any, reporter: Reporter) -> FoldRow:
+    train_set = nih if task == "multilabel" and nih is not None else records
+    image_size = (options.nih_image_size or options.image_size) if train_set is nih else options.image_size
+    row = FoldRow(task, fold, trained_on=train_set.dataset)
+    model_dir = options.out / "models" / tag / task
+    previous = _reusable(model_dir, task, options, image_size, train_set.split_spec) if options.reuse else None
+    if previous is not None:
+        reporter.log(f"== {APPROACHES[task]}, {tag}: reusing the model trained in {model_dir}")
+        row.seconds["train"] = round(previous, 1)
+    else:
+        reporter.log(f"== {APPROACHES[task]}, {tag}: train on {train_set.dataset}")
+        t0 = time.perf_counter()
+        _train(task, train_set, settings, model_dir, options, image_size, reporter)
+        row.seconds["train"] = round(time.perf_counter() - t0, 1)
+    loaded = load_checkpoint(model_dir, device=resolve_device(options.device))
+    row.bits, row.embed_dim = loaded.config.bits, loaded.config.embed_dim
+    collection = f"{task}-{tag}"
+    with open_index(str(options.out / "index"), writable=True, create=True) as index:
+        if index.has_collection(collection):
+            drop(index, collection)
+        t0 = time.perf_counter()
+        ingest_records(records, loaded, index, collection, pseudonymize, reporter=reporter)
+        row.seconds["ingest"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        row.metrics = evaluate_collection(index, collection, loaded, options.out / "reports" / tag / task,
+                                          k=options.k, reporter=reporter)
+        row.seconds["evaluate"] = round(time.perf_counter() - t0, 1)
+        row.heldout = _heldout(task, train_set, loaded, row.metrics)
+        if task == "multilabel" and train_set is not records:
+            row.heldout["retrieval"] = _own_retrieval(index, train_set, loaded, pseudonymize, options, tag,
+                                                      reporter)
+    return row
+
+
+def _counts(records: Records) -> str:
+    counts = records.meta["split"].value_counts().to_dict()
+    return ", ".join(f"{counts.get(n, 0)} {n}" for n in ("train", "val", "test")) + f" images of {records.dataset}"
 
 
 def _heldout(task: str, train_set: Records, loaded: Any, report: dict[str, Any]) -> dict[str, Any]:
-    """Per-finding AUC (multilabel) on the test split of its training data, or the box mAP (detection) that
-    the evaluation measured on the test split."""
+    """Per-finding AUC (multilabel) on the test fold of its training data, or the box mAP (detection) that the
+    evaluation measured on the test fold."""
     test = train_set.split("test")
     if task == "multilabel" and len(test):
         return {"dataset": train_set.dataset, **multilabel_auc(test, loaded)}
@@ -157,14 +232,15 @@ def _heldout(task: str, train_set: Records, loaded: Any, report: dict[str, Any])
     return {}
 
 
-def _own_retrieval(index: Any, train_set: Records, loaded: Any, pseudonymize: Any, out: Path, k: int,
-                   reporter: Reporter) -> dict[str, Any]:
+def _own_retrieval(index: Any, train_set: Records, loaded: Any, pseudonymize: Any, options: ReproduceOptions,
+                   tag: str, reporter: Reporter) -> dict[str, Any]:
     """Stage 2 of a multilabel model on its own (NIH) archive, where relevance can mean a shared finding."""
-    collection = f"multilabel_{train_set.dataset}"
+    collection = f"multilabel-{train_set.dataset}-{tag}"
     if index.has_collection(collection):
         drop(index, collection)
     ingest_records(train_set, loaded, index, collection, pseudonymize, reporter=reporter)
-    report = evaluate_collection(index, collection, loaded, out / "reports" / collection, k=k, reporter=reporter)
+    report = evaluate_collection(index, collection, loaded, options.out / "reports" / tag / collection,
+                                 k=options.k, reporter=reporter)
     s2, base = report["stage2"], report["baseline"]
     return {"collection": collection, "n_queries": report.get("n_queries"),
             "knn_accuracy": s2.get("knn_accuracy"), "balanced_accuracy": s2.get("balanced_accuracy"),
@@ -172,90 +248,42 @@ def _own_retrieval(index: Any, train_set: Records, loaded: Any, pseudonymize: An
             "majority_accuracy": base.get("majority_accuracy")}
 
 
-def _row_json(row: Row) -> dict[str, Any]:
-    s1, s2, base = row.metrics["stage1"], row.metrics["stage2"], row.metrics["baseline"]
-    return {"task": row.task, "approach": row.approach, "trained_on": row.trained_on, "note": row.note,
-            "roc_auc": s1.get("roc_auc"), "knn_accuracy": s2.get("knn_accuracy"),
-            "balanced_accuracy": s2.get("balanced_accuracy"), "map_at_k": s2.get("map_at_k"),
-            "hamming_map_at_k": s2.get("hamming_map_at_k"), "prefilter_knn_accuracy": s2.get("prefilter_knn_accuracy"),
-            "majority_accuracy": base.get("majority_accuracy"),
-            "majority_balanced_accuracy": base.get("majority_balanced_accuracy"),
-            "n_queries": row.metrics.get("n_queries"), "bits": row.bits, "embed_dim": row.embed_dim,
-            "codes": s2.get("codes") or {}, "heldout": row.heldout, "seconds": row.seconds}
+def _fold_json(row: FoldRow) -> dict[str, Any]:
+    values = {name: row.metrics.get(section, {}).get(key) for name, (section, key) in FOLD_METRICS.items()}
+    return {"task": row.task, "fold": row.fold, "trained_on": row.trained_on, **values,
+            "n_queries": row.metrics.get("n_queries"), "n_archive": row.metrics.get("n_archive"),
+            "codes": row.metrics.get("stage2", {}).get("codes") or {}, "heldout": row.heldout,
+            "bits": row.bits, "embed_dim": row.embed_dim, "seconds": row.seconds}
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
+def _write(options: ReproduceOptions, rows: list[FoldRow], tasks: list[str], started: float, final: bool
+           ) -> dict[str, Any]:
+    """results.json and results.md (after every fold's task, so a long run shows its progress); on the final
+    call also the document sections (`--doc`, `--readme`)."""
+    per_fold = [_fold_json(r) for r in rows]
+    pooled = {task: pool_queries([r.metrics["per_query"] for r in rows if r.task == task], options.k)
+              for task in tasks if any(r.task == task for r in rows)}
+    results = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+               "device": str(resolve_device(options.device)), "tasks": tasks, "approaches": APPROACHES,
+               "seed_table": SEED_TABLE, "folds": per_fold, "pooled": pooled, "complete": final,
+               "seconds": round(time.perf_counter() - started, 1)}
+    (options.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    markdown, headline = render_results(results)
+    (options.out / "results.md").write_text(markdown)
+    if final and options.doc is not None:
+        update_section(options.doc, f"reproduce-{_doc_name(options)}", markdown)
+    if final and options.readme is not None:
+        update_section(options.readme, "headline", headline)
+    return results
 
 
-def render_results(results: dict[str, Any]) -> str:
-    k, rows = results["k"], results["rows"]
-    lines = [
-        f"# Results: {results['layout']} data at {results['image_size']} px, {results['backbone']}, "
-        f"{results['epochs']} epochs" + (f", on {results['device']}" if results.get("device") else ""),
-        "",
-        f"Queries: the test split ({rows[0]['n_queries'] if rows else 0} images); archive: train + val; "
-        "same-patient neighbours excluded. Percentages; the majority baseline always predicts the archive's "
-        "majority label (its balanced accuracy is 50).",
-        "",
-        f"| Approach | Stage 1 ROC-AUC | kNN accuracy | balanced accuracy | mAP@{k} | Hamming mAP@{k} | "
-        "prefilter + kNN accuracy | majority baseline | bits | embedding | train s | ingest s | evaluate s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    notes = []
-    for row in rows:
-        name = row["approach"] + (" *" if row["note"] else "")
-        if row["note"]:
-            notes.append(f"\\* {row['approach']}: {row['note']}.")
-        secs = row["seconds"]
-        lines.append(f"| {name} | {_pct(row['roc_auc'])} | {_pct(row['knn_accuracy'])} | "
-                     f"{_pct(row['balanced_accuracy'])} | {_pct(row['map_at_k'])} | {_pct(row['hamming_map_at_k'])} | "
-                     f"{_pct(row.get('prefilter_knn_accuracy'))} | {_pct(row['majority_accuracy'])} | {row['bits']} | "
-                     f"{row['embed_dim']} | {secs.get('train', 0):.0f} | {secs.get('ingest', 0):.0f} | "
-                     f"{secs.get('evaluate', 0):.0f} |")
-    lines += ["", *notes, *_codes_section(rows, k), *_heldout_section(rows)]
-    return "\n".join(lines) + "\n"
+def _doc_name(options: ReproduceOptions) -> str:
+    return "".join(c if c.isalnum() else "-" for c in Path(options.data).name.lower()) or "data"
 
 
-def _codes_section(rows: list[dict[str, Any]], k: int) -> list[str]:
-    coded = [r for r in rows if r.get("codes")]
-    if not coded:
-        return []
-    lines = ["", "## Binary codes: the model's own, LSH and ITQ", "",
-             "`model` is the learned hash layer for the hash approach and LSH inside the model otherwise; `lsh` "
-             "is the sign of a seeded Gaussian projection of the embedding; `itq` is fitted on the archive's "
-             f"embeddings. Hamming mAP@{k} ranks by code alone; prefilter + kNN keeps the Hamming top-N "
-             "(10 % of the archive) and ranks it by exact cosine.", "",
-             f"| Approach | code | Hamming mAP@{k} | prefilter + kNN accuracy | prefilter + kNN balanced |",
-             "|---|---|---:|---:|---:|"]
-    for row in coded:
-        for name, v in row["codes"].items():
-            lines.append(f"| {row['approach']} | {name} | {_pct(v['hamming_map_at_k'])} | "
-                         f"{_pct(v['prefilter_knn_accuracy'])} | {_pct(v['prefilter_balanced_accuracy'])} |")
-    return lines
+def fold_values(results: dict[str, Any], task: str, name: str) -> list[float]:
+    return [r[name] for r in results["folds"] if r["task"] == task and r.get(name) is not None]
 
 
-def _heldout_section(rows: list[dict[str, Any]]) -> list[str]:
-    lines = []
-    for row in rows:
-        held = row.get("heldout") or {}
-        if "per_class_auc" in held:
-            lines += ["", f"## Multilabel: per-finding ROC-AUC on the {held['dataset']} test split "
-                      f"({held['n_images']} images)", "", "| Finding | ROC-AUC |", "|---|---:|",
-                      *(f"| {name} | {_pct(auc)} |" for name, auc in held["per_class_auc"].items()),
-                      f"| mean | {_pct(held['mean_auc'])} |"]
-        own = held.get("retrieval")
-        if own:
-            lines += ["", f"Retrieval in its own {held['dataset']} archive ({own['n_queries']} test queries, "
-                      "train + val archive): Pneumonia kNN accuracy "
-                      f"{_pct(own['knn_accuracy'])} (balanced {_pct(own['balanced_accuracy'])}, majority "
-                      f"{_pct(own['majority_accuracy'])}); mAP@k {_pct(own['map_at_k'])} when relevant means the "
-                      f"same Pneumonia label, {_pct(own['map_at_k_any_finding'])} when it means at least one "
-                      "shared finding (\"No Finding\" included)."]
-        if "box_map" in held:
-            lines += ["", f"## Detection on the {held['dataset']} test split ({held['n_images']} images, "
-                      f"{held['n_with_boxes']} with boxes)", "",
-                      f"Box mAP (RSNA metric, IoU 0.40–0.75, original pixels) {_pct(held['box_map'])} at box "
-                      f"threshold {held['box_threshold']:.2f} (chosen on validation); image-score ROC-AUC "
-                      f"{_pct(held['roc_auc'])}."]
-    return lines
+def mean_of(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")

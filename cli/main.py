@@ -47,6 +47,17 @@ MaxPixelsOpt = Annotated[int | None, typer.Option(
     help="refuse images with more pixels than this (default 80,000,000)")]
 RegexOpt = Annotated[str | None, typer.Option("--patient-regex",
                                               help="folder layout: regex whose first group is the patient")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="split seed (default: the model's split; train: 0)")]
+ValFractionOpt = Annotated[float | None, typer.Option(
+    "--val-fraction", min=0.0, max=0.95, help="share of patients in validation (train default 0.1)")]
+TestFractionOpt = Annotated[float | None, typer.Option(
+    "--test-fraction", min=0.0, max=0.95,
+    help="share of patients held out as test (train default 0.2; 0 trains on all but validation)")]
+FoldsOpt = Annotated[int | None, typer.Option(
+    "--folds", min=0, help="k-fold split by patient: k folds, --fold i is the test split (0: hold-out)")]
+FoldOpt = Annotated[int | None, typer.Option("--fold", min=0, help="with --folds: the test fold, 1..k")]
+OtherSplitOpt = Annotated[bool, typer.Option(
+    "--other-split", help="experts: allow a split that differs from the one the model was trained with")]
 
 
 def guarded(func: F) -> F:
@@ -107,6 +118,12 @@ def _set_max_pixels(limit: int | None) -> None:
         os.environ["CBIR_MAX_PIXELS"] = str(limit)
 
 
+def _split_options(seed: int | None, val_fraction: float | None, test_fraction: float | None,
+                   folds: int | None, fold: int | None) -> dict[str, Any]:
+    return {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction, "folds": folds,
+            "fold": fold}
+
+
 def _load_model(model: Path | None, index: Any, collection: str, device: str) -> Any:
     from cbir.models import load_checkpoint
     from cbir.train.loop import resolve_device
@@ -148,8 +165,9 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
                                             "(one output per label; RSNA has only Pneumonia) or detection "
                                             "(FCOS on the RSNA boxes)")] = "binary",
           backbone: Annotated[str, typer.Option("--backbone", help="any timm model name")] = "resnet18",
-          image_size: Annotated[int, typer.Option("--image-size", min=16)] = 224,
-          epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+          image_size: Annotated[int, typer.Option(
+              "--image-size", min=16, help="model input size (128 suits a CPU; 224 or more on a GPU)")] = 128,
+          epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
           batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 32,
           lr: Annotated[float, typer.Option("--lr")] = 1e-3,
           embed_dim: Annotated[int, typer.Option(
@@ -160,25 +178,40 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           pretrained: Annotated[bool, typer.Option("--pretrained", help="download timm weights")] = False,
           device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
           workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
-          seed: Annotated[int, typer.Option("--seed")] = 0,
+          seed: Annotated[int, typer.Option("--seed", help="split (and initialisation) seed")] = 0,
+          val_fraction: ValFractionOpt = None, test_fraction: TestFractionOpt = None,
+          folds: FoldsOpt = None, fold: FoldOpt = None,
+          select: Annotated[str | None, typer.Option(
+              "--select", help="which epoch to keep: last (of the fixed schedule) or best (validation AUC)")
+          ] = None,
+          ema: Annotated[bool | None, typer.Option(
+              "--ema/--no-ema", help="keep an exponential moving average of the weights")] = None,
           patient_regex: RegexOpt = None) -> None:
-    """Train a backbone with an embedding head; the best epoch by validation AUC is kept."""
+    """Train a backbone with an embedding head; the split is recorded in the checkpoint (split.json)."""
     from cbir.data.layout import load_dataset
+    from cbir.data.splits import SplitSpec
     from cbir.models import ModelConfig
     from cbir.train import TrainSettings, train_model
+    from cbir.train.selection import SELECT_RULES
     if task != "detection":
         ModelConfig(task=task, bits=bits).validate()  # a bad --task/--bits fails before the dataset is read
-    records = load_dataset(data, layout, seed=seed, patient_regex=patient_regex)
+    if select is not None and select not in SELECT_RULES:
+        raise CbirError(f"--select {select!r}: choose from {', '.join(SELECT_RULES)}")
+    given = {k: v for k, v in _split_options(seed, val_fraction, test_fraction, folds, fold).items() if v is not None}
+    spec = SplitSpec().replace(**given)
+    records = load_dataset(data, layout, split=spec, patient_regex=patient_regex)
     reporter = _reporter()
     for note in records.notes:
         reporter.log(f"note: {note}")
     config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
                          label_names=list(records.label_names), target=records.target)
+    defaults = TrainSettings()
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, device=device, workers=workers,
-                             seed=seed, pretrained=pretrained, weights=str(weights) if weights else None)
+                             seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
+                             select=select or defaults.select, ema=defaults.ema if ema is None else ema)
     counts = records.meta["split"].value_counts().to_dict()
-    reporter.log(f"{records.dataset}: {len(records)} images ({counts}), target {records.target!r}, "
-                 f"{int(records.y.sum())} positive")
+    reporter.log(f"{records.dataset}: {len(records)} images ({counts}; split {spec.describe()}), target "
+                 f"{records.target!r}, {int(records.y.sum())} positive")
     if task == "detection":
         from cbir.models.detection import DetectorConfig
         from cbir.train.detection import train_detector
@@ -201,7 +234,9 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
            strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad file")] = False,
            device: Annotated[str, typer.Option("--device")] = "auto",
-           seed: Annotated[int, typer.Option("--seed")] = 0, patient_regex: RegexOpt = None,
+           seed: SeedOpt = None, val_fraction: ValFractionOpt = None, test_fraction: TestFractionOpt = None,
+           folds: FoldsOpt = None, fold: FoldOpt = None, other_split: OtherSplitOpt = False,
+           patient_regex: RegexOpt = None,
            codes: Annotated[str | None, typer.Option(
                "--codes", help="binary codes of a new collection: model (hash layer or LSH) or itq (fitted here)")
            ] = None,
@@ -218,8 +253,9 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
                "--allow-count-change", help="--reindex: swap even if the point counts differ (keeps the old "
                "version)")] = False,
            ) -> None:
-    """Embed every image of a dataset and upsert it into the index."""
-    from cbir.data.layout import load_dataset
+    """Embed every image of a dataset and upsert it into the index, split as the model's training data was
+    (each point's payload `split`; the collection records the split)."""
+    from cbir.data.layout import load_dataset_for_model
     from cbir.index.ingest import ingest_records
     from cbir.index.teams import team_collection
     from cbir.io import load_pseudonymizer
@@ -229,7 +265,14 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     _set_max_pixels(max_pixels)
     if reindex and part:
         raise CbirError("--reindex builds a whole new version in one run; it cannot be combined with --part")
-    records = load_dataset(data, layout, seed=seed, patient_regex=patient_regex)
+    loaded = load_checkpoint(model, resolve_device(device))
+    reporter = _reporter()
+    records, notes = load_dataset_for_model(data, layout, loaded.split,
+                                            _split_options(seed, val_fraction, test_fraction, folds, fold),
+                                            other_split, str(model), patient_regex)
+    for note in notes:
+        reporter.warn(note)
+    split = records.split_record()
     first_part = True
     if part:
         from cbir.data.splits import parse_part
@@ -238,13 +281,12 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         except ValueError as exc:
             raise CbirError(str(exc)) from None
         records, first_part = records.part(i, n), i == 1
-    loaded = load_checkpoint(model, resolve_device(device))
     pseudonymize = load_pseudonymizer()
-    reporter = _reporter()
     with _open(index, writable=True, create=True) as idx:
         summary = ingest_records(records, loaded, idx, collection, pseudonymize, batch_size, workers, strict,
                                  reporter, codes=codes, may_fit_itq=first_part, shards=shards, replicas=replicas,
-                                 team=team, reindex=reindex, allow_count_change=allow_count_change)
+                                 team=team, reindex=reindex, allow_count_change=allow_count_change,
+                                 split=split)
     out.print(summary.line, markup=False)
     if summary.failed:
         raise typer.Exit(1)
@@ -316,41 +358,72 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
              out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("cbir-report"),
              as_json: Annotated[bool, typer.Option("--json")] = False,
              device: Annotated[str, typer.Option("--device")] = "auto",
-             patient_regex: RegexOpt = None, team: TeamOpt = None) -> None:
-    """Stage-1 ROC-AUC and stage-2 kNN metrics with the majority baseline; writes report.md/json."""
-    from cbir.data.layout import load_dataset
+             patient_regex: RegexOpt = None, team: TeamOpt = None, other_split: OtherSplitOpt = False) -> None:
+    """Stage-1 ROC-AUC and stage-2 kNN metrics with 95 % CIs and the majority baseline; writes report.md/json.
+
+    The queries are the test split the model was trained with (from the collection), or --queries: another
+    dataset's images (only its test split when it is the model's own training data)."""
     from cbir.evaluate.run import evaluate_collection
     from cbir.index.teams import team_collection
-    collection = team_collection(collection, team)
     from cbir.io import load_pseudonymizer
+    collection = team_collection(collection, team)
     reporter = _reporter(quiet=as_json)
     with _open(index) as idx:
         loaded = _load_model(model, idx, collection, device)
-        records = load_dataset(queries, layout, patient_regex=patient_regex) if queries else None
-        report = evaluate_collection(idx, collection, loaded, out_dir, k, records, load_pseudonymizer(), reporter)
+        records = _query_records(queries, layout, loaded, patient_regex, other_split, reporter) if queries else None
+        report = evaluate_collection(idx, collection, loaded, out_dir, k, records, load_pseudonymizer(), reporter,
+                                     allow_other_split=other_split)
+    report.pop("per_query", None)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
         return
     _print_report(report, out_dir)
 
 
+def _query_records(root: Path, layout: str, loaded: Any, patient_regex: str | None, other_split: bool,
+                   reporter: Any) -> Any:
+    """`--queries`: the dataset split by the model's rule; only its test split if the model was trained on it."""
+    from cbir.data.layout import load_dataset_for_model
+    from cbir.data.splits import same_data
+    records, notes = load_dataset_for_model(root, layout, loaded.split, {}, other_split, str(loaded.path),
+                                            patient_regex)
+    for note in notes:
+        reporter.warn(note)
+    if loaded.split is not None and same_data(loaded.split, records.split_record()):
+        records = records.split("test")
+        reporter.log(f"queries: the {len(records)} test images of {root} (the model was trained on this dataset)")
+        if len(records) == 0:
+            raise CbirError(f"{root}: the model was trained on this dataset and held out no test images; "
+                            "give another dataset as --queries")
+    return records
+
+
 def _print_report(report: dict[str, Any], out_dir: Path) -> None:
-    s1, s2, base = report["stage1"], report["stage2"], report["baseline"]
-    table = Table(title=f"evaluation: {report['n_queries']} queries, k = {report['k']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    rows = [("stage 1 ROC-AUC", s1["roc_auc"]),
-            *([("box mAP (IoU 0.40–0.75)", s1["box_map"])] if "box_map" in s1 else []),
-            ("kNN accuracy", s2["knn_accuracy"]),
-            ("kNN balanced accuracy", s2["balanced_accuracy"]), (f"precision@{report['k']}", s2["precision_at_k"]),
-            (f"mAP@{report['k']}", s2["map_at_k"]),
-            *[(name, s2[key]) for key, name in (("map_at_k_any_finding", "mAP, any shared finding"),
-                                                ("hamming_map_at_k", "mAP, Hamming ranking"),
-                                                ("prefilter_knn_accuracy", "kNN accuracy, Hamming prefilter"))
+    s1, s2, base, k = report["stage1"], report["stage2"], report["baseline"], report["k"]
+    table = Table(title=f"evaluation: {report['n_queries']} queries, k = {k}")
+    for column in ("metric", "value", "95 % CI"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    rows = [("stage 1 ROC-AUC", s1["roc_auc"], s1.get("roc_auc_ci")),
+            *([("box mAP (IoU 0.40–0.75)", s1["box_map"], None)] if "box_map" in s1 else []),
+            ("kNN accuracy", s2["knn_accuracy"], s2.get("knn_accuracy_ci")),
+            ("kNN balanced accuracy", s2["balanced_accuracy"], s2.get("balanced_accuracy_ci")),
+            ("kNN sensitivity / specificity", None, None),
+            (f"precision@{k}", s2["precision_at_k"], None), (f"mAP@{k}", s2["map_at_k"], s2.get("map_at_k_ci")),
+            *[(name, s2[key], None) for key, name in (("map_at_k_any_finding", "mAP, any shared finding"),
+                                                      ("hamming_map_at_k", "mAP, Hamming ranking"),
+                                                      ("prefilter_knn_accuracy", "kNN accuracy, Hamming prefilter"))
               if key in s2],
-            (f"majority baseline (always {_majority_name(report)})", base["majority_accuracy"])]
-    for name, value in rows:
-        table.add_row(name, "n/a" if value is None else f"{100 * value:.2f} %")
+            (f"majority baseline (always {_majority_name(report)})", base["majority_accuracy"], None)]
+    for name, value, ci in rows:
+        if name.startswith("kNN sensitivity"):
+            text = " / ".join("n/a" if v is None else f"{100 * v:.1f} %" for v in (s2.get("sensitivity"),
+                                                                                  s2.get("specificity")))
+            model = " / ".join("n/a" if v is None else f"{100 * v:.1f} %" for v in (s1.get("sensitivity"),
+                                                                                   s1.get("specificity")))
+            table.add_row(name, text, f"model: {model}")
+            continue
+        interval = "" if not ci else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}"
+        table.add_row(name, "n/a" if value is None else f"{100 * value:.2f} %", interval)
     out.print(table)
     out.print(f"report: {out_dir / 'report.md'}", markup=False)
 
@@ -602,21 +675,81 @@ def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder
               layout: LayoutOpt = "auto",
               nih: Annotated[Path | None, typer.Option("--nih", help="NIH dataset for the multilabel row")] = None,
               backbone: Annotated[str, typer.Option("--backbone")] = "resnet18",
-              image_size: Annotated[int, typer.Option("--image-size", min=16)] = 224,
-              epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+              image_size: Annotated[int, typer.Option("--image-size", min=16)] = 128,
+              nih_image_size: Annotated[int | None, typer.Option(
+                  "--nih-image-size", min=16, help="image size of the multilabel model (default --image-size)")
+              ] = None,
+              epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
+              folds: Annotated[int, typer.Option(
+                  "--folds", min=0, help="k-fold cross-validation by patient (0: one hold-out split)")] = 5,
+              val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.5)] = 0.1,
+              seed: Annotated[int, typer.Option("--seed")] = 0,
               bits: Annotated[int, typer.Option("--bits", min=16, max=256)] = 64,
               k: Annotated[int, typer.Option("--k", min=1)] = 10,
               tasks: Annotated[list[str] | None, typer.Option("--task", help="only these approaches")] = None,
               device: Annotated[str, typer.Option("--device")] = "auto",
               patient_regex: RegexOpt = None,
               reuse: Annotated[bool, typer.Option(
-                  "--reuse", help="keep models already trained in --out with these settings")] = False) -> None:
-    """Train the four approaches, ingest and evaluate each, and write results.md/results.json."""
-    from cbir.reproduce import run_reproduce
-    results = run_reproduce(data, out_dir, layout, nih, backbone, image_size, epochs, device, bits, k=k,
-                            tasks=tasks, patient_regex=patient_regex, reuse=reuse, reporter=_reporter())
+                  "--reuse", help="keep models already trained in --out with these settings")] = False,
+              doc: Annotated[Path | None, typer.Option(
+                  "--doc", help="also write the table into this Markdown file (its own section)")] = None,
+              readme: Annotated[Path | None, typer.Option(
+                  "--readme", help="also write the binary row's headline into this file's headline section")
+              ] = None) -> None:
+    """The seed's table by k-fold cross-validation: train the approaches, ingest and evaluate each per fold,
+    and write results.md/results.json (mean ± sd over folds and pooled 95 % intervals)."""
+    from cbir.reproduce import ReproduceOptions, run_reproduce
+    if folds == 1:
+        raise CbirError("--folds must be 0 (one hold-out split) or at least 2")
+    options = ReproduceOptions(data=data, out=out_dir, layout=layout, nih=nih, backbone=backbone,
+                               image_size=image_size, nih_image_size=nih_image_size, epochs=epochs, device=device,
+                               bits=bits, k=k, tasks=tasks, patient_regex=patient_regex, reuse=reuse, folds=folds,
+                               val_fraction=val_fraction, seed=seed, doc=doc, readme=readme)
+    results = run_reproduce(options, reporter=_reporter())
     out.print((out_dir / "results.md").read_text(), markup=False)
-    out.print(f"results: {out_dir / 'results.md'} ({len(results['rows'])} approaches)", markup=False)
+    out.print(f"results: {out_dir / 'results.md'} ({len(results['tasks'])} approaches, "
+              f"{len({r['fold'] for r in results['folds']})} folds, {results['seconds'] / 60:.1f} min)", markup=False)
+
+
+@app.command()
+@guarded
+def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, detector or pooling")],
+          out_dir: Annotated[Path, typer.Option("--out", help="study folder")],
+          data: Annotated[Path | None, typer.Option("--data", help="dataset folder")] = None,
+          layout: LayoutOpt = "auto",
+          folds: Annotated[int, typer.Option("--folds", min=2)] = 5,
+          use_folds: Annotated[list[int] | None, typer.Option("--use-fold", help="only these folds (repeatable)")
+                               ] = None,
+          val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.05, max=0.5)] = 0.2,
+          seed: Annotated[int, typer.Option("--seed")] = 0,
+          backbone: Annotated[str, typer.Option("--backbone")] = "resnet18",
+          image_size: Annotated[int, typer.Option("--image-size", min=16)] = 128,
+          epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
+          batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 32,
+          device: Annotated[str, typer.Option("--device")] = "auto",
+          doc: Annotated[Path | None, typer.Option("--doc", help="also write the study's section of this "
+                                                   "Markdown file (e.g. docs/results.md)")] = None,
+          render: Annotated[bool, typer.Option(
+              "--render", help="only rebuild NAME.md (and --doc's section) from --out's NAME.json")] = False) -> None:
+    """Measure a default on validation folds only (test patients are never loaded); writes NAME.md/NAME.json."""
+    from cbir.studies import STUDIES, StudyOptions
+    from cbir.studies.common import rerender
+    if name not in STUDIES:
+        raise CbirError(f"unknown study {name!r} (choose from {', '.join(sorted(STUDIES))})")
+    if render:
+        out.print(rerender(name, StudyOptions(data=data or Path("."), out=out_dir, doc=doc))["markdown"],
+                  markup=False)
+        return
+    if data is None:
+        raise CbirError("--data is required (the dataset to study)")
+    bad = [f for f in use_folds or [] if not 1 <= f <= folds]
+    if bad:
+        raise CbirError(f"--use-fold {bad[0]}: folds are 1..{folds}")
+    options = StudyOptions(data=data, out=out_dir, layout=layout, folds=folds, use_folds=list(use_folds or []),
+                           val_fraction=val_fraction, seed=seed, backbone=backbone, image_size=image_size,
+                           epochs=epochs, batch_size=batch_size, device=device, doc=doc)
+    result = STUDIES[name](options, _reporter())
+    out.print(result["markdown"], markup=False)
 
 
 def main() -> None:

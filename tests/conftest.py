@@ -18,8 +18,47 @@ def shared_path(*parts: str) -> Path:
     """A path under ../shared, or a skip with the reason when this clone has none."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not available: {path} (a user's clone has no ../shared)")
+        pytest.skip(f"real data not available: {path} (../shared is absent: a user's clone has none)")
     return path
+
+
+#: The only reasons a test may skip when $CBIR_STRICT_SKIPS is set (as `.ci/run` does): something this machine
+#: cannot have, never a package that an extra of pyproject.toml provides. Name → a phrase of the skip reason.
+ALLOWED_SKIPS = {
+    "live Qdrant server": "CBIR_TEST_QDRANT_URL",
+    "Qdrant server admin key": "CBIR_TEST_QDRANT_API_KEY",
+    "Chromium browser": "Chromium is not installed",
+    "CUDA GPU": "needs a CUDA GPU",
+    "real data in ../shared": "../shared is absent",
+}
+_SKIPS: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPS.append((report.nodeid, str(reason)))
+
+
+def disallowed_skips(skips: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(node, reason) for node, reason in skips
+            if not any(phrase in reason for phrase in ALLOWED_SKIPS.values())]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With $CBIR_STRICT_SKIPS, a skip for any reason outside `ALLOWED_SKIPS` (a missing package above all)
+    fails the run."""
+    if not os.environ.get("CBIR_STRICT_SKIPS"):
+        return
+    bad = disallowed_skips(_SKIPS)
+    if bad:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"{node}: {reason}" for node, reason in bad]
+        text = "tests skipped for a reason CI does not allow (install the extras; allowed: " \
+               f"{', '.join(ALLOWED_SKIPS)}):\n  " + "\n  ".join(lines)
+        if reporter is not None:
+            reporter.write_line(text, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -265,45 +265,62 @@ def test_detection_task_through_the_cli(pipeline: dict[str, Path], tmp_path: Pat
     assert stage1["box_map"] is None or 0 <= stage1["box_map"] <= 1
 
 
-def test_reproduce_writes_the_results_table(pipeline: dict[str, Path], tmp_path: Path) -> None:
+def test_reproduce_cross_validates_and_writes_the_results_table(pipeline: dict[str, Path], tmp_path: Path) -> None:
     nih = tmp_path / "nih"
     assert run("synth", "--layout", "nih", "--n", 40, "--size", 48, "--out", nih, "--seed", 2)[0] == 0
+    doc, readme = tmp_path / "results-doc.md", tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- cbir:headline -->\nstale text\n<!-- /cbir:headline -->\n\nrest\n")
     code, out, err = run("reproduce", "--data", pipeline["data"], "--nih", nih, "--out", tmp_path / "res",
-                         "--backbone", "test_resnet", "--image-size", 48, "--epochs", 1, "--bits", 32, "--k", 5)
+                         "--folds", 2, "--backbone", "test_resnet", "--image-size", 48, "--epochs", 1, "--bits", 32,
+                         "--k", 5, "--doc", doc, "--readme", readme)
     assert code == 0, err
     results = json.loads((tmp_path / "res" / "results.json").read_text())
-    assert [r["task"] for r in results["rows"]] == ["binary", "hash", "multilabel", "detection"]
-    multilabel = results["rows"][2]
-    assert multilabel["trained_on"] == "nih" and multilabel["note"] == ""
-    for row in results["rows"]:
+    assert results["complete"] and results["tasks"] == ["binary", "hash", "multilabel", "detection"]
+    assert [(r["fold"], r["task"]) for r in results["folds"]] == [
+        (f, t) for f in (1, 2) for t in ("binary", "hash", "multilabel", "detection")]
+    from cbir.data.layout import load_dataset
+    from cbir.data.splits import SplitSpec
+    for row in results["folds"]:
         assert 0 <= row["knn_accuracy"] <= 1 and 0.5 <= row["majority_accuracy"] <= 1 and row["bits"] == 32
+        assert {"model", "lsh"} <= set(row["codes"]), row["task"]  # ITQ needs bits ≤ archive size
+        # each fold's queries are exactly its test fold, and its model was trained on that split
+        test = load_dataset(pipeline["data"], "rsna", split=SplitSpec(folds=2, fold=row["fold"])).split("test")
+        assert row["n_queries"] == len(test) and row["n_archive"] == N - len(test)
+        split = json.loads((tmp_path / "res" / "models" / f"fold{row['fold']}" / row["task"] / "split.json")
+                           .read_text())
+        assert split["spec"]["folds"] == 2 and split["spec"]["fold"] == row["fold"]
+    assert sum(r["n_queries"] for r in results["folds"] if r["task"] == "binary") == N  # every patient once
+    pooled = results["pooled"]["binary"]
+    assert pooled["n_queries"] == N and pooled["knn_accuracy_ci"][0] <= pooled["knn_accuracy"] <= \
+        pooled["knn_accuracy_ci"][1]
+    multilabel = [r for r in results["folds"] if r["task"] == "multilabel"]
+    assert all(r["trained_on"] == "nih" for r in multilabel)
+    from cbir.data.nih import FINDINGS
+    assert list(multilabel[0]["heldout"]["per_class_auc"]) == list(FINDINGS)
+    own = multilabel[0]["heldout"]["retrieval"]
+    assert own["collection"] == "multilabel-nih-fold1" and own["n_queries"] > 0
     table = (tmp_path / "res" / "results.md").read_text()
-    assert "| Binary classification + hash layer |" in table and "majority baseline" in table
+    assert "2-fold cross-validation by patient" in table and "| Binary classification + hash layer |" in table
+    assert "83.57 / 78.67" in table and "±" in table and "Pooled over the folds" in table
+    assert "per-finding ROC-AUC" in table and "box mAP" in table
+    assert table.strip() in doc.read_text()  # written into the document's own section
+    headline = readme.read_text()
+    assert "stale text" not in headline and "rest" in headline and "2-fold cross-validation" in headline
     from cbir.index import open_index
     with open_index(str(tmp_path / "res" / "index")) as index:
-        assert sorted(index.list_aliases()) == ["binary", "detection", "hash", "multilabel", "multilabel_nih"]
-    for row in results["rows"]:
-        assert set(row["codes"]) == {"model", "lsh", "itq"}, row["task"]
-        assert all(0 <= v["hamming_map_at_k"] <= 1 for v in row["codes"].values())
-    from cbir.data.nih import FINDINGS
-    assert list(multilabel["heldout"]["per_class_auc"]) == list(FINDINGS)
-    assert multilabel["heldout"]["dataset"] == "nih"
-    own = multilabel["heldout"]["retrieval"]
-    assert own["collection"] == "multilabel_nih" and own["n_queries"] > 0
-    assert 0 <= own["map_at_k_any_finding"] <= 1 and 0 <= own["knn_accuracy"] <= 1
-    detection = results["rows"][3]["heldout"]
-    assert detection["n_images"] > 0 and (detection["box_map"] is None or 0 <= detection["box_map"] <= 1)
-    assert "## Binary codes" in table and "per-finding ROC-AUC" in table and "Box mAP" in table
+        assert "binary-fold2" in index.list_aliases() and "multilabel-nih-fold1" in index.list_aliases()
     # --reuse keeps the trained models (and their recorded training time) and redoes ingest + evaluation
     code, out, err = run("reproduce", "--data", pipeline["data"], "--out", tmp_path / "res", "--task", "binary",
-                         "--backbone", "test_resnet", "--image-size", 48, "--epochs", 1, "--bits", 32, "--k", 5,
-                         "--reuse")
+                         "--folds", 2, "--backbone", "test_resnet", "--image-size", 48, "--epochs", 1, "--bits", 32,
+                         "--k", 5, "--reuse")
     assert code == 0, err
-    again = json.loads((tmp_path / "res" / "results.json").read_text())["rows"][0]
+    again = json.loads((tmp_path / "res" / "results.json").read_text())["folds"][0]
     assert "reusing the model" in err + out
-    assert again["seconds"]["train"] == pytest.approx(
-        json.loads((tmp_path / "res" / "models" / "binary" / "train.json").read_text())["seconds"], abs=0.1)
-    assert again["knn_accuracy"] == results["rows"][0]["knn_accuracy"]
+    assert again["seconds"]["train"] == pytest.approx(json.loads(
+        (tmp_path / "res" / "models" / "fold1" / "binary" / "train.json").read_text())["seconds"], abs=0.1)
+    assert again["knn_accuracy"] == results["folds"][0]["knn_accuracy"]
+    code, out, err = run("reproduce", "--data", pipeline["data"], "--out", tmp_path / "res2", "--task", "multilabel")
+    assert code == 2 and "multilabel needs --nih" in err
 
 
 def _info(index: Path) -> dict[str, dict]:

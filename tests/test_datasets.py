@@ -18,7 +18,7 @@ from cbir.data.layout import detect_layout, load_dataset
 from cbir.data.nih import FINDINGS, load_nih, read_nih_labels
 from cbir.data.records import META_COLUMNS, SPLITS, Records
 from cbir.data.rsna import load_rsna, read_rsna_headers, read_rsna_labels
-from cbir.data.splits import assign_splits, train_val_splits
+from cbir.data.splits import SplitSpec, assign_splits, train_val_splits
 from cbir.errors import DatasetError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -344,10 +344,10 @@ def test_folder_patient_regex_keeps_patients_together(tmp_path: Path) -> None:
     names = {"NEG": [f"pat{i}_img{j}.png" for i in range(40) for j in range(2)],
              "POS": [f"scan_pat{i}_{j}.png" for i in range(40, 80) for j in range(3)]}
     root = make_folder(tmp_path / "set", names)
-    records = load_folder(root, seed=1, patient_regex=r"(pat\d+)")
+    records = load_folder(root, SplitSpec(seed=1), patient_regex=r"(pat\d+)")
     check_records(records)
     assert records.meta["patient"].nunique() == 80 and set(records.meta["split"]) == set(SPLITS)
-    by_stem = load_folder(root, seed=1)
+    by_stem = load_folder(root, SplitSpec(seed=1))
     assert by_stem.meta["patient"].nunique() == len(by_stem)
     with pytest.raises(DatasetError, match="invalid patient regex"):
         load_folder(root, patient_regex="(")
@@ -356,7 +356,7 @@ def test_folder_patient_regex_keeps_patients_together(tmp_path: Path) -> None:
 def test_folder_kermany_rule_and_targets() -> None:
     names = ["IM-0115-0001.jpeg", "IM-0429-0001-0002.jpeg", "NORMAL2-IM-1427-0001.jpeg",
              "person1_bacteria_1.jpeg", "person1_virus_6.jpeg", "person447_virus_921_1.jpeg", "other.png"]
-    patients, note = folder_patients(names)
+    patients, note, _ = folder_patients(names)
     assert patients == ["IM-0115", "IM-0429", "NORMAL2-IM-1427", "person1", "person1", "person447", "other"]
     assert "1 names did not match" in note
     assert choose_target(["NORMAL", "PNEUMONIA"])[0] == "PNEUMONIA"

@@ -283,3 +283,41 @@ def _quiet():
     from cbir.console import QUIET
 
     return QUIET
+
+
+# -- RetinaNet and the pooling of the embedding (measured in `cbir study detector` / `pooling`) ----------
+
+
+def test_retinanet_trains_detects_and_reloads(rsna, tmp_path: Path):
+    config = tiny_config(detector="retinanet")
+    result = train_detector(rsna, config, TrainSettings(epochs=1, batch_size=8, workers=0), tmp_path / "r")
+    loaded = load_detector(tmp_path / "r")
+    assert loaded.config.detector == "retinanet" and loaded.fingerprint == result.fingerprint
+    x = standardize(torch.rand(2, 1, 64, 64))
+    with torch.no_grad():
+        out = loaded.model(x)
+        parts = loaded.model.train().loss(x, [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 50.0]])},
+                                              {"boxes": torch.zeros(0, 4)}])
+    assert out.embedding.shape == (2, config.embed_dim) and set(parts) == {"classification", "bbox_regression"}
+    assert all(torch.isfinite(v) for v in parts.values())
+
+
+def test_pooling_changes_the_embedding_but_not_old_fingerprints():
+    torch.manual_seed(0)
+    model = create_detector(tiny_config()).eval()
+    x = standardize(torch.rand(2, 1, 64, 64))
+    embeddings = {}
+    for how in ("max", "avg", "gem"):
+        model.config.pooling = how
+        with torch.no_grad():
+            embeddings[how] = model(x).embedding
+        assert torch.allclose(embeddings[how].norm(dim=1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(embeddings["max"], embeddings["avg"])
+    with torch.no_grad():
+        pyramid = list(model.forward_features(x).values())
+    expected = torch.nn.functional.normalize(torch.cat([p.mean(dim=(2, 3)) for p in pyramid], dim=1), dim=1)
+    assert torch.allclose(embeddings["avg"], expected, atol=1e-6)
+    # the default is left out of config.json, so configs written before the field keep their fingerprint
+    assert "pooling" not in tiny_config().to_dict() and tiny_config(pooling="gem").to_dict()["pooling"] == "gem"
+    with pytest.raises(CbirError, match="unknown pooling"):
+        create_detector(tiny_config(pooling="median"))

@@ -7,10 +7,9 @@ import warnings
 
 import numpy as np
 import pytest
+import sklearn.metrics as sk  # the test extra installs scikit-learn
 
 from cbir import metrics
-
-sk = pytest.importorskip("sklearn.metrics")
 
 
 def _binary_case(seed: int, n: int = 200, tied: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -155,30 +154,65 @@ def test_precision_at_k_hand_case() -> None:
 
 
 def test_average_precision_at_k_hand_case() -> None:
-    # Hits at ranks 1 and 3: (1/1 + 2/3) / 2.
-    assert metrics.average_precision_at_k(RELEVANT[0], 4) == pytest.approx(5 / 6)
-    assert metrics.average_precision_at_k(RELEVANT[1], 4) == pytest.approx(1 / 4)
-    assert metrics.average_precision_at_k(RELEVANT[1], 3) == 0.0  # no hit in the top 3
-    # Hits at ranks 2 and 4: (1/2 + 2/4) / 2; the denominator is the hits in the top k, not in the list.
-    assert metrics.average_precision_at_k(RELEVANT[2], 4) == pytest.approx(0.5)
-    assert metrics.average_precision_at_k(RELEVANT[2], 2) == pytest.approx(0.5)
-    assert metrics.average_precision_at_k([1, 1, 0], 3) == 1.0
-    assert metrics.map_at_k(RELEVANT, 4) == pytest.approx((5 / 6 + 1 / 4 + 1 / 2) / 3)
-    assert metrics.map_at_k(RELEVANT, 3) == pytest.approx((5 / 6 + 0 + 1 / 2) / 3)
+    # Hits at ranks 1 and 3 of 4, and R relevant items in the archive: (1/1 + 2/3) / min(k, R).
+    assert metrics.average_precision_at_k(RELEVANT[0], 4, n_relevant=2) == pytest.approx(5 / 6)
+    assert metrics.average_precision_at_k(RELEVANT[0], 4, n_relevant=3) == pytest.approx(5 / 9)
+    assert metrics.average_precision_at_k(RELEVANT[0], 4, n_relevant=10) == pytest.approx(5 / 12)
+    assert metrics.average_precision_at_k(RELEVANT[0], 2, n_relevant=10) == pytest.approx(1 / 2)
+    # One hit at rank 4 with R = 1: P@4 · 1 / 1.
+    assert metrics.average_precision_at_k(RELEVANT[1], 4, n_relevant=1) == pytest.approx(1 / 4)
+    assert metrics.average_precision_at_k(RELEVANT[1], 3, n_relevant=1) == 0.0  # no hit in the top 3
+    # Hits at ranks 2 and 4, R = 5: (1/2 + 2/4) / 4.
+    assert metrics.average_precision_at_k(RELEVANT[2], 4, n_relevant=5) == pytest.approx(0.25)
+    assert metrics.average_precision_at_k([1, 1, 0], 3, n_relevant=2) == 1.0
+    assert metrics.average_precision_at_k([1, 1, 0], 3, n_relevant=4) == pytest.approx(2 / 3)
+    r = np.array([3, 1, 5])
+    assert metrics.map_at_k(RELEVANT, 4, r) == pytest.approx((5 / 9 + 1 / 4 + 1 / 4) / 3)
+    # A query with nothing relevant in the archive has no AP and is left out of the mean.
+    assert math.isnan(metrics.average_precision_at_k([0, 0, 0], 3, n_relevant=0))
+    assert metrics.map_at_k(np.array([[1, 0], [0, 0]], bool), 2, [1, 0]) == 1.0
+    with pytest.raises(ValueError, match="smaller"):
+        metrics.average_precision_at_k([1, 1, 0], 3, n_relevant=1)
 
 
-@pytest.mark.parametrize("k", [1, 5, 10, 20])
-def test_average_precision_matches_sklearn(k: int) -> None:
-    rel = np.random.default_rng(k).random((40, 20)) < 0.35
-    ranked_scores = np.arange(k, 0, -1)  # rank 1 has the highest score
-    for row in rel:
-        expected = sk.average_precision_score(row[:k], ranked_scores) if row[:k].any() else 0.0
-        assert metrics.average_precision_at_k(row, k) == pytest.approx(expected, abs=1e-12)
-    mean = np.mean([metrics.average_precision_at_k(row, k) for row in rel])
-    assert metrics.map_at_k(rel, k) == pytest.approx(mean, abs=1e-12)
+def test_the_hits_variant_keeps_its_old_definition() -> None:
+    # Σ P@i · rel_i divided by the hits in the top k: 1 whenever every hit ranks above every miss.
+    assert metrics.map_at_k_hits(RELEVANT, 4) == pytest.approx((5 / 6 + 1 / 4 + 1 / 2) / 3)
+    assert metrics.map_at_k_hits(RELEVANT, 3) == pytest.approx((5 / 6 + 0 + 1 / 2) / 3)
+    assert metrics.map_at_k_hits(np.array([[1, 0, 0]], bool), 3) == 1.0
+    assert metrics.map_at_k(np.array([[1, 0, 0]], bool), 3, 3) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_average_precision_matches_sklearn_over_the_whole_archive(seed: int) -> None:
+    """Ranking the whole archive (k = its size, so min(k, R) = R), AP@k is scikit-learn's average precision."""
+    rng = np.random.default_rng(seed)
+    rel = rng.random((30, 25)) < 0.35
+    rel[:, 0] |= ~rel.any(axis=1)  # every query has a relevant item
+    ranked_scores = np.arange(rel.shape[1], 0, -1)  # rank 1 has the highest score
+    r = rel.sum(axis=1)
+    for row, n in zip(rel, r, strict=True):
+        assert metrics.average_precision_at_k(row, rel.shape[1], n) == pytest.approx(
+            sk.average_precision_score(row, ranked_scores), abs=1e-12)
+    expected = np.mean([sk.average_precision_score(row, ranked_scores) for row in rel])
+    assert metrics.map_at_k(rel, rel.shape[1], r) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [5, 10])
+def test_average_precision_matches_sklearn_when_the_top_k_holds_every_relevant_item(k: int) -> None:
+    """With R ≤ k relevant items all inside the top k, AP@k equals sklearn's AP of the full ranking."""
+    rng = np.random.default_rng(k)
+    for _ in range(20):
+        full = np.zeros(40, bool)
+        hits = rng.choice(k, size=rng.integers(1, k + 1), replace=False)
+        full[hits] = True
+        ranked_scores = np.arange(full.size, 0, -1)
+        assert metrics.average_precision_at_k(full, k, int(full.sum())) == pytest.approx(
+            sk.average_precision_score(full, ranked_scores), abs=1e-12)
 
 
 def test_empty_query_sets_are_nan() -> None:
     empty = np.zeros((0, 5), bool)
     assert math.isnan(metrics.precision_at_k(empty, 3))
-    assert math.isnan(metrics.map_at_k(empty, 3))
+    assert math.isnan(metrics.map_at_k(empty, 3, np.zeros(0)))
+    assert math.isnan(metrics.map_at_k_hits(empty, 3))

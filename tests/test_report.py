@@ -74,12 +74,15 @@ def test_summarize_values_match_metrics(data: dict, report: dict) -> None:
     relevant = nbr == y[:, None]
     assert report["stage2"]["knn_accuracy"] == pytest.approx(np.mean(pred == y))
     assert report["stage2"]["precision_at_k"] == pytest.approx(relevant[:, :k].mean())
-    assert report["stage2"]["map_at_k"] == pytest.approx(metrics.map_at_k(relevant, k))
+    archive = data["archive_y"]
+    n_relevant = np.array([(archive == label).sum() for label in y])
+    assert report["stage2"]["map_at_k"] == pytest.approx(metrics.map_at_k(relevant, k, n_relevant))
+    assert report["stage2"]["map_at_k_hits"] == pytest.approx(metrics.map_at_k_hits(relevant, k))
     assert report["stage1"]["roc_auc"] == pytest.approx(metrics.roc_auc(y, data["prob_query"]))
     assert report["baseline"]["majority_accuracy"] == pytest.approx(np.mean(y == 0))
     (tn, fp), (fn, tp) = report["stage2"]["confusion"]
     assert (tp, fp) == (int(np.sum((pred == 1) & (y == 1))), int(np.sum((pred == 1) & (y == 0))))
-    sk = pytest.importorskip("sklearn.metrics")
+    import sklearn.metrics as sk
     assert report["stage2"]["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, pred))
     share = (nbr[:, :k] == 1).mean(axis=1)
     assert report["stage2"]["vote_auc"] == pytest.approx(sk.roc_auc_score(y, share))
@@ -89,7 +92,7 @@ def test_summarize_custom_relevance_and_extra(data: dict) -> None:
     relevant = np.zeros((Q, K), bool)
     relevant[:, 0] = True
     extra = {"stage2": {"hash_bits": 64}, "timing": {"search_ms": np.float32(1.5)}}
-    report = summarize("Pneumonia", k=k, relevant=relevant, extra=extra, **data)
+    report = summarize("Pneumonia", k=k, relevant=relevant, extra=extra, n_relevant=np.ones(Q), **data)
     assert report["stage2"]["precision_at_k"] == pytest.approx(1 / k)
     assert report["stage2"]["map_at_k"] == 1.0
     assert report["stage2"]["hash_bits"] == 64 and report["timing"] == {"search_ms": 1.5}
@@ -195,3 +198,21 @@ def test_montage_labels_are_coloured_per_finding_and_never_overflow() -> None:
     assert drawn.min() >= 6 and drawn.max() < TILE - 6                # all 14 labels, yet inside the tile
     colours = {tuple(c) for c in pixels.reshape(-1, 3)}
     assert FINDING_COLOURS["Atelectasis"] in colours and FINDING_COLOURS["Cardiomegaly"] in colours
+
+
+# --- document sections written by commands ----------------------------------------------------------------
+
+
+def test_update_section_replaces_only_its_own_block(tmp_path: Path) -> None:
+    from cbir.report.doc import read_section, update_section
+    doc = tmp_path / "results.md"
+    assert update_section(doc, "a", "first") is False  # created
+    update_section(doc, "b", "other")
+    doc.write_text("# Title\n\nhand-written intro\n\n" + doc.read_text() + "\nclosing words\n")
+    assert update_section(doc, "a", "second\nversion") is True
+    text = doc.read_text()
+    assert read_section(doc, "a") == "second\nversion" and read_section(doc, "b") == "other"
+    assert "first" not in text and text.startswith("# Title\n\nhand-written intro") and "closing words" in text
+    assert text.index("second") < text.index("other")  # replaced in place, not appended
+    assert read_section(doc, "missing") is None
+    assert not list(tmp_path.glob(".*.tmp"))

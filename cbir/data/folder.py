@@ -26,14 +26,14 @@ import numpy as np
 
 from cbir.data.files import IMAGE_EXTENSIONS, FileEntry, check_root, iter_files, make_meta
 from cbir.data.records import Records
-from cbir.data.splits import assign_splits
+from cbir.data.splits import SplitSpec, split_names
 from cbir.errors import DatasetError
 
 KERMANY_PATIENT = re.compile(r"^(person\d+|(?:NORMAL\d*-)?IM-\d+)", re.IGNORECASE)
 _NORMAL_NAME = re.compile(r"(^| )(normal|no finding|nofinding|negative|healthy)( |$)")
 _SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
-def load_folder(root: Path, seed: int = 0, patient_regex: str | None = None) -> Records:
+def load_folder(root: Path, split: SplitSpec | None = None, patient_regex: str | None = None) -> Records:
     """Read a folder-per-class dataset: one-hot labels, patient-grouped splits."""
     root = check_root(root)
     classes, notes = _class_files(root)
@@ -41,20 +41,21 @@ def load_folder(root: Path, seed: int = 0, patient_regex: str | None = None) -> 
     target, target_note = choose_target(label_names)
     files = [(cls, entry) for cls in label_names for entry in classes[cls]]
     names = [entry[0] for _, entry in files]
-    patients, patient_note = folder_patients(names, patient_regex)
+    patients, patient_note, rule = folder_patients(names, patient_regex)
     labels = np.zeros((len(files), len(label_names)), dtype=np.float32)
     labels[np.arange(len(files)), [label_names.index(cls) for cls, _ in files]] = 1.0
     meta = make_meta(
         path=[entry[1] for _, entry in files],
         relpath=[entry[2] for _, entry in files],
         patient=patients,
-        split=assign_splits(patients, seed=seed),
+        split=split_names(patients, split),
     )
     counts = ", ".join(f"{cls} {len(classes[cls])}" for cls in label_names)
     notes = [f"folder layout: {len(files)} images in {len(label_names)} classes ({counts})", target_note,
              patient_note, *notes]
     return Records(root=root, dataset=folder_dataset_name(root), layout="folder", label_names=label_names,
-                   labels=labels, meta=meta, target=target, notes=notes)
+                   labels=labels, meta=meta, target=target, notes=notes, patient_rule=rule,
+                   split_spec=split or SplitSpec())
 
 
 def folder_dataset_name(root: Path) -> str:
@@ -88,8 +89,8 @@ def is_normal_name(name: str) -> bool:
     return bool(_NORMAL_NAME.search(words))
 
 
-def folder_patients(names: Sequence[str], patient_regex: str | None = None) -> tuple[list[str], str]:
-    """Patient key per file name and a note on how the keys were made (see the module docstring)."""
+def folder_patients(names: Sequence[str], patient_regex: str | None = None) -> tuple[list[str], str, str]:
+    """Patient key per file name, a note on how the keys were made (see the module docstring) and the rule."""
     if patient_regex is not None:
         try:
             pattern = re.compile(patient_regex)
@@ -103,13 +104,13 @@ def folder_patients(names: Sequence[str], patient_regex: str | None = None) -> t
     patients = [key if key is not None else _stem(name) for key, name in zip(keys, names, strict=True)]
     n_patients = len(set(patients))
     if unmatched == 0:
-        return patients, f"patients: {n_patients} from {len(names)} file names by {rule}"
+        return patients, f"patients: {n_patients} from {len(names)} file names by {rule}", rule
     if unmatched == len(names) and patient_regex is None:
         return patients, ("patients: each image is its own patient (file stem); one patient's images can "
-                          "land in two splits; pass --patient-regex to group them")
+                          "land in two splits; pass --patient-regex to group them"), "file stem"
     return patients, (f"patients: {n_patients} from {len(names)} file names by {rule}; {unmatched} names did "
                       f"not match and are their own patient (file stem), so they may share a patient across "
-                      f"splits; pass --patient-regex to group them")
+                      f"splits; pass --patient-regex to group them"), f"{rule}, else file stem"
 
 
 def _patient_key(pattern: re.Pattern[str], name: str) -> str | None:

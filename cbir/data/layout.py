@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from cbir.data.files import check_root, has_image
 from cbir.data.folder import load_folder
 from cbir.data.nih import find_nih_csv, load_nih
 from cbir.data.records import Records
 from cbir.data.rsna import LABELS_CSV, load_rsna
+from cbir.data.splits import SplitSpec, check_same_split, resolve_spec
 from cbir.errors import DatasetError
 
 LAYOUTS = ("rsna", "nih", "folder")
@@ -36,9 +38,10 @@ def detect_layout(root: Path) -> str:
 
 
 def load_dataset(
-    root: Path, layout: str | None = None, seed: int = 0, patient_regex: str | None = None
+    root: Path, layout: str | None = None, split: SplitSpec | None = None, patient_regex: str | None = None
 ) -> Records:
-    """Load `root` with `layout` ("rsna", "nih", "folder"; None or "auto" detects it).
+    """Load `root` with `layout` ("rsna", "nih", "folder"; None or "auto" detects it), split by `split`
+    (default `SplitSpec()`).
 
     `patient_regex` applies to the folder layout only; the rsna and nih label files name the patients.
     """
@@ -49,8 +52,23 @@ def load_dataset(
     if name == "auto":
         name = detect_layout(root)
     if name == "folder":
-        return load_folder(root, seed=seed, patient_regex=patient_regex)
-    records = load_rsna(root, seed=seed) if name == "rsna" else load_nih(root, seed=seed)
+        return load_folder(root, split=split, patient_regex=patient_regex)
+    records = load_rsna(root, split=split) if name == "rsna" else load_nih(root, split=split)
     if patient_regex is not None:
         records.notes.append(f"patient regex ignored: the {name} label file names the patients")
     return records
+
+
+def load_dataset_for_model(root: Path, layout: str | None, model_split: dict[str, Any] | None,
+                           given: dict[str, Any], allow_other: bool, model_name: str,
+                           patient_regex: str | None = None) -> tuple[Records, list[str]]:
+    """Load `root` split as the model's training data was (`model_split`, its checkpoint's split record).
+
+    `given` holds the split options the user gave explicitly (None = not given); one that differs from the
+    model's split, or a dataset whose patients land elsewhere than in training (another patient rule), is
+    refused unless `allow_other` (`cbir.data.splits.resolve_spec`). Returns (records, notes).
+    """
+    spec, notes = resolve_spec(model_split, given, allow_other, model_name)
+    records = load_dataset(root, layout, split=spec, patient_regex=patient_regex)
+    notes += check_same_split(model_split, records.split_record(), allow_other, model_name)
+    return records, notes

@@ -15,7 +15,7 @@ import pandas as pd
 
 from cbir.data.files import check_root, file_map, make_meta, optional_int, optional_text, read_csv_checked
 from cbir.data.records import Records
-from cbir.data.splits import assign_splits, train_val_splits
+from cbir.data.splits import SplitSpec, split_names
 from cbir.errors import DatasetError
 
 #: The 14 findings in the official order.
@@ -63,7 +63,7 @@ def finding_matrix(findings: pd.Series) -> tuple[np.ndarray, list[str]]:
     return table[codes], sorted(unknown)
 
 
-def load_nih(root: Path, seed: int = 0) -> Records:
+def load_nih(root: Path, split: SplitSpec | None = None) -> Records:
     """Read the NIH layout: 14 multi-hot findings, target ``Pneumonia``, official test split if listed."""
     root = check_root(root)
     csv = find_nih_csv(root)
@@ -85,10 +85,12 @@ def load_nih(root: Path, seed: int = 0) -> Records:
     missing = [(f"images/{name}", f"listed in {csv.name} but not found") for name in names[~found]]
     frame, labels = frame[found].reset_index(drop=True), labels[found]
     names = frame["Image Index"]
-    split, split_note = _splits(root, names, frame["Patient ID"], seed)
+    spec = split or SplitSpec()
+    official, split_note = _official_test(root, names)
+    split_column = split_names(frame["Patient ID"], spec, official)
     files = [images[name] for name in names.tolist()]
     meta = make_meta(
-        path=[f[0] for f in files], relpath=[f[1] for f in files], patient=frame["Patient ID"], split=split,
+        path=[f[0] for f in files], relpath=[f[1] for f in files], patient=frame["Patient ID"], split=split_column,
         boxes=_boxes(root, names),
         view=_optional(frame, "View Position", optional_text),
         sex=_optional(frame, "Patient Gender", optional_text),
@@ -97,7 +99,8 @@ def load_nih(root: Path, seed: int = 0) -> Records:
     notes = [f"nih layout: {len(frame)} images of {frame['Patient ID'].nunique()} patients from {csv.name}",
              *notes, split_note]
     return Records(root=root, dataset="nih", layout="nih", label_names=list(FINDINGS), labels=labels,
-                   meta=meta, target=TARGET, notes=notes, missing=missing)
+                   meta=meta, target=TARGET, notes=notes, missing=missing, patient_rule=f"Patient ID of {csv.name}",
+                   official_test=official, split_spec=spec)
 
 
 def _clean_rows(frame: pd.DataFrame, csv: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -122,18 +125,17 @@ def _find_images(root: Path) -> tuple[dict[str, tuple[str, str]], str]:
     return file_map(root, dirs, IMAGE_EXTENSIONS), f"{root}/images*/"
 
 
-def _splits(root: Path, names: pd.Series, patients: pd.Series, seed: int) -> tuple[np.ndarray, str]:
-    """Official test list when both list files exist (train/val by patient), else `assign_splits`."""
+def _official_test(root: Path, names: pd.Series) -> tuple[np.ndarray | None, str]:
+    """The rows of the official test list when both list files exist (else None), and a note."""
     train_val, test = (root / name for name in LISTS)
     if not (train_val.is_file() and test.is_file()):
-        return assign_splits(patients, seed=seed), "splits: by patient (seeded hash), no official lists"
+        return None, "splits: by patient (seeded hash), no official lists"
     in_test = names.isin(_read_list(test)).to_numpy()
     unlisted = int((~in_test & ~names.isin(_read_list(train_val)).to_numpy()).sum())
-    split = np.where(in_test, "test", train_val_splits(patients, seed=seed))
-    note = "splits: test from test_list.txt, train/val by patient (seeded hash)"
+    note = "splits: test from test_list.txt (unless --folds), train/val by patient (seeded hash)"
     if unlisted:
         note += f"; {unlisted} images in neither list were treated as train/val"
-    return split, note
+    return in_test, note
 
 
 def _read_list(path: Path) -> set[str]:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from cbir.data.splits import SPLITS, SplitSpec, part_mask, split_names, split_record
 
 #: Columns every layout reader puts in `Records.meta`.
 #:   path     absolute path of the image file (str)
@@ -21,7 +24,7 @@ import pandas as pd
 #:   view, sex, age   optional header-like fields from the label file (None when unknown)
 META_COLUMNS = ("path", "relpath", "patient", "split", "boxes", "view", "sex", "age")
 
-SPLITS = ("train", "val", "test")
+__all__ = ["META_COLUMNS", "SPLITS", "Records"]
 
 
 @dataclass
@@ -43,9 +46,16 @@ class Records:
     #: Files the label table lists but the folder lacks, as (expected relative path, reason). Ingest reports
     #: each one and counts it; splits leave them out.
     missing: list[tuple[str, str]] = field(default_factory=list)
+    #: How the `patient` keys were made (recorded with the split, never the keys themselves).
+    patient_rule: str = ""
+    #: The layout's own test list (NIH test_list.txt), per row; None when it has none.
+    official_test: np.ndarray | None = None
+    #: The split the `split` column was made with.
+    split_spec: SplitSpec = field(default_factory=SplitSpec)
 
     def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.float32).reshape(len(self.meta), -1)
+        width = -1 if len(self.meta) else len(self.label_names)
+        self.labels = np.asarray(self.labels, dtype=np.float32).reshape(len(self.meta), width)
         if self.labels.shape[1] != len(self.label_names):
             raise ValueError(f"labels has {self.labels.shape[1]} columns for {len(self.label_names)} names")
         if self.target not in self.label_names:
@@ -70,12 +80,25 @@ class Records:
         return Records(
             root=self.root, dataset=self.dataset, layout=self.layout, label_names=list(self.label_names),
             labels=self.labels[index], meta=self.meta.iloc[index].reset_index(drop=True),
-            target=self.target, notes=list(self.notes),
+            target=self.target, notes=list(self.notes), patient_rule=self.patient_rule,
+            official_test=None if self.official_test is None else self.official_test[index],
+            split_spec=self.split_spec,
         )
+
+    def with_split(self, spec: SplitSpec) -> Records:
+        """The same images with the `split` column made by `spec` (`cbir.data.splits.split_names`)."""
+        meta = self.meta.assign(split=split_names(self.meta["patient"], spec, self.official_test))
+        return Records(root=self.root, dataset=self.dataset, layout=self.layout,
+                       label_names=list(self.label_names), labels=self.labels, meta=meta, target=self.target,
+                       notes=list(self.notes), missing=list(self.missing), patient_rule=self.patient_rule,
+                       official_test=self.official_test, split_spec=spec)
+
+    def split_record(self) -> dict[str, Any]:
+        """The record of this split that checkpoints and collections keep (`cbir.data.splits.split_record`)."""
+        return split_record(self.meta, self.dataset, self.layout, self.split_spec, self.patient_rule)
 
     def part(self, i: int, n: int) -> Records:
         """The i-th of n deterministic slices (1-based), by a hash of each image's relative path."""
-        from cbir.data.splits import part_mask
         sliced = self.subset(part_mask(self.meta["relpath"].astype(str), i, n))
         if self.missing:
             keep = part_mask(pd.Series([rel for rel, _ in self.missing]), i, n)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from cbir.data.files import check_root, file_map, make_meta, optional_int, optional_text, read_csv_checked
 from cbir.data.records import Records
-from cbir.data.splits import assign_splits
+from cbir.data.splits import SplitSpec, split_names
 from cbir.errors import DatasetError
 
 LABELS_CSV = "stage_2_train_labels.csv"
@@ -63,7 +63,7 @@ def read_rsna_headers(path: Path) -> pd.DataFrame:
     }).set_axis(pd.Index(frame["PatientID"], name="patientId"))
 
 
-def load_rsna(root: Path, seed: int = 0) -> Records:
+def load_rsna(root: Path, split: SplitSpec | None = None) -> Records:
     """Read the RSNA layout: one row per patient, label ``Pneumonia``, boxes from the label CSV."""
     root = check_root(root)
     csv = root / LABELS_CSV
@@ -87,11 +87,12 @@ def load_rsna(root: Path, seed: int = 0) -> Records:
     view, sex, age, header_note = _header_fields(root, table["patientId"])
     meta = make_meta(
         path=[f[0] for f in files], relpath=[f[1] for f in files], patient=table["patientId"],
-        split=assign_splits(table["patientId"], seed=seed), boxes=table["boxes"], view=view, sex=sex, age=age,
+        split=split_names(table["patientId"], split), boxes=table["boxes"], view=view, sex=sex, age=age,
     )
     return Records(root=root, dataset="rsna", layout="rsna", label_names=[TARGET],
                    labels=table["Target"].to_numpy(np.float32)[:, None], meta=meta, target=TARGET,
-                   notes=[*notes, header_note], missing=missing)
+                   notes=[*notes, header_note], missing=missing, patient_rule=f"patientId of {LABELS_CSV}",
+                   split_spec=split or SplitSpec())
 
 
 def _find_images(root: Path) -> tuple[dict[str, tuple[str, str]], str]:

@@ -38,8 +38,10 @@ def compare_codes(archive_embeddings: np.ndarray, archive_codes: np.ndarray, arc
         packed_a, packed_q = np.packbits(archive, axis=1), np.packbits(queries, axis=1)
         relevant = np.zeros((len(queries), k), dtype=bool)
         voted = np.zeros((len(queries), k), dtype=np.int64)
+        n_relevant = np.zeros(len(queries), dtype=np.int64)
         for row in range(len(queries)):
             keep = np.flatnonzero(archive_groups != query_groups[row])
+            n_relevant[row] = int(np.sum(archive_targets[keep] == query_targets[row]))
             distance = POPCOUNT[packed_a[keep] ^ packed_q[row]].sum(axis=1)
             order = keep[np.argsort(distance, kind="stable")]
             nearest = order[:k]
@@ -48,7 +50,7 @@ def compare_codes(archive_embeddings: np.ndarray, archive_codes: np.ndarray, arc
             best = candidates[np.argsort(-(a_norm[candidates] @ q_norm[row]), kind="stable")[:k]]
             voted[row, :len(best)] = archive_targets[best]
         vote, _ = knn_vote(voted, k)
-        results[name] = {"hamming_map_at_k": map_at_k(relevant, k),
+        results[name] = {"hamming_map_at_k": map_at_k(relevant, k, n_relevant),
                          "prefilter_knn_accuracy": float(np.mean(vote == query_targets)),
                          "prefilter_balanced_accuracy": balanced_accuracy(query_targets, vote)}
     return results

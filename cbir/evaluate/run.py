@@ -1,12 +1,15 @@
 """Evaluate a collection: stage 1 (the model's probability) and stage 2 (kNN over the index).
 
 Queries are the ingested test split by default (their stored embeddings are used, so nothing is
-re-embedded), or every image of another dataset. Neighbours from the query's own patient are never
-counted, and with the default queries the reference archive is the train and val splits only.
+re-embedded), or the images of another dataset. Neighbours from the query's own patient are never
+counted, and with the default queries the reference archive is the train and val splits only. The split
+must be the one the model was trained with (`cbir.data.splits`): the collection records the split of every
+dataset ingested into it, and a collection split otherwise than the model's training data is refused.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ import numpy as np
 
 from cbir.console import QUIET, Reporter
 from cbir.data.records import Records
+from cbir.data.splits import SplitSpec, describe_record, split_differences
 from cbir.embed import embed_batches
 from cbir.errors import CbirError
 from cbir.evaluate.codes import POPCOUNT, compare_codes
@@ -25,9 +29,9 @@ from cbir.index.base import HASH as HASH_FIELD
 from cbir.index.base import Filter, Index, unpack_code
 from cbir.index.codes import itq_from_meta
 from cbir.index.ingest import payload_labels
-from cbir.index.schema import check_model, dataset_roots, negative_label
+from cbir.index.schema import check_model, dataset_roots, negative_label, recorded_split
 from cbir.io import Pseudonymizer
-from cbir.metrics import knn_vote, majority_baseline, map_at_k, per_class_auc
+from cbir.metrics import average_precisions_at_k, knn_vote, majority_baseline, map_at_k, per_class_auc
 from cbir.models import LoadedModel
 from cbir.report.evaluation import write_report
 
@@ -58,6 +62,17 @@ class Archive:
     pseudonyms: np.ndarray
     packed: np.ndarray                    # (N, ceil(bits / 8)) uint8
     embeddings: np.ndarray | None = None  # (N, dim) float32, when scrolled with vectors
+    labels: list[frozenset[str]] = field(default_factory=list)  # payload labels per point
+
+    def n_relevant(self, queries: list[Query]) -> np.ndarray:
+        """R per query: archive points with the query's target, the query's own patient left out."""
+        return np.array([int(np.sum((self.targets == q.target) & (self.pseudonyms != (q.pseudonym or "\0"))))
+                         for q in queries], dtype=np.int64)
+
+    def n_sharing_a_finding(self, queries: list[Query]) -> np.ndarray:
+        """R per query for "shares at least one finding": archive points with a label in common, own patient out."""
+        return np.array([sum(1 for lab, p in zip(self.labels, self.pseudonyms, strict=True)
+                             if p != q.pseudonym and lab & set(q.labels)) for q in queries], dtype=np.int64)
 
 
 @dataclass
@@ -103,7 +118,7 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
 
 def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_dir: Path, k: int = 10,
                         queries_from: Records | None = None, pseudonymize: Pseudonymizer | None = None,
-                        reporter: Reporter = QUIET) -> dict[str, Any]:
+                        reporter: Reporter = QUIET, allow_other_split: bool = False) -> dict[str, Any]:
     """Run both stages, write report.md/report.json/roc.png/precision_at_k.png, return the report dict.
 
     Besides the common keys (see `cbir.evaluate.summary`), every report has `stage2.hamming_map_at_k` (mAP@k
@@ -113,12 +128,19 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     and ITQ codes fitted on the archive (`cbir.evaluate.codes`). Multilabel models add `stage1.per_class_auc`
     (label → ROC-AUC of that label's probability) and `stage2.map_at_k_any_finding`: a neighbour is relevant
     when it shares at least one payload label with the query, so "No Finding" matches "No Finding".
+
+    External `queries_from` images of patients that the collection holds as training or validation images of
+    the model's own dataset are left out (the model has seen them). The returned dict also has `per_query`
+    (target, probability, kNN vote, AP@k and an integer patient group per query; written to per_query.json,
+    not to report.json) for pooling folds.
     """
     started = time.perf_counter()
     meta = index.get_meta(collection)
     check_model(meta, loaded, collection)
+    split_note = check_collection_split(meta, loaded, collection, allow_other_split, reporter)
     bits = int(meta.get("bits") or loaded.config.bits)
     failures: list[str] = []
+    left_out = 0
     if queries_from is None:
         queries = stored_queries(index, collection, bits)
         archive_filter = Filter(must={"split": ARCHIVE_SPLITS})
@@ -127,12 +149,13 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
         if pseudonymize is None:
             raise CbirError("evaluating external queries needs the pseudonym key")
         queries, failures = embedded_queries(queries_from, loaded, pseudonymize, reporter, meta)
+        queries, left_out = _unseen(index, collection, loaded, queries_from, queries, reporter)
         archive_filter = Filter()
         source = f"{queries_from.dataset} ({queries_from.root})"
     if not queries:
         if index.count(collection) == 0:
             raise CbirError(f"collection {collection!r} is empty: ingest images into it first (cbir ingest)")
-        raise CbirError(f"collection {collection!r}: no query images ({source} is empty)")
+        raise CbirError(f"collection {collection!r}: no query images ({source} is empty{_no_test_hint(loaded)})")
     archive = scroll_archive(index, collection, archive_filter, bits, with_embeddings=True)
     if archive.targets.size == 0:
         raise CbirError(f"collection {collection!r}: the reference archive is empty")
@@ -140,30 +163,97 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     y_query = np.array([q.target for q in queries])
     prob_query = np.array([q.probability for q in queries])
     relevant = (neighbours.targets == y_query[:, None]) & (np.arange(k)[None, :] < neighbours.found[:, None])
+    n_relevant = archive.n_relevant(queries)
+    groups = _patient_groups(queries)
     extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k)
     if loaded.config.task == "detection":
         extra["stage1"].update(_box_metrics(meta, loaded, queries_from, reporter))
     report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query,
                        neighbor_y=neighbours.targets, archive_y=archive.targets, k=k, relevant=relevant,
-                       extra=extra)
+                       extra=extra, n_relevant=n_relevant, groups=groups)
     context = {"collection": collection, "index": index.location, "model": str(loaded.path),
                "model_fingerprint": loaded.fingerprint, "backbone": loaded.config.backbone,
                "target": meta.get("target"), "negative_label": meta.get("negative_label"), "query_source": source,
-               "archive_size": int(archive.targets.size),
-               "query_failures": len(failures), "short_neighbour_lists": int((neighbours.found < k).sum()),
+               "split": split_note, "archive_size": int(archive.targets.size),
+               "query_failures": len(failures), "queries_left_out_seen_by_model": left_out,
+               "short_neighbour_lists": int((neighbours.found < k).sum()),
                "seconds": round(time.perf_counter() - started, 2)}
     files = write_report(report, out_dir, y_query, prob_query,
                          title=f"cbir evaluation: {collection}", context=context)
+    vote, _ = knn_vote(neighbours.targets, k)
+    per_query = {"target": y_query.tolist(), "probability": prob_query.tolist(), "vote": vote.tolist(),
+                 "ap": [None if np.isnan(a) else float(a) for a in average_precisions_at_k(relevant, k, n_relevant)],
+                 "group": groups.tolist(), "majority_label": int(report["baseline"]["majority_label"])}
+    (Path(out_dir) / "per_query.json").write_text(json.dumps(per_query) + "\n")
     report["context"] = context
-    report["files"] = {name: str(path) for name, path in files.items()}
+    report["files"] = {name: str(path) for name, path in files.items()} | {"per_query": str(Path(out_dir) /
+                                                                                             "per_query.json")}
+    report["per_query"] = per_query
     return report
+
+
+def check_collection_split(meta: dict[str, Any], loaded: LoadedModel, collection: str, allow_other: bool,
+                           reporter: Reporter) -> str:
+    """Refuse a collection whose split of the model's training dataset differs from the model's own; returns a
+    description of the split for the report."""
+    model_split = loaded.split
+    if model_split is None:
+        reporter.warn(f"{loaded.path} records no split (trained before splits were recorded): its training "
+                      "images may be among the test queries")
+        return "unknown (the model records no split)"
+    held = recorded_split(meta, model_split["dataset"])
+    if held is None:
+        if not meta.get("splits"):
+            reporter.warn(f"collection {collection!r} records no split (ingested before splits were recorded): "
+                          "its test points may include the model's training images; ingest it again")
+        return f"model: {describe_record(model_split)}"
+    why = split_differences(model_split, held)
+    if why:
+        if not allow_other:
+            raise CbirError(f"collection {collection!r} holds {held['dataset']} split as {describe_record(held)}, "
+                            f"but {loaded.path} was trained on {describe_record(model_split)} ({'; '.join(why)}), "
+                            "so its test points may be training images; ingest with the model's split, or pass "
+                            "--other-split")
+        reporter.warn(f"the collection's split differs from the model's ({'; '.join(why)}) (--other-split)")
+    return describe_record(held)
+
+
+def _no_test_hint(loaded: LoadedModel) -> str:
+    spec = SplitSpec.from_dict(loaded.split["spec"]) if loaded.split else None
+    if spec is not None and not spec.folds and spec.test_fraction == 0:
+        return "; the model was trained with --test-fraction 0, so nothing was held out: evaluate with " \
+               "--queries OTHER_DATASET"
+    return ""
+
+
+def _unseen(index: Index, collection: str, loaded: LoadedModel, records: Records, queries: list[Query],
+            reporter: Reporter) -> tuple[list[Query], int]:
+    """Drop external queries of patients the collection holds as train/val images of the model's own dataset."""
+    model_split = loaded.split
+    if model_split is None or model_split.get("dataset") != records.dataset:
+        return queries, 0
+    seen = {p.payload.get("pseudonym") for p in index.scroll(
+        collection, Filter(must={"split": ARCHIVE_SPLITS, "dataset": records.dataset}))}
+    kept = [q for q in queries if q.pseudonym not in seen]
+    if len(kept) < len(queries):
+        reporter.warn(f"left out {len(queries) - len(kept)} of {len(queries)} queries: their patients are "
+                      f"training or validation images of {loaded.path} in collection {collection!r}")
+    return kept, len(queries) - len(kept)
+
+
+def _patient_groups(queries: list[Query]) -> np.ndarray:
+    """An integer per query's patient (pseudonym; a query without one is its own patient), for the bootstrap."""
+    keys = [q.pseudonym or f"\0query {i}" for i, q in enumerate(queries)]
+    _, groups = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+    return groups.astype(np.int64)
 
 
 def scroll_archive(index: Index, collection: str, flt: Filter, bits: int,
                    with_embeddings: bool = False) -> Archive:
     """Scroll the archive once and keep what the Hamming rankings need, sorted by id."""
     rows = sorted(((p.id, int(p.payload.get("target", 0)), p.payload.get("pseudonym"),
-                    p.payload.get(HASH_FIELD) or "", p.embedding if with_embeddings else None)
+                    p.payload.get(HASH_FIELD) or "", p.embedding if with_embeddings else None,
+                    frozenset(p.payload.get("labels") or []))
                    for p in index.scroll(collection, flt, with_vectors=with_embeddings)),
                   key=lambda row: row[0])
     width = (bits + 7) // 8
@@ -174,7 +264,7 @@ def scroll_archive(index: Index, collection: str, flt: Filter, bits: int,
     embeddings = np.stack([r[4] for r in rows]).astype(np.float32) if with_embeddings and rows else None
     return Archive(ids=[r[0] for r in rows], targets=np.array([r[1] for r in rows], dtype=np.int64),
                    pseudonyms=np.array([r[2] or "" for r in rows], dtype=object), packed=packed,
-                   embeddings=embeddings)
+                   embeddings=embeddings, labels=[r[5] for r in rows])
 
 
 def prefilter_size(archive_size: int) -> int:
@@ -228,7 +318,8 @@ def _extra_metrics(loaded: LoadedModel, archive: Archive, queries: list[Query], 
         if archive.embeddings is not None:
             stage2["codes"] = _code_comparison(archive, queries, y_query, k)
     if loaded.config.task == "multilabel":
-        stage2["map_at_k_any_finding"] = map_at_k(_shares_a_finding(queries, neighbours, k), k)
+        stage2["map_at_k_any_finding"] = map_at_k(_shares_a_finding(queries, neighbours, k), k,
+                                                  archive.n_sharing_a_finding(queries))
         aucs = _per_class_auc(queries, loaded.config.label_names)
         if aucs is not None:
             stage1["per_class_auc"] = aucs
@@ -240,7 +331,7 @@ def _hamming_map(archive: Archive, queries: list[Query], y_query: np.ndarray, k:
     for row, query in enumerate(queries):
         nearest = hamming_ranking(archive, query.code, k, exclude=query.pseudonym)
         relevant[row, :len(nearest)] = archive.targets[nearest] == y_query[row]
-    return map_at_k(relevant, k)
+    return map_at_k(relevant, k, archive.n_relevant(queries))
 
 
 def _box_metrics(meta: dict[str, Any], loaded: LoadedModel, queries_from: Records | None,

@@ -6,12 +6,16 @@ Schema (every value plain JSON; an undefined metric, e.g. ROC-AUC with one class
     k           int     neighbours that vote
     n_queries   int
     n_archive   int     size of the reference archive
-    stage1      roc_auc, accuracy_at_0.5, balanced_accuracy (threshold 0.5 on prob_query),
-                n_positive, n_negative (queries)
-    stage2      knn_accuracy, balanced_accuracy, precision_at_k, map_at_k (at k),
-                precision_curve {"1": p, …, "K": p} (str keys so JSON round-trips),
+    stage1      roc_auc, accuracy_at_0.5, balanced_accuracy, sensitivity, specificity (threshold 0.5 on
+                prob_query), n_positive, n_negative (queries), roc_auc_ci
+    stage2      knn_accuracy, balanced_accuracy, sensitivity, specificity (of the kNN vote),
+                precision_at_k, map_at_k (standard AP@k: Σ P@i·rel_i / min(k, R), R = relevant archive
+                items, same-patient items excluded), map_at_k_hits (divided by the hits in the top k
+                instead, the hashing-literature variant), and knn_accuracy_ci, balanced_accuracy_ci,
+                map_at_k_ci; precision_curve {"1": p, …, "K": p} (str keys so JSON round-trips),
                 vote_auc (ROC-AUC of the positive share of the k votes),
                 confusion [[tn, fp], [fn, tp]] (rows: true 0/1, columns: kNN prediction 0/1)
+    ci          how the `*_ci` intervals were made: level, replicates, resampling unit (patients)
     baseline    majority_label, majority_accuracy, majority_balanced_accuracy (always predicting the
                 archive's majority label), archive_positive_rate
     …           keys of `extra`, merged one level deep; they may add keys but never replace a metric.
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from cbir import metrics
+from cbir.metrics_ci import N_BOOT, Bootstrap, weighted_auc, weighted_balanced_accuracy, weighted_mean
 
 
 def summarize(
@@ -40,26 +45,37 @@ def summarize(
     k: int,
     relevant: np.ndarray | None = None,
     extra: dict | None = None,
+    n_relevant: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    n_boot: int = N_BOOT,
 ) -> dict[str, Any]:
     """Compute the evaluation report dict (schema in the module docstring).
 
     `y_query` (Q,) and `archive_y` are binary labels, `prob_query` (Q,) the Stage 1 probability of
     label 1, `neighbor_y` (Q×K, K ≥ k) the labels of each query's neighbours in rank order, and
     `relevant` (Q×K bool) which neighbours count as relevant (default: same label as the query).
+    `n_relevant` (Q,) is R, the relevant archive items of each query (default: the archive items with the
+    query's label). `groups` (Q,) names each query's patient, the unit the bootstrap resamples (default:
+    every query its own patient).
     """
     y, prob, nbr = _check_inputs(y_query, prob_query, neighbor_y, k)
     archive = np.asarray(archive_y).ravel().astype(int)
     rel = nbr == y[:, None] if relevant is None else np.asarray(relevant, dtype=bool)
     if rel.ndim != 2 or rel.shape[0] != y.size:
         raise ValueError(f"relevant must be a {y.size}×K array, got shape {rel.shape}")
+    if n_relevant is None:
+        n_relevant = np.array([int((archive == label).sum()) for label in y], dtype=np.int64)
+    boot = Bootstrap.by_group(np.arange(y.size) if groups is None else groups, n_boot)
     base = metrics.majority_baseline(archive, y)
     report: dict[str, Any] = {
         "task": str(task),
         "k": int(k),
         "n_queries": int(y.size),
         "n_archive": int(archive.size),
-        "stage1": _stage1(y, prob),
-        "stage2": _stage2(y, nbr, rel, int(k)),
+        "stage1": _stage1(y, prob, boot),
+        "stage2": _stage2(y, nbr, rel, int(k), np.asarray(n_relevant), boot),
+        "ci": {"level": 0.95, "replicates": int(n_boot), "resampled": "query patients",
+               "method": "percentile bootstrap"},
         "baseline": {
             "majority_label": int(base.label),
             "majority_accuracy": base.accuracy,
@@ -88,26 +104,38 @@ def _check_inputs(
     return y.astype(int), prob, nbr.astype(int)
 
 
-def _stage1(y: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
+def _stage1(y: np.ndarray, prob: np.ndarray, boot: Bootstrap) -> dict[str, Any]:
     pred = (prob >= 0.5).astype(int)
     return {
         "roc_auc": metrics.roc_auc(y, prob),
+        "roc_auc_ci": boot.interval(lambda w: weighted_auc(y, prob, w)) if y.size else None,
         "accuracy_at_0.5": float(np.mean(pred == y)) if y.size else math.nan,
         "balanced_accuracy": metrics.balanced_accuracy(y, pred),
+        **metrics.recalls(y, pred),
         "n_positive": int(y.sum()),
         "n_negative": int(y.size - y.sum()),
     }
 
 
-def _stage2(y: np.ndarray, nbr: np.ndarray, rel: np.ndarray, k: int) -> dict[str, Any]:
+def _stage2(y: np.ndarray, nbr: np.ndarray, rel: np.ndarray, k: int, n_relevant: np.ndarray,
+            boot: Bootstrap) -> dict[str, Any]:
     pred, _ = metrics.knn_vote(nbr, k)
     positive_share = (nbr[:, :k] == 1).mean(axis=1)
     curve = metrics.precision_at_ks(rel, range(1, rel.shape[1] + 1))
+    ap = metrics.average_precisions_at_k(rel, k, n_relevant)
+    correct = (pred == y).astype(np.float64)
+    has_queries = bool(y.size)
     return {
-        "knn_accuracy": float(np.mean(pred == y)) if y.size else math.nan,
+        "knn_accuracy": float(np.mean(correct)) if has_queries else math.nan,
+        "knn_accuracy_ci": boot.interval(lambda w: weighted_mean(correct, w)) if has_queries else None,
         "balanced_accuracy": metrics.balanced_accuracy(y, pred),
+        "balanced_accuracy_ci": boot.interval(lambda w: weighted_balanced_accuracy(y, pred, w))
+        if has_queries else None,
+        **metrics.recalls(y, pred),
         "precision_at_k": metrics.precision_at_k(rel, k),
-        "map_at_k": metrics.map_at_k(rel, k),
+        "map_at_k": metrics.map_at_k(rel, k, n_relevant),
+        "map_at_k_ci": boot.interval(lambda w: weighted_mean(ap, w)) if has_queries else None,
+        "map_at_k_hits": metrics.map_at_k_hits(rel, k),
         "precision_curve": {str(i): p for i, p in curve.items()},
         "vote_auc": metrics.roc_auc(y, positive_share),
         "confusion": [[int(np.sum((y == t) & (pred == p))) for p in (0, 1)] for t in (0, 1)],

@@ -21,6 +21,7 @@ from cbir.index.schema import (
     negative_label,
     payload,
     point_id,
+    record_split,
 )
 from cbir.index.teams import check_team
 from cbir.index.versions import (
@@ -62,10 +63,12 @@ class IngestSummary:
 
 def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseudonymize: Pseudonymizer,
                        records: Records, codes: str | None = None, shards: int = 1, replicas: int = 1,
-                       reporter: Reporter = QUIET, team: str | None = None, version_of: str | None = None) -> dict:
+                       reporter: Reporter = QUIET, team: str | None = None, version_of: str | None = None,
+                       split: dict | None = None) -> dict:
     """Create the collection (`collection__v1` behind the alias `collection`), or check that an existing one
-    matches this model, key, team and code source. `version_of=ALIAS` creates `collection` itself, as the next
-    version of ALIAS (a reindex)."""
+    matches this model, key, team, code source and the split of `records`' dataset (`split`, default
+    `records.split_record()`), and record that split. `version_of=ALIAS` creates `collection` itself, as the
+    next version of ALIAS (a reindex)."""
     check_code_source(codes, loaded.config.bits, loaded.config.embed_dim)
     if index.has_collection(collection):
         meta = index.get_meta(collection)
@@ -86,7 +89,8 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
         else:
             create_versioned(index, collection, loaded.config.embed_dim, loaded.config.bits, meta, shards,
                              replicas)
-    if add_root(meta, records.dataset, str(records.root)):
+    changed = record_split(meta, split or records.split_record(), collection)
+    if add_root(meta, records.dataset, str(records.root)) or changed:
         index.set_meta(collection, meta)
     return meta
 
@@ -96,13 +100,17 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
                    reporter: Reporter = QUIET, codes: str | None = None,
                    itq_fit_size: int = ITQ_FIT_SIZE, may_fit_itq: bool = True, shards: int = 1,
                    replicas: int = 1, team: str | None = None, reindex: bool = False,
-                   allow_count_change: bool = False) -> IngestSummary:
+                   allow_count_change: bool = False, split: dict | None = None) -> IngestSummary:
     """Embed and upsert every image; bad files are reported and counted, and the run goes on.
 
     `codes` picks the code source of a new collection (`cbir.index.codes`; default: the model's). When ITQ
     still has to be fitted, images are taken in a seeded random order and the first `itq_fit_size` embeddings
     are held back until ITQ is fitted on them, so nothing is embedded twice. `may_fit_itq=False` (parallel
     ingest parts other than the first) refuses to fit, so that all parts share one set of ITQ parameters.
+
+    `split` is the record of the dataset's split (`Records.split_record()` of the whole dataset, which a
+    `--part` slice cannot compute itself); the collection records it and refuses another one for the same
+    dataset.
 
     `reindex=True` fills the next version of the existing collection `collection` (possibly with a new
     model) while queries keep using the current one, then moves the alias (`cbir.index.versions.swap`).
@@ -114,7 +122,7 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     else:
         check_alias_name(collection)
     meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes, shards, replicas, reporter,
-                              team, version_of=alias if reindex else None)
+                              team, version_of=alias if reindex else None, split=split)
     summary = IngestSummary(alias, total=len(records) + len(records.missing),
                             points_before=index.count(collection))
     paths = records.meta["path"].tolist()

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cbir.data.splits import describe_record, split_differences
 from cbir.errors import CbirError, ModelMismatchError
 from cbir.index.base import SCHEMA_VERSION, pack_code
 from cbir.io import Pseudonymizer
@@ -87,6 +88,30 @@ def check_model(meta: dict[str, Any], loaded: LoadedModel, collection: str) -> N
             f"({meta.get('backbone')}, dim {meta.get('dim')}, at {meta.get('model_path')}) but model "
             f"{loaded.fingerprint} ({loaded.config.backbone}, dim {loaded.config.embed_dim}, at {loaded.path}) "
             "was given; use the collection's model or ingest into a new collection")
+
+
+def recorded_split(meta: dict[str, Any], dataset: str) -> dict[str, Any] | None:
+    """The split record of `dataset`'s images in a collection (None when it was ingested before splits were
+    recorded, or holds no such dataset)."""
+    return (meta.get("splits") or {}).get(dataset)
+
+
+def record_split(meta: dict[str, Any], record: dict[str, Any], collection: str) -> bool:
+    """Record the split of the dataset being ingested; refuse one that differs from what the collection
+    already holds for that dataset (the points already in it keep their `split`, so the two would disagree).
+    Returns whether `meta` changed."""
+    dataset = record["dataset"]
+    held = recorded_split(meta, dataset)
+    if held is not None:
+        why = split_differences(held, record)
+        if why:
+            raise CbirError(f"collection {collection!r} holds {dataset} images split as {describe_record(held)}, "
+                            f"but this ingest splits them as {describe_record(record)} ({'; '.join(why)}); ingest "
+                            "into a new collection (or --reindex it)")
+        if held == record:
+            return False
+    meta["splits"] = {**(meta.get("splits") or {}), dataset: record}
+    return True
 
 
 def check_key(meta: dict[str, Any], pseudonymize: Pseudonymizer, collection: str) -> None:

@@ -18,6 +18,8 @@ from cbir.models.factory import CbirNet, ModelConfig, create_model
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FINGERPRINT = "fingerprint"
+#: The split of the training data (`cbir.data.splits.split_record`); ingest and evaluate use it by default.
+SPLIT = "split.json"
 
 
 @dataclass
@@ -26,6 +28,8 @@ class LoadedModel:
     config: ModelConfig
     fingerprint: str
     path: Path
+    #: The training data's split record (None for a checkpoint written before splits were recorded).
+    split: dict[str, Any] | None = None
 
 
 def fingerprint_of(config: ModelConfig, weights_file: Path) -> str:
@@ -46,6 +50,21 @@ def save_checkpoint(model: CbirNet, out: Path) -> str:
     fingerprint = fingerprint_of(model.config, out / WEIGHTS)
     (out / FINGERPRINT).write_text(fingerprint + "\n")
     return fingerprint
+
+
+def write_split(out: Path, record: dict[str, Any]) -> None:
+    """Record the split of the training data in the checkpoint directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPLIT).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_split(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / SPLIT).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CbirError(f"{path / SPLIT}: unreadable split record ({exc})") from None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -72,7 +91,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     except (RuntimeError, OSError) as exc:
         raise CbirError(f"{path / WEIGHTS}: cannot load weights ({str(exc).splitlines()[0][:140]})") from None
     model.to(device).eval()
-    return LoadedModel(model, config, fingerprint, path.resolve())
+    return LoadedModel(model, config, fingerprint, path.resolve(), read_split(path))
 
 
 def _build(data: dict) -> tuple[Any, nn.Module]:

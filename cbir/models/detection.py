@@ -55,7 +55,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection import FCOS
+from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork
 
@@ -65,7 +65,9 @@ from cbir.models.checkpoint import CONFIG, LoadedModel, load_checkpoint
 from cbir.models.factory import ModelOutput
 
 DETECTION_TASK = "detection"
-DETECTORS = ("fcos",)
+DETECTORS = ("fcos", "retinanet")
+#: How the FPN maps become the embedding: global max, mean, or generalised mean (p = 3) per channel.
+POOLINGS = ("max", "avg", "gem")
 #: Probabilities are clamped to [EPS, 1 - EPS] before taking the logit, so logits stay finite.
 EPS = 1e-6
 
@@ -96,6 +98,7 @@ class DetectorConfig:
     detections_per_img: int = 20
     #: boxes scoring below this are dropped from reported detections (chosen on validation box mAP).
     box_threshold: float = 0.3
+    pooling: str = "max"
 
     @property
     def embed_dim(self) -> int:
@@ -112,7 +115,10 @@ class DetectorConfig:
         return 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"embed_dim": self.embed_dim}
+        data = asdict(self) | {"embed_dim": self.embed_dim}
+        if data["pooling"] == "max":
+            del data["pooling"]  # the default: configs (and fingerprints) written before the field stay the same
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
@@ -156,18 +162,28 @@ class CbirDetector(nn.Module):
             raise CbirError(f"a detector needs task {DETECTION_TASK!r}, not {config.task!r}")
         if config.detector not in DETECTORS:
             raise CbirError(f"unknown detector {config.detector!r} (choose from {', '.join(DETECTORS)})")
-        if config.fpn_channels % 16:
-            raise CbirError(f"fpn_channels must be a multiple of 16 (GroupNorm), got {config.fpn_channels}")
+        groups = 16 if config.detector == "fcos" else 32
+        if config.fpn_channels % groups:
+            raise CbirError(f"fpn_channels must be a multiple of {groups} (GroupNorm), got {config.fpn_channels}")
+        if config.pooling not in POOLINGS:
+            raise CbirError(f"unknown pooling {config.pooling!r} (choose from {', '.join(POOLINGS)})")
         self.config = config
         backbone = _Backbone(config)
-        anchors = AnchorGenerator(tuple((s,) for s in backbone.strides), ((1.0,),) * len(backbone.strides))
-        head = _fcos_head(config.fpn_channels, config.head_convs)
-        self.detector = FCOS(
-            backbone, num_classes=1, min_size=config.image_size, max_size=config.image_size,
-            image_mean=[0.0], image_std=[1.0], anchor_generator=anchors, head=head,
-            score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
-            detections_per_img=config.detections_per_img,
-        )
+        common = dict(num_classes=1, min_size=config.image_size, max_size=config.image_size, image_mean=[0.0],
+                      image_std=[1.0], score_thresh=config.score_thresh, nms_thresh=config.nms_thresh,
+                      detections_per_img=config.detections_per_img)
+        if config.detector == "fcos":
+            self.anchors_per_location = 1
+            anchors = AnchorGenerator(tuple((s,) for s in backbone.strides), ((1.0,),) * len(backbone.strides))
+            self.detector = FCOS(backbone, anchor_generator=anchors,
+                                 head=_fcos_head(config.fpn_channels, config.head_convs), **common)
+        else:
+            # RetinaNet: 3 scales × 3 aspect ratios per level, base size 4 × stride (as torchvision's defaults)
+            self.anchors_per_location = 9
+            sizes = tuple(tuple(4 * s * 2 ** (i / 3) for i in range(3)) for s in backbone.strides)
+            anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(backbone.strides))
+            self.detector = RetinaNet(backbone, anchor_generator=anchors,
+                                      head=_retinanet_head(config.fpn_channels, self.anchors_per_location), **common)
         generator = torch.Generator().manual_seed(config.code_seed)
         self.register_buffer("code_projection", torch.randn(config.embed_dim, config.bits, generator=generator))
 
@@ -187,12 +203,16 @@ class CbirDetector(nn.Module):
         pyramid = list(self.backbone.pyramid(raw).values())
         head = self.detector.head(pyramid)
         anchors = self.detector.anchor_generator(image_list, pyramid)
-        per_level = [p.shape[2] * p.shape[3] for p in pyramid]
-        scores = torch.sqrt(torch.sigmoid(head["cls_logits"]) * torch.sigmoid(head["bbox_ctrness"]))
+        per_level = [p.shape[2] * p.shape[3] * self.anchors_per_location for p in pyramid]
+        fcos = self.config.detector == "fcos"
+        scores = (torch.sqrt(torch.sigmoid(head["cls_logits"]) * torch.sigmoid(head["bbox_ctrness"])) if fcos
+                  else torch.sigmoid(head["cls_logits"]))
         best = scores.flatten(1).max(dim=1).values.clamp(EPS, 1 - EPS)
         logits = torch.logit(best).view(-1, 1)
         if targets is not None:
-            return pyramid, self.detector.compute_loss(targets, head, anchors, per_level), logits
+            losses = (self.detector.compute_loss(targets, head, anchors, per_level) if fcos
+                      else self.detector.compute_loss(targets, head, anchors))
+            return pyramid, losses, logits
         split_head = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
         split_anchors = [list(a.split(per_level)) for a in anchors]
         detections = self.detector.postprocess_detections(split_head, split_anchors, image_list.image_sizes)
@@ -200,7 +220,7 @@ class CbirDetector(nn.Module):
         return pyramid, detections, logits
 
     def _output(self, pyramid: list[torch.Tensor], logits: torch.Tensor) -> ModelOutput:
-        embedding = F.normalize(torch.cat([level.amax(dim=(2, 3)) for level in pyramid], dim=1), dim=1)
+        embedding = F.normalize(pool_pyramid(pyramid, self.config.pooling), dim=1)
         code = (embedding @ self.code_projection > 0).to(torch.uint8)
         return ModelOutput(embedding, logits, code)
 
@@ -248,6 +268,28 @@ class CbirDetector(nn.Module):
             raise ValueError(f"{len(geometries)} geometries for {len(x)} images")
         return [{"boxes": boxes_to_original(d["boxes"].cpu().numpy(), g), "scores": d["scores"].cpu().numpy()}
                 for d, g in zip(self.detect(x, threshold), geometries, strict=True)]
+
+
+def pool_pyramid(pyramid: Sequence[torch.Tensor], how: str = "max") -> torch.Tensor:
+    """Each (B, C, H, W) map pooled over its locations, concatenated: (B, levels × C). `gem` is the
+    generalised mean with p = 3 of the maps' non-negative part."""
+    if how == "max":
+        pooled = [level.amax(dim=(2, 3)) for level in pyramid]
+    elif how == "avg":
+        pooled = [level.mean(dim=(2, 3)) for level in pyramid]
+    elif how == "gem":
+        pooled = [level.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3) for level in pyramid]
+    else:
+        raise ValueError(f"unknown pooling {how!r}")
+    return torch.cat(pooled, dim=1)
+
+
+def _retinanet_head(channels: int, anchors: int) -> nn.Module:
+    from functools import partial
+
+    from torchvision.models.detection.retinanet import RetinaNetHead
+
+    return RetinaNetHead(channels, anchors, num_classes=1, norm_layer=partial(nn.GroupNorm, 32))
 
 
 def _fcos_head(channels: int, convs: int) -> nn.Module:

@@ -178,20 +178,33 @@ def _context_table(payload: dict) -> list[str]:
 def _metrics_table(payload: dict) -> list[str]:
     s1, s2, base, k = payload["stage1"], payload["stage2"], payload["baseline"], payload["k"]
     rows = [
-        ("Stage 1 ROC-AUC", s1["roc_auc"], 0.5),
-        ("Stage 1 accuracy @ 0.5", s1["accuracy_at_0.5"], base["majority_accuracy"]),
-        ("Stage 1 balanced accuracy @ 0.5", s1["balanced_accuracy"], base["majority_balanced_accuracy"]),
-        *([("Box mAP (RSNA metric, IoU 0.40–0.75)", s1["box_map"], "—")] if "box_map" in s1 else []),
-        (f"kNN accuracy (k={k})", s2["knn_accuracy"], base["majority_accuracy"]),
-        (f"kNN balanced accuracy (k={k})", s2["balanced_accuracy"], base["majority_balanced_accuracy"]),
-        (f"kNN vote-share ROC-AUC (k={k})", s2.get("vote_auc"), 0.5),
-        (f"Precision@{k}", s2["precision_at_k"], "—"),
-        (f"mAP@{k}", s2["map_at_k"], "—"),
-        *_optional_rows(s2, k, base),
-        (f'Majority baseline accuracy (always "{_label_name(payload)}")', base["majority_accuracy"], "—"),
+        ("Stage 1 ROC-AUC", s1["roc_auc"], s1.get("roc_auc_ci"), 0.5),
+        ("Stage 1 accuracy @ 0.5", s1["accuracy_at_0.5"], None, base["majority_accuracy"]),
+        ("Stage 1 balanced accuracy @ 0.5", s1["balanced_accuracy"], None, base["majority_balanced_accuracy"]),
+        *([("Box mAP (RSNA metric, IoU 0.40–0.75)", s1["box_map"], None, "—")] if "box_map" in s1 else []),
+        (f"kNN accuracy (k={k})", s2["knn_accuracy"], s2.get("knn_accuracy_ci"), base["majority_accuracy"]),
+        (f"kNN balanced accuracy (k={k})", s2["balanced_accuracy"], s2.get("balanced_accuracy_ci"),
+         base["majority_balanced_accuracy"]),
+        (f"kNN vote-share ROC-AUC (k={k})", s2.get("vote_auc"), None, 0.5),
+        (f"Precision@{k}", s2["precision_at_k"], None, "—"),
+        (f"mAP@{k} (AP@k / min(k, R))", s2["map_at_k"], s2.get("map_at_k_ci"), "—"),
+        *([(f"mAP@{k}, divided by the hits (hashing variant)", s2["map_at_k_hits"], None, "—")]
+          if "map_at_k_hits" in s2 else []),
+        *((name, value, None, ref) for name, value, ref in _optional_rows(s2, k, base)),
+        (f'Majority baseline accuracy (always "{_label_name(payload)}")', base["majority_accuracy"], None, "—"),
     ]
-    lines = ["| Metric | Value | Majority baseline |", "|---|---:|---:|"]
-    return lines + [f"| {name} | {_fmt(value)} | {_fmt(ref)} |" for name, value, ref in rows]
+    ci = payload.get("ci") or {}
+    lines = ["| Metric | Value | 95 % CI | Majority baseline |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {_fmt(value)} | {_fmt_ci(interval)} | {_fmt(ref)} |" for name, value, interval, ref in rows]
+    if ci:
+        lines += ["", f"95 % intervals: {ci.get('method', 'bootstrap')}, {ci.get('replicates')} replicates "
+                  f"resampling the {ci.get('resampled', 'queries')}. Two figures whose intervals overlap may "
+                  "differ by noise alone."]
+    return lines
+
+
+def _fmt_ci(interval: Any) -> str:
+    return "—" if not interval else f"{interval[0]:.3f}–{interval[1]:.3f}"
 
 
 def _optional_rows(s2: dict, k: int, base: dict) -> list[tuple[str, Any, Any]]:
@@ -205,6 +218,18 @@ def _optional_rows(s2: dict, k: int, base: dict) -> list[tuple[str, Any, Any]]:
         rows.append((f"kNN accuracy (k={k}) after a Hamming prefilter to {s2.get('prefilter_size', '?')}",
                      s2["prefilter_knn_accuracy"], base["majority_accuracy"]))
     return rows
+
+
+def _recall_table(payload: dict) -> list[str]:
+    """Sensitivity and specificity of the kNN vote beside the model's own (threshold 0.5)."""
+    s1, s2 = payload["stage1"], payload["stage2"]
+    if "sensitivity" not in s2:
+        return []
+    positive, negative = _class_names(payload)
+    return [f"| Per-class recall | model (p ≥ 0.5) | kNN vote (k={payload['k']}) |", "|---|---:|---:|",
+            f"| sensitivity (recall of {positive}) | {_fmt(s1.get('sensitivity'))} | {_fmt(s2['sensitivity'])} |",
+            f"| specificity (recall of {negative}) | {_fmt(s1.get('specificity'))} | {_fmt(s2['specificity'])} |",
+            ""]
 
 
 def _per_class_table(payload: dict) -> list[str]:
@@ -264,6 +289,7 @@ def render_markdown(
         "## Metrics", "", *_metrics_table(payload), "",
         f"**Interpretation:** {interpretation(payload)}", "",
         *_confusion_table(payload), "",
+        *_recall_table(payload),
         *_per_class_table(payload),
         *_codes_table(payload),
         "## Plots", "", f"![ROC]({roc_png})", "", f"![Precision@k]({precision_png})", "",

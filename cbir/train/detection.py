@@ -1,4 +1,5 @@
-"""Train a `CbirDetector` on a `Records` dataset with boxes; keep the epoch with the best validation AUC.
+"""Train a `CbirDetector` on a `Records` dataset with boxes; keep the weights the selection rule picks
+(`cbir.train.selection`; validation AUC for "best").
 
 The image-level score is the detector's highest box score; validation AUC compares it with the binary
 target, and the RSNA box mAP (`cbir.metrics_detection.box_map`, in original image pixels) is logged beside
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from cbir.errors import BadInputError, CbirError, DatasetError
 from cbir.io.image import sniff
 from cbir.metrics import roc_auc
 from cbir.metrics_detection import box_map
-from cbir.models.checkpoint import save_checkpoint
+from cbir.models.checkpoint import write_split
 from cbir.models.detection import (
     CbirDetector,
     DetectorConfig,
@@ -37,6 +39,7 @@ from cbir.models.detection import (
     letterbox_geometry,
 )
 from cbir.train.loop import TrainResult, TrainSettings, cosine_with_warmup, preload, resolve_device
+from cbir.train.selection import EpochHook, Keeper
 
 #: Box score thresholds tried on validation for the reported boxes.
 BOX_THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)
@@ -81,8 +84,9 @@ def prepare_split(records: Records, size: int, settings: TrainSettings, reporter
 
 
 def train_detector(records: Records, config: DetectorConfig, settings: TrainSettings, out: Path,
-                   reporter: Reporter = QUIET) -> DetectionTrainResult:
-    """Fit a detector on the train split's boxes (negatives included), select by validation AUC, write `out`."""
+                   reporter: Reporter = QUIET, epoch_hook: EpochHook | None = None) -> DetectionTrainResult:
+    """Fit a detector on the train split's boxes (negatives included), keep the weights the selection rule
+    picks, and write them with the split to `out`."""
     started = time.perf_counter()
     if settings.pretrained or settings.weights:
         raise CbirError("the detection task trains from scratch: --pretrained and --weights are not supported yet")
@@ -109,20 +113,24 @@ def train_detector(records: Records, config: DetectorConfig, settings: TrainSett
     schedule = cosine_with_warmup(optimizer, steps_per_epoch * settings.epochs, warmup=steps_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed)
 
-    out.mkdir(parents=True, exist_ok=True)
+    write_split(out, records.split_record())
     log_path = out / "metrics.jsonl"
     log_path.write_text("")
     by_auc = len(np.unique(va.y)) == 2
-    if not by_auc:
+    if not by_auc and settings.select == "best":
         reporter.warn("the validation split has only one class: AUC is undefined, so the checkpoint is chosen "
                       "by validation box mAP")
-    best = {"score": -math.inf, "auc": math.nan, "map": math.nan, "threshold": math.nan, "epoch": 0}
-    fingerprint, history = "", []
+    keeper = Keeper(model, settings.select, settings.ema, settings.ema_epochs, steps_per_epoch, out)
+    best = {"auc": math.nan, "map": math.nan, "threshold": math.nan}
+    history = []
     for epoch in range(1, settings.epochs + 1):
         t0 = time.perf_counter()
         losses = train_epoch(model, tr, use, optimizer, schedule, settings.batch_size, generator, device,
-                             reporter, epoch)
-        probs, detections = predict(model, va.x, device)
+                             reporter, epoch, keeper.step)
+        scored = keeper.kept
+        if epoch_hook is not None:
+            epoch_hook(epoch, model, keeper.ema_model)
+        probs, detections = predict(scored, va.x, device)
         val_auc = roc_auc(va.y, probs)
         threshold, val_map = choose_box_threshold(detections, va.geometries, va.original)
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in losses.items()},
@@ -134,17 +142,17 @@ def train_detector(records: Records, config: DetectorConfig, settings: TrainSett
             fh.write(json.dumps(row) + "\n")
         safe_map = 0.0 if math.isnan(val_map) else val_map
         score = val_auc + 1e-6 * safe_map if by_auc else safe_map
-        improved = score > best["score"]
-        if improved:
-            best = {"score": score, "auc": val_auc, "map": val_map, "threshold": threshold, "epoch": epoch}
-            model.config.box_threshold = float(threshold)
-            fingerprint = save_checkpoint(model, out)  # type: ignore[arg-type]  # uses .config and .state_dict()
+        scored.config.box_threshold = float(threshold)
+        kept = keeper.consider(epoch, score)
+        if kept:
+            best = {"auc": val_auc, "map": val_map, "threshold": threshold}
         reporter.log(f"epoch {epoch}/{settings.epochs}: train loss {losses['loss']:.4f}  "
                      f"val AUC {'n/a' if math.isnan(val_auc) else f'{val_auc:.4f}'}  "
                      f"val mAP {'n/a' if math.isnan(val_map) else f'{val_map:.4f}'} @ {threshold:.2f}"
-                     f"{'  (best)' if improved else ''}")
+                     f"{'  (kept)' if kept and settings.select == 'best' else ''}")
     result = DetectionTrainResult(
-        out=out, fingerprint=fingerprint, best_epoch=best["epoch"], best_val_auc=best["auc"], history=history,
+        out=out, fingerprint=keeper.fingerprint, best_epoch=keeper.best_epoch, best_val_auc=best["auc"],
+        history=history,
         n_train=len(use), n_val=len(va.y), failures=tr.failures + va.failures,
         seconds=round(time.perf_counter() - started, 2), best_val_map=best["map"], box_threshold=best["threshold"])
     summary = {k: v for k, v in asdict(result).items() if k != "out"} | {
@@ -160,7 +168,7 @@ def train_detector(records: Records, config: DetectorConfig, settings: TrainSett
 def train_epoch(model: CbirDetector, data: Split, use: np.ndarray, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler | None, batch_size: int,
                 generator: torch.Generator, device: torch.device, reporter: Reporter = QUIET,
-                epoch: int = 1) -> dict[str, float]:
+                epoch: int = 1, after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over `use` (indices into `data`); returns the mean of each FCOS loss and of their sum."""
     model.train()
     order = torch.from_numpy(use)[torch.randperm(len(use), generator=generator)]
@@ -181,6 +189,8 @@ def train_epoch(model: CbirDetector, data: Split, use: np.ndarray, optimizer: to
             optimizer.step()
             if schedule is not None:
                 schedule.step()
+            if after_step is not None:
+                after_step()
             for key, value in {**parts, "loss": loss}.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) * len(idx)
             seen += len(idx)

@@ -1,0 +1,180 @@
+"""The Markdown of `cbir reproduce`: per-fold means ± sd, pooled figures with 95 % intervals, and a README
+headline, all rendered from results.json."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def _values(results: dict[str, Any], task: str, name: str) -> list[float]:
+    return [r[name] for r in results["folds"] if r["task"] == task and r.get(name) is not None]
+
+
+def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """mean ± sd (sample sd over folds; one fold: the value alone)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return "n/a"
+    if v.size == 1:
+        return f"{scale * v[0]:.{digits}f}"
+    return f"{scale * v.mean():.{digits}f} ± {scale * v.std(ddof=1):.{digits}f}"
+
+
+def _ci(value: float | None, interval: list[float] | None, scale: float = 100.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    text = f"{scale * value:.1f}"
+    return text + (f" ({scale * interval[0]:.1f}–{scale * interval[1]:.1f})" if interval else "")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def _command(options: dict[str, Any]) -> str:
+    parts = ["cbir reproduce", f"--data {options['data']}", f"--out {options['out']}"]
+    if options.get("nih"):
+        parts.append(f"--nih {options['nih']}")
+        if options.get("nih_image_size"):
+            parts.append(f"--nih-image-size {options['nih_image_size']}")
+    parts += [f"--folds {options['folds']}", f"--backbone {options['backbone']}",
+              f"--image-size {options['image_size']}", f"--epochs {options['epochs']}"]
+    if options.get("tasks"):
+        parts += [f"--task {t}" for t in options["tasks"]]
+    return " ".join(parts)
+
+
+def render_results(results: dict[str, Any]) -> tuple[str, str]:
+    """(the results Markdown, a one-paragraph headline for the README)."""
+    options, tasks, approaches = results["options"], results["tasks"], results["approaches"]
+    k = options["k"]
+    folds_done = sorted({r["fold"] for r in results["folds"]})
+    n_folds = options["folds"]
+    scheme = f"{n_folds}-fold cross-validation by patient" if n_folds else "one hold-out split by patient"
+    lines = [f"### `cbir reproduce` on `{options['data']}`: {scheme}", "", "```bash", _command(options), "```", ""]
+    first = next((r for r in results["folds"]), None)
+    status = "" if results.get("complete") else f" **Partial: {len(folds_done)} of {n_folds or 1} folds so far.**"
+    if first:
+        epochs = f"{options['epochs']} epoch{'s' if options['epochs'] != 1 else ''}"
+        lines += [f"{options['backbone']} from random initialisation at {options['image_size']} px, "
+                  f"{epochs} per model, on {results['device']}; each fold's model trains on the "
+                  f"other folds (validation {options['val_fraction']:g} of all patients, inside them) and its "
+                  f"{first['n_queries']} or so test patients query the other folds' {first['n_archive']} images "
+                  f"(k = {k}, same-patient neighbours excluded). Wall time of the whole command: "
+                  f"{results['seconds'] / 60:.0f} min.{status}", ""]
+    lines += ["Mean ± sd over the folds, in percent. The seed's figures are its thesis' table on the full challenge "
+              "set (26,684 patients).", "",
+              f"| Approach | trained on | Stage-1 ROC-AUC | kNN accuracy | kNN balanced accuracy | mAP@{k} | "
+              "majority baseline | seed: ROC-AUC / kNN accuracy |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    seed = results.get("seed_table") or {}
+    for task in tasks:
+        trained = sorted({r["trained_on"] for r in results["folds"] if r["task"] == task})
+        if not trained:
+            continue
+        ref = seed.get(task)
+        cells = [_ms(_values(results, task, name))
+                 for name in ("roc_auc", "knn_accuracy", "balanced_accuracy", "map_at_k", "majority_accuracy")]
+        lines.append(f"| {approaches[task]} | {', '.join(trained)} | {' | '.join(cells)} | "
+                     f"{'—' if not ref else f'{100 * ref[0]:.2f} / {100 * ref[1]:.2f}'} |")
+    pooled = results.get("pooled") or {}
+    lines += ["", "Pooled over the folds (each patient is a query once), with 95 % bootstrap intervals that "
+              "resample patients. Two approaches whose intervals overlap are not shown to differ.", "",
+              f"| Approach | queries | Stage-1 ROC-AUC | kNN accuracy | kNN balanced accuracy | mAP@{k} | "
+              "majority baseline |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += _pooled_rows(tasks, approaches, pooled, lambda p: [
+        str(p["n_queries"]), _ci(p["roc_auc"], p["roc_auc_ci"]), _ci(p["knn_accuracy"], p["knn_accuracy_ci"]),
+        _ci(p["balanced_accuracy"], p["balanced_accuracy_ci"]), _ci(p["map_at_k"], p["map_at_k_ci"]),
+        _ci(p["majority_accuracy"], None)])
+    lines += ["", "Per-class recall, pooled: the model's own prediction (probability ≥ 0.5) beside the kNN vote.",
+              "", "| Approach | model sensitivity | model specificity | model balanced accuracy | kNN sensitivity | "
+              "kNN specificity |", "|---|---:|---:|---:|---:|---:|"]
+    lines += _pooled_rows(tasks, approaches, pooled, lambda p: [
+        _pct(p["model"]["sensitivity"]), _pct(p["model"]["specificity"]),
+        _ci(p["model_balanced_accuracy"], p["model_balanced_accuracy_ci"]), _pct(p["knn"]["sensitivity"]),
+        _pct(p["knn"]["specificity"])])
+    lines += _codes(results, k) + _detection(results) + _multilabel(results) + _times(results)
+    return "\n".join(lines) + "\n", _headline(results)
+
+
+def _pooled_rows(tasks: list[str], approaches: dict[str, str], pooled: dict[str, Any],
+                 cells: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    return [f"| {approaches[task]} | " + " | ".join(cells(pooled[task])) + " |" for task in tasks if pooled.get(task)]
+
+
+def _codes(results: dict[str, Any], k: int) -> list[str]:
+    rows = [r for r in results["folds"] if r.get("codes")]
+    if not rows:
+        return []
+    lines = ["", f"Binary codes (mean ± sd over folds): Hamming-ranking mAP@{k} and kNN accuracy after a Hamming "
+             "prefilter to 10 % of the archive, for the model's own code (the learned hash layer for the hash "
+             "approach, LSH otherwise), LSH and ITQ fitted on the archive.", "",
+             f"| Approach | code | Hamming mAP@{k} | prefilter + kNN accuracy |", "|---|---|---:|---:|"]
+    for task in results["tasks"]:
+        mine = [r for r in rows if r["task"] == task]
+        for code in ("model", "lsh", "itq"):
+            maps = [r["codes"][code]["hamming_map_at_k"] for r in mine if code in r["codes"]]
+            accs = [r["codes"][code]["prefilter_knn_accuracy"] for r in mine if code in r["codes"]]
+            if maps:
+                lines.append(f"| {results['approaches'][task]} | {code} | {_ms(maps)} | {_ms(accs)} |")
+    return lines
+
+
+def _detection(results: dict[str, Any]) -> list[str]:
+    maps = _values(results, "detection", "box_map")
+    if not maps:
+        return []
+    return ["", f"Detection: box mAP (RSNA metric, IoU 0.40–0.75, original pixels, box threshold chosen on "
+            f"validation) on the test folds: {_ms(maps)} %."]
+
+
+def _multilabel(results: dict[str, Any]) -> list[str]:
+    rows = [r for r in results["folds"] if r["task"] == "multilabel" and r["heldout"].get("per_class_auc")]
+    if not rows:
+        return []
+    names = list(rows[0]["heldout"]["per_class_auc"])
+    lines = ["", f"Multilabel: per-finding ROC-AUC on the {rows[0]['heldout']['dataset']} test folds "
+             "(mean ± sd; n/a where a fold has one class only).", "", "| Finding | ROC-AUC |", "|---|---:|"]
+    for name in names:
+        lines.append(f"| {name} | {_ms([r['heldout']['per_class_auc'][name] for r in rows])} |")
+    own = [r["heldout"].get("retrieval") for r in rows if r["heldout"].get("retrieval")]
+    if own:
+        lines += ["", f"In its own {rows[0]['heldout']['dataset']} archive: mAP@k where relevant means at least "
+                  f"one shared finding (\"No Finding\" included) {_ms([o['map_at_k_any_finding'] for o in own])}; "
+                  f"Pneumonia kNN accuracy {_ms([o['knn_accuracy'] for o in own])} against a majority baseline of "
+                  f"{_ms([o['majority_accuracy'] for o in own])}."]
+    return lines
+
+
+def _times(results: dict[str, Any]) -> list[str]:
+    lines = ["", "Seconds per fold (mean): train / ingest (whole dataset) / evaluate.", "",
+             "| Approach | train s | ingest s | evaluate s |", "|---|---:|---:|---:|"]
+    for task in results["tasks"]:
+        mine = [r["seconds"] for r in results["folds"] if r["task"] == task]
+        if mine:
+            lines.append(f"| {results['approaches'][task]} | " + " | ".join(
+                f"{np.mean([s.get(step, 0.0) for s in mine]):.0f}" for step in ("train", "ingest", "evaluate")) + " |")
+    return lines
+
+
+def _headline(results: dict[str, Any]) -> str:
+    options = results["options"]
+    p = (results.get("pooled") or {}).get("binary")
+    if not p:
+        return ""
+    n_folds = options["folds"]
+    scheme = f"{n_folds}-fold cross-validation by patient" if n_folds else "a hold-out split by patient"
+    trained = next((r["trained_on"] for r in results["folds"] if r["task"] == "binary"), "")
+    name = {"rsna": "RSNA pneumonia X-rays", "nih": "NIH ChestX-ray14 images"}.get(trained, f"{trained} images")
+    return (f"On {name} ({p['n_patients']} patients of `{options['data']}`, {scheme}, "
+            f"{options['backbone']} trained from scratch at {options['image_size']} px on {results['device']}), "
+            f"the binary model's stage-1 ROC-AUC is **{_ci(p['roc_auc'], p['roc_auc_ci'])} %** and the kNN vote "
+            f"over the Qdrant index reaches **{_ci(p['balanced_accuracy'], p['balanced_accuracy_ci'])} % balanced "
+            f"accuracy** and {_ci(p['knn_accuracy'], p['knn_accuracy_ci'])} % accuracy, against "
+            f"{_pct(p['majority_accuracy'])} % for always predicting the majority class (95 % bootstrap intervals "
+            "by patient, folds pooled). Per-fold means ± sd and the other approaches: "
+            "[docs/results.md](docs/results.md).")

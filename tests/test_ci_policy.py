@@ -1,0 +1,55 @@
+"""The CI skip policy of tests/conftest.py: with $CBIR_STRICT_SKIPS, a test skipped for a missing package fails
+the run; the named, allowed reasons (live server, Chromium, GPU, ../shared) do not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+CONFTEST = (Path(__file__).parent / "conftest.py").read_text()
+
+
+def _run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, body: str, strict: bool) -> pytest.RunResult:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_sample=body)
+    if strict:
+        monkeypatch.setenv("CBIR_STRICT_SKIPS", "1")
+    else:
+        monkeypatch.delenv("CBIR_STRICT_SKIPS", raising=False)
+    return pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+
+
+MISSING = """
+import pytest
+def test_needs_a_package():
+    pytest.importorskip("no_such_package_for_cbir")
+def test_ok():
+    assert True
+"""
+
+ALLOWED = """
+import pytest
+@pytest.mark.skipif(True, reason="set $CBIR_TEST_QDRANT_URL to run against a server")
+def test_server():
+    pass
+def test_shared():
+    pytest.skip("real data not available: x (../shared is absent: a user's clone has none)")
+def test_ok():
+    assert True
+"""
+
+
+def test_a_skip_for_a_missing_package_fails_ci(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _run(pytester, monkeypatch, MISSING, strict=True)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*skipped for a reason CI does not allow*", "*no_such_package_for_cbir*"])
+    assert _run(pytester, monkeypatch, MISSING, strict=False).ret == pytest.ExitCode.OK  # a user's plain run
+
+
+def test_allowed_skips_pass(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _run(pytester, monkeypatch, ALLOWED, strict=True)
+    assert result.ret == pytest.ExitCode.OK
+    result.assert_outcomes(passed=1, skipped=2)

@@ -1,0 +1,65 @@
+"""cbir.metrics_ci: weighted metrics against scikit-learn, and the patient bootstrap's intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sklearn.metrics as sk
+
+from cbir import metrics
+from cbir.metrics_ci import Bootstrap, weighted_auc, weighted_balanced_accuracy, weighted_mean
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_weighted_auc_is_the_auc_of_repeated_samples(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(60) < 0.4).astype(int)
+    scores = rng.integers(0, 6, 60).astype(float) + y  # many ties
+    w = rng.integers(0, 4, 60).astype(float)
+    repeated = np.repeat(np.arange(60), w.astype(int))
+    assert weighted_auc(y, scores, np.ones(60)) == pytest.approx(metrics.roc_auc(y, scores), abs=1e-12)
+    assert weighted_auc(y, scores, w) == pytest.approx(sk.roc_auc_score(y[repeated], scores[repeated]), abs=1e-12)
+    assert weighted_auc(y, scores, w) == pytest.approx(sk.roc_auc_score(y, scores, sample_weight=w), abs=1e-12)
+
+
+def test_weighted_balanced_accuracy_and_mean_match_sklearn() -> None:
+    rng = np.random.default_rng(7)
+    y = (rng.random(80) < 0.3).astype(int)
+    pred = np.where(rng.random(80) < 0.8, y, 1 - y)
+    w = rng.integers(0, 3, 80).astype(float)
+    assert weighted_balanced_accuracy(y, pred, w) == pytest.approx(
+        sk.balanced_accuracy_score(y, pred, sample_weight=w), abs=1e-12)
+    values = rng.random(80)
+    values[3] = np.nan  # undefined values (a query with no AP) are left out
+    ok = ~np.isnan(values)
+    assert weighted_mean(values, w) == pytest.approx(np.average(values[ok], weights=w[ok]))
+
+
+def test_the_bootstrap_draws_patients_not_images() -> None:
+    groups = np.repeat(np.arange(50), 3)  # 50 patients, 3 images each
+    boot = Bootstrap.by_group(groups, n_boot=200, seed=1)
+    assert boot.weights.shape == (200, 150)
+    by_patient = boot.weights.reshape(200, 50, 3)
+    assert (by_patient == by_patient[:, :, :1]).all()  # a patient's images come along together
+    assert (boot.weights.sum(axis=1) == 150).all()      # 50 patients drawn, 3 images each
+    assert (Bootstrap.by_group(groups, n_boot=200, seed=1).weights == boot.weights).all()  # seeded
+
+
+def test_intervals_have_the_width_of_the_sampling_error() -> None:
+    rng = np.random.default_rng(3)
+    correct = (rng.random(500) < 0.5).astype(float)
+    low, high = Bootstrap.by_group(np.arange(500), n_boot=2000).interval(lambda w: weighted_mean(correct, w))
+    assert low < correct.mean() < high
+    expected = 2 * 1.96 * np.sqrt(0.25 / 500)  # normal approximation of a proportion's 95 % interval
+    assert high - low == pytest.approx(expected, rel=0.15)
+    # The same outcomes, repeated 4 times per patient: 125 patients carry the information, not 500 images.
+    repeated = np.repeat(correct[:125], 4)
+    by_image = Bootstrap.by_group(np.arange(500)).interval(lambda w: weighted_mean(repeated, w))
+    by_patient = Bootstrap.by_group(np.repeat(np.arange(125), 4)).interval(lambda w: weighted_mean(repeated, w))
+    assert (by_patient[1] - by_patient[0]) > 1.7 * (by_image[1] - by_image[0])
+
+
+def test_an_undefined_statistic_gives_no_interval() -> None:
+    y = np.zeros(20, int)  # one class: AUC undefined in every replicate
+    assert Bootstrap.by_group(np.arange(20), n_boot=50).interval(lambda w: weighted_auc(y, np.arange(20.0), w)) \
+        is None
