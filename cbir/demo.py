@@ -50,16 +50,20 @@ class DemoResult:
             f"({vote['fraction']:.0%}); query JSON {self.out / 'query.json'}",
             f"  montage   {self.out / 'montage.png'}",
             f"  report    {self.out / 'report' / 'report.md'}",
-            f"            ROC-AUC {_pct(s1['roc_auc'])}, kNN accuracy {_pct(s2['knn_accuracy'])}, balanced "
-            f"accuracy {_pct(s2['balanced_accuracy'])}, mAP@{self.report['k']} {_pct(s2['map_at_k'])}, "
-            f"majority baseline {_pct(base['majority_accuracy'])}",
+            f"            ROC-AUC {_pct(s1['roc_auc'], s1.get('roc_auc_ci'))}, kNN accuracy "
+            f"{_pct(s2['knn_accuracy'], s2.get('knn_accuracy_ci'))}, balanced accuracy "
+            f"{_pct(s2['balanced_accuracy'], s2.get('balanced_accuracy_ci'))}, mAP@{self.report['k']} "
+            f"{_pct(s2['map_at_k'])}, majority baseline {_pct(base['majority_accuracy'])} "
+            f"({self.report['n_queries']} test images; 95 % intervals by patient)",
             f"try:      cbir query {self.query_file} --index {self.index} --collection {COLLECTION} "
             "--filter split=train --montage similar.png",
         ]
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f} %"
+def _pct(value: float | None, interval: list[float] | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f} %" + (f" [{100 * interval[0]:.1f}–{100 * interval[1]:.1f}]" if interval else "")
 
 
 def _fresh(out: Path) -> None:

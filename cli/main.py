@@ -450,17 +450,20 @@ def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--
                          "model_fingerprint": meta.get("model_fingerprint"), "backbone": meta.get("backbone"),
                          "dim": meta.get("dim"), "bits": meta.get("bits"), "team": meta.get("team"),
                          "schema_version": idx.schema_version(name), "model_path": meta.get("model_path"),
-                         "key_fingerprint": meta.get("key_fingerprint")})
+                         "key_fingerprint": meta.get("key_fingerprint"),
+                         "splits": {dataset: record.get("description")
+                                    for dataset, record in (meta.get("splits") or {}).items()}})
         location = idx.location
     if as_json:
         sys.stdout.write(json.dumps({"index": location, "collections": rows}, indent=2) + "\n")
         return
     table = Table(title=f"index {location}")
     columns = ("collection", "stored_as", "points", "model_fingerprint", "backbone", "dim", "bits", "team",
-               "schema_version")
+               "schema_version", "splits")
     for column in columns:
         table.add_column(column)
     for row in rows:
+        row = row | {"splits": "; ".join(f"{d}: {text}" for d, text in row["splits"].items()) or None}
         table.add_row(*(str(row[c]) if row[c] is not None else "" for c in columns))
     out.print(table)
 

@@ -63,3 +63,30 @@ def test_an_undefined_statistic_gives_no_interval() -> None:
     y = np.zeros(20, int)  # one class: AUC undefined in every replicate
     assert Bootstrap.by_group(np.arange(20), n_boot=50).interval(lambda w: weighted_auc(y, np.arange(20.0), w)) \
         is None
+
+
+def test_pooling_folds_concatenates_queries_and_keeps_patients_apart() -> None:
+    from cbir.evaluate.pooled import pool_queries
+    rng = np.random.default_rng(5)
+    folds = []
+    for _ in range(3):
+        y = (rng.random(40) < 0.3).astype(int)
+        folds.append({"target": y.tolist(), "probability": np.clip(y * 0.4 + rng.random(40) * 0.6, 0, 1).tolist(),
+                      "vote": np.where(rng.random(40) < 0.8, y, 1 - y).tolist(),
+                      "ap": [None if i == 0 else float(v) for i, v in enumerate(rng.random(40))],
+                      "group": (np.arange(40) // 2).tolist(), "majority_label": 0})
+    pooled = pool_queries(folds, k=10)
+    y = np.concatenate([f["target"] for f in folds])
+    vote = np.concatenate([f["vote"] for f in folds])
+    prob = np.concatenate([f["probability"] for f in folds])
+    assert pooled["n_queries"] == 120 and pooled["n_patients"] == 60  # group ids repeat across folds, patients don't
+    assert pooled["knn_accuracy"] == pytest.approx(np.mean(vote == y))
+    assert pooled["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, vote))
+    assert pooled["roc_auc"] == pytest.approx(sk.roc_auc_score(y, prob))
+    assert pooled["majority_accuracy"] == pytest.approx(np.mean(y == 0))
+    aps = [a for f in folds for a in f["ap"] if a is not None]
+    assert pooled["map_at_k"] == pytest.approx(np.mean(aps))
+    for key in ("roc_auc", "knn_accuracy", "balanced_accuracy", "map_at_k"):
+        low, high = pooled[f"{key}_ci"]
+        assert low <= pooled[key] <= high
+    assert pool_queries([], 10) == {}

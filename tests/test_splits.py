@@ -101,6 +101,8 @@ def test_ingest_and_evaluate_use_the_models_split(runs: dict[str, Path], tmp_pat
     from cbir.index import open_index
     with open_index(str(index)) as idx:
         assert idx.get_meta("c")["splits"]["rsna"] == json.loads((runs["seed1"] / "split.json").read_text())
+    code, out, err = run_cli("index", "info", "--index", index, "--json")
+    assert json.loads(out)["collections"][0]["splits"] == {"rsna": "seed 1, val 0.1, test 0.2"}
 
 
 def test_another_patient_rule_on_the_same_data_is_refused(tmp_path: Path) -> None:
