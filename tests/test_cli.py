@@ -289,6 +289,8 @@ def test_reproduce_cross_validates_and_writes_the_results_table(pipeline: dict[s
         split = json.loads((tmp_path / "res" / "models" / f"fold{row['fold']}" / row["task"] / "split.json")
                            .read_text())
         assert split["spec"]["folds"] == 2 and split["spec"]["fold"] == row["fold"]
+        if row["task"] == "detection":  # box mAP on the same test fold as the queries
+            assert row["heldout"]["n_images"] == len(test)
     assert sum(r["n_queries"] for r in results["folds"] if r["task"] == "binary") == N  # every patient once
     pooled = results["pooled"]["binary"]
     assert pooled["n_queries"] == N and pooled["knn_accuracy_ci"][0] <= pooled["knn_accuracy"] <= \

@@ -336,18 +336,24 @@ def _hamming_map(archive: Archive, queries: list[Query], y_query: np.ndarray, k:
 
 def _box_metrics(meta: dict[str, Any], loaded: LoadedModel, queries_from: Records | None,
                  reporter: Reporter) -> dict[str, Any]:
-    """A detector's box mAP on the query images: the external queries, or the test split of the dataset the
-    collection was ingested from (when its folder is still there and has boxes); {} when neither is at hand."""
+    """A detector's box mAP on the query images: the external queries, or the test split (as the collection
+    records it) of the dataset the collection was ingested from (when its folder is still there and has boxes);
+    {} when neither is at hand."""
     from cbir.data.layout import load_dataset
     from cbir.evaluate.heldout import detection_scores
     source = queries_from
     if source is None:
-        for root in dataset_roots(meta):
-            try:
-                source = load_dataset(Path(root), "auto").split("test")
+        for dataset in (meta.get("roots") or {}):
+            record = recorded_split(meta, dataset)
+            spec = SplitSpec.from_dict(record["spec"]) if record else None
+            for root in dataset_roots(meta, dataset):
+                try:
+                    source = load_dataset(Path(root), "auto", split=spec).split("test")  # the collection's split
+                    break
+                except CbirError:
+                    continue
+            if source is not None:
                 break
-            except CbirError:
-                continue
     has_boxes = source is not None and "boxes" in source.meta and any(len(b) for b in source.meta["boxes"])
     if not has_boxes:
         reporter.warn("box mAP not computed: the query images' boxes are not available")

@@ -32,7 +32,7 @@ class ModelConfig:
     target: str = "Pneumonia"
     drop_rate: float = 0.0
     code_seed: int = 0
-    hash_pair_weight: float = 1.0      # defaults measured on synthetic RSNA: docs/results.md
+    hash_pair_weight: float = 1.0      # checked on real RSNA validation folds: docs/results.md
     hash_quant_weight: float = 0.5
     hash_balance_weight: float = 1.0
 

@@ -141,3 +141,24 @@ def score_on_validation(records: Records, loaded: Any, out: Path, k: int = 10,
         shutil.rmtree(scratch, ignore_errors=True)
     report.pop("per_query", None)
     return report
+
+
+def paired_verdict(values: dict[str, dict[int, float]], default: str,
+                   label: Callable[[str], str] = str) -> tuple[list[str], str]:
+    """Each option against the default, paired by fold: the difference's mean ± sd, and the option kept.
+
+    `values` maps option → fold → metric. An option replaces the default only when its paired difference is
+    above zero by more than two standard errors; of several such options the largest gain wins.
+    """
+    verdict, best_gain, lines = default, 0.0, []
+    for name, by_fold in values.items():
+        if name == default:
+            continue
+        diff = [v - values[default][f] for f, v in by_fold.items() if f in values[default]]
+        mean, sd = mean_sd(diff)
+        se = sd / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
+        state = "better" if mean > 2 * se else "worse" if mean < -2 * se else "within noise"
+        lines.append(f"- {label(name)}: {mean:+.3f} ± {sd:.3f} ({state})")
+        if state == "better" and mean > best_gain:
+            verdict, best_gain = name, mean
+    return lines, verdict

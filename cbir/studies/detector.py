@@ -21,7 +21,7 @@ from cbir.studies.common import (
     development_records,
     finish,
     fmt_mean_sd,
-    mean_sd,
+    paired_verdict,
     register,
     score_on_validation,
 )
@@ -110,7 +110,11 @@ def _render(result: dict[str, Any], options: StudyOptions, key: str, text: tuple
                                                 ("box_map", "roc_auc", "knn_accuracy", "balanced_accuracy",
                                                  "map_at_k")) + " |")
     metric = "box_map" if key == "detector" else "balanced_accuracy"
-    best = max(names, key=lambda n: mean_sd([r[metric] for r in runs if r[key] == n])[0])
-    lines += ["", f"Highest mean {'box mAP' if key == 'detector' else 'kNN balanced accuracy'} on validation: "
-              f"{best}."]
+    default = "fcos" if key == "detector" else "max"
+    by_option = {n: {r["fold"]: r[metric] for r in runs if r[key] == n and r[metric] is not None} for n in names}
+    paired, verdict = paired_verdict(by_option, default)
+    what = "box mAP" if key == "detector" else "kNN balanced accuracy"
+    lines += ["", f"Paired against the default {default} (same fold), {what} difference, mean ± sd over folds:", "",
+              *paired, "", f"Kept as the default: **{verdict}**. An option replaces the default only when it is "
+              "better by more than two standard errors of the paired difference."]
     return "\n".join(lines)

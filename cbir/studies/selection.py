@@ -23,7 +23,15 @@ from cbir.console import QUIET, Reporter
 from cbir.data.transforms import standardize
 from cbir.metrics import roc_auc
 from cbir.models import ModelConfig
-from cbir.studies.common import StudyOptions, development_records, finish, fmt_mean_sd, halves, mean_sd, register
+from cbir.studies.common import (
+    StudyOptions,
+    development_records,
+    finish,
+    fmt_mean_sd,
+    halves,
+    paired_verdict,
+    register,
+)
 from cbir.train import TrainSettings, train_model
 from cbir.train.loop import preload, resolve_device
 
@@ -108,18 +116,9 @@ def render(result: dict[str, Any], options: StudyOptions) -> str:
         lines.append(f"| {RULE_NAMES[rule]} | {epochs} | {fmt_mean_sd(a)} | {fmt_mean_sd(b)} | {fmt_mean_sd(gap)} |")
     lines += ["", "Paired against the last epoch (the same fold's B patients), B AUC difference, mean ± sd over folds:",
               ""]
-    verdict = "last-raw"
-    for rule in RULES:
-        if rule == "last-raw":
-            continue
-        diff = [f["rules"][rule]["auc_b"] - f["rules"]["last-raw"]["auc_b"] for f in folds]
-        mean, sd = mean_sd(diff)
-        se = sd / np.sqrt(len(diff)) if len(diff) > 1 else float("inf")
-        beats = mean > 2 * se
-        verdict_text = "better by more than 2 SE" if beats else "within noise"
-        lines.append(f"- {RULE_NAMES[rule]}: {mean:+.3f} ± {sd:.3f} ({verdict_text})")
-        if beats and mean > 0:
-            verdict = rule
+    paired, verdict = paired_verdict({r: {f["fold"]: f["rules"][r]["auc_b"] for f in folds} for r in RULES},
+                                     "last-raw", RULE_NAMES.get)
+    lines += paired
     lines += ["", f"Kept as the default: **{RULE_NAMES[verdict]}**. A rule replaces the last epoch only when its B "
               "AUC is higher by more than two standard errors of the paired difference; otherwise the last epoch "
               "stays, because it needs no validation set to pick it and its validation AUC is an honest estimate "
