@@ -143,12 +143,24 @@ def score_on_validation(records: Records, loaded: Any, out: Path, k: int = 10,
     return report
 
 
+#: Two-sided 95 % critical values of Student's t for 1..10 degrees of freedom (normal beyond).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+#: How the studies' verdict lines describe the rule.
+VERDICT_RULE = ("An option replaces the default only when a paired t-test over the folds (5 %, two-sided) finds it "
+                "better; with few folds that takes a large, consistent gain.")
+
+
+def t_critical(df: int) -> float:
+    return T_975[df - 1] if 1 <= df <= len(T_975) else 1.96
+
+
 def paired_verdict(values: dict[str, dict[int, float]], default: str,
                    label: Callable[[str], str] = str) -> tuple[list[str], str]:
     """Each option against the default, paired by fold: the difference's mean ± sd, and the option kept.
 
-    `values` maps option → fold → metric. An option replaces the default only when its paired difference is
-    above zero by more than two standard errors; of several such options the largest gain wins.
+    `values` maps option → fold → metric. An option replaces the default only when a paired t-test over the
+    folds finds it better (5 %, two-sided); of several such options the largest gain wins.
     """
     verdict, best_gain, lines = default, 0.0, []
     for name, by_fold in values.items():
@@ -156,8 +168,8 @@ def paired_verdict(values: dict[str, dict[int, float]], default: str,
             continue
         diff = [v - values[default][f] for f, v in by_fold.items() if f in values[default]]
         mean, sd = mean_sd(diff)
-        se = sd / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
-        state = "better" if mean > 2 * se else "worse" if mean < -2 * se else "within noise"
+        margin = t_critical(len(diff) - 1) * sd / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
+        state = "better" if mean > margin else "worse" if mean < -margin else "within noise"
         lines.append(f"- {label(name)}: {mean:+.3f} ± {sd:.3f} ({state})")
         if state == "better" and mean > best_gain:
             verdict, best_gain = name, mean

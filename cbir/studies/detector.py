@@ -17,6 +17,7 @@ from cbir.console import QUIET, Reporter
 from cbir.models import load_checkpoint
 from cbir.models.detection import DETECTORS, POOLINGS, DetectorConfig
 from cbir.studies.common import (
+    VERDICT_RULE,
     StudyOptions,
     development_records,
     finish,
@@ -115,6 +116,5 @@ def _render(result: dict[str, Any], options: StudyOptions, key: str, text: tuple
     paired, verdict = paired_verdict(by_option, default)
     what = "box mAP" if key == "detector" else "kNN balanced accuracy"
     lines += ["", f"Paired against the default {default} (same fold), {what} difference, mean ± sd over folds:", "",
-              *paired, "", f"Kept as the default: **{verdict}**. An option replaces the default only when it is "
-              "better by more than two standard errors of the paired difference."]
+              *paired, "", f"Kept as the default: **{verdict}**. {VERDICT_RULE}"]
     return "\n".join(lines)

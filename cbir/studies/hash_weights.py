@@ -17,6 +17,7 @@ import numpy as np
 from cbir.console import QUIET, Reporter
 from cbir.models import ModelConfig, load_checkpoint
 from cbir.studies.common import (
+    VERDICT_RULE,
     StudyOptions,
     development_records,
     finish,
@@ -91,7 +92,6 @@ def render(result: dict[str, Any], options: StudyOptions) -> str:
     by_option = {n: {r["fold"]: r["hamming_map_at_k"] for r in runs if r["name"] == n} for n in names}
     paired, verdict = paired_verdict(by_option, default, lambda n: n.replace("-", " / "))
     lines += paired
-    lines += ["", f"Kept as the default: **{verdict.replace('-', ' / ')}**. A weighting replaces the default only when "
-              "it is better by more than two standard errors of the paired difference."]
+    lines += ["", f"Kept as the default: **{verdict.replace('-', ' / ')}**. {VERDICT_RULE}"]
     return "\n".join(lines)
 

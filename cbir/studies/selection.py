@@ -24,6 +24,7 @@ from cbir.data.transforms import standardize
 from cbir.metrics import roc_auc
 from cbir.models import ModelConfig
 from cbir.studies.common import (
+    VERDICT_RULE,
     StudyOptions,
     development_records,
     finish,
@@ -119,10 +120,9 @@ def render(result: dict[str, Any], options: StudyOptions) -> str:
     paired, verdict = paired_verdict({r: {f["fold"]: f["rules"][r]["auc_b"] for f in folds} for r in RULES},
                                      "last-raw", RULE_NAMES.get)
     lines += paired
-    lines += ["", f"Kept as the default: **{RULE_NAMES[verdict]}**. A rule replaces the last epoch only when its B "
-              "AUC is higher by more than two standard errors of the paired difference; otherwise the last epoch "
-              "stays, because it needs no validation set to pick it and its validation AUC is an honest estimate "
-              "(its optimism is near 0). With about "
+    lines += ["", f"Kept as the default: **{RULE_NAMES[verdict]}**. {VERDICT_RULE} The last epoch is the default "
+              "because it needs no validation set to pick it and its validation AUC is an honest estimate (its "
+              "optimism is near 0). With about "
               f"{int(np.mean([f['n_b'] for f in folds]))} images in B per fold, one fold's AUC moves by about 0.05 "
               "by chance alone."]
     return "\n".join(lines)
