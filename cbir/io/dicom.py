@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from cbir.errors import BadInputError
-from cbir.io.capture import captured_stderr
+from cbir.io.capture import captured_output
 from cbir.io.decoders import PIXEL_KEYWORDS, can_decode, decode_first_frame
 from cbir.io.header import MAX_PIXELS, check_modality, geometry, max_pixels
 from cbir.io.phi import Pseudonymizer, SafeMeta, age_band, sex_of, view_of
@@ -59,7 +59,7 @@ def decode(ds: Dataset, path: str | Path, limit: int | None = None) -> np.ndarra
     if not can_decode(syntax):
         raise BadInputError(path, f"unsupported transfer syntax {syntax.name} ({syntax}): no decoder for it is "
                                   "installed")
-    with captured_stderr() as said:
+    with captured_output() as said:
         try:
             arr, photometric = decode_first_frame(ds, path, syntax, shape)
         except NotImplementedError as exc:
