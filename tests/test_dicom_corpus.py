@@ -280,3 +280,16 @@ def test_what_c_code_writes_to_fd_1_and_2_is_captured() -> None:
     """Direct writes to fd 2 and C stdio's buffered stdout, as decoders' C libraries do, stay in the capture."""
     done = subprocess.run([sys.executable, "-c", CHATTY], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stderr == "" and done.stdout == "done: written to fd 2 | 2\n", (done.stdout, done.stderr)
+
+
+def test_real_rsna_dicoms_decode_as_pydicom_reads_them() -> None:
+    """Real RSNA files (JPEG Baseline, GDCM): the new first-frame path gives exactly pydicom's own pixels, so
+    archives ingested before keep their embeddings."""
+    from tests.conftest import shared_path
+
+    folder = shared_path("data", "rsna", "stage_2_train_images")
+    paths = sorted(folder.glob("*.dcm"))[:12]
+    assert paths
+    for path in paths:
+        pixels = read_image(path).pixels
+        assert np.abs(pixels - reference_pixels(path)).max() < 1e-6, path.name
