@@ -293,3 +293,9 @@ def test_real_rsna_dicoms_decode_as_pydicom_reads_them() -> None:
     for path in paths:
         pixels = read_image(path).pixels
         assert np.abs(pixels - reference_pixels(path)).max() < 1e-6, path.name
+
+
+def test_a_dicom_without_pixels_says_so_whatever_its_modality() -> None:
+    """An SR's modality is SR: the line says it has no pixel data, not that it is no radiograph."""
+    assert outcome(TEST_FILES / "reportsi.dcm")[0] == "no pixel data (Basic Text SR Storage)"
+    assert outcome(TEST_FILES / "rtplan.dcm")[0] == "no pixel data (RT Plan Storage)"

@@ -12,6 +12,7 @@ embeddings) never depend on which optional packages happen to be installed. Ever
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +45,10 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def _register() -> None:
-    decoder = get_decoder(uid.JPEGExtended12Bit)
-    if JPEG_EXTENDED_PLUGIN not in decoder.available_plugins and JPEG_EXTENDED_PLUGIN not in getattr(
-            decoder, "_unavailable", {}):
-        decoder.add_plugin(JPEG_EXTENDED_PLUGIN, ("cbir.io.jpeg_extended", "_decode_frame"))
+    """Add cbir's JPEG Extended plugin to pydicom's decoder (unavailable there when imagecodecs is missing)."""
+    with suppress(ValueError):   # already added (a module reload)
+        get_decoder(uid.JPEGExtended12Bit).add_plugin(JPEG_EXTENDED_PLUGIN,
+                                                      ("cbir.io.jpeg_extended", "_decode_frame"))
 
 
 _register()

@@ -51,9 +51,7 @@ def transfer_syntax(ds: Dataset, path: str | Path) -> pydicom.uid.UID:
 def decode(ds: Dataset, path: str | Path, limit: int | None = None) -> np.ndarray:
     """Stored values of the first frame (no LUTs applied), with `ds.PhotometricInterpretation` set to the
     decoded array's; more than `limit` pixels are refused before anything is allocated."""
-    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
-        kind = str(ds.get("SOPClassUID", "")) and getattr(ds.SOPClassUID, "name", str(ds.SOPClassUID))
-        raise BadInputError(path, f"no pixel data ({kind or 'unknown SOP class'})")
+    require_pixels(ds, path)
     shape = geometry(ds, path, max_pixels() if limit is None else limit)
     syntax = transfer_syntax(ds, path)
     if not can_decode(syntax):
@@ -71,6 +69,13 @@ def decode(ds: Dataset, path: str | Path, limit: int | None = None) -> np.ndarra
     if photometric:
         ds.PhotometricInterpretation = photometric
     return arr
+
+
+def require_pixels(ds: Dataset, path: str | Path) -> None:
+    """A BadInputError naming the SOP class for a DICOM without pixel data (an SR, an RT Plan, …)."""
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        kind = str(ds.get("SOPClassUID", "")) and getattr(ds.SOPClassUID, "name", str(ds.SOPClassUID))
+        raise BadInputError(path, f"no pixel data ({kind or 'unknown SOP class'})")
 
 
 def safe_meta(ds: Dataset, pseudonymize: Pseudonymizer | None) -> SafeMeta:
@@ -127,6 +132,7 @@ def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None,
 def _read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None,
                 limit: int | None) -> tuple[np.ndarray, SafeMeta, str | None]:
     ds = read_header(path)
+    require_pixels(ds, path)
     check_modality(ds, path)
     arr = decode(ds, path, limit)
     try:
