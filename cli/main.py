@@ -45,6 +45,9 @@ LayoutOpt = Annotated[str, typer.Option("--layout", help="rsna, nih, folder or a
 MaxPixelsOpt = Annotated[int | None, typer.Option(
     "--max-pixels", min=4, envvar="CBIR_MAX_PIXELS", show_envvar=True,
     help="refuse images with more pixels than this (default 80,000,000)")]
+AnyModalityOpt = Annotated[bool, typer.Option(
+    "--any-modality", envvar="CBIR_ANY_MODALITY", show_envvar=True,
+    help="experts: also embed DICOMs that are not radiographs (MR, CT, US, …; default: CR, DX, OT/SC only)")]
 RegexOpt = Annotated[str | None, typer.Option("--patient-regex",
                                               help="folder layout: regex whose first group is the patient")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="split seed (default: the model's split; train: 0)")]
@@ -112,10 +115,13 @@ def _open(location: str | None, writable: bool = False, create: bool = False) ->
     return open_index(location, writable=writable, create=create, **_SERVER)
 
 
-def _set_max_pixels(limit: int | None) -> None:
-    """The pixel limit reaches the readers (and their worker processes) through $CBIR_MAX_PIXELS."""
+def _set_reader_limits(limit: int | None, any_modality: bool = False) -> None:
+    """The pixel limit and the modality override reach the readers (and their worker processes) through
+    $CBIR_MAX_PIXELS and $CBIR_ANY_MODALITY."""
     if limit is not None:
         os.environ["CBIR_MAX_PIXELS"] = str(limit)
+    if any_modality:
+        os.environ["CBIR_ANY_MODALITY"] = "1"
 
 
 def _split_options(seed: int | None, val_fraction: float | None, test_fraction: float | None,
@@ -245,7 +251,7 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            ] = None,
            shards: Annotated[int, typer.Option("--shards", min=1, help="server: shards of a new collection")] = 1,
            replicas: Annotated[int, typer.Option("--replicas", min=1, help="server: copies of each shard")] = 1,
-           team: TeamOpt = None, max_pixels: MaxPixelsOpt = None,
+           team: TeamOpt = None, max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False,
            reindex: Annotated[bool, typer.Option(
                "--reindex", help="build the next version of the collection (e.g. with a new model) while queries "
                "go on, then swap it in and delete the old version")] = False,
@@ -262,7 +268,7 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     from cbir.models import load_checkpoint
     from cbir.train.loop import resolve_device
     collection = team_collection(collection, team)
-    _set_max_pixels(max_pixels)
+    _set_reader_limits(max_pixels, any_modality)
     if reindex and part:
         raise CbirError("--reindex builds a whole new version in one run; it cannot be combined with --part")
     loaded = load_checkpoint(model, resolve_device(device))
@@ -305,13 +311,13 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
           as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
           montage: Annotated[Path | None, typer.Option("--montage", help="write a PNG montage")] = None,
           device: Annotated[str, typer.Option("--device")] = "auto", team: TeamOpt = None,
-          max_pixels: MaxPixelsOpt = None) -> None:
+          max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False) -> None:
     """Find the k most similar archived cases to one image."""
     from cbir.index.teams import team_collection
     from cbir.io import load_pseudonymizer
     from cbir.search import parse_filters, query_image
     collection = team_collection(collection, team)
-    _set_max_pixels(max_pixels)
+    _set_reader_limits(max_pixels, any_modality)
     flt = parse_filters(filters)
     with _open(index) as idx:
         loaded = _load_model(model, idx, collection, device)
@@ -650,7 +656,8 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
           host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
           port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
           device: Annotated[str, typer.Option("--device")] = "auto",
-          max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1)] = 64) -> None:
+          max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1)] = 64,
+          max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False) -> None:
     """Keep the model and the collection warm and answer queries over HTTP (POST /query, GET /health,
     API docs at /docs)."""
     import uvicorn
@@ -660,6 +667,7 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
     from cbir.search.warm import WarmSearcher
     from cbir.serve import create_app
     collection = team_collection(collection, team)
+    _set_reader_limits(max_pixels, any_modality)
     idx = _open(index)
     loaded = _load_model(model, idx, collection, device)
     searcher = WarmSearcher(idx, collection, loaded, load_pseudonymizer())

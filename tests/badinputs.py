@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.1"        # Computed Radiography Image Storage
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
-HTJ2K = "1.2.840.10008.1.2.4.201"              # High-Throughput JPEG 2000: no decoder for it here
+MPEG2 = "1.2.840.10008.1.2.4.100"              # MPEG2 video: no decoder for it here
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,9 @@ def write_folder_corpus(root: Path) -> list[Kind]:
     add("DICOM with no Pixel Data (SR)", "pneumonia/report_sr.dcm", "failed", "no pixel data (Basic Text SR")
     write_dicom(d / "rtplan.dcm", None, sop_class=RT_PLAN)
     add("DICOM with no Pixel Data (RT Plan)", "pneumonia/rtplan.dcm", "failed", "no pixel data (RT Plan")
-    write_dicom(d / "htj2k.dcm", image(9), syntax=HTJ2K)
-    add("unsupported transfer syntax (HTJ2K, no decoder)", "pneumonia/htj2k.dcm", "failed",
-        "unsupported transfer syntax High-Throughput JPEG 2000")
+    write_dicom(d / "mpeg2.dcm", image(9), syntax=MPEG2)
+    add("unsupported transfer syntax (MPEG2, no decoder)", "pneumonia/mpeg2.dcm", "failed",
+        "unsupported transfer syntax MPEG2 Main Profile / Main Level")
     (d / "empty.dcm").write_bytes(b"")
     add("zero-byte file", "pneumonia/empty.dcm", "failed", "empty file (0 bytes)")
     (d / "noise.dcm").write_bytes(np.random.default_rng(1).bytes(4096))

@@ -4,11 +4,14 @@ wants to write a collection another process is writing."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import pandas as pd
 import pytest
@@ -40,17 +43,54 @@ def _ingest(archive: dict[str, Path], index: Path, **env: str) -> subprocess.Pop
                             env={**os.environ, **env})
 
 
+def _lines(stream: IO[str]) -> queue.Queue[str | None]:
+    """The stream's lines, read by a daemon thread, so that waiting for one can time out (None: the end)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _next_line(lines: queue.Queue[str | None], deadline: float, what: str) -> str | None:
+    """The next line, or an AssertionError at `deadline` whether or not anything was printed."""
+    try:
+        return lines.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        raise AssertionError(f"no {what} before the deadline") from None
+
+
 def _wait_for_progress(process: subprocess.Popen, fraction: float, timeout: float = 120) -> str:
-    """Read the plain progress lines (`ingest rsna: k/N`) until k/N ≥ fraction; returns that line."""
+    """Read the plain progress lines (`ingest rsna: k/N`) until k/N ≥ fraction; returns that line. The
+    deadline holds even when the process prints nothing (it is killed then)."""
     deadline = time.monotonic() + timeout
     assert process.stderr is not None
-    for line in process.stderr:
-        if line.startswith("ingest rsna: "):
-            done, total = (int(x) for x in line.split(": ")[1].split("/"))
-            if done >= fraction * total:
-                return line
-        assert time.monotonic() < deadline, "no progress"
+    lines = _lines(process.stderr)
+    try:
+        while (line := _next_line(lines, deadline, "progress")) is not None:
+            if line.startswith("ingest rsna: "):
+                done, total = (int(x) for x in line.split(": ")[1].split("/"))
+                if done >= fraction * total:
+                    return line
+    except AssertionError:
+        process.kill()
+        raise
     raise AssertionError(f"ingest ended before {fraction:.0%}: {process.wait()}")
+
+
+def test_the_progress_deadline_holds_when_nothing_is_printed() -> None:
+    """A silent, hung process fails the wait at its deadline (it used to be checked only when a line came)."""
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], stderr=subprocess.PIPE,
+                              text=True)
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match="no progress"):
+        _wait_for_progress(silent, 0.5, timeout=1.0)
+    assert time.monotonic() - started < 10
+    assert silent.wait(10) != 0                                # killed, not left running
 
 
 def _expected_payloads(data: Path) -> dict[str, int]:
@@ -103,7 +143,10 @@ def test_a_second_process_gets_one_line_and_nothing_breaks(archive: dict[str, Pa
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(index)], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "writing", holder.stderr
+        assert holder.stdout is not None and holder.stdin is not None
+        said = _lines(holder.stdout)
+        first = _next_line(said, time.monotonic() + 120, "line from the holder")
+        assert (first or "").strip() == "writing", first
         second = _ingest(archive, index)
         out, err = second.communicate(timeout=300)
         assert second.returncode == 2, err
@@ -115,8 +158,11 @@ def test_a_second_process_gets_one_line_and_nothing_breaks(archive: dict[str, Pa
         assert query.returncode == 2 and len(query.stderr.strip().splitlines()) == 1
         assert "being written by another process" in query.stderr
     finally:
-        out, err = holder.communicate("", timeout=60)
-    assert "closed" in out, err
+        holder.stdin.close()                                   # the holder closes its index and says so
+        holder.wait(60)
+    deadline = time.monotonic() + 10
+    rest = list(iter(lambda: _next_line(said, deadline, "end of the holder's output"), None))
+    assert "closed" in "".join(rest), holder.stderr.read() if holder.stderr else ""
     with open_index(str(index)) as idx:                        # nothing was corrupted
         assert idx.count("rsna") == N
         assert len({p.payload["path"] for p in idx.scroll("rsna")}) == N

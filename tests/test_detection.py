@@ -321,3 +321,31 @@ def test_pooling_changes_the_embedding_but_not_old_fingerprints():
     assert "pooling" not in tiny_config().to_dict() and tiny_config(pooling="gem").to_dict()["pooling"] == "gem"
     with pytest.raises(CbirError, match="unknown pooling"):
         create_detector(tiny_config(pooling="median"))
+
+
+def test_a_detector_query_runs_the_network_once():
+    """`cbir query` with a detector used to run the backbone twice (embed, then detect): one pass gives both,
+    with the same embedding and boxes as the two separate calls."""
+    from cbir.embed import detect_image, embed_image
+    from cbir.io import SafeMeta, XrayImage
+    from cbir.models.checkpoint import LoadedModel
+    from cbir.search.query import answer
+
+    torch.manual_seed(0)
+    config = tiny_config(score_thresh=0.0, box_threshold=0.0)
+    model = create_detector(config).eval()
+    loaded = LoadedModel(model, config, "f", Path("."))
+    image = XrayImage(np.random.default_rng(1).random((100, 200), np.float32), SafeMeta(), None, "raster")
+    expected_embedding, expected_boxes = embed_image(loaded, image).embedding, detect_image(loaded, image)
+    passes = []
+    run = model._run
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return run(*args, **kwargs)
+
+    model._run = counted
+    result = answer(image, "q.png", loaded, {"target": "Pneumonia"}, "c", 3, lambda embedded: [])
+    assert len(passes) == 1
+    assert result.prediction["boxes"] == expected_boxes and len(expected_boxes) > 0
+    assert np.allclose(embed_image(loaded, image).embedding, expected_embedding)

@@ -132,3 +132,15 @@ def test_viewer_error_paths(served: dict) -> None:
     missing = client.get("/thumbnail/00000000-0000-4000-8000-000000000000")
     assert missing.status_code == 404 and "no archived image" in missing.json()["detail"]
     assert client.get(f"/thumbnail/{served['searcher'].memory.ids[0]}?size=5000").status_code == 422
+
+
+def test_fractional_region_is_accepted_and_a_non_finite_one_is_a_4xx(served: dict) -> None:
+    """A browser's box is in fractional pixels: `region=10.5,…` used to answer HTTP 500."""
+    client = served["client"]
+    dicom = served["dicoms"][2]
+    response = _post(client, dicom, k=3, region="10.5,2.25,30.75,40.5")
+    assert response.status_code == 200, response.text
+    assert response.json()["query"]["region"] == [10, 2, 31, 40]    # what was cropped, rounded to pixels
+    for region in ("inf,0,30,30", "nan,0,30,30", "1e999,0,30,30"):
+        response = _post(client, dicom, region=region)
+        assert response.status_code == 422 and "four finite numbers" in response.json()["detail"], region

@@ -179,3 +179,77 @@ def test_cli_against_a_closed_port_is_one_line(monkeypatch: pytest.MonkeyPatch) 
     result = CliRunner().invoke(app, ["--timeout", "2", "index", "info", "--index", _closed_port()])
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "gave up after 2 attempts" in result.stderr
+
+
+class AppliedButLost(BaseHTTPRequestHandler):
+    """A tiny stateful Qdrant: the first write of each kind is applied but answered 503 (its answer "lost");
+    repeating it then fails as Qdrant's would (409: the collection exists; 404: no such alias)."""
+
+    collections: set[str]
+    aliases: dict[str, str]
+    writes: list[str]
+
+    def _send(self, status: int, result: object) -> None:
+        body = {"result": result, "status": "ok", "time": 0.0} if status == 200 else {"status": {"error": "no"}}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.endswith("/exists"):
+            self._send(200, {"exists": self.path.split("/")[2] in self.collections})
+        elif self.path.startswith("/aliases"):
+            self._send(200, {"aliases": [{"alias_name": a, "collection_name": c} for a, c in self.aliases.items()]})
+        else:
+            self._send(404, None)
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        name = self.path.split("?")[0].split("/")[2]
+        self.writes.append(f"create {name}")
+        if name in self.collections:
+            return self._send(409, None)
+        self.collections.add(name)
+        self._send(503, None)
+
+    def do_POST(self) -> None:  # noqa: N802
+        actions = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))["actions"]
+        self.writes.append("aliases")
+        for action in actions:
+            if "delete_alias" in action:
+                if action["delete_alias"]["alias_name"] not in self.aliases:
+                    return self._send(404, None)
+                del self.aliases[action["delete_alias"]["alias_name"]]
+        self._send(503 if self.writes.count("aliases") == 1 else 200, True)
+
+    def log_message(self, *args: object) -> None:  # quiet
+        pass
+
+
+def test_writes_that_are_not_idempotent_are_not_repeated_blindly() -> None:
+    """Creating a collection and moving aliases were retried as they were: a create whose answer was lost
+    then failed with "already exists", an alias delete with "not found", though both had been applied."""
+    from qdrant_client import QdrantClient
+    from qdrant_client.http import models as qm
+
+    from cbir.index.retry import RetryingClient
+
+    handler = type("Handler", (AppliedButLost,), {"collections": set(), "aliases": {"rsna": "rsna__v1"},
+                                                  "writes": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        client = RetryingClient(QdrantClient(url=url, timeout=2, check_compatibility=False), url, retries=3)
+        assert client.create_collection("rsna__v2", vectors_config={}) is True
+        assert client.update_collection_aliases(change_aliases_operations=[
+            qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name="rsna"))]) is True
+        assert handler.writes == ["create rsna__v2", "aliases"]        # each sent once: the state said "done"
+        assert handler.collections == {"rsna__v2"} and handler.aliases == {}
+        assert client.get_aliases().aliases == []                      # reads are still retried and work
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -53,8 +53,9 @@ class ImageFiles(Dataset):
             pixels, geometry = letterbox(image.pixels, self.size)
         except BadInputError as exc:
             return Failed(index, path, exc.reason)
-        except (MemoryError, RecursionError) as exc:
-            return Failed(index, path, f"cannot be processed ({type(exc).__name__})")
+        except Exception as exc:  # noqa: BLE001 - one file must never stop a batch, in a worker above all
+            return Failed(index, path, f"cannot be processed ({type(exc).__name__}: {str(exc)[:160]})".replace(
+                "\n", " "))
         digest = hashlib.sha256(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()[:32]
         return Loaded(index, pixels, geometry, image.meta, image.instance_key, digest)
 

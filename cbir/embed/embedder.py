@@ -12,6 +12,7 @@ from cbir.data.loading import Failed, Loaded, iterate_batches
 from cbir.data.transforms import Geometry, letterbox, standardize
 from cbir.io import Pseudonymizer, SafeMeta, XrayImage
 from cbir.models import LoadedModel
+from cbir.models.detection import boxes_to_original, filter_detections
 
 
 @dataclass
@@ -57,24 +58,36 @@ def embed_batches(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 3
 
 def embed_image(loaded: LoadedModel, image: XrayImage) -> Embedded:
     """Embed one already-read image (the query path)."""
-    pixels, geometry = letterbox(image.pixels, loaded.config.image_size)
-    emb, codes, probs = _forward(loaded, torch.from_numpy(pixels)[None, None])
-    return Embedded(0, emb[0], codes[0], probs[0], image.meta, image.instance_key, geometry,
-                    loaded.config.target_index)
+    return embed_and_detect(loaded, image)[0]
 
 
 @torch.inference_mode()
-def detect_image(loaded: LoadedModel, image: XrayImage) -> list[dict[str, float | list[float]]]:
-    """A detector's boxes for one read image, best first, as {"box": [x, y, w, h], "score"} in the original
-    image's pixels (above the checkpoint's box threshold); [] for models without boxes."""
-    if loaded.config.task != "detection":
-        return []
+def embed_and_detect(loaded: LoadedModel, image: XrayImage
+                     ) -> tuple[Embedded, list[dict[str, float | list[float]]]]:
+    """One forward pass: the embedding, and for a detector its boxes, best first, as {"box": [x, y, w, h],
+    "score"} in the original image's pixels (above the checkpoint's box threshold); [] for other models."""
     pixels, geometry = letterbox(image.pixels, loaded.config.image_size)
-    device = next(loaded.model.parameters()).device
-    x = standardize(torch.from_numpy(pixels)[None, None].float()).to(device)
-    found = loaded.model.detect_original(x, [geometry])[0]
-    return [{"box": [round(float(v), 1) for v in box], "score": round(float(score), 4)}
-            for box, score in zip(found["boxes"], found["scores"], strict=True)]
+    x = torch.from_numpy(pixels)[None, None]
+    if loaded.config.task != "detection":
+        emb, codes, probs = _forward(loaded, x)
+        boxes: list[dict[str, float | list[float]]] = []
+    else:
+        device = next(loaded.model.parameters()).device
+        out, detections = loaded.model.detect_all(standardize(x.float()).to(device))
+        emb, codes = out.embedding.cpu().numpy(), out.code.cpu().numpy()
+        probs = loaded.model.probabilities(out.logits).cpu().numpy()
+        found = filter_detections(detections[0], loaded.model.config.box_threshold)
+        boxes = [{"box": [round(float(v), 1) for v in box], "score": round(float(score), 4)}
+                 for box, score in zip(boxes_to_original(found["boxes"].cpu().numpy(), geometry),
+                                       found["scores"].cpu().numpy(), strict=True)]
+    embedded = Embedded(0, emb[0], codes[0], probs[0], image.meta, image.instance_key, geometry,
+                        loaded.config.target_index)
+    return embedded, boxes
+
+
+def detect_image(loaded: LoadedModel, image: XrayImage) -> list[dict[str, float | list[float]]]:
+    """A detector's boxes for one read image (see `embed_and_detect`); [] for models without boxes."""
+    return embed_and_detect(loaded, image)[1]
 
 
 def _embedded(item: Loaded, emb: np.ndarray, code: np.ndarray, probs: np.ndarray, target: int) -> Embedded:

@@ -1,9 +1,9 @@
-"""DICOM reading: decode with a pinned plugin, process pixels, keep only safe metadata."""
+"""DICOM reading: check the header, decode the first frame with the syntax's fixed plugin, process the
+pixels, keep only safe metadata. Whatever a third-party reader raises on a file becomes one BadInputError."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,78 +13,69 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import pixel_array
 
 from cbir.errors import BadInputError
+from cbir.io.capture import captured_output
+from cbir.io.decoders import PIXEL_KEYWORDS, can_decode, decode_first_frame
+from cbir.io.header import MAX_PIXELS, check_modality, geometry, max_pixels
 from cbir.io.phi import Pseudonymizer, SafeMeta, age_band, sex_of, view_of
-from cbir.io.pixels import process
+from cbir.io.pixels import BlankImage, process
 
-#: Compressed transfer syntaxes are decoded by GDCM only, so pixels do not depend on which optional
-#: plugins (Pillow, pylibjpeg) happen to be installed. Uncompressed data needs no plugin.
-DECODING_PLUGIN = "gdcm"
-
-#: Images with more pixels than this (per frame) are refused before decoding ($CBIR_MAX_PIXELS overrides it).
-MAX_PIXELS = 80_000_000
-
-
-def max_pixels() -> int:
-    """The pixel limit: $CBIR_MAX_PIXELS (set by `--max-pixels`), else `MAX_PIXELS`."""
-    value = os.environ.get("CBIR_MAX_PIXELS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
+__all__ = ["MAX_PIXELS", "max_pixels", "read_header", "decode", "read_dicom", "safe_meta", "instance_key",
+           "looks_like_raw_dicom", "peek_instance_key"]
 
 
 def read_header(path: str | Path) -> Dataset:
-    """The dataset without pixel data; a missing preamble is accepted (read with force)."""
+    """The dataset with its pixel data left in the file (deferred); a missing preamble is accepted."""
     try:
         with _quiet_pydicom():
-            ds = pydicom.dcmread(str(path), stop_before_pixels=False, force=True, defer_size="1 KB")
+            ds = pydicom.dcmread(str(path), force=True, defer_size="1 KB")
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
-        raise BadInputError(path, f"unreadable DICOM ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise BadInputError(path, f"unreadable DICOM ({describe(exc)})") from None
     if not isinstance(ds, Dataset) or len(ds) == 0:
         raise BadInputError(path, "not a DICOM file")
     return ds
 
 
-def decode(ds: Dataset, path: str | Path, limit: int | None = None) -> np.ndarray:
-    """Stored pixel values of the first frame (no LUTs applied); more than `limit` pixels are refused."""
-    limit = max_pixels() if limit is None else limit
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        kind = str(ds.get("SOPClassUID", "")) and getattr(ds.SOPClassUID, "name", str(ds.SOPClassUID))
-        raise BadInputError(path, f"no pixel data ({kind or 'unknown SOP class'})")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows * cols > limit:
-        raise BadInputError(path, f"image too large ({cols}×{rows} pixels, limit {limit}; see --max-pixels)")
-    if rows < 2 or cols < 2:
-        raise BadInputError(path, f"image too small ({cols}×{rows} pixels)")
+def transfer_syntax(ds: Dataset, path: str | Path) -> pydicom.uid.UID:
+    """The file's transfer syntax (Implicit VR Little Endian when the file meta has none), if known."""
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
-    syntax = ds.file_meta.TransferSyntaxUID
-    options: dict[str, object] = {"index": 0} if int(ds.get("NumberOfFrames", 1) or 1) > 1 else {}
-    if syntax.is_compressed:
-        if not _can_decode(syntax):
-            raise BadInputError(path, f"unsupported transfer syntax {syntax.name} ({syntax}): no decoder for it is "
-                                      "installed")
-        options["decoding_plugin"] = DECODING_PLUGIN
-    try:
-        with _quiet_pydicom():
-            return pixel_array(ds, **options)
-    except NotImplementedError:
-        raise BadInputError(path, f"unsupported transfer syntax {syntax.name} ({syntax})") from None
-    except RuntimeError as exc:
-        if "plugin" in str(exc).lower() or "decod" in str(exc).lower():
-            raise BadInputError(path, f"cannot decode {syntax.name}: {_first_line(exc)}") from None
-        raise BadInputError(path, f"corrupt pixel data ({_first_line(exc)})") from None
-    except (ValueError, EOFError, OSError, KeyError, IndexError, AttributeError, TypeError) as exc:
-        raise BadInputError(path, f"corrupt pixel data ({type(exc).__name__}: {_first_line(exc)})") from None
+    syntax = pydicom.uid.UID(str(ds.file_meta.TransferSyntaxUID).strip())
+    if not syntax.is_transfer_syntax:
+        raise BadInputError(path, f"unknown transfer syntax {str(syntax)[:64]} (not a DICOM transfer syntax "
+                                  "pydicom knows)")
+    return syntax
 
 
-def _can_decode(syntax: pydicom.uid.UID) -> bool:
-    """Whether the pinned plugin decodes this compressed syntax here."""
-    from pydicom.pixels.decoders.base import get_decoder
-    try:
-        return DECODING_PLUGIN in get_decoder(syntax).available_plugins
-    except (NotImplementedError, ValueError, KeyError):
-        return False
+def decode(ds: Dataset, path: str | Path, limit: int | None = None) -> np.ndarray:
+    """Stored values of the first frame (no LUTs applied), with `ds.PhotometricInterpretation` set to the
+    decoded array's; more than `limit` pixels are refused before anything is allocated."""
+    require_pixels(ds, path)
+    shape = geometry(ds, path, max_pixels() if limit is None else limit)
+    syntax = transfer_syntax(ds, path)
+    if not can_decode(syntax):
+        raise BadInputError(path, f"unsupported transfer syntax {syntax.name} ({syntax}): no decoder for it is "
+                                  "installed")
+    with captured_output() as said:
+        try:
+            arr, photometric = decode_first_frame(ds, path, syntax, shape)
+        except NotImplementedError as exc:
+            raise BadInputError(path, f"cannot decode {syntax.name}: {describe(exc, said.first_line())}") from None
+        except MemoryError:
+            raise BadInputError(path, "corrupt pixel data (MemoryError)") from None
+        except Exception as exc:  # noqa: BLE001 - a decoder's failure on this file, whatever its type
+            raise BadInputError(path, f"corrupt pixel data ({describe(exc, said.first_line())})") from None
+    if photometric:
+        ds.PhotometricInterpretation = photometric
+    return arr
+
+
+def require_pixels(ds: Dataset, path: str | Path) -> None:
+    """A BadInputError naming the SOP class for a DICOM without pixel data (an SR, an RT Plan, …)."""
+    if not any(keyword in ds for keyword in PIXEL_KEYWORDS):
+        kind = str(ds.get("SOPClassUID", "")) and getattr(ds.SOPClassUID, "name", str(ds.SOPClassUID))
+        raise BadInputError(path, f"no pixel data ({kind or 'unknown SOP class'})")
 
 
 def safe_meta(ds: Dataset, pseudonymize: Pseudonymizer | None) -> SafeMeta:
@@ -126,27 +117,47 @@ def peek_instance_key(path: str | Path) -> str | None:
 
 def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None,
                limit: int | None = None) -> tuple[np.ndarray, SafeMeta, str | None]:
-    """(pixels float32 [0,1], safe metadata, instance key) of a DICOM file."""
-    with _quiet_pydicom():
-        ds = read_header(path)
-        arr = decode(ds, path, limit)
-        try:
-            pixels = process(arr, ds)
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
-            raise BadInputError(path, f"cannot apply the header's LUTs ({_first_line(exc)})") from None
-        if pixels.ndim != 2:
-            raise BadInputError(path, f"unexpected pixel array shape {pixels.shape}")
-        return pixels, safe_meta(ds, pseudonymize), instance_key(ds)
+    """(pixels float32 [0,1], safe metadata, instance key) of a DICOM file, or one BadInputError."""
+    try:
+        with _quiet_pydicom():
+            return _read_dicom(path, pseudonymize, limit)
+    except BadInputError:
+        raise
+    except RecursionError:
+        raise BadInputError(path, "unreadable DICOM (RecursionError: sequences nested too deeply)") from None
+    except Exception as exc:  # noqa: BLE001 - one bad file is one line, whatever the reader raised
+        raise BadInputError(path, f"unreadable DICOM ({describe(exc)})") from None
+
+
+def _read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None,
+                limit: int | None) -> tuple[np.ndarray, SafeMeta, str | None]:
+    ds = read_header(path)
+    require_pixels(ds, path)
+    check_modality(ds, path)
+    arr = decode(ds, path, limit)
+    try:
+        pixels = process(arr, ds)
+    except BlankImage as exc:
+        raise BadInputError(path, f"blank image ({exc} after windowing)") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise BadInputError(path, f"cannot apply the header's LUTs ({describe(exc)})") from None
+    if pixels.ndim != 2:
+        raise BadInputError(path, f"unexpected pixel array shape {pixels.shape}")
+    return pixels, safe_meta(ds, pseudonymize), instance_key(ds)
 
 
 @contextmanager
 def _quiet_pydicom() -> Iterator[None]:
     """pydicom warns about odd but readable values; a batch run would drown in them. Real failures raise."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore")
         yield
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else type(exc).__name__
+def describe(exc: BaseException, said: str = "") -> str:
+    """`Type: message` on one line: the whole message (its lines joined), plus what a C library printed."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if said and said not in text:
+        text += f"; the decoder said: {said}"
+    return text[:400]

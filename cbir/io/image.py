@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.errors import BadInputError
-from cbir.io.dicom import looks_like_raw_dicom, read_dicom
+from cbir.io.dicom import describe, looks_like_raw_dicom, read_dicom
 from cbir.io.phi import Pseudonymizer, SafeMeta
 from cbir.io.raster import read_raster
 
@@ -59,7 +59,12 @@ def sniff(path: str | Path) -> str:
 def read_image(path: str | Path, pseudonymize: Pseudonymizer | None = None) -> XrayImage:
     """Read a DICOM, PNG or JPEG chest X-ray as grey float32 [0, 1] with safe metadata."""
     kind = sniff(path)
-    if kind == "dicom":
-        pixels, meta, key = read_dicom(path, pseudonymize)
-        return XrayImage(pixels, meta, key, kind)
-    return XrayImage(read_raster(path), SafeMeta(), None, kind)
+    try:
+        if kind == "dicom":
+            pixels, meta, key = read_dicom(path, pseudonymize)
+            return XrayImage(pixels, meta, key, kind)
+        return XrayImage(read_raster(path), SafeMeta(), None, kind)
+    except BadInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a third-party reader raises, one file is one line
+        raise BadInputError(path, f"unreadable ({describe(exc)})") from None

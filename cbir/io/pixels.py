@@ -1,42 +1,62 @@
-"""Pure pixel steps in pydicom's style: each is `(arr, ds) -> arr`."""
+"""Pure pixel steps in pydicom's style: each is `(arr, ds) -> arr`.
+
+`ds.PhotometricInterpretation` must describe the decoded array (pydicom turns YBR into RGB while decoding;
+`cbir.io.dicom` records that), not what the file stored.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)   # ITU-R BT.601, as JPEG's Y
 
 
-def first_frame(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Multi-frame images keep their first frame."""
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if frames > 1 and arr.ndim == (4 if samples > 1 else 3):
-        return arr[0]
-    return arr
+class BlankImage(ValueError):
+    """The image is one value everywhere once windowed: nothing to embed."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+        super().__init__(f"every pixel is {value:g}")
+
+
+def photometric(ds: Dataset) -> str:
+    return str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+
+
+def is_monochrome(ds: Dataset) -> bool:
+    return photometric(ds) in ("", "MONOCHROME1", "MONOCHROME2")
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Y of (…, 3) RGB samples."""
+    return rgb[..., :3].astype(np.float32) @ LUMINANCE
 
 
 def to_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Colour (RGB or YBR) to luminance; grey images pass through."""
+    """Colour to luminance by the decoded state: RGB → Y; still YCbCr → its Y plane; PALETTE COLOR → the
+    palette's colours, then Y. Grey images pass through."""
+    kind = photometric(ds)
+    if kind == "PALETTE COLOR" and arr.ndim == 2:
+        return luminance(apply_color_lut(arr, ds))
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        photometric = str(ds.get("PhotometricInterpretation", "RGB"))
-        if photometric.startswith("YBR"):
+        if kind.startswith("YBR"):
             return arr[..., 0].astype(np.float32)
-        rgb = arr[..., :3].astype(np.float32)
-        return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return luminance(arr)
     return arr
 
 
 def modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Rescale slope/intercept or a Modality LUT (grey images only)."""
-    if arr.ndim != 2 or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+    """Rescale slope/intercept or a Modality LUT (monochrome images only)."""
+    if arr.ndim != 2 or not is_monochrome(ds):
         return arr.astype(np.float32)
     return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
 
 
 def voi_window(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """VOI LUT or the first window; without either, the image is left as is."""
-    if arr.ndim != 2 or not ("VOILUTSequence" in ds or "WindowCenter" in ds):
+    """VOI LUT or the first window (monochrome only); without either, the image is left as is."""
+    if arr.ndim != 2 or not is_monochrome(ds) or not ("VOILUTSequence" in ds or "WindowCenter" in ds):
         return arr
     try:
         return np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float32)
@@ -46,28 +66,40 @@ def voi_window(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def invert_monochrome1(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """MONOCHROME1 stores bright as low values: flip it so that bone is bright."""
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+    if photometric(ds) == "MONOCHROME1":
         return arr.max() + arr.min() - arr
     return arr
 
 
+def refuse_blank(arr: np.ndarray, ds: Dataset | None = None) -> np.ndarray:
+    """A constant image (all zeros, or a window wholly above or below the stored values) is refused."""
+    finite = np.asarray(arr)[np.isfinite(arr)]
+    if finite.size == 0:
+        raise BlankImage(float("nan"))
+    low, high = float(finite.min()), float(finite.max())
+    if high <= low:
+        raise BlankImage(low)
+    return arr
+
+
 def scale_unit(arr: np.ndarray, ds: Dataset | None = None) -> np.ndarray:
-    """Min-max scale to float32 [0, 1] (a constant image becomes all zeros)."""
+    """Min-max scale to float32 [0, 1] (non-finite values become the minimum)."""
     arr = np.asarray(arr, dtype=np.float32)
-    low, high = float(np.min(arr)), float(np.max(arr))
+    low, high = float(np.nanmin(arr)), float(np.nanmax(arr))
     if not np.isfinite(low) or not np.isfinite(high):
-        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = float(arr.min()), float(arr.max())
+        finite = arr[np.isfinite(arr)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        arr = np.nan_to_num(arr, nan=low, posinf=high, neginf=low)
     if high <= low:
         return np.zeros_like(arr, dtype=np.float32)
     return (arr - low) / (high - low)
 
 
-PIPELINE = (first_frame, to_grey, modality_lut, voi_window, invert_monochrome1, scale_unit)
+PIPELINE = (to_grey, modality_lut, voi_window, invert_monochrome1, refuse_blank, scale_unit)
 
 
 def process(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Stored pixels → display-ready grey float32 in [0, 1]."""
+    """Decoded first frame → display-ready grey float32 in [0, 1]; BlankImage for a constant image."""
     for step in PIPELINE:
         arr = step(arr, ds)
     return arr

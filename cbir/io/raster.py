@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cbir.errors import BadInputError
-from cbir.io.dicom import max_pixels
+from cbir.io.header import max_pixels
+from cbir.io.pixels import BlankImage, refuse_blank, scale_unit
 
 
 def read_raster(path: str | Path, limit: int | None = None) -> np.ndarray:
@@ -29,10 +30,10 @@ def read_raster(path: str | Path, limit: int | None = None) -> np.ndarray:
         detail = str(exc).replace(f"'{path}'", "").replace(str(path), "").strip(" :")[:120]
         raise BadInputError(path, f"not a readable image ({type(exc).__name__}{': ' + detail if detail else ''})"
                             ) from None
-    low, high = float(arr.min()), float(arr.max())
-    if high <= low:
-        return np.zeros(arr.shape, dtype=np.float32)
-    return ((arr - low) / (high - low)).astype(np.float32)
+    try:
+        return scale_unit(refuse_blank(arr))
+    except BlankImage as exc:
+        raise BadInputError(path, f"blank image ({exc})") from None
 
 
 def _grey_array(img: Image.Image) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir.embed import Embedded, detect_image, embed_image
+from cbir.embed import Embedded, embed_and_detect
 from cbir.errors import CbirError
 from cbir.index.base import Filter, Hit, Index
 from cbir.index.codes import collection_code
@@ -103,8 +103,9 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
 
 def answer(image: XrayImage, name: str, loaded: LoadedModel, meta: dict[str, Any], collection: str, k: int,
            search: Callable[[Embedded], list[Hit]]) -> QueryResult:
-    """Embed a read image, search with `search` (an index, or an in-memory copy) and assemble the result."""
-    embedded = embed_image(loaded, image)
+    """Embed a read image, search with `search` (an index, or an in-memory copy) and assemble the result.
+    A detector embeds and finds its boxes in the same forward pass."""
+    embedded, boxes = embed_and_detect(loaded, image)
     embedded.code = collection_code(meta, embedded.embedding, embedded.code)
     hits = search(embedded)
     target, negative = meta.get("target", loaded.config.target), meta.get("negative_label", "negative")
@@ -112,7 +113,7 @@ def answer(image: XrayImage, name: str, loaded: LoadedModel, meta: dict[str, Any
     prediction = {"label": target if probability >= 0.5 else negative, "probability": round(probability, 6),
                   "target": target}
     if loaded.config.task == "detection":
-        prediction["boxes"] = detect_image(loaded, image)
+        prediction["boxes"] = boxes
     return QueryResult(
         collection=collection, model_fingerprint=loaded.fingerprint, k=k,
         neighbors=[_neighbor(rank, hit) for rank, hit in enumerate(hits, start=1)],

@@ -104,8 +104,9 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
                 image = read_image(path, searcher.pseudonymize)
             preview = windowed_png(image.pixels, PREVIEW_SIZE)
             shape = list(image.shape)
-            if region:
-                image = crop(image, region)
+            box = parse_region(region) if region else None
+            if box:
+                image = crop(image, box)
             with lock:
                 maybe_refresh()
                 result = searcher.query_image(image, name, k, flt or None, prefilter, hamming_radius)
@@ -117,7 +118,7 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
         body["query"]["path"] = name
         body["query"]["preview"] = "data:image/png;base64," + base64.b64encode(preview).decode()
         body["query"]["shape"] = shape   # of the whole uploaded image, which `region` is a part of
-        body["query"]["region"] = [int(v) for v in region.split(",")] if region else None
+        body["query"]["region"] = list(box) if box else None
         for neighbor in body["neighbors"]:
             neighbor["thumbnail"] = f"/thumbnail/{neighbor['id']}"
             neighbor["image"] = f"/thumbnail/{neighbor['id']}?size=1024"
@@ -127,12 +128,19 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
     return app
 
 
-def crop(image: XrayImage, region: str) -> XrayImage:
-    """The part of `image` inside "x,y,w,h" (original pixels); CbirError for a malformed or too small box."""
+def parse_region(region: str) -> tuple[int, int, int, int]:
+    """"x,y,w,h" in pixels, integers or not (a browser sends fractions), rounded; CbirError when malformed."""
     try:
         x, y, w, h = (int(round(float(v))) for v in region.split(","))
-    except ValueError:
-        raise CbirError(f"region {region!r}: give x,y,w,h in pixels") from None
+    except (ValueError, OverflowError):
+        raise CbirError(f"region {region[:80]!r}: give x,y,w,h in pixels, four finite numbers") from None
+    return x, y, w, h
+
+
+def crop(image: XrayImage, box: tuple[int, int, int, int]) -> XrayImage:
+    """The part of `image` inside the (x, y, w, h) box in original pixels; CbirError for a too small one."""
+    x, y, w, h = box
+    region = ",".join(map(str, box))
     height, width = image.shape
     x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
     if x1 - x0 < MIN_REGION or y1 - y0 < MIN_REGION:

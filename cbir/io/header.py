@@ -1,0 +1,86 @@
+"""Header checks made before any pixel is decoded: the image geometry as plain integers, the pixel limit and
+the modality. A malformed value (a multi-valued Rows, a NumberOfFrames of '1A') is one line, never a crash."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from cbir.errors import BadInputError
+
+#: Images with more pixels than this (per frame) are refused before decoding ($CBIR_MAX_PIXELS overrides it).
+MAX_PIXELS = 80_000_000
+
+#: Modalities that are (or may be) projection radiographs: CR, DX, the non-standard DR, RG (film), and
+#: secondary captures (OT, SC), which archives use for digitised films. A file without Modality is accepted.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT", "SC"})
+ANY_MODALITY_ENV = "CBIR_ANY_MODALITY"
+
+
+def max_pixels() -> int:
+    """The pixel limit: $CBIR_MAX_PIXELS (set by `--max-pixels`), else `MAX_PIXELS`."""
+    value = os.environ.get("CBIR_MAX_PIXELS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
+
+
+def any_modality() -> bool:
+    """$CBIR_ANY_MODALITY (set by `--any-modality`): embed every modality, not only radiographs."""
+    return os.environ.get(ANY_MODALITY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+
+
+def header_int(ds: Dataset, keyword: str, default: int, path: str | Path) -> int:
+    """A single non-negative integer element; anything else is a BadInputError naming the element."""
+    if keyword not in ds:
+        return default
+    value = ds[keyword].value
+    if value is None or value == "":
+        return default
+    if isinstance(value, (MultiValue, list, tuple)):
+        shown = [str(v) for v in value][:4]
+        raise BadInputError(path, f"malformed header: {keyword} has {len(value)} values [{', '.join(shown)}]")
+    try:
+        number = int(str(value).strip()) if isinstance(value, (str, bytes)) else int(value)
+    except (TypeError, ValueError):
+        raise BadInputError(path, f"malformed header: {keyword} is {str(value)[:40]!r}, not a number") from None
+    if number < 0:
+        raise BadInputError(path, f"malformed header: {keyword} is {number}")
+    return number
+
+
+def geometry(ds: Dataset, path: str | Path, limit: int | None = None) -> Geometry:
+    """Rows, columns, frames and samples, with the pixel limit applied (before anything is allocated)."""
+    limit = max_pixels() if limit is None else limit
+    if "Rows" not in ds or "Columns" not in ds:
+        raise BadInputError(path, "malformed header: pixel data without Rows and Columns")
+    rows, cols = header_int(ds, "Rows", 0, path), header_int(ds, "Columns", 0, path)
+    if rows * cols > limit:
+        raise BadInputError(path, f"image too large ({cols}×{rows} pixels, limit {limit}; see --max-pixels)")
+    if rows < 2 or cols < 2:
+        raise BadInputError(path, f"image too small ({cols}×{rows} pixels)")
+    frames = header_int(ds, "NumberOfFrames", 1, path) or 1
+    samples = header_int(ds, "SamplesPerPixel", 1, path) or 1
+    if samples not in (1, 3, 4):
+        raise BadInputError(path, f"malformed header: SamplesPerPixel is {samples}")
+    return Geometry(rows, cols, frames, samples)
+
+
+def check_modality(ds: Dataset, path: str | Path) -> None:
+    """Refuse modalities that are not radiographs (MR, CT, US, SEG, RTDOSE, …) unless $CBIR_ANY_MODALITY."""
+    value = ds.get("Modality")
+    modality = (str(value[0]) if isinstance(value, MultiValue) and len(value) else str(value or "")).strip().upper()
+    if not modality or modality in RADIOGRAPH_MODALITIES or any_modality():
+        return
+    raise BadInputError(path, f"not a radiograph (modality {modality[:16]}; cbir embeds CR/DX chest radiographs; "
+                              "--any-modality overrides)")
