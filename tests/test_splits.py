@@ -111,7 +111,8 @@ def test_another_patient_rule_on_the_same_data_is_refused(tmp_path: Path) -> Non
         (root / cls).mkdir(parents=True)
         for i in range(n):
             from PIL import Image
-            Image.new("L", (24, 24), color=10 * i).save(root / cls / f"p{i % 6}_{cls}_{i}.png")
+            pixels = np.random.default_rng(i).integers(0, 255, (24, 24), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"p{i % 6}_{cls}_{i}.png")
     model = tmp_path / "model"
     code, _, err = run_cli("train", "--data", root, "--layout", "folder", "--backbone", "test_resnet",
                            "--image-size", 16, "--epochs", 1, "--embed-dim", 8, "--bits", 16, "--workers", 0,
