@@ -59,6 +59,9 @@ TestFractionOpt = Annotated[float | None, typer.Option(
 FoldsOpt = Annotated[int | None, typer.Option(
     "--folds", min=0, help="k-fold split by patient: k folds, --fold i is the test split (0: hold-out)")]
 FoldOpt = Annotated[int | None, typer.Option("--fold", min=0, help="with --folds: the test fold, 1..k")]
+LocalPathsOpt = Annotated[bool, typer.Option(
+    "--local-paths", help="show the file names this machine ingested (from its local file map) and the query's; "
+    "they may identify patients")]
 OtherSplitOpt = Annotated[bool, typer.Option(
     "--other-split", help="experts: allow a split that differs from the one the model was trained with")]
 
@@ -258,9 +261,17 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            allow_count_change: Annotated[bool, typer.Option(
                "--allow-count-change", help="--reindex: swap even if the point counts differ (keeps the old "
                "version)")] = False,
+           keep_paths: Annotated[bool, typer.Option(
+               "--keep-paths", help="store each file's relative path in the index, for private archives whose "
+               "file names identify nobody (default: a keyed pseudonym; the path stays in this machine's file "
+               "map)")] = False,
+           thumbnails: Annotated[bool, typer.Option(
+               "--thumbnails", help="store a small de-identified picture (192 px WebP) with each point, so that "
+               "other teams see the cases in the viewer and in montages")] = False,
            ) -> None:
     """Embed every image of a dataset and upsert it into the index, split as the model's training data was
-    (each point's payload `split`; the collection records the split)."""
+    (each point's payload `split`; the collection records the split). Payloads name files by keyed pseudonyms
+    unless --keep-paths."""
     from cbir.data.layout import load_dataset_for_model
     from cbir.index.ingest import ingest_records
     from cbir.index.teams import team_collection
@@ -288,11 +299,13 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
             raise CbirError(str(exc)) from None
         records, first_part = records.part(i, n), i == 1
     pseudonymize = load_pseudonymizer()
+    if keep_paths:
+        reporter.warn("--keep-paths: file names go into the index as they are; use it only if they identify nobody")
     with _open(index, writable=True, create=True) as idx:
         summary = ingest_records(records, loaded, idx, collection, pseudonymize, batch_size, workers, strict,
                                  reporter, codes=codes, may_fit_itq=first_part, shards=shards, replicas=replicas,
                                  team=team, reindex=reindex, allow_count_change=allow_count_change,
-                                 split=split)
+                                 split=split, keep_paths=keep_paths, thumbnails=thumbnails)
     out.print(summary.line, markup=False)
     if summary.failed:
         raise typer.Exit(1)
@@ -311,8 +324,9 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
           as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
           montage: Annotated[Path | None, typer.Option("--montage", help="write a PNG montage")] = None,
           device: Annotated[str, typer.Option("--device")] = "auto", team: TeamOpt = None,
-          max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False) -> None:
-    """Find the k most similar archived cases to one image."""
+          max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False,
+          local_paths: LocalPathsOpt = False) -> None:
+    """Find the k most similar archived cases to one image. File names are not printed unless --local-paths."""
     from cbir.index.teams import team_collection
     from cbir.io import load_pseudonymizer
     from cbir.search import parse_filters, query_image
@@ -322,13 +336,14 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
     with _open(index) as idx:
         loaded = _load_model(model, idx, collection, device)
         result = query_image(image, loaded, idx, collection, k, flt, prefilter, hamming_radius,
-                             load_pseudonymizer())
-        roots = idx.get_meta(collection).get("roots") or {}
-    payload = result.to_json()
-    if montage is not None:
-        from cbir.report.montage import write_montage
-        write_montage(payload, result.pixels, roots, montage)
-        payload["montage"] = str(montage)
+                             load_pseudonymizer(), local_paths)
+        payload = result.to_json()
+        if montage is not None:
+            from cbir.report.montage import write_montage
+            from cbir.search.pictures import neighbor_pictures
+            pictures = neighbor_pictures(idx, collection, idx.get_meta(collection), payload["neighbors"])
+            write_montage(payload, result.pixels, pictures, montage)
+            payload["montage"] = str(montage)
     if as_json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
@@ -337,12 +352,12 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
 
 def _print_query(result: dict[str, Any]) -> None:
     table = Table(title=f"{result['k']} nearest cases in {result['collection']!r}")
-    for column in ("rank", "score", "hamming", "labels", "view", "sex", "age", "path"):
+    for column in ("rank", "score", "hamming", "labels", "view", "sex", "age", "file"):
         table.add_column(column, justify="right" if column in ("rank", "score", "hamming") else "left")
     for n in result["neighbors"]:
         table.add_row(str(n["rank"]), f"{n['score']:.4f}", "" if n["hamming"] is None else str(n["hamming"]),
                       ", ".join(n["labels"] or []), n["view"] or "", n["sex"] or "", n["age_band"] or "",
-                      n["path"] or "")
+                      n["path"] or n.get("file") or "")
     out.print(table)
     vote, pred = result["vote"], result["prediction"]
     out.print(f"kNN vote: {vote['label']} ({vote['fraction']:.0%} of {len(result['neighbors'])} neighbours)",
@@ -446,6 +461,7 @@ def _majority_name(report: dict[str, Any]) -> str:
 def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List collections (by the name you query them with) with their stored version, point counts, model
     fingerprint, dimensions, team and schema version."""
+    from cbir.index.schema import path_mode
     with _open(index) as idx:
         by_collection = {c: a for a, c in idx.list_aliases().items()}
         rows = []
@@ -456,7 +472,8 @@ def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--
                          "model_fingerprint": meta.get("model_fingerprint"), "backbone": meta.get("backbone"),
                          "dim": meta.get("dim"), "bits": meta.get("bits"), "team": meta.get("team"),
                          "schema_version": idx.schema_version(name), "model_path": meta.get("model_path"),
-                         "key_fingerprint": meta.get("key_fingerprint"),
+                         "key_fingerprint": meta.get("key_fingerprint"), "paths": path_mode(meta),
+                         "thumbnails": bool(meta.get("thumbnails")),
                          "splits": {dataset: record.get("description")
                                     for dataset, record in (meta.get("splits") or {}).items()}})
         location = idx.location
@@ -465,7 +482,7 @@ def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--
         return
     table = Table(title=f"index {location}")
     columns = ("collection", "stored_as", "points", "model_fingerprint", "backbone", "dim", "bits", "team",
-               "schema_version", "splits")
+               "schema_version", "paths", "thumbnails", "splits")
     for column in columns:
         table.add_column(column)
     for row in rows:
@@ -657,9 +674,11 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
           port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
           device: Annotated[str, typer.Option("--device")] = "auto",
           max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1)] = 64,
-          max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False) -> None:
+          max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False,
+          local_paths: LocalPathsOpt = False) -> None:
     """Keep the model and the collection warm and answer queries over HTTP (POST /query, GET /health,
-    API docs at /docs)."""
+    API docs at /docs). Cases show as their image files where this machine has them, else as the thumbnails
+    stored with them (cbir ingest --thumbnails)."""
     import uvicorn
 
     from cbir.index.teams import team_collection
@@ -670,7 +689,7 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
     _set_reader_limits(max_pixels, any_modality)
     idx = _open(index)
     loaded = _load_model(model, idx, collection, device)
-    searcher = WarmSearcher(idx, collection, loaded, load_pseudonymizer())
+    searcher = WarmSearcher(idx, collection, loaded, load_pseudonymizer(), local_paths=local_paths)
     out.print(f"serving {collection!r} ({len(searcher.memory):,} points, model {loaded.fingerprint}) on "
               f"http://{host}:{port} (API docs: /docs)", markup=False)
     try:

@@ -26,6 +26,7 @@ class Embedded:
     geometry: Geometry
     target_index: int = 0       # column of the target in `probabilities`
     digest: str = ""            # hash of the decoded pixels (see `cbir.data.loading.Loaded`)
+    thumbnail: str | None = None  # base64 WebP, when asked for (see `cbir.io.thumbnails`)
 
     @property
     def probability(self) -> float:
@@ -42,11 +43,11 @@ def _forward(loaded: LoadedModel, pixels: torch.Tensor) -> tuple[np.ndarray, np.
 
 
 def embed_batches(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 32, workers: int = 2,
-                  pseudonymize: Pseudonymizer | None = None
+                  pseudonymize: Pseudonymizer | None = None, thumbnails: bool = False
                   ) -> Iterator[tuple[list[Embedded], list[Failed]]]:
-    """Per batch: the embedded images and the files that could not be read."""
+    """Per batch: the embedded images (with their thumbnails when asked) and the files that could not be read."""
     size = loaded.config.image_size
-    for batch in iterate_batches(paths, size, batch_size, workers, pseudonymize):
+    for batch in iterate_batches(paths, size, batch_size, workers, pseudonymize, thumbnails):
         if not batch.items:
             yield [], batch.failures
             continue
@@ -91,4 +92,5 @@ def detect_image(loaded: LoadedModel, image: XrayImage) -> list[dict[str, float 
 
 
 def _embedded(item: Loaded, emb: np.ndarray, code: np.ndarray, probs: np.ndarray, target: int) -> Embedded:
-    return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry, target, item.digest)
+    return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry, target, item.digest,
+                    item.thumbnail)

@@ -3,10 +3,18 @@
 The JSON form (`QueryResult.to_json`) is a stable interface:
   {"query": {"path", "view", "sex", "age_band"},
    "collection", "model_fingerprint", "k",
-   "neighbors": [{"rank", "id", "score", "hamming", "labels", "label", "path", "dataset", "split",
+   "neighbors": [{"rank", "id", "score", "hamming", "labels", "label", "path", "file", "dataset", "split",
                   "view", "sex", "age_band", "boxes"}],
    "vote": {"label", "fraction", "positive_fraction"},
    "prediction": {"label", "probability", "target", "boxes"}}
+
+File names can carry identifiers (RSNA's and many hospital exports' are the PatientID or MRN), so by default
+none is printed: a neighbour's `file` is its keyed pseudonym ("f-…"; null in collections with plain paths)
+and its `path` is null, except in collections with plain paths (`cbir ingest --keep-paths`, and those made
+before paths were pseudonymised), which store it. `query.path` is a keyed pseudonym of the query's file name
+as given (null without a key). With `local_paths=True` (`cbir query --local-paths`) `query.path` is the name
+as given and a neighbour's `path` is its relative path wherever this machine's file map knows it
+(`cbir.index.files`), else null.
 
 `prediction.boxes` is present for detection models only: [{"box": [x, y, w, h], "score"}], best first, in the
 query image's original pixels.
@@ -26,11 +34,26 @@ from cbir.embed import Embedded, embed_and_detect
 from cbir.errors import CbirError
 from cbir.index.base import Filter, Hit, Index
 from cbir.index.codes import collection_code
+from cbir.index.files import FileMap, LocalFiles
 from cbir.index.schema import FILTER_ALIASES, check_model
 from cbir.io import Pseudonymizer, XrayImage, read_image
 from cbir.models import LoadedModel
 
-NEIGHBOR_FIELDS = ("labels", "label", "path", "dataset", "split", "view", "sex", "age_band", "boxes")
+NEIGHBOR_FIELDS = ("labels", "label", "path", "file", "dataset", "split", "view", "sex", "age_band", "boxes")
+#: A payload → the `path` its neighbour entry shows.
+PathOf = Callable[[dict[str, Any]], str | None]
+
+
+def stored_path(payload: dict[str, Any]) -> str | None:
+    """The relative path a payload stores itself (plain paths only), else None."""
+    return payload.get("path") or None
+
+
+def query_name(name: str | Path, pseudonymize: Pseudonymizer | None, local_paths: bool = False) -> str | None:
+    """What `query.path` says about the query's file: its name with `local_paths`, else a keyed pseudonym."""
+    if local_paths:
+        return str(name)
+    return pseudonymize.file("query", str(name)) if pseudonymize is not None else None
 
 
 def parse_filters(items: list[str] | None) -> Filter:
@@ -86,8 +109,8 @@ def vote(hits: list[Hit], target: str) -> dict[str, Any]:
 
 def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection: str, k: int = 10,
                 flt: Filter | None = None, prefilter: int | None = None, hamming_radius: int | None = None,
-                pseudonymize: Pseudonymizer | None = None) -> QueryResult:
-    """Read, embed and search one image file."""
+                pseudonymize: Pseudonymizer | None = None, local_paths: bool = False) -> QueryResult:
+    """Read, embed and search one image file (`local_paths`: see the module docstring)."""
     meta = index.get_meta(collection)
     check_model(meta, loaded, collection)
     image = read_image(path, pseudonymize)
@@ -98,13 +121,18 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
             raise CbirError(f"collection {collection!r} is empty: ingest images into it first (cbir ingest)")
         return hits
 
-    return answer(image, str(path), loaded, meta, collection, k, search)
+    name = query_name(path, pseudonymize, local_paths)
+    if not local_paths:
+        return answer(image, name, loaded, meta, collection, k, search)
+    with FileMap.local() as file_map:
+        return answer(image, name, loaded, meta, collection, k, search, LocalFiles(meta, file_map).relpath)
 
 
-def answer(image: XrayImage, name: str, loaded: LoadedModel, meta: dict[str, Any], collection: str, k: int,
-           search: Callable[[Embedded], list[Hit]]) -> QueryResult:
-    """Embed a read image, search with `search` (an index, or an in-memory copy) and assemble the result.
-    A detector embeds and finds its boxes in the same forward pass."""
+def answer(image: XrayImage, name: str | None, loaded: LoadedModel, meta: dict[str, Any], collection: str, k: int,
+           search: Callable[[Embedded], list[Hit]], path_of: PathOf = stored_path) -> QueryResult:
+    """Embed a read image, search with `search` (an index, or an in-memory copy) and assemble the result, with
+    `name` as `query.path` and `path_of(payload)` as each neighbour's `path`. A detector embeds and finds its
+    boxes in the same forward pass."""
     embedded, boxes = embed_and_detect(loaded, image)
     embedded.code = collection_code(meta, embedded.embedding, embedded.code)
     hits = search(embedded)
@@ -116,7 +144,7 @@ def answer(image: XrayImage, name: str, loaded: LoadedModel, meta: dict[str, Any
         prediction["boxes"] = boxes
     return QueryResult(
         collection=collection, model_fingerprint=loaded.fingerprint, k=k,
-        neighbors=[_neighbor(rank, hit) for rank, hit in enumerate(hits, start=1)],
+        neighbors=[_neighbor(rank, hit, path_of) for rank, hit in enumerate(hits, start=1)],
         vote=vote(hits, target),
         prediction=prediction,
         query={"path": name, "view": image.meta.view, "sex": image.meta.sex,
@@ -125,9 +153,10 @@ def answer(image: XrayImage, name: str, loaded: LoadedModel, meta: dict[str, Any
     )
 
 
-def _neighbor(rank: int, hit: Hit) -> dict[str, Any]:
+def _neighbor(rank: int, hit: Hit, path_of: PathOf) -> dict[str, Any]:
     entry: dict[str, Any] = {"rank": rank, "id": hit.id, "score": round(float(hit.score), 6),
                              "hamming": hit.hamming}
     entry.update({name: hit.payload.get(name) for name in NEIGHBOR_FIELDS})
+    entry["path"] = path_of(hit.payload)
     return entry
 
