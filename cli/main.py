@@ -620,23 +620,33 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
           pipeline_images: Annotated[int, typer.Option("--pipeline-images", min=8, help="pipeline: DICOMs")] = 96,
           source_size: Annotated[int, typer.Option("--source-size", min=32, help="pipeline: DICOM size (px)")
                                  ] = 1024,
+          storage: Annotated[bool, typer.Option(
+              "--storage", help="instead: the Edge index's size on disk per 1,000 points at the --n sizes, with "
+              "and without thumbnails")] = False,
+          storage_images: Annotated[Path | None, typer.Option(
+              "--storage-images", help="--storage: make the thumbnails from these images (default: synthetic)")
+          ] = None,
           ) -> None:
     """Time the query path against the alternatives in one run (Qdrant Edge exact/HNSW/prefilters, local mode,
-    NumPy, FAISS, cbir's in-memory searcher) and the model pipeline; prints a table, writes JSON."""
+    NumPy, FAISS, cbir's in-memory searcher) and the model pipeline; prints a table, writes JSON. --storage
+    measures what thumbnails cost instead."""
     from cbir.bench.data import from_index as data_from_index
     from cbir.bench.data import synthetic
     from cbir.bench.pipeline import bench_pipeline
     from cbir.bench.run import bench_vectors, markdown, to_json
     reporter = _reporter()
     rows = []
+    try:
+        sizes = [int(x) for x in n.split(",") if x.strip()]
+    except ValueError:
+        raise CbirError(f"--n {n!r}: give sizes like 10000,100000") from None
+    if storage:
+        _bench_storage(sizes, dim, bits, storage_images, json_out, markdown_out)
+        return
     if from_index:
         with _open(index) as idx:
             datasets = [data_from_index(idx, collection, queries)]
     else:
-        try:
-            sizes = [int(x) for x in n.split(",") if x.strip()]
-        except ValueError:
-            raise CbirError(f"--n {n!r}: give sizes like 10000,100000") from None
         datasets = [synthetic(size, dim, bits, queries) for size in sizes]
     for data in datasets:
         reporter.log(f"{len(data.points):,} points ({data.source})")
@@ -663,6 +673,29 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
         out.print(f"wrote {json_out}", markup=False)
     if markdown_out is not None:
         markdown_out.write_text(markdown(result))
+        out.print(f"wrote {markdown_out}", markup=False)
+
+
+def _bench_storage(sizes: list[int], dim: int, bits: int, images: Path | None, json_out: Path | None,
+                   markdown_out: Path | None) -> None:
+    from cbir.bench.run import machine
+    from cbir.bench.storage import bench_storage, storage_markdown, storage_pictures
+    if images is not None and not images.is_dir():
+        raise CbirError(f"{images}: --storage-images must be a folder of images")
+    reporter = _reporter()
+    try:
+        pictures, source = storage_pictures(images, reporter)
+    except ValueError as exc:
+        raise CbirError(str(exc)) from None
+    rows = bench_storage(sizes, dim, bits, pictures, reporter)
+    text = storage_markdown(rows, source)
+    out.print(text, markup=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"storage": rows, "thumbnails_from": source, "machine": machine()}, indent=2)
+                            + "\n")
+        out.print(f"wrote {json_out}", markup=False)
+    if markdown_out is not None:
+        markdown_out.write_text(text)
         out.print(f"wrote {markdown_out}", markup=False)
 
 
