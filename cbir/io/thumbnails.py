@@ -4,8 +4,8 @@ A thumbnail (`cbir ingest --thumbnails`) is made from the decoded grey pixels th
 from the file's headers: windowed to its 1st–99th percentile, resized so that its longer side is
 `THUMBNAIL_SIZE` pixels, and encoded as WebP (quality `THUMBNAIL_QUALITY`; grey: WebP has no grey mode, and
 its flat colour planes cost next to nothing) without any metadata, then
-stored base64 in the payload field `thumbnail`. Measured on the real images in ../shared: 2.2–4.1 KB at 192 px
-(JPEG at quality 80 is about twice as large; docs/performance.md). Text burned into the pixels stays.
+stored base64 in the payload field `thumbnail`. Measured on the real films in ../shared: 2.7–4.1 KB at 192 px
+(JPEG at quality 80 is 1.6–2.1× as large; docs/performance.md). Text burned into the pixels stays.
 """
 
 from __future__ import annotations
