@@ -728,6 +728,7 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
     try:
         uvicorn.run(create_app(searcher, max_upload_mb * 2**20), host=host, port=port, log_level="warning")
     finally:
+        searcher.close()
         idx.close()
 
 

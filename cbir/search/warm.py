@@ -56,7 +56,7 @@ class WarmSearcher:
         except IndexError_:
             return False
         self.meta, self.memory = meta, memory
-        self.pictures.files.meta = meta
+        self.pictures = CasePictures(self.index, self.collection, LocalFiles(meta, self.file_map))
         self._version, self.loaded_at = stamp, time.time()
         return True
 
@@ -92,4 +92,5 @@ class WarmSearcher:
                       self.collection, k, search, path_of)
 
     def close(self) -> None:
+        """Close the local file map (the index is the caller's)."""
         self.file_map.close()
