@@ -364,7 +364,11 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
              out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("cbir-report"),
              as_json: Annotated[bool, typer.Option("--json")] = False,
              device: Annotated[str, typer.Option("--device")] = "auto",
-             patient_regex: RegexOpt = None, team: TeamOpt = None, other_split: OtherSplitOpt = False) -> None:
+             patient_regex: RegexOpt = None, team: TeamOpt = None, other_split: OtherSplitOpt = False,
+             robustness: Annotated[bool, typer.Option(
+                 "--robustness", help="also re-encode every query (JPEG q60, cropped 12-bit MONOCHROME1 DICOM, "
+                                      "blur + gamma, 5° rotation): rank of the original and the metrics' change"
+             )] = False) -> None:
     """Stage-1 ROC-AUC and stage-2 kNN metrics with 95 % CIs and the majority baseline; writes report.md/json.
 
     The queries are the test split the model was trained with (from the collection), or --queries: another
@@ -378,7 +382,7 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
         loaded = _load_model(model, idx, collection, device)
         records = _query_records(queries, layout, loaded, patient_regex, other_split, reporter) if queries else None
         report = evaluate_collection(idx, collection, loaded, out_dir, k, records, load_pseudonymizer(), reporter,
-                                     allow_other_split=other_split)
+                                     allow_other_split=other_split, robustness=robustness)
     report.pop("per_query", None)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
