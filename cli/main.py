@@ -293,6 +293,8 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
                                  reporter, codes=codes, may_fit_itq=first_part, shards=shards, replicas=replicas,
                                  team=team, reindex=reindex, allow_count_change=allow_count_change,
                                  split=split)
+        from cbir.search.calibrate import calibrate
+        calibrate(idx, collection, reporter=reporter)
     out.print(summary.line, markup=False)
     if summary.failed:
         raise typer.Exit(1)

@@ -25,7 +25,7 @@ from cbir.data.splits import SplitSpec, describe_record, split_differences
 from cbir.embed import embed_batches
 from cbir.errors import CbirError
 from cbir.evaluate.codes import POPCOUNT, compare_codes
-from cbir.evaluate.summary import summarize, to_json_safe
+from cbir.evaluate.summary import summarize, to_json_safe, vote_summary
 from cbir.index.base import HASH as HASH_FIELD
 from cbir.index.base import Filter, Index, unpack_code
 from cbir.index.codes import itq_from_meta
@@ -85,6 +85,7 @@ class Neighbours:
     found: np.ndarray              # (Q,) how many neighbours were returned
     labels: list[list[list[str]]]  # per query, per neighbour, the payload labels
     prefilter_targets: np.ndarray  # (Q, k) as `targets`, with the Hamming prefilter
+    scores: np.ndarray | None = None  # (Q, k) cosine similarities; NaN where a list is short
 
 
 def stored_queries(index: Index, collection: str, bits: int | None = None) -> list[Query]:
@@ -174,6 +175,8 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     n_relevant = archive.n_relevant(queries)
     groups = _patient_groups(queries)
     extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k)
+    extra["stage2"]["weighted_vote"], extra["vote_calibration"] = _weighted_vote(
+        index, collection, meta, archive, neighbours, queries, k, groups, reporter)
     if loaded.config.task == "detection":
         extra["stage1"].update(_box_metrics(meta, loaded, queries_from, reporter))
     report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query,
@@ -346,6 +349,7 @@ def _search(index: Index, collection: str, archive_filter: Filter, archive: Arch
     shortlist = prefilter_size(archive.targets.size)
     targets = np.full((len(queries), k), majority, dtype=np.int64)  # a tiny archive pads with the majority label
     prefiltered = targets.copy()
+    scores = np.full((len(queries), k), np.nan)
     found = np.zeros(len(queries), dtype=np.int64)
     labels: list[list[list[str]]] = []
     with reporter.task("search", len(queries)) as bar:
@@ -355,12 +359,29 @@ def _search(index: Index, collection: str, archive_filter: Filter, archive: Arch
             hits = index.search(collection, query.embedding, k, flt=flt)
             found[row] = len(hits)
             targets[row, :len(hits)] = [int(hit.payload.get("target", 0)) for hit in hits]
+            scores[row, :len(hits)] = [float(hit.score) for hit in hits]
             labels.append([list(hit.payload.get("labels") or []) for hit in hits])
             if query.code is not None:
                 hits = index.search(collection, query.embedding, k, flt=flt, code=query.code, prefilter=shortlist)
                 prefiltered[row, :len(hits)] = [int(hit.payload.get("target", 0)) for hit in hits]
             bar.advance()
-    return Neighbours(targets, found, labels, prefiltered)
+    return Neighbours(targets, found, labels, prefiltered, scores)
+
+
+def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive: Archive, neighbours: Neighbours,
+                   queries: list[Query], k: int, groups: np.ndarray, reporter: Reporter
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The calibrated vote's figures, with the collection's stored calibration (fitted on its validation images
+    now, not stored, when it has none)."""
+    from cbir.search.calibrate import calibrate
+    from cbir.search.vote import VoteCalibration, decide
+    body = meta.get("calibration") or calibrate(index, collection, k, reporter, store=False) or {}
+    calibration = VoteCalibration.from_dict(body.get("vote"))
+    label, probability, _ = decide(neighbours.scores, neighbours.targets, calibration,
+                                   prior=float(archive.targets.mean()) if archive.targets.size else None)
+    y = np.array([q.target for q in queries])
+    figures = vote_summary(y, np.array([q.probability for q in queries]), label, probability, groups)
+    return figures, {**calibration.to_dict(), "stored": bool(meta.get("calibration"))}
 
 
 def _extra_metrics(loaded: LoadedModel, archive: Archive, queries: list[Query], neighbours: Neighbours,
