@@ -491,6 +491,28 @@ def index_drop(collection: Annotated[str, typer.Argument(help="a collection, or 
     out.print(f"deleted {', '.join(names)}", markup=False)
 
 
+@index_app.command("calibrate")
+@guarded
+def index_calibrate(collection: Annotated[str, typer.Argument(help="the collection to calibrate")] = DEFAULT_COLLECTION,
+                    k: Annotated[int, typer.Option("--k", min=1, max=1000)] = 10, index: IndexOpt = None,
+                    team: TeamOpt = None) -> None:
+    """Fit the vote's calibration and the close-case threshold on the collection's validation images again
+    (`cbir ingest` does this; use it for collections ingested before, or for another k)."""
+    from cbir.index.teams import team_collection
+    from cbir.search.calibrate import calibrate
+    collection = team_collection(collection, team)
+    with _open(index, writable=True) as idx:
+        if not idx.has_collection(collection):
+            raise CbirError(f"no collection {collection!r} in {idx.location}")
+        body = calibrate(idx, collection, k, _reporter())
+    if body is None:
+        raise typer.Exit(1)
+    vote = body["vote"]
+    out.print(f"{collection}: vote τ = {vote['temperature']}, a = {vote['a']:.3f}, b = {vote['b']:.3f} on "
+              f"{vote['n_validation']} validation images; close-case threshold {body['nearest']['threshold']:.4f}",
+              markup=False)
+
+
 @index_app.command("export")
 @guarded
 def index_export(collection: Annotated[str, typer.Argument(help="the collection to export")],

@@ -84,3 +84,19 @@ def test_ingest_calibrates_and_query_reports_the_vote(tmp_path: Path) -> None:
     assert code == 0, err
     wv = json.loads(out)["stage2"]["weighted_vote"]
     assert 0 <= wv["agreement_with_model"] <= 1 and wv["balanced_accuracy_ci"] is not None
+
+
+def test_index_calibrate_refits_and_refuses_an_unknown_collection(tmp_path: Path) -> None:
+    data, model, index = tmp_path / "data", tmp_path / "model", tmp_path / "index"
+    assert run_cli("synth", "--layout", "rsna", "--n", 100, "--size", 48, "--out", data, "--seed", 8)[0] == 0
+    assert run_cli("train", "--data", data, "--backbone", "test_resnet", "--image-size", 32, "--epochs", 1,
+                   "--embed-dim", 16, "--bits", 32, "--out", model, "--workers", 0, "--val-fraction", 0.3)[0] == 0
+    assert run_cli("ingest", "--data", data, "--model", model, "--index", index, "--workers", 0)[0] == 0
+    code, out, err = run_cli("index", "calibrate", "--index", index, "--k", 3)
+    assert code == 0, err
+    assert "validation images" in out
+    from cbir.index import open_index
+    with open_index(str(index)) as idx:
+        assert idx.get_meta("cbir")["calibration"]["k"] == 3
+    code, _, err = run_cli("index", "calibrate", "nope", "--index", index)
+    assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
