@@ -192,6 +192,12 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           ] = None,
           ema: Annotated[bool | None, typer.Option(
               "--ema/--no-ema", help="keep an exponential moving average of the weights")] = None,
+          augment: Annotated[str | None, typer.Option(
+              "--augment", help="basic, or strong (also window, resolution, blur, noise, JPEG)")] = None,
+          metric_loss: Annotated[str | None, typer.Option(
+              "--metric-loss", help="none, or supcon (supervised contrastive loss on the embedding)")] = None,
+          balanced: Annotated[bool | None, typer.Option(
+              "--balanced/--no-balanced", help="class-balanced batches")] = None,
           patient_regex: RegexOpt = None) -> None:
     """Train a backbone with an embedding head; the split is recorded in the checkpoint (split.json)."""
     from cbir.data.layout import load_dataset
@@ -203,6 +209,10 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         ModelConfig(task=task, bits=bits).validate()  # a bad --task/--bits fails before the dataset is read
     if select is not None and select not in SELECT_RULES:
         raise CbirError(f"--select {select!r}: choose from {', '.join(SELECT_RULES)}")
+    try:  # a bad --augment/--metric-loss fails before the dataset is read
+        TrainSettings(augment=augment or "basic", metric_loss=metric_loss or "none").validate()
+    except ValueError as exc:
+        raise CbirError(str(exc)) from None
     given = {k: v for k, v in _split_options(seed, val_fraction, test_fraction, folds, fold).items() if v is not None}
     spec = SplitSpec().replace(**given)
     records = load_dataset(data, layout, split=spec, patient_regex=patient_regex)
@@ -214,7 +224,9 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     defaults = TrainSettings()
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, device=device, workers=workers,
                              seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
-                             select=select or defaults.select, ema=defaults.ema if ema is None else ema)
+                             select=select or defaults.select, ema=defaults.ema if ema is None else ema,
+                             augment=augment or defaults.augment, metric_loss=metric_loss or defaults.metric_loss,
+                             balanced=defaults.balanced if balanced is None else balanced)
     counts = records.meta["split"].value_counts().to_dict()
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}; split {spec.describe()}), target "
                  f"{records.target!r}, {int(records.y.sum())} positive")
