@@ -765,9 +765,10 @@ def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder
 
 @app.command()
 @guarded
-def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, detector or pooling")],
+def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, detector, pooling or shift")],
           out_dir: Annotated[Path, typer.Option("--out", help="study folder")],
           data: Annotated[Path | None, typer.Option("--data", help="dataset folder")] = None,
+          other: Annotated[Path | None, typer.Option("--other", help="shift: the second dataset (Kermany)")] = None,
           layout: LayoutOpt = "auto",
           folds: Annotated[int, typer.Option("--folds", min=2)] = 5,
           use_folds: Annotated[list[int] | None, typer.Option("--use-fold", help="only these folds (repeatable)")
@@ -794,12 +795,14 @@ def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, det
         return
     if data is None:
         raise CbirError("--data is required (the dataset to study)")
+    if name == "shift" and other is None:
+        raise CbirError("study shift needs --other, the second dataset (e.g. a Kermany train folder)")
     bad = [f for f in use_folds or [] if not 1 <= f <= folds]
     if bad:
         raise CbirError(f"--use-fold {bad[0]}: folds are 1..{folds}")
     options = StudyOptions(data=data, out=out_dir, layout=layout, folds=folds, use_folds=list(use_folds or []),
                            val_fraction=val_fraction, seed=seed, backbone=backbone, image_size=image_size,
-                           epochs=epochs, batch_size=batch_size, device=device, doc=doc)
+                           epochs=epochs, batch_size=batch_size, device=device, doc=doc, other=other)
     result = STUDIES[name](options, _reporter())
     out.print(result["markdown"], markup=False)
 
