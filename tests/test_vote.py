@@ -100,3 +100,16 @@ def test_index_calibrate_refits_and_refuses_an_unknown_collection(tmp_path: Path
         assert idx.get_meta("cbir")["calibration"]["k"] == 3
     code, _, err = run_cli("index", "calibrate", "nope", "--index", index)
     assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_platt_never_does_worse_than_the_prevalence() -> None:
+    """Shares that barely vary, with a few at 0 or 1 (logit ±9.2), as kNN shares of real validation queries
+    gave: undamped Newton steps diverged there (a = 3,613, log-loss 4.1 on RSNA)."""
+    from cbir.search.vote import log_loss
+    rng = np.random.default_rng(3)
+    y = (rng.random(105) < 0.25).astype(int)
+    x = rng.normal(0, 0.02, 105) + 0.01 * y
+    x[:3] = [9.2, -9.2, 9.2]
+    a, b = platt(x, y)
+    fitted = log_loss(1 / (1 + np.exp(-(a * x + b))), y)
+    assert fitted <= log_loss(np.full(y.size, y.mean()), y) + 1e-6 and abs(a) < 10

@@ -81,18 +81,32 @@ def calibrated(r: np.ndarray, calibration: VoteCalibration) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def platt(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 50) -> tuple[float, float]:
-    """(a, b) of σ(a·x + b) by Newton's method on the log-loss (a small ridge keeps separable data finite)."""
+def platt(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 100) -> tuple[float, float]:
+    """(a, b) of σ(a·x + b) by damped Newton steps on the mean log-loss plus a small ridge on a (which keeps
+    separable data finite); each step is halved until the loss goes down, so it cannot diverge."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    theta = np.array([1.0, 0.0])
     design = np.stack([x, np.ones_like(x)], axis=1)
+    ridge = np.array([l2, 0.0])
+
+    def loss(theta: np.ndarray) -> float:
+        z = design @ theta
+        return float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * float(ridge @ theta ** 2))
+
+    theta = np.array([1.0, 0.0])
+    current = loss(theta)
     for _ in range(steps):
         p = 1.0 / (1.0 + np.exp(-(design @ theta)))
-        grad = design.T @ (p - y) + l2 * theta * len(y)
-        hess = (design * (p * (1 - p))[:, None]).T @ design + l2 * len(y) * np.eye(2)
+        grad = design.T @ (p - y) / len(y) + ridge * theta
+        hess = (design * (p * (1 - p))[:, None]).T @ design / len(y) + np.diag(ridge + 1e-9)
         step = np.linalg.solve(hess, grad)
-        theta -= step
-        if np.abs(step).max() < 1e-8:
+        scale = 1.0
+        while scale > 1e-6 and loss(theta - scale * step) > current:
+            scale /= 2
+        if scale <= 1e-6:
+            break
+        theta = theta - scale * step
+        previous, current = current, loss(theta)
+        if previous - current < 1e-12:
             break
     return float(theta[0]), float(theta[1])
 
