@@ -21,6 +21,7 @@ from cbir.io import load_pseudonymizer
 from cbir.models import ModelConfig, load_checkpoint
 from cbir.report.montage import write_montage
 from cbir.search import query_image
+from cbir.search.calibrate import calibrate
 from cbir.search.pictures import neighbor_pictures
 from cbir.train import TrainSettings, train_model
 
@@ -109,6 +110,7 @@ def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone:
     pseudonymize = load_pseudonymizer()
     with open_index(location, writable=True, create=True) as idx:
         summary = ingest_records(records, loaded, idx, COLLECTION, pseudonymize, reporter=reporter)
+        calibrate(idx, COLLECTION, reporter=reporter)
     reporter.log(summary.line)
     lap("ingest")
 

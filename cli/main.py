@@ -195,6 +195,12 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           ] = None,
           ema: Annotated[bool | None, typer.Option(
               "--ema/--no-ema", help="keep an exponential moving average of the weights")] = None,
+          augment: Annotated[str | None, typer.Option(
+              "--augment", help="basic, or strong (also window, resolution, blur, noise, JPEG)")] = None,
+          metric_loss: Annotated[str | None, typer.Option(
+              "--metric-loss", help="none, or supcon (supervised contrastive loss on the embedding)")] = None,
+          balanced: Annotated[bool | None, typer.Option(
+              "--balanced/--no-balanced", help="class-balanced batches")] = None,
           patient_regex: RegexOpt = None) -> None:
     """Train a backbone with an embedding head; the split is recorded in the checkpoint (split.json)."""
     from cbir.data.layout import load_dataset
@@ -206,6 +212,10 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         ModelConfig(task=task, bits=bits).validate()  # a bad --task/--bits fails before the dataset is read
     if select is not None and select not in SELECT_RULES:
         raise CbirError(f"--select {select!r}: choose from {', '.join(SELECT_RULES)}")
+    try:  # a bad --augment/--metric-loss fails before the dataset is read
+        TrainSettings(augment=augment or "basic", metric_loss=metric_loss or "none").validate()
+    except ValueError as exc:
+        raise CbirError(str(exc)) from None
     given = {k: v for k, v in _split_options(seed, val_fraction, test_fraction, folds, fold).items() if v is not None}
     spec = SplitSpec().replace(**given)
     records = load_dataset(data, layout, split=spec, patient_regex=patient_regex)
@@ -217,7 +227,9 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     defaults = TrainSettings()
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, device=device, workers=workers,
                              seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
-                             select=select or defaults.select, ema=defaults.ema if ema is None else ema)
+                             select=select or defaults.select, ema=defaults.ema if ema is None else ema,
+                             augment=augment or defaults.augment, metric_loss=metric_loss or defaults.metric_loss,
+                             balanced=defaults.balanced if balanced is None else balanced)
     counts = records.meta["split"].value_counts().to_dict()
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}; split {spec.describe()}), target "
                  f"{records.target!r}, {int(records.y.sum())} positive")
@@ -306,6 +318,8 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
                                  reporter, codes=codes, may_fit_itq=first_part, shards=shards, replicas=replicas,
                                  team=team, reindex=reindex, allow_count_change=allow_count_change,
                                  split=split, keep_paths=keep_paths, thumbnails=thumbnails)
+        from cbir.search.calibrate import calibrate
+        calibrate(idx, collection, reporter=reporter)
     out.print(summary.line, markup=False)
     if summary.failed:
         raise typer.Exit(1)
@@ -379,7 +393,11 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
              out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("cbir-report"),
              as_json: Annotated[bool, typer.Option("--json")] = False,
              device: Annotated[str, typer.Option("--device")] = "auto",
-             patient_regex: RegexOpt = None, team: TeamOpt = None, other_split: OtherSplitOpt = False) -> None:
+             patient_regex: RegexOpt = None, team: TeamOpt = None, other_split: OtherSplitOpt = False,
+             robustness: Annotated[bool, typer.Option(
+                 "--robustness", help="also re-encode every query (JPEG q60, cropped 12-bit MONOCHROME1 DICOM, "
+                                      "blur + gamma, 5° rotation): rank of the original and the metrics' change"
+             )] = False) -> None:
     """Stage-1 ROC-AUC and stage-2 kNN metrics with 95 % CIs and the majority baseline; writes report.md/json.
 
     The queries are the test split the model was trained with (from the collection), or --queries: another
@@ -393,7 +411,7 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
         loaded = _load_model(model, idx, collection, device)
         records = _query_records(queries, layout, loaded, patient_regex, other_split, reporter) if queries else None
         report = evaluate_collection(idx, collection, loaded, out_dir, k, records, load_pseudonymizer(), reporter,
-                                     allow_other_split=other_split)
+                                     allow_other_split=other_split, robustness=robustness)
     report.pop("per_query", None)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
@@ -500,6 +518,28 @@ def index_drop(collection: Annotated[str, typer.Argument(help="a collection, or 
     with _open(index, writable=True) as idx:
         names = drop(idx, collection)
     out.print(f"deleted {', '.join(names)}", markup=False)
+
+
+@index_app.command("calibrate")
+@guarded
+def index_calibrate(collection: Annotated[str, typer.Argument(help="the collection to calibrate")] = DEFAULT_COLLECTION,
+                    k: Annotated[int, typer.Option("--k", min=1, max=1000)] = 10, index: IndexOpt = None,
+                    team: TeamOpt = None) -> None:
+    """Fit the vote's calibration and the close-case threshold on the collection's validation images again
+    (`cbir ingest` does this; use it for collections ingested before, or for another k)."""
+    from cbir.index.teams import team_collection
+    from cbir.search.calibrate import calibrate
+    collection = team_collection(collection, team)
+    with _open(index, writable=True) as idx:
+        if not idx.has_collection(collection):
+            raise CbirError(f"no collection {collection!r} in {idx.location}")
+        body = calibrate(idx, collection, k, _reporter())
+    if body is None:
+        raise typer.Exit(1)
+    vote = body["vote"]
+    out.print(f"{collection}: vote τ = {vote['temperature']}, a = {vote['a']:.3f}, b = {vote['b']:.3f} on "
+              f"{vote['n_validation']} validation images; close-case threshold {body['nearest']['threshold']:.4f}",
+              markup=False)
 
 
 @index_app.command("export")
@@ -778,9 +818,10 @@ def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder
 
 @app.command()
 @guarded
-def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, detector or pooling")],
+def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, detector, pooling or shift")],
           out_dir: Annotated[Path, typer.Option("--out", help="study folder")],
           data: Annotated[Path | None, typer.Option("--data", help="dataset folder")] = None,
+          other: Annotated[Path | None, typer.Option("--other", help="shift: the second dataset (Kermany)")] = None,
           layout: LayoutOpt = "auto",
           folds: Annotated[int, typer.Option("--folds", min=2)] = 5,
           use_folds: Annotated[list[int] | None, typer.Option("--use-fold", help="only these folds (repeatable)")
@@ -807,12 +848,14 @@ def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, det
         return
     if data is None:
         raise CbirError("--data is required (the dataset to study)")
+    if name == "shift" and other is None:
+        raise CbirError("study shift needs --other, the second dataset (e.g. a Kermany train folder)")
     bad = [f for f in use_folds or [] if not 1 <= f <= folds]
     if bad:
         raise CbirError(f"--use-fold {bad[0]}: folds are 1..{folds}")
     options = StudyOptions(data=data, out=out_dir, layout=layout, folds=folds, use_folds=list(use_folds or []),
                            val_fraction=val_fraction, seed=seed, backbone=backbone, image_size=image_size,
-                           epochs=epochs, batch_size=batch_size, device=device, doc=doc)
+                           epochs=epochs, batch_size=batch_size, device=device, doc=doc, other=other)
     result = STUDIES[name](options, _reporter())
     out.print(result["markdown"], markup=False)
 

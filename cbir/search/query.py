@@ -5,7 +5,8 @@ The JSON form (`QueryResult.to_json`) is a stable interface:
    "collection", "model_fingerprint", "k",
    "neighbors": [{"rank", "id", "score", "hamming", "labels", "label", "path", "file", "dataset", "split",
                   "view", "sex", "age_band", "boxes"}],
-   "vote": {"label", "fraction", "positive_fraction"},
+   "vote": {"label", "fraction", "positive_fraction", "probability", "corrected_share", "weights",
+            "calibrated", "close_case", "reliable"},
    "prediction": {"label", "probability", "target", "boxes"}}
 
 File names can carry identifiers (RSNA's and many hospital exports' are the PatientID or MRN), so by default
@@ -22,7 +23,6 @@ query image's original pixels.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,16 +95,38 @@ def search_embedding(index: Index, collection: str, embedded: Embedded, k: int, 
                         prefilter=prefilter, hamming_radius=hamming_radius)
 
 
-def vote(hits: list[Hit], target: str) -> dict[str, Any]:
-    """Majority label among the neighbours (ties go to the better-ranked label)."""
+def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The neighbours' vote (`cbir.search.vote`): similarity-weighted, corrected for the archive's class
+    frequencies, with the probability calibrated on the collection's validation images.
+
+    `label` is the target or the collection's negative label by the corrected rule; `fraction` is the share of
+    neighbours that carry `label` and `positive_fraction` the share that carry the target (both unweighted);
+    `probability` the calibrated probability of the target; `weights` each neighbour's share of the vote, in
+    rank order; `calibrated` whether the collection holds a calibration; `close_case` whether the nearest
+    neighbour is at least as similar as the validation queries' usually are (`None` uncalibrated), and
+    `reliable` is False when it is not.
+    """
+    meta = meta or {}
+    negative = meta.get("negative_label", f"No {target}")
+    body = meta.get("calibration") or {}
     if not hits:
-        return {"label": None, "fraction": 0.0, "positive_fraction": 0.0}
-    labels = [str(hit.payload.get("label")) for hit in hits]
-    counts = Counter(labels)
-    best = max(counts.values())
-    winner = next(label for label in labels if counts[label] == best)
-    positive = sum(1 for hit in hits if int(hit.payload.get("target", 0)) == 1)
-    return {"label": winner, "fraction": best / len(hits), "positive_fraction": positive / len(hits)}
+        return {"label": None, "fraction": 0.0, "positive_fraction": 0.0, "probability": None, "weights": [],
+                "calibrated": bool(body), "close_case": False if body else None, "reliable": False}
+    from cbir.search.vote import VoteCalibration, decide, weights
+    calibration = VoteCalibration.from_dict(body.get("vote"))
+    scores = np.array([[float(hit.score) for hit in hits]])
+    targets = np.array([[int(hit.payload.get("target", 0)) for hit in hits]])
+    decision, probability, share = decide(scores, targets, calibration)
+    label = target if decision[0] == 1 else negative
+    w = weights(scores, calibration.temperature)[0]
+    positive = float((targets[0] == 1).mean())
+    nearest = body.get("nearest") or {}
+    close = None if "threshold" not in nearest else bool(scores[0, 0] >= nearest["threshold"])
+    return {"label": label, "fraction": positive if decision[0] == 1 else 1.0 - positive,
+            "positive_fraction": positive, "probability": round(float(probability[0]), 6),
+            "corrected_share": round(float(share[0]), 6),
+            "weights": [round(float(x), 6) for x in w / max(float(w.sum()), 1e-12)],
+            "calibrated": bool(body), "close_case": close, "reliable": close is not False}
 
 
 def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection: str, k: int = 10,
@@ -145,7 +167,7 @@ def answer(image: XrayImage, name: str | None, loaded: LoadedModel, meta: dict[s
     return QueryResult(
         collection=collection, model_fingerprint=loaded.fingerprint, k=k,
         neighbors=[_neighbor(rank, hit, path_of) for rank, hit in enumerate(hits, start=1)],
-        vote=vote(hits, target),
+        vote=vote(hits, target, meta),
         prediction=prediction,
         query={"path": name, "view": image.meta.view, "sex": image.meta.sex,
                "age_band": image.meta.age_band, "shape": list(image.shape)},
