@@ -106,6 +106,7 @@ def test_upload_results_labels_and_region_search(server: dict, tmp_path: Path) -
         labels = page.locator("[data-testid=result-tile] .chip").all_inner_texts()
         assert len(labels) >= K and set(labels) <= {"Pneumonia", "No Pneumonia"}
         assert "model: P(Pneumonia)" in page.inner_text("#prediction")
+        assert not page.locator("[data-testid=no-close-case]").is_visible()   # uncalibrated: no claim either way
         before = page.locator("[data-testid=result-tile] img").evaluate_all("els => els.map(e => e.src)")
         page.wait_for_function("document.querySelector('[data-testid=result-tile] img').naturalWidth > 0")
         box = page.locator("#region").bounding_box()
@@ -177,3 +178,25 @@ GREY_SPREAD = """els => els.map(img => {
   for (let i = 0; i < d.length; i += 4) { s += d[i]; s2 += d[i] * d[i]; }
   return Math.sqrt(s2 / n - (s / n) ** 2);
 })"""
+
+
+def test_the_viewer_warns_when_the_archive_holds_no_close_case(server: dict, tmp_path: Path) -> None:
+    """A collection whose close-case threshold no query reaches (set by hand, so that the page is tested
+    deterministically; whether real out-of-domain images fall below a fitted threshold is measured elsewhere)."""
+    from cbir.index import open_index
+    from cbir.search.vote import VoteCalibration
+    index = tmp_path / "index"
+    shutil.copytree(server["root"] / "index", index)
+    with open_index(str(index), writable=True) as idx:
+        meta = idx.get_meta("rsna")
+        meta["calibration"] = {"k": 10, "vote": VoteCalibration(prior=0.3).to_dict(),
+                               "nearest": {"threshold": 1.01, "quantile": 0.01, "median": 1.0, "n": 100}}
+        idx.set_meta("rsna", meta)
+    with _serving(["--index", str(index), "--collection", "rsna"]) as url, _chromium(tmp_path / "p") as browser:
+        page = browser.new_page()
+        page.goto(url)
+        page.set_input_files("#file", str(server["dicom"]))
+        page.wait_for_function("document.querySelectorAll('[data-testid=result-tile]').length > 0", timeout=60_000)
+        warning = page.locator("[data-testid=no-close-case]")
+        assert warning.is_visible() and "no close case" in warning.inner_text()
+        assert "(unreliable)" in page.inner_text("#prediction")
