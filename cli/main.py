@@ -41,15 +41,17 @@ IndexOpt = Annotated[str | None, typer.Option("--index", help="Index location: a
 CollectionOpt = Annotated[str, typer.Option("--collection", help="Collection name [$CBIR_COLLECTION]")]
 TeamOpt = Annotated[str | None, typer.Option("--team", envvar="CBIR_TEAM", show_envvar=True,
                                              help="your team: uses the team's own collection, TEAM.COLLECTION")]
-LayoutOpt = Annotated[str, typer.Option("--layout", help="rsna, nih, folder or auto")]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="rsna, nih, folder, plain (every image, labels unknown) "
+                                        "or auto (never plain)")]
 MaxPixelsOpt = Annotated[int | None, typer.Option(
     "--max-pixels", min=4, envvar="CBIR_MAX_PIXELS", show_envvar=True,
     help="refuse images with more pixels than this (default 80,000,000)")]
 AnyModalityOpt = Annotated[bool, typer.Option(
     "--any-modality", envvar="CBIR_ANY_MODALITY", show_envvar=True,
     help="experts: also embed DICOMs that are not radiographs (MR, CT, US, …; default: CR, DX, OT/SC only)")]
-RegexOpt = Annotated[str | None, typer.Option("--patient-regex",
-                                              help="folder layout: regex whose first group is the patient")]
+RegexOpt = Annotated[str | None, typer.Option(
+    "--patient-regex", help="folder layout: regex (on the file name) whose first group is the patient; plain "
+    "layout: on the path below the root")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="split seed (default: the model's split; train: 0)")]
 ValFractionOpt = Annotated[float | None, typer.Option(
     "--val-fraction", min=0.0, max=0.95, help="share of patients in validation (train default 0.1)")]
@@ -206,6 +208,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     given = {k: v for k, v in _split_options(seed, val_fraction, test_fraction, folds, fold).items() if v is not None}
     spec = SplitSpec().replace(**given)
     records = load_dataset(data, layout, split=spec, patient_regex=patient_regex)
+    records.require_labels("training")
     reporter = _reporter()
     for note in records.notes:
         reporter.log(f"note: {note}")
@@ -336,17 +339,18 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
 
 
 def _print_query(result: dict[str, Any]) -> None:
+    from cbir.search.query import describe_vote
     table = Table(title=f"{result['k']} nearest cases in {result['collection']!r}")
     for column in ("rank", "score", "hamming", "labels", "view", "sex", "age", "path"):
         table.add_column(column, justify="right" if column in ("rank", "score", "hamming") else "left")
     for n in result["neighbors"]:
         table.add_row(str(n["rank"]), f"{n['score']:.4f}", "" if n["hamming"] is None else str(n["hamming"]),
-                      ", ".join(n["labels"] or []), n["view"] or "", n["sex"] or "", n["age_band"] or "",
+                      ", ".join(n["labels"] or []) or ("unknown" if n.get("label") is None else ""),
+                      n["view"] or "", n["sex"] or "", n["age_band"] or "",
                       n["path"] or "")
     out.print(table)
     vote, pred = result["vote"], result["prediction"]
-    out.print(f"kNN vote: {vote['label']} ({vote['fraction']:.0%} of {len(result['neighbors'])} neighbours)",
-              markup=False)
+    out.print(f"kNN vote: {describe_vote(vote, len(result['neighbors']))}", markup=False)
     out.print(f"model: P({pred['target']}) = {pred['probability']:.3f} → {pred['label']}", markup=False)
     for found in pred.get("boxes") or []:
         x, y, w, h = found["box"]
@@ -431,6 +435,10 @@ def _print_report(report: dict[str, Any], out_dir: Path) -> None:
         interval = "" if not ci else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}"
         table.add_row(name, "n/a" if value is None else f"{100 * value:.2f} %", interval)
     out.print(table)
+    unknown = report.get("unknown_labels") or {}
+    if any(unknown.values()):
+        out.print(f"left out (labels unknown): {unknown['queries_skipped']} queries, {unknown['archive_skipped']} "
+                  "archive images", markup=False)
     out.print(f"report: {out_dir / 'report.md'}", markup=False)
 
 

@@ -5,8 +5,12 @@ The JSON form (`QueryResult.to_json`) is a stable interface:
    "collection", "model_fingerprint", "k",
    "neighbors": [{"rank", "id", "score", "hamming", "labels", "label", "path", "dataset", "split",
                   "view", "sex", "age_band", "boxes"}],
-   "vote": {"label", "fraction", "positive_fraction"},
+   "vote": {"label", "fraction", "positive_fraction", "labelled", "skipped_unknown"},
    "prediction": {"label", "probability", "target", "boxes"}}
+
+Neighbours whose label is unknown (`cbir.index.base.UNKNOWN_TARGET`: `label` null, `labels` [], `target` -1)
+are listed but do not vote: `vote.labelled` neighbours voted, `vote.skipped_unknown` were left out, and the
+fractions are of the labelled ones (`vote.label` is null when none is labelled).
 
 `prediction.boxes` is present for detection models only: [{"box": [x, y, w, h], "score"}], best first, in the
 query image's original pixels.
@@ -24,7 +28,7 @@ import numpy as np
 
 from cbir.embed import Embedded, embed_and_detect
 from cbir.errors import CbirError
-from cbir.index.base import Filter, Hit, Index
+from cbir.index.base import Filter, Hit, Index, has_label
 from cbir.index.codes import collection_code
 from cbir.index.schema import FILTER_ALIASES, check_model
 from cbir.io import Pseudonymizer, XrayImage, read_image
@@ -73,15 +77,29 @@ def search_embedding(index: Index, collection: str, embedded: Embedded, k: int, 
 
 
 def vote(hits: list[Hit], target: str) -> dict[str, Any]:
-    """Majority label among the neighbours (ties go to the better-ranked label)."""
-    if not hits:
-        return {"label": None, "fraction": 0.0, "positive_fraction": 0.0}
-    labels = [str(hit.payload.get("label")) for hit in hits]
+    """Majority label among the labelled neighbours (ties go to the better-ranked label); neighbours whose
+    label is unknown are skipped and counted."""
+    voters = [hit for hit in hits if has_label(hit.payload)]
+    counted = {"labelled": len(voters), "skipped_unknown": len(hits) - len(voters)}
+    if not voters:
+        return {"label": None, "fraction": 0.0, "positive_fraction": 0.0, **counted}
+    labels = [str(hit.payload.get("label")) for hit in voters]
     counts = Counter(labels)
     best = max(counts.values())
     winner = next(label for label in labels if counts[label] == best)
-    positive = sum(1 for hit in hits if int(hit.payload.get("target", 0)) == 1)
-    return {"label": winner, "fraction": best / len(hits), "positive_fraction": positive / len(hits)}
+    positive = sum(1 for hit in voters if int(hit.payload.get("target", 0)) == 1)
+    return {"label": winner, "fraction": best / len(voters), "positive_fraction": positive / len(voters), **counted}
+
+
+def describe_vote(vote: dict[str, Any], n_neighbours: int) -> str:
+    """The kNN vote in words ("Pneumonia (60% of 5 neighbours)"), saying how many neighbours with unknown
+    labels were skipped."""
+    skipped = int(vote.get("skipped_unknown") or 0)
+    if vote["label"] is None:
+        return f"none (all {n_neighbours} neighbours have unknown labels)" if skipped else "none (no neighbours)"
+    voters = f"{n_neighbours - skipped} labelled neighbours" if skipped else f"{n_neighbours} neighbours"
+    return f"{vote['label']} ({vote['fraction']:.0%} of {voters}" + \
+        (f"; {skipped} with unknown labels skipped)" if skipped else ")")
 
 
 def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection: str, k: int = 10,

@@ -90,6 +90,7 @@ def train_detector(records: Records, config: DetectorConfig, settings: TrainSett
     started = time.perf_counter()
     if settings.pretrained or settings.weights:
         raise CbirError("the detection task trains from scratch: --pretrained and --weights are not supported yet")
+    records.require_labels("training")
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     train, val = records.split("train"), records.split("val")

@@ -135,6 +135,7 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
     """
     started = time.perf_counter()
     config.validate()
+    records.require_labels("training")
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     train, val = records.split("train"), records.split("val")
