@@ -6,13 +6,15 @@ Exit codes: 0 success; 1 finished, but some input files failed (listed above the
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -89,6 +91,23 @@ def guarded(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def _heavy_imports() -> Iterator[None]:
+    """Import torch, timm, pydicom and the rest without garbage-collection passes over them: collection pauses
+    while they load (their tens of thousands of new objects set off full passes), and what is loaded is then
+    frozen (`gc.freeze`), so no later pass walks it, not even the last one at exit. Freezes once per process.
+    Measured on `cbir query`: docs/performance.md."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def _reporter(quiet: bool = False) -> Any:
     from cbir.console import Reporter
     return Reporter(quiet=quiet, console=err)
@@ -134,7 +153,7 @@ def _split_options(seed: int | None, val_fraction: float | None, test_fraction: 
 
 def _load_model(model: Path | None, index: Any, collection: str, device: str) -> Any:
     from cbir.models import load_checkpoint
-    from cbir.train.loop import resolve_device
+    from cbir.models.device import resolve_device
     if model is None:
         path = index.get_meta(collection).get("model_path")
         if not path:
@@ -264,12 +283,13 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            ) -> None:
     """Embed every image of a dataset and upsert it into the index, split as the model's training data was
     (each point's payload `split`; the collection records the split)."""
-    from cbir.data.layout import load_dataset_for_model
-    from cbir.index.ingest import ingest_records
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
-    from cbir.models import load_checkpoint
-    from cbir.train.loop import resolve_device
+    with _heavy_imports():
+        from cbir.data.layout import load_dataset_for_model
+        from cbir.index.ingest import ingest_records
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
+        from cbir.models import load_checkpoint
+        from cbir.models.device import resolve_device
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     if reindex and part:
@@ -316,9 +336,10 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
           device: Annotated[str, typer.Option("--device")] = "auto", team: TeamOpt = None,
           max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False) -> None:
     """Find the k most similar archived cases to one image."""
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
-    from cbir.search import parse_filters, query_image
+    with _heavy_imports():
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
+        from cbir.search import parse_filters, query_image
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     flt = parse_filters(filters)
@@ -373,9 +394,10 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
 
     The queries are the test split the model was trained with (from the collection), or --queries: another
     dataset's images (only its test split when it is the model's own training data)."""
-    from cbir.evaluate.run import evaluate_collection
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
+    with _heavy_imports():
+        from cbir.evaluate.run import evaluate_collection
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
     collection = team_collection(collection, team)
     reporter = _reporter(quiet=as_json)
     with _open(index) as idx:
@@ -668,12 +690,13 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
           max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False) -> None:
     """Keep the model and the collection warm and answer queries over HTTP (POST /query, GET /health,
     API docs at /docs)."""
-    import uvicorn
+    with _heavy_imports():
+        import uvicorn
 
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
-    from cbir.search.warm import WarmSearcher
-    from cbir.serve import create_app
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
+        from cbir.search.warm import WarmSearcher
+        from cbir.serve import create_app
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     idx = _open(index)

@@ -38,7 +38,8 @@ from cbir.models.detection import (
     filter_detections,
     letterbox_geometry,
 )
-from cbir.train.loop import TrainResult, TrainSettings, cosine_with_warmup, preload, resolve_device
+from cbir.models.device import resolve_device
+from cbir.train.loop import TrainResult, TrainSettings, cosine_with_warmup, preload
 from cbir.train.selection import EpochHook, Keeper
 
 #: Box score thresholds tried on validation for the reported boxes.
