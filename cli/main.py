@@ -6,13 +6,15 @@ Exit codes: 0 success; 1 finished, but some input files failed (listed above the
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -41,15 +43,17 @@ IndexOpt = Annotated[str | None, typer.Option("--index", help="Index location: a
 CollectionOpt = Annotated[str, typer.Option("--collection", help="Collection name [$CBIR_COLLECTION]")]
 TeamOpt = Annotated[str | None, typer.Option("--team", envvar="CBIR_TEAM", show_envvar=True,
                                              help="your team: uses the team's own collection, TEAM.COLLECTION")]
-LayoutOpt = Annotated[str, typer.Option("--layout", help="rsna, nih, folder or auto")]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="rsna, nih, folder, plain (every image, labels unknown) "
+                                        "or auto (never plain)")]
 MaxPixelsOpt = Annotated[int | None, typer.Option(
     "--max-pixels", min=4, envvar="CBIR_MAX_PIXELS", show_envvar=True,
     help="refuse images with more pixels than this (default 80,000,000)")]
 AnyModalityOpt = Annotated[bool, typer.Option(
     "--any-modality", envvar="CBIR_ANY_MODALITY", show_envvar=True,
     help="experts: also embed DICOMs that are not radiographs (MR, CT, US, …; default: CR, DX, OT/SC only)")]
-RegexOpt = Annotated[str | None, typer.Option("--patient-regex",
-                                              help="folder layout: regex whose first group is the patient")]
+RegexOpt = Annotated[str | None, typer.Option(
+    "--patient-regex", help="folder layout: regex (on the file name) whose first group is the patient; plain "
+    "layout: on the path below the root")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="split seed (default: the model's split; train: 0)")]
 ValFractionOpt = Annotated[float | None, typer.Option(
     "--val-fraction", min=0.0, max=0.95, help="share of patients in validation (train default 0.1)")]
@@ -88,6 +92,23 @@ def guarded(func: F) -> F:
                       markup=False)
             raise typer.Exit(3) from None
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _heavy_imports() -> Iterator[None]:
+    """Import torch, timm, pydicom and the rest without garbage-collection passes over them: collection pauses
+    while they load (their tens of thousands of new objects set off full passes), and what is loaded is then
+    frozen (`gc.freeze`), so no later pass walks it, not even the last one at exit. Freezes once per process.
+    Measured on `cbir query`: docs/performance.md."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def _reporter(quiet: bool = False) -> Any:
@@ -135,7 +156,7 @@ def _split_options(seed: int | None, val_fraction: float | None, test_fraction: 
 
 def _load_model(model: Path | None, index: Any, collection: str, device: str) -> Any:
     from cbir.models import load_checkpoint
-    from cbir.train.loop import resolve_device
+    from cbir.models.device import resolve_device
     if model is None:
         path = index.get_meta(collection).get("model_path")
         if not path:
@@ -219,6 +240,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     given = {k: v for k, v in _split_options(seed, val_fraction, test_fraction, folds, fold).items() if v is not None}
     spec = SplitSpec().replace(**given)
     records = load_dataset(data, layout, split=spec, patient_regex=patient_regex)
+    records.require_labels("training")
     reporter = _reporter()
     for note in records.notes:
         reporter.log(f"note: {note}")
@@ -284,12 +306,13 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     """Embed every image of a dataset and upsert it into the index, split as the model's training data was
     (each point's payload `split`; the collection records the split). Payloads name files by keyed pseudonyms
     unless --keep-paths."""
-    from cbir.data.layout import load_dataset_for_model
-    from cbir.index.ingest import ingest_records
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
-    from cbir.models import load_checkpoint
-    from cbir.train.loop import resolve_device
+    with _heavy_imports():
+        from cbir.data.layout import load_dataset_for_model
+        from cbir.index.ingest import ingest_records
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
+        from cbir.models import load_checkpoint
+        from cbir.models.device import resolve_device
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     if reindex and part:
@@ -341,9 +364,10 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
           max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False,
           local_paths: LocalPathsOpt = False) -> None:
     """Find the k most similar archived cases to one image. File names are not printed unless --local-paths."""
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
-    from cbir.search import parse_filters, query_image
+    with _heavy_imports():
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
+        from cbir.search import parse_filters, query_image
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     flt = parse_filters(filters)
@@ -365,17 +389,18 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
 
 
 def _print_query(result: dict[str, Any]) -> None:
+    from cbir.search.query import describe_vote
     table = Table(title=f"{result['k']} nearest cases in {result['collection']!r}")
     for column in ("rank", "score", "hamming", "labels", "view", "sex", "age", "file"):
         table.add_column(column, justify="right" if column in ("rank", "score", "hamming") else "left")
     for n in result["neighbors"]:
         table.add_row(str(n["rank"]), f"{n['score']:.4f}", "" if n["hamming"] is None else str(n["hamming"]),
-                      ", ".join(n["labels"] or []), n["view"] or "", n["sex"] or "", n["age_band"] or "",
+                      ", ".join(n["labels"] or []) or ("unknown" if n.get("label") is None else ""),
+                      n["view"] or "", n["sex"] or "", n["age_band"] or "",
                       n["path"] or n.get("file") or "")
     out.print(table)
     vote, pred = result["vote"], result["prediction"]
-    out.print(f"kNN vote: {vote['label']} ({vote['fraction']:.0%} of {len(result['neighbors'])} neighbours)",
-              markup=False)
+    out.print(f"kNN vote: {describe_vote(vote, len(result['neighbors']))}", markup=False)
     out.print(f"model: P({pred['target']}) = {pred['probability']:.3f} → {pred['label']}", markup=False)
     for found in pred.get("boxes") or []:
         x, y, w, h = found["box"]
@@ -402,9 +427,10 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
 
     The queries are the test split the model was trained with (from the collection), or --queries: another
     dataset's images (only its test split when it is the model's own training data)."""
-    from cbir.evaluate.run import evaluate_collection
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
+    with _heavy_imports():
+        from cbir.evaluate.run import evaluate_collection
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
     collection = team_collection(collection, team)
     reporter = _reporter(quiet=as_json)
     with _open(index) as idx:
@@ -464,6 +490,10 @@ def _print_report(report: dict[str, Any], out_dir: Path) -> None:
         interval = "" if not ci else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}"
         table.add_row(name, "n/a" if value is None else f"{100 * value:.2f} %", interval)
     out.print(table)
+    unknown = report.get("unknown_labels") or {}
+    if any(unknown.values()):
+        out.print(f"left out (labels unknown): {unknown['queries_skipped']} queries, {unknown['archive_skipped']} "
+                  "archive images", markup=False)
     out.print(f"report: {out_dir / 'report.md'}", markup=False)
 
 
@@ -752,12 +782,13 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
     """Keep the model and the collection warm and answer queries over HTTP (POST /query, GET /health,
     API docs at /docs). Cases show as their image files where this machine has them, else as the thumbnails
     stored with them (cbir ingest --thumbnails)."""
-    import uvicorn
+    with _heavy_imports():
+        import uvicorn
 
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
-    from cbir.search.warm import WarmSearcher
-    from cbir.serve import create_app
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
+        from cbir.search.warm import WarmSearcher
+        from cbir.serve import create_app
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     idx = _open(index)

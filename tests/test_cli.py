@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -90,6 +93,44 @@ def test_query_json_contract(pipeline: dict[str, Path]) -> None:
     local = json.loads(out)
     assert local["neighbors"][0]["path"] == f"stage_2_train_images/{dicom.name}"   # from this machine's file map
     assert local["neighbors"][0]["file"] == first["file"] and local["query"]["path"] == str(dicom)
+
+
+#: What one `cbir query` process must not import (docs/performance.md: start-up): training, evaluation, reports,
+#: benchmarks, the server path (the index here is Qdrant Edge) and the heavy libraries only they need.
+NOT_ON_THE_QUERY_PATH = ("pandas", "sklearn", "scipy", "matplotlib", "qdrant_client", "fastapi", "uvicorn",
+                         "cbir.train", "cbir.evaluate", "cbir.metrics", "cbir.report.results", "cbir.report.evaluation",
+                         "cbir.report.montage", "cbir.bench", "cbir.studies", "cbir.reproduce", "cbir.data.records",
+                         "cbir.data.splits", "cbir.models.detection")
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code` (in the repository, with this test's key)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_a_query_process_imports_only_what_a_query_needs(pipeline: dict[str, Path]) -> None:
+    dicom = _dicoms(pipeline["data"])[2]
+    query = json.dumps(["query", str(dicom), "--index", str(pipeline["index"]), "--collection", "rsna", "--json"])
+    loaded = _modules_after(f"from cli.main import app\napp({query}, standalone_mode=False)")
+    assert {"torch", "timm", "qdrant_edge", "cbir.search.query"} <= loaded       # it did answer the query
+    assert sorted(m for m in loaded if m.split(".")[0] in NOT_ON_THE_QUERY_PATH or m in NOT_ON_THE_QUERY_PATH
+                  or any(m.startswith(bad + ".") for bad in NOT_ON_THE_QUERY_PATH)) == []
+    bare = _modules_after("import cli.main")                                     # `cbir --help` and friends
+    assert not {"torch", "timm", "numpy", "pydicom", "qdrant_edge"} & bare
+
+
+def test_query_leaves_garbage_collection_on(pipeline: dict[str, Path]) -> None:
+    """The heavy imports run with collection paused (docs/performance.md); it is back on afterwards."""
+    import gc
+    code, _, err = run("query", _dicoms(pipeline["data"])[3], "--index", pipeline["index"], "--collection", "rsna",
+                       "--json")
+    assert code == 0, err
+    assert gc.isenabled() and gc.get_freeze_count() > 0
 
 
 def test_query_table_filter_prefilter_and_montage(pipeline: dict[str, Path], tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from cbir.data.loading import Failed, Loaded, iterate_batches
 from cbir.data.transforms import Geometry, letterbox, standardize
 from cbir.io import Pseudonymizer, SafeMeta, XrayImage
 from cbir.models import LoadedModel
-from cbir.models.detection import boxes_to_original, filter_detections
 
 
 @dataclass
@@ -73,6 +72,8 @@ def embed_and_detect(loaded: LoadedModel, image: XrayImage
         emb, codes, probs = _forward(loaded, x)
         boxes: list[dict[str, float | list[float]]] = []
     else:
+        from cbir.models.detection import boxes_to_original, filter_detections  # torchvision's detection models
+
         device = next(loaded.model.parameters()).device
         out, detections = loaded.model.detect_all(standardize(x.float()).to(device))
         emb, codes = out.embedding.cpu().numpy(), out.code.cpu().numpy()

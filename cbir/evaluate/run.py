@@ -4,7 +4,9 @@ Queries are the ingested test split by default (their stored embeddings are used
 re-embedded), or the images of another dataset. Neighbours from the query's own patient are never
 counted, and with the default queries the reference archive is the train and val splits only. The split
 must be the one the model was trained with (`cbir.data.splits`): the collection records the split of every
-dataset ingested into it, and a collection split otherwise than the model's training data is refused.
+dataset ingested into it, and a collection split otherwise than the model's training data is refused. Points
+whose label is unknown (`cbir.index.base.UNKNOWN_TARGET`) are neither queries nor archive items; the report
+counts them (`unknown_labels`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from cbir.errors import CbirError
 from cbir.evaluate.codes import POPCOUNT, compare_codes
 from cbir.evaluate.summary import summarize, to_json_safe, vote_summary
 from cbir.index.base import HASH as HASH_FIELD
-from cbir.index.base import Filter, Index, unpack_code
+from cbir.index.base import UNKNOWN_TARGET, Filter, Index, unpack_code
 from cbir.index.codes import itq_from_meta
 from cbir.index.ingest import payload_labels
 from cbir.index.schema import check_model, dataset_roots, negative_label, recorded_split
@@ -138,7 +140,9 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     when it shares at least one payload label with the query, so "No Finding" matches "No Finding".
 
     External `queries_from` images of patients that the collection holds as training or validation images of
-    the model's own dataset are left out (the model has seen them). The returned dict also has `per_query`
+    the model's own dataset are left out (the model has seen them). Test points and archive points whose label
+    is unknown are left out of every metric and counted in `unknown_labels` {"queries_skipped",
+    "archive_skipped"}; external `queries_from` must have labels. The returned dict also has `per_query`
     (target, probability, kNN vote, AP@k and an integer patient group per query; written to per_query.json,
     not to report.json) for pooling folds. `robustness` adds the `robustness` block (`cbir.evaluate.robustness`).
     """
@@ -150,31 +154,40 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     robust_records = _robustness_records(meta, collection, queries_from, pseudonymize) if robustness else None
     failures: list[str] = []
     left_out = 0
+    labelled = {"target": UNKNOWN_TARGET}  # as must_not: only points whose label is known
     if queries_from is None:
         queries = stored_queries(index, collection, bits)
-        archive_filter = Filter(must={"split": ARCHIVE_SPLITS})
+        archive_filter = Filter(must={"split": ARCHIVE_SPLITS}, must_not=labelled)
         source = "test split of the collection"
     else:
         if pseudonymize is None:
             raise CbirError("evaluating external queries needs the pseudonym key")
+        queries_from.require_labels("evaluation queries")
         queries, failures = embedded_queries(queries_from, loaded, pseudonymize, reporter, meta)
         queries, left_out = _unseen(index, collection, loaded, queries_from, queries, reporter)
-        archive_filter = Filter()
+        archive_filter = Filter(must_not=labelled)
         source = f"{queries_from.dataset} ({queries_from.root})"
+    unknown = _unknown_labels(index, collection, archive_filter, queries, reporter)
+    queries = [q for q in queries if q.target != UNKNOWN_TARGET]
     if not queries:
         if index.count(collection) == 0:
             raise CbirError(f"collection {collection!r} is empty: ingest images into it first (cbir ingest)")
+        if unknown["queries_skipped"]:
+            raise CbirError(f"collection {collection!r}: no query images with known labels (the "
+                            f"{unknown['queries_skipped']} images of the {source} have unknown labels)")
         raise CbirError(f"collection {collection!r}: no query images ({source} is empty{_no_test_hint(loaded)})")
     archive = scroll_archive(index, collection, archive_filter, bits, with_embeddings=True)
     if archive.targets.size == 0:
-        raise CbirError(f"collection {collection!r}: the reference archive is empty")
+        unknown_note = (f" of images with known labels ({unknown['archive_skipped']} have unknown labels)"
+                        if unknown["archive_skipped"] else "")
+        raise CbirError(f"collection {collection!r}: the reference archive is empty{unknown_note}")
     neighbours = _search(index, collection, archive_filter, archive, queries, k, reporter)
     y_query = np.array([q.target for q in queries])
     prob_query = np.array([q.probability for q in queries])
     relevant = (neighbours.targets == y_query[:, None]) & (np.arange(k)[None, :] < neighbours.found[:, None])
     n_relevant = archive.n_relevant(queries)
     groups = _patient_groups(queries)
-    extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k)
+    extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k) | {"unknown_labels": unknown}
     extra["stage2"]["weighted_vote"], extra["vote_calibration"] = _weighted_vote(
         index, collection, meta, archive, neighbours, queries, k, groups, reporter)
     if loaded.config.task == "detection":
@@ -302,6 +315,18 @@ def _unseen(index: Index, collection: str, loaded: LoadedModel, records: Records
     return kept, len(queries) - len(kept)
 
 
+def _unknown_labels(index: Index, collection: str, archive_filter: Filter, queries: list[Query],
+                    reporter: Reporter) -> dict[str, int]:
+    """How many queries and archive points have unknown labels (left out of every metric); says so when any."""
+    archive_unknown = Filter(must={**archive_filter.must, "target": UNKNOWN_TARGET})
+    counts = {"queries_skipped": sum(q.target == UNKNOWN_TARGET for q in queries),
+              "archive_skipped": index.count(collection, archive_unknown)}
+    if any(counts.values()):
+        reporter.warn(f"left out {counts['queries_skipped']} queries and {counts['archive_skipped']} archive images "
+                      "whose labels are unknown: they neither query nor vote")
+    return counts
+
+
 def _patient_groups(queries: list[Query]) -> np.ndarray:
     """An integer per query's patient (pseudonym; a query without one is its own patient), for the bootstrap."""
     keys = [q.pseudonym or f"\0query {i}" for i, q in enumerate(queries)]
@@ -354,8 +379,8 @@ def _search(index: Index, collection: str, archive_filter: Filter, archive: Arch
     labels: list[list[list[str]]] = []
     with reporter.task("search", len(queries)) as bar:
         for row, query in enumerate(queries):
-            flt = Filter(must=dict(archive_filter.must),
-                         must_not={"pseudonym": query.pseudonym} if query.pseudonym else {})
+            flt = Filter(must=dict(archive_filter.must), must_not={
+                **archive_filter.must_not, **({"pseudonym": query.pseudonym} if query.pseudonym else {})})
             hits = index.search(collection, query.embedding, k, flt=flt)
             found[row] = len(hits)
             targets[row, :len(hits)] = [int(hit.payload.get("target", 0)) for hit in hits]

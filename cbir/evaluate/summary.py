@@ -20,7 +20,8 @@ Schema (every value plain JSON; an undefined metric, e.g. ROC-AUC with one class
                 archive's majority label), archive_positive_rate
     …           keys of `extra`, merged one level deep; they may add keys but never replace a metric.
                 `cbir.evaluate.run` adds stage2.hamming_map_at_k, stage2.prefilter_knn_accuracy and
-                stage2.prefilter_size (every collection), and for multilabel models
+                stage2.prefilter_size (every collection), unknown_labels {queries_skipped, archive_skipped}
+                (images whose label is unknown, left out of every metric), and for multilabel models
                 stage2.map_at_k_any_finding and stage1.per_class_auc {label: auc}
 """
 

@@ -41,6 +41,10 @@ THUMBNAIL = "thumbnail"
 #: The reserved collection that holds a server's (or local mode's) migration ledger in its metadata.
 LEDGER_COLLECTION = "cbir_ledger"
 
+#: Payload `target` of an image whose label is unknown (plain layout); its `label` is None and `labels` [].
+#: Such points are found and shown, but never vote and never enter an evaluation.
+UNKNOWN_TARGET = -1
+
 #: Payload fields that get a keyword index (created before the bulk load).
 INDEXED_FIELDS = ("labels", "dataset", "split", "view", "sex", "age_band", "pseudonym", "team")
 
@@ -55,6 +59,11 @@ MIH_WIDTH = 16
 MIH_MAX_KEYS = 16384
 
 FilterValue = str | int | bool | Sequence[str]
+
+
+def has_label(payload: dict[str, Any]) -> bool:
+    """Whether a payload's label is known (see `UNKNOWN_TARGET`)."""
+    return payload.get("target") != UNKNOWN_TARGET
 
 
 @dataclass(frozen=True)

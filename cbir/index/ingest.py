@@ -11,7 +11,7 @@ from cbir.console import QUIET, Reporter
 from cbir.data.records import Records
 from cbir.embed import Embedded, embed_batches
 from cbir.errors import BadInputError, CbirError
-from cbir.index.base import Index, Point
+from cbir.index.base import UNKNOWN_TARGET, Index, Point
 from cbir.index.codes import ITQ_FIT_SIZE, check_code_source, code_source, fit_itq_meta, itq_from_meta
 from cbir.index.files import FileMap
 from cbir.index.schema import (
@@ -57,10 +57,12 @@ class IngestSummary:
     points_after: int = 0
     seconds: float = 0.0
     swap: Swap | None = None
+    labels_unknown: bool = False  # the dataset's labels are unknown (plain layout)
 
     @property
     def line(self) -> str:
-        text = (f"{self.total} files: {self.ingested} ingested, {self.already} already in the index, "
+        ingested = f"{self.ingested} ingested" + (" with unknown labels" if self.labels_unknown else "")
+        text = (f"{self.total} files: {ingested}, {self.already} already in the index, "
                 f"{self.skipped} duplicates skipped, {self.failed} failed; "
                 f"collection {self.collection!r} holds {self.points_after} points ({self.seconds:.1f} s)")
         return text + (f"; reindex: {self.swap.line}" if self.swap else "")
@@ -89,8 +91,9 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
             raise CbirError(f"collection {collection!r} stores {code_source(meta)} codes, not {codes}; "
                             "ingest into a new collection to change the code source")
     else:
-        meta = collection_meta(loaded, pseudonymize, records.target,
-                               negative_label(records.label_names, records.target))
+        names, target = ((records.label_names, records.target) if records.has_labels  # else the model's
+                         else (list(loaded.config.label_names), loaded.config.target))
+        meta = collection_meta(loaded, pseudonymize, target, negative_label(names, target))
         meta.update(codes=codes or "model", shards=shards, replicas=replicas, team=team,
                     paths=PLAIN_PATHS if keep_paths else PSEUDONYM_PATHS,
                     thumbnails=thumbnail_spec() if thumbnails else None)
@@ -153,7 +156,7 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
                               team, version_of=alias if reindex else None, split=split, keep_paths=keep_paths,
                               thumbnails=thumbnails)
     summary = IngestSummary(alias, total=len(records) + len(records.missing),
-                            points_before=index.count(collection))
+                            points_before=index.count(collection), labels_unknown=not records.has_labels)
     paths = records.meta["path"].tolist()
     names = _FileNames(records, pseudonymize, path_mode(meta) == PSEUDONYM_PATHS)
 
@@ -308,9 +311,9 @@ def payload_labels(records: Records, names: list[str], negative: str) -> list[st
     """The payload's `labels` for an image whose positive labels are `names`.
 
     With nothing positive, NIH says "No Finding" and a one-label set (RSNA) says the negative label
-    ("No Pneumonia"); folder datasets always have their class.
+    ("No Pneumonia"); folder datasets always have their class, and images with unknown labels get [].
     """
-    if records.layout == "folder" or names:
+    if records.layout == "folder" or names or not records.has_labels:
         return names
     return ["No Finding" if len(records.label_names) > 1 else negative]
 
@@ -321,8 +324,11 @@ def _point(records: Records, item: Embedded, code: np.ndarray, pseudonymize: Pse
     row = records.meta.iloc[item.index]
     label_row = records.labels[item.index]
     names = [n for n, v in zip(records.label_names, label_row, strict=True) if v > 0.5]
-    target = int(label_row[records.target_index] > 0.5)
-    primary = records.target if target else meta["negative_label"]
+    if records.has_labels:
+        target = int(label_row[records.target_index] > 0.5)
+        primary: str | None = records.target if target else meta["negative_label"]
+    else:
+        target, primary = UNKNOWN_TARGET, None
     csv_meta = SafeMeta(view=view_of(row.get("view")), sex=sex_of(row.get("sex")), age_band=age_band(row.get("age")),
                         pseudonym=pseudonymize(str(row["patient"])))
     safe = SafeMeta(view=item.meta.view, sex=item.meta.sex, age_band=item.meta.age_band,

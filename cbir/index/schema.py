@@ -7,7 +7,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cbir.data.splits import describe_record, split_differences
 from cbir.errors import CbirError, ModelMismatchError
 from cbir.index.base import SCHEMA_VERSION, pack_code
 from cbir.io import Pseudonymizer
@@ -117,6 +116,8 @@ def record_split(meta: dict[str, Any], record: dict[str, Any], collection: str) 
     """Record the split of the dataset being ingested; refuse one that differs from what the collection
     already holds for that dataset (the points already in it keep their `split`, so the two would disagree).
     Returns whether `meta` changed."""
+    from cbir.data.splits import describe_record, split_differences  # pandas: not on the query path
+
     dataset = record["dataset"]
     held = recorded_split(meta, dataset)
     if held is not None:

@@ -307,6 +307,16 @@ def _signed(value: Any) -> str:
     return "n/a" if value is None else f"{value:+.3f}"
 
 
+def _unknown_labels(payload: dict) -> list[str]:
+    """A sentence on the images left out because their labels are unknown (none: nothing)."""
+    unknown = payload.get("unknown_labels") or {}
+    queries, archive = int(unknown.get("queries_skipped") or 0), int(unknown.get("archive_skipped") or 0)
+    if not queries and not archive:
+        return []
+    return [f"**Unknown labels:** {queries} test queries and {archive} archive images have unknown labels and are "
+            "left out of every figure below (they neither query nor vote).", ""]
+
+
 def render_markdown(
     payload: dict, roc_png: str = "roc.png", precision_png: str = "precision_at_k.png"
 ) -> str:
@@ -314,7 +324,7 @@ def render_markdown(
     lines = [
         f"# {payload.get('title') or 'Evaluation report'}", "",
         "## Context", "", *_context_table(payload), "",
-        "## Metrics", "", *_metrics_table(payload), "",
+        "## Metrics", "", *_unknown_labels(payload), *_metrics_table(payload), "",
         f"**Interpretation:** {interpretation(payload)}", "",
         *_confusion_table(payload), "",
         *_recall_table(payload),

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cbir.data.transforms import letterbox
 from cbir.io.thumbnails import windowed
+from cbir.search.query import describe_vote
 
 if TYPE_CHECKING:
     from cbir.search.pictures import Picture
@@ -29,6 +30,7 @@ FINDING_COLOURS = {
 COLS = 4
 POSITIVE = (230, 80, 60)
 NEGATIVE = (90, 190, 110)
+UNKNOWN = (150, 150, 150)  # a neighbour whose label is unknown
 
 
 def _tile(pixels: np.ndarray | None) -> tuple[Image.Image, float, float, float]:
@@ -92,7 +94,7 @@ def write_montage(result: dict[str, Any], query_pixels: np.ndarray, pictures: Se
     small, big = _font(13), _font(16)
     pred, vote = result["prediction"], result["vote"]
     title = (f"model: P({pred.get('target')}) = {pred['probability']:.2f}   "
-             f"kNN vote: {vote['label']} ({vote['fraction']:.0%} of {len(neighbors)})")
+             f"kNN vote: {describe_vote(vote, len(neighbors))}")
     draw.text((8, 10), _fit(draw, title, big, COLS * TILE - 16), fill=(255, 255, 255), font=big)
     query_lines = ["query", _demographics(result.get("query") or {})]
     predicted = [b["box"] for b in pred.get("boxes") or []]
@@ -103,11 +105,13 @@ def write_montage(result: dict[str, Any], query_pixels: np.ndarray, pictures: Se
         col, row = i % COLS, 1 + i // COLS
         hamming = f"  H={hit['hamming']}" if hit.get("hamming") is not None else ""
         lines = [f"#{hit['rank']}  sim {hit['score']:.3f}{hamming}  {_demographics(hit)}"]
-        colour = POSITIVE if hit.get("label") == pred.get("target") else NEGATIVE
+        known = hit.get("label") is not None
+        colour = (POSITIVE if hit.get("label") == pred.get("target") else NEGATIVE) if known else UNKNOWN
+        labels = list(hit.get("labels") or ["-" if known else "unknown"])
         x, y = col * TILE, header + row * (TILE + CAPTION)
         _paste(canvas, draw, _tile(picture.pixels if picture else None), x, y, lines, small, colour,
-               picture.boxes if picture else [], finding_colour(str((hit.get("labels") or ["-"])[0])))
-        _draw_labels(draw, x + 6, y + TILE + 4 + 18, list(hit.get("labels") or ["-"]), small, TILE - 12)
+               picture.boxes if picture else [], finding_colour(labels[0]))
+        _draw_labels(draw, x + 6, y + TILE + 4 + 18, labels, small, TILE - 12)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
     return out

@@ -40,7 +40,7 @@ def calibrate(index: Index, collection: str, k: int = 10, reporter: Reporter = Q
     """Fit (and with `store`, store) the calibration; None with fewer than MIN_VALIDATION val points."""
     val = [p for p in index.scroll(collection, Filter(must={"split": "val"}), with_vectors=True)
            if p.payload.get("target") in (0, 1)]
-    train = Filter(must={"split": "train"})
+    train = Filter(must={"split": "train", "target": [0, 1]})   # images of unknown label neither query nor vote
     n_train = index.count(collection, train)
     if len(val) < MIN_VALIDATION or n_train == 0:
         reporter.warn(f"collection {collection!r}: {len(val)} validation images, too few to calibrate the vote "

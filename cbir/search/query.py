@@ -6,7 +6,7 @@ The JSON form (`QueryResult.to_json`) is a stable interface:
    "neighbors": [{"rank", "id", "score", "hamming", "labels", "label", "path", "file", "dataset", "split",
                   "view", "sex", "age_band", "boxes"}],
    "vote": {"label", "fraction", "positive_fraction", "probability", "corrected_share", "weights",
-            "calibrated", "close_case", "reliable"},
+            "calibrated", "close_case", "reliable", "labelled", "skipped_unknown"},
    "prediction": {"label", "probability", "target", "boxes"}}
 
 File names can carry identifiers (RSNA's and many hospital exports' are the PatientID or MRN), so by default
@@ -16,6 +16,10 @@ before paths were pseudonymised), which store it. `query.path` is a keyed pseudo
 as given (null without a key). With `local_paths=True` (`cbir query --local-paths`) `query.path` is the name
 as given and a neighbour's `path` is its relative path wherever this machine's file map knows it
 (`cbir.index.files`), else null.
+
+Neighbours whose label is unknown (`cbir.index.base.UNKNOWN_TARGET`: `label` null, `labels` [], `target` -1)
+are listed but do not vote: `vote.labelled` neighbours voted, `vote.skipped_unknown` were left out, and the
+fractions are of the labelled ones (`vote.label` is null when none is labelled).
 
 `prediction.boxes` is present for detection models only: [{"box": [x, y, w, h], "score"}], best first, in the
 query image's original pixels.
@@ -32,7 +36,7 @@ import numpy as np
 
 from cbir.embed import Embedded, embed_and_detect
 from cbir.errors import CbirError
-from cbir.index.base import Filter, Hit, Index
+from cbir.index.base import Filter, Hit, Index, has_label
 from cbir.index.codes import collection_code
 from cbir.index.files import FileMap, LocalFiles
 from cbir.index.schema import FILTER_ALIASES, check_model
@@ -97,36 +101,51 @@ def search_embedding(index: Index, collection: str, embedded: Embedded, k: int, 
 
 def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The neighbours' vote (`cbir.search.vote`): similarity-weighted, corrected for the archive's class
-    frequencies, with the probability calibrated on the collection's validation images.
+    frequencies, with the probability calibrated on the collection's validation images. Neighbours whose label
+    is unknown do not vote: `labelled` did, `skipped_unknown` were left out.
 
     `label` is the target or the collection's negative label by the corrected rule; `fraction` is the share of
-    neighbours that carry `label` and `positive_fraction` the share that carry the target (both unweighted);
-    `probability` the calibrated probability of the target; `weights` each neighbour's share of the vote, in
-    rank order; `calibrated` whether the collection holds a calibration; `close_case` whether the nearest
-    neighbour is at least as similar as the validation queries' usually are (`None` uncalibrated), and
-    `reliable` is False when it is not.
+    labelled neighbours that carry `label` and `positive_fraction` the share that carry the target (both
+    unweighted); `probability` the calibrated probability of the target; `weights` each neighbour's share of
+    the vote, in rank order (0 for an unknown label); `calibrated` whether the collection holds a calibration;
+    `close_case` whether the nearest neighbour is at least as similar as the validation queries' nearest
+    usually are (`None` uncalibrated), and `reliable` is False when it is not.
     """
     meta = meta or {}
     negative = meta.get("negative_label", f"No {target}")
     body = meta.get("calibration") or {}
-    if not hits:
-        return {"label": None, "fraction": 0.0, "positive_fraction": 0.0, "probability": None, "weights": [],
-                "calibrated": bool(body), "close_case": False if body else None, "reliable": False}
+    known = [has_label(hit.payload) for hit in hits]
+    counted = {"labelled": sum(known), "skipped_unknown": len(hits) - sum(known)}
+    nearest = body.get("nearest") or {}
+    close = None if "threshold" not in nearest or not hits else bool(float(hits[0].score) >= nearest["threshold"])
+    if not any(known):
+        return {"label": None, "fraction": 0.0, "positive_fraction": 0.0, "probability": None,
+                "weights": [0.0] * len(hits), "calibrated": bool(body),
+                "close_case": close if hits else (False if body else None), "reliable": False, **counted}
     from cbir.search.vote import VoteCalibration, decide, weights
     calibration = VoteCalibration.from_dict(body.get("vote"))
-    scores = np.array([[float(hit.score) for hit in hits]])
-    targets = np.array([[int(hit.payload.get("target", 0)) for hit in hits]])
+    scores = np.array([[float(hit.score) if ok else np.nan for hit, ok in zip(hits, known, strict=True)]])
+    targets = np.array([[int(hit.payload.get("target", 0)) if ok else -1 for hit, ok in zip(hits, known, strict=True)]])
     decision, probability, share = decide(scores, targets, calibration)
-    label = target if decision[0] == 1 else negative
     w = weights(scores, calibration.temperature)[0]
-    positive = float((targets[0] == 1).mean())
-    nearest = body.get("nearest") or {}
-    close = None if "threshold" not in nearest else bool(scores[0, 0] >= nearest["threshold"])
-    return {"label": label, "fraction": positive if decision[0] == 1 else 1.0 - positive,
+    positive = float((targets[0] == 1).sum() / max(sum(known), 1))
+    return {"label": target if decision[0] == 1 else negative,
+            "fraction": positive if decision[0] == 1 else 1.0 - positive,
             "positive_fraction": positive, "probability": round(float(probability[0]), 6),
             "corrected_share": round(float(share[0]), 6),
             "weights": [round(float(x), 6) for x in w / max(float(w.sum()), 1e-12)],
-            "calibrated": bool(body), "close_case": close, "reliable": close is not False}
+            "calibrated": bool(body), "close_case": close, "reliable": close is not False, **counted}
+
+
+def describe_vote(vote: dict[str, Any], n_neighbours: int) -> str:
+    """The kNN vote in words ("Pneumonia (60% of 5 neighbours)"), saying how many neighbours with unknown
+    labels were skipped."""
+    skipped = int(vote.get("skipped_unknown") or 0)
+    if vote["label"] is None:
+        return f"none (all {n_neighbours} neighbours have unknown labels)" if skipped else "none (no neighbours)"
+    voters = f"{n_neighbours - skipped} labelled neighbours" if skipped else f"{n_neighbours} neighbours"
+    return f"{vote['label']} ({vote['fraction']:.0%} of {voters}" + \
+        (f"; {skipped} with unknown labels skipped)" if skipped else ")")
 
 
 def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection: str, k: int = 10,

@@ -18,10 +18,11 @@ from cbir.console import QUIET, Reporter
 from cbir.data.loading import iterate_batches
 from cbir.data.records import Records
 from cbir.data.transforms import AUGMENTATIONS, standardize
-from cbir.errors import CbirError, DatasetError
+from cbir.errors import DatasetError
 from cbir.metrics import per_class_auc, roc_auc
 from cbir.models import CbirNet, ModelConfig, ModelOutput, create_model
 from cbir.models.checkpoint import write_split
+from cbir.models.device import resolve_device
 from cbir.train.losses import hash_loss, positive_weights, supervised_contrastive_loss
 from cbir.train.selection import EpochHook, Keeper
 
@@ -77,18 +78,6 @@ class TrainResult:
     n_val: int = 0
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CbirError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CbirError("--device cuda was asked for but no CUDA GPU is available")
-    return device
 
 
 def preload(records: Records, size: int, settings: TrainSettings, reporter: Reporter,
@@ -152,6 +141,7 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
     started = time.perf_counter()
     config.validate()
     settings.validate()
+    records.require_labels("training")
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     train, val = records.split("train"), records.split("val")
