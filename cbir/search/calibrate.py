@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cbir.console import QUIET, Reporter
-from cbir.index.base import Filter, Index
+from cbir.index.base import UNKNOWN_TARGET, Filter, Index
 from cbir.search import vote
 
 #: A query whose nearest neighbour is less similar than this quantile of the validation queries' nearest
@@ -28,7 +28,8 @@ def neighbour_table(index: Index, collection: str, queries: list[Any], archive: 
     targets = np.full((len(queries), k), -1, dtype=np.int64)
     for row, point in enumerate(queries):
         pseudonym = point.payload.get("pseudonym")
-        flt = Filter(must=dict(archive.must), must_not={"pseudonym": pseudonym} if pseudonym else {})
+        flt = Filter(must=dict(archive.must),
+                     must_not={**archive.must_not, **({"pseudonym": pseudonym} if pseudonym else {})})
         hits = index.search(collection, point.embedding, k, flt=flt)
         scores[row, :len(hits)] = [float(h.score) for h in hits]
         targets[row, :len(hits)] = [int(h.payload.get("target", 0)) for h in hits]
@@ -40,7 +41,7 @@ def calibrate(index: Index, collection: str, k: int = 10, reporter: Reporter = Q
     """Fit (and with `store`, store) the calibration; None with fewer than MIN_VALIDATION val points."""
     val = [p for p in index.scroll(collection, Filter(must={"split": "val"}), with_vectors=True)
            if p.payload.get("target") in (0, 1)]
-    train = Filter(must={"split": "train", "target": [0, 1]})   # images of unknown label neither query nor vote
+    train = Filter(must={"split": "train"}, must_not={"target": UNKNOWN_TARGET})  # unknown labels never vote
     n_train = index.count(collection, train)
     if len(val) < MIN_VALIDATION or n_train == 0:
         reporter.warn(f"collection {collection!r}: {len(val)} validation images, too few to calibrate the vote "
