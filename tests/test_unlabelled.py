@@ -65,7 +65,8 @@ def test_payloads_say_the_label_is_unknown(setup: dict[str, Path]) -> None:
         splits = {p.payload["split"] for p in points}
     assert mixed_unknown == N_PLAIN
     assert all((p.payload["label"], p.payload["labels"], p.payload["target"]) == (None, [], -1) for p in points)
-    assert all(p.payload["dataset"] == "archive" and p.payload["path"].startswith("patient_") for p in points)
+    assert all(p.payload["dataset"] == "archive" and p.payload["path"] is None and p.payload["file"].startswith("f-")
+               for p in points)   # file names are pseudonymised (patient_NN folders are not in the payload)
     assert splits <= {"train", "val", "test"} and len(splits) > 1
     by_patient: dict[str, set[str]] = {}
     for p in points:   # two images per patient folder, grouped by --patient-regex: one split per patient
@@ -79,8 +80,9 @@ def test_query_of_an_unlabelled_archive_says_the_vote_has_no_voters(setup: dict[
                            "--json"))
     assert len(result["neighbors"]) == K and result["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert all(n["label"] is None and n["labels"] == [] for n in result["neighbors"])
-    assert result["vote"] == {"label": None, "fraction": 0.0, "positive_fraction": 0.0, "labelled": 0,
-                              "skipped_unknown": K}
+    expected = {"label": None, "fraction": 0.0, "positive_fraction": 0.0, "labelled": 0, "skipped_unknown": K,
+                "probability": None, "reliable": False}
+    assert {key: result["vote"][key] for key in expected} == expected
     text = ok("query", image, "--index", setup["index"], "--collection", "unlabelled", "--k", K)
     assert f"kNN vote: none (all {K} neighbours have unknown labels)" in text and "unknown" in text
 
