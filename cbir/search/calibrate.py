@@ -43,9 +43,7 @@ def calibrate(index: Index, collection: str, k: int = 10, reporter: Reporter = Q
            if p.payload.get("target") in (0, 1)]
     train = Filter(must={"split": "train"}, must_not={"target": UNKNOWN_TARGET})  # unknown labels never vote
     n_train = index.count(collection, train)
-    if len(val) < MIN_VALIDATION or n_train == 0:
-        reporter.warn(f"collection {collection!r}: {len(val)} validation images, too few to calibrate the vote "
-                      f"and the closeness warning (at least {MIN_VALIDATION}); the vote stays uncalibrated")
+    if len(val) < MIN_VALIDATION or n_train == 0:   # the query says so: vote.calibrated is false
         return None
     prior = index.count(collection, Filter(must={"split": "train", "target": 1})) / n_train
     scores, targets = neighbour_table(index, collection, val, train, k)
