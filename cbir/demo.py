@@ -21,6 +21,8 @@ from cbir.io import load_pseudonymizer
 from cbir.models import ModelConfig, load_checkpoint
 from cbir.report.montage import write_montage
 from cbir.search import query_image
+from cbir.search.calibrate import calibrate
+from cbir.search.pictures import neighbor_pictures
 from cbir.train import TrainSettings, train_model
 
 MARKER = ".cbir-demo"
@@ -108,6 +110,7 @@ def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone:
     pseudonymize = load_pseudonymizer()
     with open_index(location, writable=True, create=True) as idx:
         summary = ingest_records(records, loaded, idx, COLLECTION, pseudonymize, reporter=reporter)
+        calibrate(idx, COLLECTION, reporter=reporter)
     reporter.log(summary.line)
     lap("ingest")
 
@@ -118,10 +121,10 @@ def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone:
     with open_index(location) as idx:
         archive = Filter(must={"split": ["train", "val"]})  # the held-out case is not its own neighbour
         answer = query_image(query_file, loaded, idx, COLLECTION, k=8, flt=archive, pseudonymize=pseudonymize)
-        roots = idx.get_meta(COLLECTION)["roots"]
         result.query = answer.to_json()
         (out / "query.json").write_text(json.dumps(result.query, indent=2) + "\n")
-        write_montage(result.query, answer.pixels, roots, out / "montage.png")
+        pictures = neighbor_pictures(idx, COLLECTION, idx.get_meta(COLLECTION), result.query["neighbors"])
+        write_montage(result.query, answer.pixels, pictures, out / "montage.png")
         result.query_file = query_file
         lap("query")
 

@@ -36,10 +36,10 @@ from cbir.index.ingest import ingest_records
 from cbir.index.versions import drop
 from cbir.io import load_pseudonymizer
 from cbir.models import ModelConfig, load_checkpoint
+from cbir.models.device import resolve_device
 from cbir.report.doc import update_section
 from cbir.report.results import render_results
 from cbir.train import TrainSettings, train_model
-from cbir.train.loop import resolve_device
 
 APPROACHES = {
     "binary": "Binary classification (baseline)",

@@ -6,13 +6,15 @@ Exit codes: 0 success; 1 finished, but some input files failed (listed above the
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -41,15 +43,17 @@ IndexOpt = Annotated[str | None, typer.Option("--index", help="Index location: a
 CollectionOpt = Annotated[str, typer.Option("--collection", help="Collection name [$CBIR_COLLECTION]")]
 TeamOpt = Annotated[str | None, typer.Option("--team", envvar="CBIR_TEAM", show_envvar=True,
                                              help="your team: uses the team's own collection, TEAM.COLLECTION")]
-LayoutOpt = Annotated[str, typer.Option("--layout", help="rsna, nih, folder or auto")]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="rsna, nih, folder, plain (every image, labels unknown) "
+                                        "or auto (never plain)")]
 MaxPixelsOpt = Annotated[int | None, typer.Option(
     "--max-pixels", min=4, envvar="CBIR_MAX_PIXELS", show_envvar=True,
     help="refuse images with more pixels than this (default 80,000,000)")]
 AnyModalityOpt = Annotated[bool, typer.Option(
     "--any-modality", envvar="CBIR_ANY_MODALITY", show_envvar=True,
     help="experts: also embed DICOMs that are not radiographs (MR, CT, US, …; default: CR, DX, OT/SC only)")]
-RegexOpt = Annotated[str | None, typer.Option("--patient-regex",
-                                              help="folder layout: regex whose first group is the patient")]
+RegexOpt = Annotated[str | None, typer.Option(
+    "--patient-regex", help="folder layout: regex (on the file name) whose first group is the patient; plain "
+    "layout: on the path below the root")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="split seed (default: the model's split; train: 0)")]
 ValFractionOpt = Annotated[float | None, typer.Option(
     "--val-fraction", min=0.0, max=0.95, help="share of patients in validation (train default 0.1)")]
@@ -59,6 +63,9 @@ TestFractionOpt = Annotated[float | None, typer.Option(
 FoldsOpt = Annotated[int | None, typer.Option(
     "--folds", min=0, help="k-fold split by patient: k folds, --fold i is the test split (0: hold-out)")]
 FoldOpt = Annotated[int | None, typer.Option("--fold", min=0, help="with --folds: the test fold, 1..k")]
+LocalPathsOpt = Annotated[bool, typer.Option(
+    "--local-paths", help="show the file names this machine ingested (from its local file map) and the query's; "
+    "they may identify patients")]
 OtherSplitOpt = Annotated[bool, typer.Option(
     "--other-split", help="experts: allow a split that differs from the one the model was trained with")]
 
@@ -85,6 +92,23 @@ def guarded(func: F) -> F:
                       markup=False)
             raise typer.Exit(3) from None
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _heavy_imports() -> Iterator[None]:
+    """Import torch, timm, pydicom and the rest without garbage-collection passes over them: collection pauses
+    while they load (their tens of thousands of new objects set off full passes), and what is loaded is then
+    frozen (`gc.freeze`), so no later pass walks it, not even the last one at exit. Freezes once per process.
+    Measured on `cbir query`: docs/performance.md."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def _reporter(quiet: bool = False) -> Any:
@@ -132,7 +156,7 @@ def _split_options(seed: int | None, val_fraction: float | None, test_fraction: 
 
 def _load_model(model: Path | None, index: Any, collection: str, device: str) -> Any:
     from cbir.models import load_checkpoint
-    from cbir.train.loop import resolve_device
+    from cbir.models.device import resolve_device
     if model is None:
         path = index.get_meta(collection).get("model_path")
         if not path:
@@ -192,6 +216,12 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           ] = None,
           ema: Annotated[bool | None, typer.Option(
               "--ema/--no-ema", help="keep an exponential moving average of the weights")] = None,
+          augment: Annotated[str | None, typer.Option(
+              "--augment", help="basic, or strong (also window, resolution, blur, noise, JPEG)")] = None,
+          metric_loss: Annotated[str | None, typer.Option(
+              "--metric-loss", help="none, or supcon (supervised contrastive loss on the embedding)")] = None,
+          balanced: Annotated[bool | None, typer.Option(
+              "--balanced/--no-balanced", help="class-balanced batches")] = None,
           patient_regex: RegexOpt = None) -> None:
     """Train a backbone with an embedding head; the split is recorded in the checkpoint (split.json)."""
     from cbir.data.layout import load_dataset
@@ -203,9 +233,14 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         ModelConfig(task=task, bits=bits).validate()  # a bad --task/--bits fails before the dataset is read
     if select is not None and select not in SELECT_RULES:
         raise CbirError(f"--select {select!r}: choose from {', '.join(SELECT_RULES)}")
+    try:  # a bad --augment/--metric-loss fails before the dataset is read
+        TrainSettings(augment=augment or "basic", metric_loss=metric_loss or "none").validate()
+    except ValueError as exc:
+        raise CbirError(str(exc)) from None
     given = {k: v for k, v in _split_options(seed, val_fraction, test_fraction, folds, fold).items() if v is not None}
     spec = SplitSpec().replace(**given)
     records = load_dataset(data, layout, split=spec, patient_regex=patient_regex)
+    records.require_labels("training")
     reporter = _reporter()
     for note in records.notes:
         reporter.log(f"note: {note}")
@@ -214,7 +249,9 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     defaults = TrainSettings()
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, device=device, workers=workers,
                              seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
-                             select=select or defaults.select, ema=defaults.ema if ema is None else ema)
+                             select=select or defaults.select, ema=defaults.ema if ema is None else ema,
+                             augment=augment or defaults.augment, metric_loss=metric_loss or defaults.metric_loss,
+                             balanced=defaults.balanced if balanced is None else balanced)
     counts = records.meta["split"].value_counts().to_dict()
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}; split {spec.describe()}), target "
                  f"{records.target!r}, {int(records.y.sum())} positive")
@@ -258,15 +295,24 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            allow_count_change: Annotated[bool, typer.Option(
                "--allow-count-change", help="--reindex: swap even if the point counts differ (keeps the old "
                "version)")] = False,
+           keep_paths: Annotated[bool, typer.Option(
+               "--keep-paths", help="store each file's relative path in the index, for private archives whose "
+               "file names identify nobody (default: a keyed pseudonym; the path stays in this machine's file "
+               "map)")] = False,
+           thumbnails: Annotated[bool, typer.Option(
+               "--thumbnails", help="store a small de-identified picture (192 px WebP) with each point, so that "
+               "other teams see the cases in the viewer and in montages")] = False,
            ) -> None:
     """Embed every image of a dataset and upsert it into the index, split as the model's training data was
-    (each point's payload `split`; the collection records the split)."""
-    from cbir.data.layout import load_dataset_for_model
-    from cbir.index.ingest import ingest_records
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
-    from cbir.models import load_checkpoint
-    from cbir.train.loop import resolve_device
+    (each point's payload `split`; the collection records the split). Payloads name files by keyed pseudonyms
+    unless --keep-paths."""
+    with _heavy_imports():
+        from cbir.data.layout import load_dataset_for_model
+        from cbir.index.ingest import ingest_records
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
+        from cbir.models import load_checkpoint
+        from cbir.models.device import resolve_device
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     if reindex and part:
@@ -288,11 +334,15 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
             raise CbirError(str(exc)) from None
         records, first_part = records.part(i, n), i == 1
     pseudonymize = load_pseudonymizer()
+    if keep_paths:
+        reporter.warn("--keep-paths: file names go into the index as they are; use it only if they identify nobody")
     with _open(index, writable=True, create=True) as idx:
         summary = ingest_records(records, loaded, idx, collection, pseudonymize, batch_size, workers, strict,
                                  reporter, codes=codes, may_fit_itq=first_part, shards=shards, replicas=replicas,
                                  team=team, reindex=reindex, allow_count_change=allow_count_change,
-                                 split=split)
+                                 split=split, keep_paths=keep_paths, thumbnails=thumbnails)
+        from cbir.search.calibrate import calibrate
+        calibrate(idx, collection, reporter=reporter)
     out.print(summary.line, markup=False)
     if summary.failed:
         raise typer.Exit(1)
@@ -311,24 +361,27 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
           as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
           montage: Annotated[Path | None, typer.Option("--montage", help="write a PNG montage")] = None,
           device: Annotated[str, typer.Option("--device")] = "auto", team: TeamOpt = None,
-          max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False) -> None:
-    """Find the k most similar archived cases to one image."""
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
-    from cbir.search import parse_filters, query_image
+          max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False,
+          local_paths: LocalPathsOpt = False) -> None:
+    """Find the k most similar archived cases to one image. File names are not printed unless --local-paths."""
+    with _heavy_imports():
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
+        from cbir.search import parse_filters, query_image
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     flt = parse_filters(filters)
     with _open(index) as idx:
         loaded = _load_model(model, idx, collection, device)
         result = query_image(image, loaded, idx, collection, k, flt, prefilter, hamming_radius,
-                             load_pseudonymizer())
-        roots = idx.get_meta(collection).get("roots") or {}
-    payload = result.to_json()
-    if montage is not None:
-        from cbir.report.montage import write_montage
-        write_montage(payload, result.pixels, roots, montage)
-        payload["montage"] = str(montage)
+                             load_pseudonymizer(), local_paths)
+        payload = result.to_json()
+        if montage is not None:
+            from cbir.report.montage import write_montage
+            from cbir.search.pictures import neighbor_pictures
+            pictures = neighbor_pictures(idx, collection, idx.get_meta(collection), payload["neighbors"])
+            write_montage(payload, result.pixels, pictures, montage)
+            payload["montage"] = str(montage)
     if as_json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
@@ -336,17 +389,18 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
 
 
 def _print_query(result: dict[str, Any]) -> None:
+    from cbir.search.query import describe_vote
     table = Table(title=f"{result['k']} nearest cases in {result['collection']!r}")
-    for column in ("rank", "score", "hamming", "labels", "view", "sex", "age", "path"):
+    for column in ("rank", "score", "hamming", "labels", "view", "sex", "age", "file"):
         table.add_column(column, justify="right" if column in ("rank", "score", "hamming") else "left")
     for n in result["neighbors"]:
         table.add_row(str(n["rank"]), f"{n['score']:.4f}", "" if n["hamming"] is None else str(n["hamming"]),
-                      ", ".join(n["labels"] or []), n["view"] or "", n["sex"] or "", n["age_band"] or "",
-                      n["path"] or "")
+                      ", ".join(n["labels"] or []) or ("unknown" if n.get("label") is None else ""),
+                      n["view"] or "", n["sex"] or "", n["age_band"] or "",
+                      n["path"] or n.get("file") or "")
     out.print(table)
     vote, pred = result["vote"], result["prediction"]
-    out.print(f"kNN vote: {vote['label']} ({vote['fraction']:.0%} of {len(result['neighbors'])} neighbours)",
-              markup=False)
+    out.print(f"kNN vote: {describe_vote(vote, len(result['neighbors']))}", markup=False)
     out.print(f"model: P({pred['target']}) = {pred['probability']:.3f} → {pred['label']}", markup=False)
     for found in pred.get("boxes") or []:
         x, y, w, h = found["box"]
@@ -364,21 +418,26 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
              out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("cbir-report"),
              as_json: Annotated[bool, typer.Option("--json")] = False,
              device: Annotated[str, typer.Option("--device")] = "auto",
-             patient_regex: RegexOpt = None, team: TeamOpt = None, other_split: OtherSplitOpt = False) -> None:
+             patient_regex: RegexOpt = None, team: TeamOpt = None, other_split: OtherSplitOpt = False,
+             robustness: Annotated[bool, typer.Option(
+                 "--robustness", help="also re-encode every query (JPEG q60, cropped 12-bit MONOCHROME1 DICOM, "
+                                      "blur + gamma, 5° rotation): rank of the original and the metrics' change"
+             )] = False) -> None:
     """Stage-1 ROC-AUC and stage-2 kNN metrics with 95 % CIs and the majority baseline; writes report.md/json.
 
     The queries are the test split the model was trained with (from the collection), or --queries: another
     dataset's images (only its test split when it is the model's own training data)."""
-    from cbir.evaluate.run import evaluate_collection
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
+    with _heavy_imports():
+        from cbir.evaluate.run import evaluate_collection
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
     collection = team_collection(collection, team)
     reporter = _reporter(quiet=as_json)
     with _open(index) as idx:
         loaded = _load_model(model, idx, collection, device)
         records = _query_records(queries, layout, loaded, patient_regex, other_split, reporter) if queries else None
         report = evaluate_collection(idx, collection, loaded, out_dir, k, records, load_pseudonymizer(), reporter,
-                                     allow_other_split=other_split)
+                                     allow_other_split=other_split, robustness=robustness)
     report.pop("per_query", None)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
@@ -431,6 +490,10 @@ def _print_report(report: dict[str, Any], out_dir: Path) -> None:
         interval = "" if not ci else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}"
         table.add_row(name, "n/a" if value is None else f"{100 * value:.2f} %", interval)
     out.print(table)
+    unknown = report.get("unknown_labels") or {}
+    if any(unknown.values()):
+        out.print(f"left out (labels unknown): {unknown['queries_skipped']} queries, {unknown['archive_skipped']} "
+                  "archive images", markup=False)
     out.print(f"report: {out_dir / 'report.md'}", markup=False)
 
 
@@ -446,6 +509,7 @@ def _majority_name(report: dict[str, Any]) -> str:
 def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List collections (by the name you query them with) with their stored version, point counts, model
     fingerprint, dimensions, team and schema version."""
+    from cbir.index.schema import path_mode
     with _open(index) as idx:
         by_collection = {c: a for a, c in idx.list_aliases().items()}
         rows = []
@@ -456,7 +520,8 @@ def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--
                          "model_fingerprint": meta.get("model_fingerprint"), "backbone": meta.get("backbone"),
                          "dim": meta.get("dim"), "bits": meta.get("bits"), "team": meta.get("team"),
                          "schema_version": idx.schema_version(name), "model_path": meta.get("model_path"),
-                         "key_fingerprint": meta.get("key_fingerprint"),
+                         "key_fingerprint": meta.get("key_fingerprint"), "paths": path_mode(meta),
+                         "thumbnails": bool(meta.get("thumbnails")),
                          "splits": {dataset: record.get("description")
                                     for dataset, record in (meta.get("splits") or {}).items()}})
         location = idx.location
@@ -465,7 +530,7 @@ def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--
         return
     table = Table(title=f"index {location}")
     columns = ("collection", "stored_as", "points", "model_fingerprint", "backbone", "dim", "bits", "team",
-               "schema_version", "splits")
+               "schema_version", "paths", "thumbnails", "splits")
     for column in columns:
         table.add_column(column)
     for row in rows:
@@ -483,6 +548,29 @@ def index_drop(collection: Annotated[str, typer.Argument(help="a collection, or 
     with _open(index, writable=True) as idx:
         names = drop(idx, collection)
     out.print(f"deleted {', '.join(names)}", markup=False)
+
+
+@index_app.command("calibrate")
+@guarded
+def index_calibrate(collection: Annotated[str, typer.Argument(help="the collection to calibrate")] = DEFAULT_COLLECTION,
+                    k: Annotated[int, typer.Option("--k", min=1, max=1000)] = 10, index: IndexOpt = None,
+                    team: TeamOpt = None) -> None:
+    """Fit the vote's calibration and the close-case threshold on the collection's validation images again
+    (`cbir ingest` does this; use it for collections ingested before, or for another k)."""
+    from cbir.index.teams import team_collection
+    from cbir.search.calibrate import calibrate
+    collection = team_collection(collection, team)
+    with _open(index, writable=True) as idx:
+        if not idx.has_collection(collection):
+            raise CbirError(f"no collection {collection!r} in {idx.location}")
+        body = calibrate(idx, collection, k, _reporter())
+    if body is None:
+        raise CbirError(f"collection {collection!r}: too few labelled validation images to calibrate (at least "
+                        "20, and training images); the vote stays uncalibrated")
+    vote = body["vote"]
+    out.print(f"{collection}: vote τ = {vote['temperature']}, a = {vote['a']:.3f}, b = {vote['b']:.3f} on "
+              f"{vote['n_validation']} validation images; close-case threshold {body['nearest']['threshold']:.4f}",
+              markup=False)
 
 
 @index_app.command("export")
@@ -603,23 +691,33 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
           pipeline_images: Annotated[int, typer.Option("--pipeline-images", min=8, help="pipeline: DICOMs")] = 96,
           source_size: Annotated[int, typer.Option("--source-size", min=32, help="pipeline: DICOM size (px)")
                                  ] = 1024,
+          storage: Annotated[bool, typer.Option(
+              "--storage", help="instead: the Edge index's size on disk per 1,000 points at the --n sizes, with "
+              "and without thumbnails")] = False,
+          storage_images: Annotated[Path | None, typer.Option(
+              "--storage-images", help="--storage: make the thumbnails from these images (default: synthetic)")
+          ] = None,
           ) -> None:
     """Time the query path against the alternatives in one run (Qdrant Edge exact/HNSW/prefilters, local mode,
-    NumPy, FAISS, cbir's in-memory searcher) and the model pipeline; prints a table, writes JSON."""
+    NumPy, FAISS, cbir's in-memory searcher) and the model pipeline; prints a table, writes JSON. --storage
+    measures what thumbnails cost instead."""
     from cbir.bench.data import from_index as data_from_index
     from cbir.bench.data import synthetic
     from cbir.bench.pipeline import bench_pipeline
     from cbir.bench.run import bench_vectors, markdown, to_json
     reporter = _reporter()
     rows = []
+    try:
+        sizes = [int(x) for x in n.split(",") if x.strip()]
+    except ValueError:
+        raise CbirError(f"--n {n!r}: give sizes like 10000,100000") from None
+    if storage:
+        _bench_storage(sizes, dim, bits, storage_images, json_out, markdown_out)
+        return
     if from_index:
         with _open(index) as idx:
             datasets = [data_from_index(idx, collection, queries)]
     else:
-        try:
-            sizes = [int(x) for x in n.split(",") if x.strip()]
-        except ValueError:
-            raise CbirError(f"--n {n!r}: give sizes like 10000,100000") from None
         datasets = [synthetic(size, dim, bits, queries) for size in sizes]
     for data in datasets:
         reporter.log(f"{len(data.points):,} points ({data.source})")
@@ -649,6 +747,29 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
         out.print(f"wrote {markdown_out}", markup=False)
 
 
+def _bench_storage(sizes: list[int], dim: int, bits: int, images: Path | None, json_out: Path | None,
+                   markdown_out: Path | None) -> None:
+    from cbir.bench.run import machine
+    from cbir.bench.storage import bench_storage, storage_markdown, storage_pictures
+    if images is not None and not images.is_dir():
+        raise CbirError(f"{images}: --storage-images must be a folder of images")
+    reporter = _reporter()
+    try:
+        pictures, source = storage_pictures(images, reporter)
+    except ValueError as exc:
+        raise CbirError(str(exc)) from None
+    rows = bench_storage(sizes, dim, bits, pictures, reporter)
+    text = storage_markdown(rows, source)
+    out.print(text, markup=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps({"storage": rows, "thumbnails_from": source, "machine": machine()}, indent=2)
+                            + "\n")
+        out.print(f"wrote {json_out}", markup=False)
+    if markdown_out is not None:
+        markdown_out.write_text(text)
+        out.print(f"wrote {markdown_out}", markup=False)
+
+
 @app.command()
 @guarded
 def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION, team: TeamOpt = None,
@@ -657,25 +778,29 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
           port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
           device: Annotated[str, typer.Option("--device")] = "auto",
           max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1)] = 64,
-          max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False) -> None:
+          max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False,
+          local_paths: LocalPathsOpt = False) -> None:
     """Keep the model and the collection warm and answer queries over HTTP (POST /query, GET /health,
-    API docs at /docs)."""
-    import uvicorn
+    API docs at /docs). Cases show as their image files where this machine has them, else as the thumbnails
+    stored with them (cbir ingest --thumbnails)."""
+    with _heavy_imports():
+        import uvicorn
 
-    from cbir.index.teams import team_collection
-    from cbir.io import load_pseudonymizer
-    from cbir.search.warm import WarmSearcher
-    from cbir.serve import create_app
+        from cbir.index.teams import team_collection
+        from cbir.io import load_pseudonymizer
+        from cbir.search.warm import WarmSearcher
+        from cbir.serve import create_app
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     idx = _open(index)
     loaded = _load_model(model, idx, collection, device)
-    searcher = WarmSearcher(idx, collection, loaded, load_pseudonymizer())
+    searcher = WarmSearcher(idx, collection, loaded, load_pseudonymizer(), local_paths=local_paths)
     out.print(f"serving {collection!r} ({len(searcher.memory):,} points, model {loaded.fingerprint}) on "
               f"http://{host}:{port} (API docs: /docs)", markup=False)
     try:
         uvicorn.run(create_app(searcher, max_upload_mb * 2**20), host=host, port=port, log_level="warning")
     finally:
+        searcher.close()
         idx.close()
 
 
@@ -725,9 +850,10 @@ def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder
 
 @app.command()
 @guarded
-def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, detector or pooling")],
+def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, detector, pooling or shift")],
           out_dir: Annotated[Path, typer.Option("--out", help="study folder")],
           data: Annotated[Path | None, typer.Option("--data", help="dataset folder")] = None,
+          other: Annotated[Path | None, typer.Option("--other", help="shift: the second dataset (Kermany)")] = None,
           layout: LayoutOpt = "auto",
           folds: Annotated[int, typer.Option("--folds", min=2)] = 5,
           use_folds: Annotated[list[int] | None, typer.Option("--use-fold", help="only these folds (repeatable)")
@@ -754,12 +880,14 @@ def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, det
         return
     if data is None:
         raise CbirError("--data is required (the dataset to study)")
+    if name == "shift" and other is None:
+        raise CbirError("study shift needs --other, the second dataset (e.g. a Kermany train folder)")
     bad = [f for f in use_folds or [] if not 1 <= f <= folds]
     if bad:
         raise CbirError(f"--use-fold {bad[0]}: folds are 1..{folds}")
     options = StudyOptions(data=data, out=out_dir, layout=layout, folds=folds, use_folds=list(use_folds or []),
                            val_fraction=val_fraction, seed=seed, backbone=backbone, image_size=image_size,
-                           epochs=epochs, batch_size=batch_size, device=device, doc=doc)
+                           epochs=epochs, batch_size=batch_size, device=device, doc=doc, other=other)
     result = STUDIES[name](options, _reporter())
     out.print(result["markdown"], markup=False)
 

@@ -62,9 +62,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The whole run (module fixtures included) uses a throwaway pseudonym key file, never the user's."""
+    """The whole run (module fixtures included) uses a throwaway pseudonym key file and local state folder (the
+    file map), never the user's."""
     key_dir = Path(tempfile.mkdtemp(prefix="cbir-test-key-"))
     os.environ["CBIR_KEY_FILE"] = str(key_dir / "pseudonym.key")
+    os.environ["CBIR_STATE_DIR"] = str(key_dir / "state")
     for name in ("CBIR_PSEUDONYM_KEY", "CBIR_INDEX", "CBIR_COLLECTION"):
         os.environ.pop(name, None)
 
@@ -75,6 +77,13 @@ def fresh_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     key_file = tmp_path / "keys" / "pseudonym.key"
     monkeypatch.setenv("CBIR_KEY_FILE", str(key_file))
     return key_file
+
+
+def payload_path(payload: dict) -> str | None:
+    """A stored payload's relative path, through this machine's file map where the payload has a pseudonym."""
+    from cbir.index.files import FileMap, LocalFiles
+    with FileMap.local() as file_map:
+        return LocalFiles({}, file_map).relpath(payload)
 
 
 def run_cli(*args: object) -> tuple[int, str, str]:

@@ -13,6 +13,7 @@ from badinputs import corpus_files, write_folder_corpus, write_good, write_rsna_
 
 from cbir.errors import printable
 from cbir.index import open_index
+from tests.conftest import payload_path
 from tests.conftest import run_cli as run
 
 
@@ -70,7 +71,7 @@ def test_ingest_reports_every_bad_file_counts_all_and_loses_nothing(model: Path,
     assert ingested + already + skipped + failed == files == total
     assert failed == sum(k.outcome == "failed" for k in kinds) and skipped == 1
     with open_index(str(index)) as idx:
-        paths = {p.payload["path"] for p in idx.scroll("cases")}
+        paths = {payload_path(p.payload) for p in idx.scroll("cases")}
     for kind in kinds:
         assert (printable(kind.relpath) in paths) == (kind.outcome == "ingested"), kind.name
     assert "pneumonia/caf\\xe9.png" in paths                  # a non-UTF-8 name is stored with an escape
@@ -133,7 +134,7 @@ def test_duplicate_policy_is_per_pixels(model: Path, tmp_path: Path) -> None:
     code, out, err = run("ingest", "--data", corpus, "--model", model, "--index", index, "--collection", "c",
                          "--layout", "folder", "--workers", 0, "--max-pixels", 10000)
     with open_index(str(index)) as idx:
-        first = [p for p in idx.scroll("c") if p.payload["path"] == "pneumonia/dup_a.dcm"]
+        first = [p for p in idx.scroll("c") if payload_path(p.payload) == "pneumonia/dup_a.dcm"]
     assert len(first) == 1
     assert "same SOPInstanceUID and pixels as" in err and "SOPInstanceUID conflict" in err
     assert np.isfinite(first[0].payload["probability"])

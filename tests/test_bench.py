@@ -92,3 +92,22 @@ def test_cli_bench_from_a_real_collection(tmp_path: Path) -> None:
     assert {row["n"] for row in report["rows"]} == {300} and report["pipeline"] == {}
     exact = [row for row in report["rows"] if row["method"] == "exact_knn"]
     assert exact and all(row["recall_at_10"] == 1.0 for row in exact)
+
+
+def test_cli_bench_storage_measures_what_thumbnails_cost(tmp_path: Path) -> None:
+    assert CliRunner().invoke(app, ["synth", "--layout", "nih", "--n", "4", "--size", "256", "--out",
+                                    str(tmp_path / "images")]).exit_code == 0
+    out = tmp_path / "storage.json"
+    result = CliRunner().invoke(app, ["bench", "--storage", "--n", "300", "--dim", "16", "--bits", "32",
+                                      "--storage-images", str(tmp_path / "images"), "--json", str(out)])
+    assert result.exit_code == 0, result.stderr
+    without, with_thumbnails = json.loads(out.read_text())["storage"]
+    assert without["n"] == with_thumbnails["n"] == 300 and not without["thumbnails"] and with_thumbnails["thumbnails"]
+    assert without["thumbnail_bytes_per_point"] == 0 and 500 < with_thumbnails["thumbnail_bytes_per_point"] < 12_000
+    extra = with_thumbnails["payload_bytes_per_point"] - without["payload_bytes_per_point"]
+    assert extra >= with_thumbnails["thumbnail_bytes_per_point"]            # the field, and `shape`
+    grown = (with_thumbnails["disk_mib"] - without["disk_mib"]) * 2**20 / 300
+    assert grown > 0.8 * with_thumbnails["thumbnail_bytes_per_point"], grown  # they are stored, on disk
+    assert "MiB per 1,000 points" in result.stdout
+    code = CliRunner().invoke(app, ["bench", "--storage", "--storage-images", str(tmp_path / "none")])
+    assert code.exit_code == 2 and "must be a folder of images" in code.stderr

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -11,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
+from tests.conftest import payload_path
 
 runner = CliRunner()
 N = 60
@@ -79,9 +83,54 @@ def test_query_json_contract(pipeline: dict[str, Path]) -> None:
     scores = [n["score"] for n in result["neighbors"]]
     assert scores == sorted(scores, reverse=True)
     assert first["score"] == pytest.approx(1.0, abs=1e-4)  # the image itself is in the archive
-    assert first["path"] == f"stage_2_train_images/{dicom.name}"
+    assert first["path"] is None and first["file"].startswith("f-")   # no file name by default
+    assert result["query"]["path"].startswith("f-") and dicom.stem not in out
     assert {"label", "fraction"} <= set(result["vote"]) and 0 < result["vote"]["fraction"] <= 1
     assert 0.0 <= result["prediction"]["probability"] <= 1.0
+    code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--k", 5, "--json",
+                         "--local-paths")
+    assert code == 0, err
+    local = json.loads(out)
+    assert local["neighbors"][0]["path"] == f"stage_2_train_images/{dicom.name}"   # from this machine's file map
+    assert local["neighbors"][0]["file"] == first["file"] and local["query"]["path"] == str(dicom)
+
+
+#: What one `cbir query` process must not import (docs/performance.md: start-up): training, evaluation, reports,
+#: benchmarks, the server path (the index here is Qdrant Edge) and the heavy libraries only they need.
+NOT_ON_THE_QUERY_PATH = ("pandas", "sklearn", "scipy", "matplotlib", "qdrant_client", "fastapi", "uvicorn",
+                         "cbir.train", "cbir.evaluate", "cbir.metrics", "cbir.report.results", "cbir.report.evaluation",
+                         "cbir.report.montage", "cbir.bench", "cbir.studies", "cbir.reproduce", "cbir.data.records",
+                         "cbir.data.splits", "cbir.models.detection")
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code` (in the repository, with this test's key)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; print(json.dumps(sorted(sys.modules)))"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_a_query_process_imports_only_what_a_query_needs(pipeline: dict[str, Path]) -> None:
+    dicom = _dicoms(pipeline["data"])[2]
+    query = json.dumps(["query", str(dicom), "--index", str(pipeline["index"]), "--collection", "rsna", "--json"])
+    loaded = _modules_after(f"from cli.main import app\napp({query}, standalone_mode=False)")
+    assert {"torch", "timm", "qdrant_edge", "cbir.search.query"} <= loaded       # it did answer the query
+    assert sorted(m for m in loaded if m.split(".")[0] in NOT_ON_THE_QUERY_PATH or m in NOT_ON_THE_QUERY_PATH
+                  or any(m.startswith(bad + ".") for bad in NOT_ON_THE_QUERY_PATH)) == []
+    bare = _modules_after("import cli.main")                                     # `cbir --help` and friends
+    assert not {"torch", "timm", "numpy", "pydicom", "qdrant_edge"} & bare
+
+
+def test_query_leaves_garbage_collection_on(pipeline: dict[str, Path]) -> None:
+    """The heavy imports run with collection paused (docs/performance.md); it is back on afterwards."""
+    import gc
+    code, _, err = run("query", _dicoms(pipeline["data"])[3], "--index", pipeline["index"], "--collection", "rsna",
+                       "--json")
+    assert code == 0, err
+    assert gc.isenabled() and gc.get_freeze_count() > 0
 
 
 def test_query_table_filter_prefilter_and_montage(pipeline: dict[str, Path], tmp_path: Path) -> None:
@@ -116,6 +165,8 @@ def test_evaluate_writes_reports(pipeline: dict[str, Path]) -> None:
 
 
 def test_no_phi_in_payloads_or_metadata(pipeline: dict[str, Path]) -> None:
+    """RSNA names each file after its patientId: that, too, is nowhere in the index (nor any other header
+    value); payloads name the file by a keyed pseudonym, which this machine's file map resolves."""
     from cbir.index import open_index
     secrets: set[str] = set()
     for path in _dicoms(pipeline["data"]):
@@ -123,20 +174,18 @@ def test_no_phi_in_payloads_or_metadata(pipeline: dict[str, Path]) -> None:
         for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
                         "SOPInstanceUID", "StudyInstanceUID", "OtherPatientIDs"):
             value = str(ds.get(keyword) or "").strip()
-            # RSNA names each file after its (already de-identified) patientId, and the payload must hold the
-            # relative path, so that one value is allowed in `path` and nowhere else.
-            if len(value) >= 6 and not (keyword == "PatientID" and value == path.stem):
+            if len(value) >= 6:
                 secrets.add(value)
-    assert len(secrets) > N  # the synthetic headers really carry fake PHI
+    assert len(secrets) > N and {p.stem for p in _dicoms(pipeline["data"])} <= secrets   # the file names too
     with open_index(str(pipeline["index"])) as idx:
-        payloads = [p.payload for p in idx.scroll("rsna")]
+        payloads = [p.payload for p in idx.scroll("rsna", with_thumbnails=True)]
         dump = json.dumps(idx.get_meta("rsna")) + json.dumps(payloads)
     leaked = [s for s in secrets if s in dump]
     assert leaked == []
-    for point_payload in payloads:
-        stem = Path(point_payload["path"]).stem
-        rest = json.dumps({k: v for k, v in point_payload.items() if k != "path"})
-        assert stem not in rest and point_payload["pseudonym"].startswith("p-")
+    assert all(p["path"] is None and p["file"].startswith("f-") and p["pseudonym"].startswith("p-")
+               for p in payloads)
+    assert {payload_path(p) for p in payloads} == {f"stage_2_train_images/{d.name}" for d in _dicoms(
+        pipeline["data"])}
 
 
 def test_query_bad_file_is_one_line(pipeline: dict[str, Path], tmp_path: Path) -> None:
@@ -400,61 +449,120 @@ def test_export_and_import_through_the_cli(pipeline: dict[str, Path], tmp_path: 
         row = _info(location)["rsna"]
         assert row["points"] == N and row["schema_version"] == 2
         dicom = _dicoms(pipeline["data"])[2]
-        code, out, err = run("query", dicom, "--index", location, "--collection", "rsna", "--k", 3, "--json")
-        assert code == 0, err
+        code, out, err = run("query", dicom, "--index", location, "--collection", "rsna", "--k", 3, "--json",
+                             "--local-paths")
+        assert code == 0, err   # the file map is this machine's, whatever index the points went to
         assert json.loads(out)["neighbors"][0]["path"] == f"stage_2_train_images/{dicom.name}"
     code, out, err = run("index", "import", tmp_path / "nope.snapshot", "--index", tmp_path / "edge")
     assert code == 2 and "no such file" in err
 
 
 def _phi_values(data: Path) -> set[str]:
-    """Every identifying header value the synthetic DICOMs carry (names, IDs, dates, accession, institution,
-    address, physician, UIDs and the private tag), except the patientId that RSNA uses as the file name. (Study
-    times are left out: six digits also occur inside probabilities.)"""
-    keywords = ("PatientName", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber", "InstitutionName",
-                "InstitutionAddress", "ReferringPhysicianName", "StudyDate", "SOPInstanceUID",
+    """Every identifying value the synthetic DICOMs carry (names, IDs, dates, accession, institution, address,
+    physician, UIDs and the private tag), the PatientID that RSNA uses as the file name included, and the file
+    names themselves. (Study times are left out: six digits also occur inside probabilities.)"""
+    keywords = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber",
+                "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "StudyDate", "SOPInstanceUID",
                 "StudyInstanceUID", "SeriesInstanceUID")
     secrets: set[str] = set()
     for path in _dicoms(data):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         secrets |= {str(ds.get(k) or "").strip() for k in keywords}
         secrets |= {str(elem.value).strip() for elem in ds if elem.tag.is_private and elem.VR == "LO"}
-        secrets |= {str(ds.PatientName).split("^")[0]}   # a family name alone is identifying too
+        family, given = str(ds.PatientName).split("^")[:2]
+        secrets |= {family, f"{family}^{given}", path.stem}   # a family name alone is identifying too
     return {s for s in secrets if len(s) >= 6}
 
 
+def _named_archive(source: Path, out: Path) -> Path:
+    """`source` (RSNA layout) with every file named as some hospital exports name them: family and given name,
+    then the PatientID (`DOE^JANE_<PatientID>.dcm`), the label CSV's patientIds to match."""
+    images = out / "stage_2_train_images"
+    images.mkdir(parents=True)
+    renamed = {}
+    for path in _dicoms(source):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        family, given = str(ds.PatientName).split("^")[:2]
+        renamed[path.stem] = f"{family}^{given}_{ds.PatientID}"
+        (images / f"{renamed[path.stem]}.dcm").write_bytes(path.read_bytes())
+    lines = (source / "stage_2_train_labels.csv").read_text().splitlines(keepends=True)
+    rows = [lines[0]] + [renamed[line.split(",", 1)[0]] + "," + line.split(",", 1)[1] for line in lines[1:]]
+    (out / "stage_2_train_labels.csv").write_text("".join(rows))
+    return out
+
+
 def test_no_phi_anywhere_cbir_writes(pipeline: dict[str, Path], tmp_path: Path) -> None:
-    """Ingest, query (with montage) and evaluate on headers full of fake PHI, then search every payload, the
-    collection metadata, the reports, the montage (file names and PNG text chunks) and all log output."""
+    """File names that carry the patient's name and PatientID, headers full of fake PHI: ingest (with
+    thumbnails), query (table, montage, JSON), evaluate, index info and export, then search every payload, the
+    collection metadata, every byte of the index and of every output file (names too, PNG text chunks
+    included) and every line of output. The names are only in this machine's local file map."""
     from cbir.index import open_index
-    secrets = _phi_values(pipeline["data"])
-    assert len(secrets) > 5 * N and any(s.startswith("SYNTH-PATIENT-KEY-") for s in secrets)
+    from cbir.index.files import FileMap
+    data = _named_archive(pipeline["data"], tmp_path / "named")
+    secrets = _phi_values(data)
+    assert len(secrets) > 7 * N and any(s.startswith("SYNTH-PATIENT-KEY-") for s in secrets)
+    assert all(any(s in d.name for s in secrets) for d in _dicoms(data))   # the names are in the file names
     logs = []
-    index = tmp_path / "index"
-    for args in (("ingest", "--data", pipeline["data"], "--model", pipeline["model"], "--index", index,
-                  "--collection", "phi", "--workers", 0),
-                 ("query", _dicoms(pipeline["data"])[3], "--index", index, "--collection", "phi", "--k", 5,
-                  "--montage", tmp_path / "out" / "montage.png"),
-                 ("query", _dicoms(pipeline["data"])[3], "--index", index, "--collection", "phi", "--json"),
-                 ("evaluate", "--index", index, "--collection", "phi", "--k", 5, "--out", tmp_path / "out" / "rep"),
-                 ("index", "info", "--index", index, "--json")):
+    index, out_dir = tmp_path / "index", tmp_path / "out"
+    query = _dicoms(data)[3]
+    for args in (("ingest", "--data", data, "--model", pipeline["model"], "--index", index, "--collection", "phi",
+                  "--workers", 0, "--thumbnails"),
+                 ("query", query, "--index", index, "--collection", "phi", "--k", 5, "--montage",
+                  out_dir / "montage.png"),
+                 ("query", query, "--index", index, "--collection", "phi", "--json"),
+                 ("evaluate", "--index", index, "--collection", "phi", "--k", 5, "--out", out_dir / "rep"),
+                 ("index", "info", "--index", index, "--json"),
+                 ("index", "export", "phi", "--index", index, "--out", out_dir / "phi.snapshot")):
         code, out, err = run(*args)
         assert code == 0, err
         logs.append(out + err)
     texts = list(logs)
     names = []
-    for path in (tmp_path / "out").rglob("*"):
-        names.append(path.name)
-        if path.suffix in (".md", ".json"):
-            texts.append(path.read_text())
+    for path in [*out_dir.rglob("*"), *index.rglob("*")]:
+        names.append(str(path.relative_to(tmp_path)))
+        if path.is_file():
+            texts.append(path.read_bytes().decode("latin-1"))
         if path.suffix == ".png":
             texts.append(json.dumps(Image.open(path).info, default=str))
     with open_index(str(index)) as idx:
-        texts.append(json.dumps([p.payload for p in idx.scroll("phi")]) + json.dumps(idx.get_meta("phi")))
+        payloads = [p.payload for p in idx.scroll("phi", with_thumbnails=True)]
+        texts.append(json.dumps(payloads) + json.dumps(idx.get_meta("phi")))
     haystack = "\n".join(texts + names)
-    assert len(names) >= 4
+    assert len(names) >= 6 and all(p.get("thumbnail") for p in payloads)
     leaked = sorted(s for s in secrets if s in haystack)
     assert leaked == [], leaked[:5]
+    with FileMap.local() as file_map:    # the one place the names are: the local file map, never the index
+        assert {file_map.relpath(p["file"]) for p in payloads} == {f"stage_2_train_images/{d.name}"
+                                                                   for d in _dicoms(data)}
+
+
+def test_keep_paths_stores_plain_paths_and_says_so(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    from cbir.index import open_index
+    index = tmp_path / "index"
+    base = ("ingest", "--data", pipeline["data"], "--model", pipeline["model"], "--index", index, "--workers", 0)
+    code, out, err = run(*base, "--collection", "plain", "--keep-paths")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "--keep-paths" in line]
+    assert len(warning) == 1 and "identify nobody" in warning[0]
+    with open_index(str(index)) as idx:
+        payloads = [p.payload for p in idx.scroll("plain")]
+        assert idx.get_meta("plain")["paths"] == "plain"
+    assert {p["path"] for p in payloads} == {f"stage_2_train_images/{d.name}" for d in _dicoms(pipeline["data"])}
+    assert all(p["file"] is None for p in payloads)
+    assert _info(index)["plain"]["paths"] == "plain"
+    dicom = _dicoms(pipeline["data"])[0]
+    code, out, err = run("query", dicom, "--index", index, "--collection", "plain", "--k", 1, "--json")
+    assert code == 0 and json.loads(out)["neighbors"][0]["path"] == f"stage_2_train_images/{dicom.name}"
+    code, out, err = run(*base, "--collection", "plain")     # a plain collection does not take pseudonyms…
+    assert code == 2 and "pass --keep-paths to add to it, or --reindex it" in err
+    assert run(*base, "--collection", "named")[0] == 0
+    code, out, err = run(*base, "--collection", "named", "--keep-paths")   # …nor a pseudonymised one paths
+    assert code == 2 and "ingest into it without --keep-paths" in err and len(err.strip().splitlines()) == 2
+    code, out, err = run(*base, "--collection", "plain", "--reindex")      # a reindex pseudonymises them
+    assert code == 0, err
+    with open_index(str(index)) as idx:
+        assert idx.get_meta("plain")["paths"] == "pseudonym"
+        assert all(p.payload["path"] is None and p.payload["file"] for p in idx.scroll("plain"))
 
 
 def test_ingest_refuses_a_second_pseudonym_key(pipeline: dict[str, Path], tmp_path: Path,

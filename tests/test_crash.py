@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from cbir.index import open_index
+from tests.conftest import payload_path
 
 N = 500
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_ingest_killed_mid_run_then_resumed(archive: dict[str, Path], tmp_path: 
     with open_index(str(index)) as idx:
         points = list(idx.scroll("rsna"))
     assert len(points) == N == len({p.id for p in points})     # exactly one point per image
-    assert {p.payload["path"]: p.payload["target"] for p in points} == expected
+    assert {payload_path(p.payload): p.payload["target"] for p in points} == expected
     assert all(p.payload["label"] == ("Pneumonia" if p.payload["target"] else "No Pneumonia") for p in points)
 
 
@@ -165,7 +166,7 @@ def test_a_second_process_gets_one_line_and_nothing_breaks(archive: dict[str, Pa
     assert "closed" in "".join(rest), holder.stderr.read() if holder.stderr else ""
     with open_index(str(index)) as idx:                        # nothing was corrupted
         assert idx.count("rsna") == N
-        assert len({p.payload["path"] for p in idx.scroll("rsna")}) == N
+        assert len({payload_path(p.payload) for p in idx.scroll("rsna")}) == N
     query = subprocess.run([sys.executable, "-m", "cli.main", "query", str(dicom), "--index", str(index),
                             "--collection", "rsna", "--k", "3"], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)

@@ -375,17 +375,66 @@ def test_folder_errors(tmp_path: Path) -> None:
     assert "Data_Entry_2017" in text and "class sub-folders" in text
     with pytest.raises(DatasetError) as excinfo:
         load_dataset(empty, layout="folder")
-    assert "at least 2 class sub-folders" in error_text(excinfo)
+    assert "one sub-folder per class" in error_text(excinfo)
+    write_png(tmp_path / "loose" / "a.png")
+    with pytest.raises(DatasetError, match="for images without labels use --layout plain"):
+        load_dataset(tmp_path / "loose", layout="folder")
 
     one_class = make_folder(tmp_path / "one", {"NORMAL": ["a.png"]})
-    with pytest.raises(DatasetError, match="found 1 sub-folders, 1 with images"):
-        load_folder(one_class)
+    with pytest.raises(DatasetError, match="found 1 sub-folders, 1 with images; images without labels: pass "
+                                           "--layout plain"):
+        load_dataset(one_class)                      # auto never reads images as unlabelled
 
     splits = make_folder(tmp_path / "kermany", {"train/NORMAL": ["a.png"], "test/NORMAL": ["b.png"]})
     with pytest.raises(DatasetError, match="look like splits, not classes"):
         load_dataset(splits)
-    with pytest.raises(DatasetError, match="look like split folders"):
+    with pytest.raises(DatasetError, match="look like splits, not classes"):  # one split folder: not a class
         load_folder(make_folder(tmp_path / "only_train", {"train/NORMAL": ["a.png"]}))
+
+
+def test_folder_with_one_sub_folder_has_unknown_labels(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "archive", {"scans": ["person1_a.png", "person1_b.png", "deep/other.png"]})
+    records = load_dataset(root, layout="folder")
+    check_records(records)
+    assert (records.layout, records.label_names, records.target, records.labels.shape) == ("folder", [], "", (3, 0))
+    assert not records.has_labels and records.label_lists() == [[], [], []]
+    assert records.meta["patient"].tolist() == ["person1", "person1", "other"]  # the folder layout's naming rule
+    assert any("labels unknown" in note for note in records.notes)
+    with pytest.raises(DatasetError, match="labels of these 3 images are unknown .*no supervised target for "
+                                           "training") as excinfo:
+        records.require_labels("training")
+    error_text(excinfo)
+
+
+def test_plain_layout(tmp_path: Path) -> None:
+    root = tmp_path / "unlabelled"
+    for i in range(60):
+        for name in (f"patient_{i:03d}/study1/view.png", f"patient_{i:03d}/study2/view.PNG"):
+            write_png(root / name)
+    write_png(root / ".hidden" / "x.png")
+    (root / "patient_000" / "notes.txt").write_text("not an image")
+    assert detect_layout(root) == "folder"     # patient folders look like classes: plain must be asked for
+    records = load_dataset(root, layout="plain")
+    check_records(records)
+    assert (records.dataset, records.layout, records.labels.shape) == ("unlabelled", "plain", (120, 0))
+    assert not records.has_labels and records.label_names == [] and records.target == ""
+    assert records.meta["patient"].nunique() == 120            # each file its own patient: view.png twice is two
+    assert any("each image is its own patient" in note for note in records.notes)
+    assert set(records.meta["split"]) == set(SPLITS)
+    grouped = load_dataset(root, layout="plain", split=SplitSpec(seed=2), patient_regex=r"(patient_\d+)/")
+    check_records(grouped)                                     # every patient in one split
+    assert grouped.meta["patient"].nunique() == 60 and set(grouped.meta["split"]) == set(SPLITS)
+    assert grouped.split_record()["patient_rule"].startswith("patient regex")
+    assert grouped.with_split(SplitSpec(seed=3)).meta["split"].tolist() != grouped.meta["split"].tolist()
+    assert len(grouped.part(1, 2)) + len(grouped.part(2, 2)) == 120
+    with pytest.raises(DatasetError, match="no png/jpg/jpeg/dcm images"):
+        load_dataset(_empty(tmp_path / "nothing"), layout="plain")
+
+
+def _empty(path: Path) -> Path:
+    path.mkdir()
+    (path / "readme.txt").write_text("no images")
+    return path
 
 
 # --- layout selection -----------------------------------------------------------------------------
@@ -406,5 +455,7 @@ def test_layout_errors(tmp_path: Path) -> None:
         load_dataset(root / "NORMAL" / "a.png")
     rsna = make_rsna(tmp_path / "rsna")
     assert any("patient regex ignored" in n for n in load_dataset(rsna, "auto", patient_regex="x").notes)
-    with pytest.raises(DatasetError, match="at least 2 class sub-folders"):
-        load_dataset(rsna, layout="folder")
+    with pytest.raises(DatasetError, match="beside the rsna label file stage_2_train_labels.csv: use --layout rsna"):
+        load_dataset(rsna, layout="folder")          # its one sub-folder is not a class: the CSV has the labels
+    plain = load_dataset(rsna, layout="plain")
+    assert not plain.has_labels and any("labels ignored" in n for n in plain.notes)

@@ -3,6 +3,8 @@
 Every check runs on Qdrant Edge (a tmp directory), on qdrant-client's local mode (a tmp directory) and,
 when $CBIR_TEST_QDRANT_URL is set, on that Qdrant server; each is compared with a NumPy brute force,
 and `test_backends_agree` compares the backends with each other. No mocks: real engines, small data.
+On a server, new collections get $CBIR_TEST_QDRANT_SHARDS shards of $CBIR_TEST_QDRANT_REPLICAS copies each
+(default 1 and 1; the cluster job of .github/workflows/server.yml sets 3 and 2).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ SERVER_ENV = "CBIR_TEST_QDRANT_URL"
 SERVER_URL = os.environ.get(SERVER_ENV)
 SERVER_SKIP = f"set ${SERVER_ENV} (e.g. http://localhost:6333) to run these checks against a Qdrant server"
 KINDS = ("edge", "local", "server") if SERVER_URL else ("edge", "local")
+SERVER_SHARDS = int(os.environ.get("CBIR_TEST_QDRANT_SHARDS") or 1)
+SERVER_REPLICAS = int(os.environ.get("CBIR_TEST_QDRANT_REPLICAS") or 1)
 
 
 # --- data and the NumPy oracle ---------------------------------------------------------------------
@@ -127,14 +131,28 @@ class Col:
     name: str
 
 
+class ServerIndex(ClientIndex):
+    """The live test server: a collection made without distribution settings gets the test run's
+    (`SERVER_SHARDS`, `SERVER_REPLICAS`), so every server check also runs on a sharded, replicated cluster."""
+
+    def create_collection(self, name: str, dim: int, bits: int, meta: dict[str, Any], shards: int = 1,
+                          replicas: int = 1) -> None:
+        super().create_collection(name, dim, bits, meta, max(shards, SERVER_SHARDS), max(replicas, SERVER_REPLICAS))
+
+
+def server_index(api_key: str | None = None) -> ServerIndex:
+    """The live server of $CBIR_TEST_QDRANT_URL, with `api_key` (default: $CBIR_TEST_QDRANT_API_KEY)."""
+    assert SERVER_URL, SERVER_SKIP
+    key = api_key or os.environ.get("CBIR_TEST_QDRANT_API_KEY")
+    return ServerIndex(SERVER_URL, writable=True, create=True, settings=ServerSettings(api_key=key))
+
+
 def open_backend(kind: str, folder: Path, writable: bool = True, create: bool = True) -> Index:
     if kind == "edge":
         return EdgeIndex(folder / "edge", writable=writable, create=create)
     if kind == "local":
         return ClientIndex(f"local:{folder / 'local'}", writable=writable, create=create)
-    assert SERVER_URL, SERVER_SKIP
-    api_key = os.environ.get("CBIR_TEST_QDRANT_API_KEY")
-    return ClientIndex(SERVER_URL, writable=True, create=True, settings=ServerSettings(api_key=api_key))
+    return server_index()
 
 
 def fresh_name(kind: str) -> str:
@@ -400,6 +418,14 @@ def test_backends_agree(store: Callable[[str], Col], data: Data) -> None:
 def test_server_agrees(store: Callable[[str], Col], data: Data) -> None:
     """With $CBIR_TEST_QDRANT_URL set, every test above also runs on the server; this compares it too."""
     assert_agree(store("server"), store("edge"), data)
+
+
+@pytest.mark.skipif(not SERVER_URL, reason=SERVER_SKIP)
+def test_server_collections_have_the_test_runs_shards_and_replicas(store: Callable[[str], Col]) -> None:
+    col = store("server")
+    params = col.index._client.get_collection(col.name).config.params
+    assert (params.shard_number, params.replication_factor) == (SERVER_SHARDS, SERVER_REPLICAS)
+    assert col.index.shard_count(col.name) == SERVER_SHARDS and col.index.count(col.name) == N
 
 
 def test_nearest_by_hamming_grows_until_ties_are_seen() -> None:

@@ -35,6 +35,44 @@ def test_checkpoint_reloads_bit_identical(tmp_path: Path) -> None:
     assert torch.equal(a.embedding, b.embedding) and torch.equal(a.code, b.code)
 
 
+@pytest.mark.parametrize(("backbone", "task", "skips_init"), [
+    ("test_resnet", "binary", True), ("test_vit", "hash", True), ("test_efficientnet", "multilabel", True),
+    ("test_vit_relpos", "binary", False),   # non-persistent relative-position buffers: built the ordinary way
+    ("test_coatnet", "binary", False),
+])
+def test_loading_skips_the_random_init_only_where_it_is_safe(tmp_path: Path, backbone: str, task: str,
+                                                             skips_init: bool) -> None:
+    """`load_checkpoint` builds a CbirNet on the meta device and assigns the weights (no random init to throw
+    away) unless the backbone keeps tensors outside its state dict; either way the outputs are bit-identical."""
+    from cbir.models.checkpoint import _assigned_without_init
+
+    config = ModelConfig(backbone=backbone, task=task, image_size=32, embed_dim=16, bits=24,
+                         label_names=["Effusion", "Pneumonia"] if task == "multilabel" else ["Pneumonia"])
+    model = create_model(config).eval()
+    save_checkpoint(model, tmp_path / "run")
+    state = model.state_dict()
+    assert (_assigned_without_init(config, {k: v.clone() for k, v in state.items()}) is not None) == skips_init
+    loaded = load_checkpoint(tmp_path / "run")
+    assert all(isinstance(p, torch.nn.Parameter) and not p.is_meta for p in loaded.model.parameters())
+    assert not any(b.is_meta for b in loaded.model.buffers())
+    size = model.backbone.pretrained_cfg["input_size"][-1]  # the ViTs want their own input size
+    x = torch.randn(2, 1, size, size)
+    with torch.inference_mode():
+        a, b = model(x), loaded.model(x)
+    assert torch.equal(a.embedding, b.embedding) and torch.equal(a.code, b.code) and torch.equal(a.logits, b.logits)
+
+
+def test_weights_that_do_not_fit_are_one_line(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    save_checkpoint(create_model(TINY), tmp_path / "run")
+    state = create_model(TINY).state_dict()
+    partial = {k: v for k, v in state.items() if not k.startswith("embed.")}
+    save_file(partial, str(tmp_path / "run" / "model.safetensors"))
+    (tmp_path / "run" / "fingerprint").unlink()
+    with pytest.raises(CbirError, match=r"model.safetensors: cannot load weights \(Error\(s\) in loading"):
+        load_checkpoint(tmp_path / "run")
+
+
 def test_tampered_weights_are_refused(tmp_path: Path) -> None:
     save_checkpoint(create_model(TINY), tmp_path / "run")
     (tmp_path / "run" / "fingerprint").write_text("0000000000000000\n")

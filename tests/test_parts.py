@@ -1,11 +1,16 @@
-"""Ingest for a shared server: `--part i/n` slices that cover a dataset exactly once, and `--shards/--replicas`."""
+"""Ingest for a shared server: `--part i/n` slices that cover a dataset exactly once, and `--shards/--replicas`
+(on local mode, and, with $CBIR_TEST_QDRANT_URL, on a live server or cluster)."""
 
 from __future__ import annotations
 
+import json
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_index import SERVER_REPLICAS, SERVER_SHARDS, SERVER_SKIP, SERVER_URL, server_index
 from typer.testing import CliRunner
 
 from cbir.data.layout import load_dataset
@@ -13,6 +18,7 @@ from cbir.data.records import Records
 from cbir.data.splits import parse_part, part_mask
 from cbir.data.synth import synth_dataset
 from cbir.index import open_index
+from cbir.index.versions import drop
 from cbir.models import ModelConfig
 from cbir.train import TrainSettings, train_model
 from cli.main import app
@@ -76,3 +82,39 @@ def test_shards_and_replicas(dataset: tuple[Records, Path], tmp_path: Path) -> N
     with open_index(f"local:{tmp_path / 'local'}") as index:
         meta = index.get_meta("cbir")
         assert (meta["shards"], meta["replicas"]) == (3, 2) and index.count("cbir") == len(records)
+
+
+@pytest.mark.skipif(not SERVER_URL, reason=SERVER_SKIP)
+def test_cli_on_a_live_server_with_shards_and_replicas(dataset: tuple[Records, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cbir ingest --shards S --replicas R` (the test run's, 3 and 2 on the CI cluster) in two parts, then query and
+    evaluate through the server."""
+    records, model = dataset
+    if os.environ.get("CBIR_TEST_QDRANT_API_KEY"):
+        monkeypatch.setenv("CBIR_QDRANT_API_KEY", os.environ["CBIR_TEST_QDRANT_API_KEY"])
+    name, runner = f"cbir_test_{uuid.uuid4().hex[:8]}", CliRunner()
+    args = ["--data", str(records.root), "--model", str(model), "--index", SERVER_URL, "--collection", name,
+            "--workers", "0", "--shards", str(SERVER_SHARDS), "--replicas", str(SERVER_REPLICAS)]
+    try:
+        for part in ("1/2", "2/2"):
+            result = runner.invoke(app, ["ingest", *args, "--part", part])
+            assert result.exit_code == 0, result.stderr
+        with server_index() as index:
+            stored = index.resolve(name)
+            params = index._client.get_collection(stored).config.params
+            assert (params.shard_number, params.replication_factor) == (SERVER_SHARDS, SERVER_REPLICAS)
+            assert index.count(name) == len(records)
+            meta = index.get_meta(name)
+        assert (meta["shards"], meta["replicas"]) == (SERVER_SHARDS, SERVER_REPLICAS)
+        query = runner.invoke(app, ["query", records.meta["path"][0], "--index", SERVER_URL, "--collection", name,
+                                    "--k", "5", "--json"])
+        assert query.exit_code == 0, query.stderr
+        assert json.loads(query.stdout)["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+        report = runner.invoke(app, ["evaluate", "--index", SERVER_URL, "--collection", name, "--k", "5", "--out",
+                                     str(tmp_path / "report"), "--json"])
+        assert report.exit_code == 0, report.stderr
+        assert json.loads(report.stdout)["n_queries"] > 0
+    finally:
+        with server_index() as index:
+            if name in index.list_aliases():
+                drop(index, name)

@@ -16,6 +16,7 @@ from cbir.models import load_checkpoint
 from cbir.search import query_image
 from cbir.search.warm import WarmSearcher
 from cli.main import app as cli
+from tests.conftest import payload_path
 
 N = 40
 
@@ -65,9 +66,12 @@ def test_query_equals_cbir_query(served: dict) -> None:
         expected = query_image(dicom, served["loaded"], served["index"], "rsna", 5,
                                pseudonymize=load_pseudonymizer()).to_json()
         assert [n["id"] for n in body["neighbors"]] == [n["id"] for n in expected["neighbors"]]
-        assert body["neighbors"][0]["path"] == f"stage_2_train_images/{dicom.name}"
+        assert [n["file"] for n in body["neighbors"]] == [n["file"] for n in expected["neighbors"]]
+        first = body["neighbors"][0]
+        assert first["path"] is None and first["file"].startswith("f-")        # no file name leaves
+        assert payload_path(first) == f"stage_2_train_images/{dicom.name}"     # but this machine knows it
         assert body["prediction"] == expected["prediction"] and body["vote"] == expected["vote"]
-        assert body["query"]["path"] == dicom.name and body["timing_ms"] > 0
+        assert body["query"]["path"] == load_pseudonymizer().file("query", dicom.name) and body["timing_ms"] > 0
     served["index"].release("rsna")  # query_image read the index directly; the server itself holds nothing
     body = _post(served["client"], served["dicoms"][0], k=10, filter="label=Pneumonia", prefilter=30).json()
     assert body["neighbors"] and all("Pneumonia" in n["labels"] for n in body["neighbors"])

@@ -12,7 +12,7 @@ import pytest
 from cbir.data.layout import load_dataset
 from cbir.data.splits import SplitSpec, assign_splits, split_names
 from cbir.errors import CbirError
-from tests.conftest import run_cli
+from tests.conftest import payload_path, run_cli
 
 PATIENTS = [f"patient-{i}" for i in range(2000)]
 
@@ -81,7 +81,7 @@ def test_the_checkpoint_records_its_split(runs: dict[str, Path]) -> None:
 def _payload_splits(index: Path, collection: str) -> dict[str, str]:
     from cbir.index import open_index
     with open_index(str(index)) as idx:
-        return {p.payload["path"]: p.payload["split"] for p in idx.scroll(collection)}
+        return {payload_path(p.payload): p.payload["split"] for p in idx.scroll(collection)}
 
 
 def test_ingest_and_evaluate_use_the_models_split(runs: dict[str, Path], tmp_path: Path) -> None:

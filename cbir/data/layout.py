@@ -7,43 +7,55 @@ from pathlib import Path
 from typing import Any
 
 from cbir.data.files import check_root, has_image
-from cbir.data.folder import load_folder
+from cbir.data.folder import load_folder, load_plain
 from cbir.data.nih import find_nih_csv, load_nih
 from cbir.data.records import Records
 from cbir.data.rsna import LABELS_CSV, load_rsna
 from cbir.data.splits import SplitSpec, check_same_split, resolve_spec
 from cbir.errors import DatasetError
 
-LAYOUTS = ("rsna", "nih", "folder")
+LAYOUTS = ("rsna", "nih", "folder", "plain")
 _EXPECTED = (
     f"rsna: {LABELS_CSV}; nih: Data_Entry_2017*.csv(.gz); "
     "folder: at least 2 class sub-folders with png/jpg/jpeg/dcm images"
 )
+#: Layouts whose images may have unknown labels are never detected: `--layout folder` or `plain` says so.
+_UNLABELLED_HINT = "; images without labels: pass --layout plain (or --layout folder for one sub-folder)"
 
 
 def detect_layout(root: Path) -> str:
-    """"rsna", "nih" or "folder" from the files in `root`; DatasetError saying what each layout expects."""
+    """"rsna", "nih" or "folder" from the files in `root`; DatasetError saying what each layout expects.
+    The plain layout (labels unknown) is never detected: it must be asked for."""
     root = check_root(root)
-    if (root / LABELS_CSV).is_file():
-        return "rsna"
-    if find_nih_csv(root) is not None:
-        return "nih"
+    labelled = label_file(root)
+    if labelled is not None:
+        return labelled[0]
     with os.scandir(root) as entries:
         subdirs = [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
     with_images = sum(1 for d in subdirs if has_image(d))
     if with_images >= 2:
         return "folder"
+    hint = _UNLABELLED_HINT if with_images or has_image(root) else ""
     raise DatasetError(f"{root}: cannot tell the dataset layout (expected {_EXPECTED}; found "
-                       f"{len(subdirs)} sub-folders, {with_images} with images)")
+                       f"{len(subdirs)} sub-folders, {with_images} with images{hint})")
+
+
+def label_file(root: Path) -> tuple[str, Path] | None:
+    """("rsna" or "nih", the label file) when `root` holds one of those layouts' label files."""
+    if (root / LABELS_CSV).is_file():
+        return "rsna", root / LABELS_CSV
+    nih = find_nih_csv(root)
+    return ("nih", nih) if nih is not None else None
 
 
 def load_dataset(
     root: Path, layout: str | None = None, split: SplitSpec | None = None, patient_regex: str | None = None
 ) -> Records:
-    """Load `root` with `layout` ("rsna", "nih", "folder"; None or "auto" detects it), split by `split`
-    (default `SplitSpec()`).
+    """Load `root` with `layout` ("rsna", "nih", "folder", "plain"; None or "auto" detects all but plain),
+    split by `split` (default `SplitSpec()`).
 
-    `patient_regex` applies to the folder layout only; the rsna and nih label files name the patients.
+    `patient_regex` applies to the folder and plain layouts only; the rsna and nih label files name the
+    patients.
     """
     name = (layout or "auto").strip().lower()
     if name not in (*LAYOUTS, "auto"):
@@ -51,11 +63,25 @@ def load_dataset(
     root = check_root(root)
     if name == "auto":
         name = detect_layout(root)
-    if name == "folder":
-        return load_folder(root, split=split, patient_regex=patient_regex)
+    if name in ("folder", "plain"):
+        return _load_unlabelled_or_folder(root, name, split, patient_regex)
     records = load_rsna(root, split=split) if name == "rsna" else load_nih(root, split=split)
     if patient_regex is not None:
         records.notes.append(f"patient regex ignored: the {name} label file names the patients")
+    return records
+
+
+def _load_unlabelled_or_folder(root: Path, layout: str, split: SplitSpec | None,
+                               patient_regex: str | None) -> Records:
+    """The folder or plain layout; a folder read without labels beside an rsna/nih label file is refused (that
+    label file has the labels), and the plain layout notes that it ignores one."""
+    records = load_plain(root, split, patient_regex) if layout == "plain" else load_folder(root, split, patient_regex)
+    labelled = label_file(root) if not records.has_labels else None
+    if labelled is not None and layout == "folder":
+        raise DatasetError(f"{root}: one image sub-folder beside the {labelled[0]} label file {labelled[1].name}: use "
+                           f"--layout {labelled[0]} for its labels (or --layout plain to ignore them)")
+    if labelled is not None:
+        records.notes.append(f"labels ignored: {labelled[1].name} has them (--layout {labelled[0]})")
     return records
 
 

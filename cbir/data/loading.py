@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from cbir.data.transforms import Geometry, letterbox
 from cbir.errors import BadInputError
 from cbir.io import Pseudonymizer, SafeMeta, read_image
+from cbir.io.thumbnails import encode_thumbnail
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Loaded:
     meta: SafeMeta
     instance_key: str | None
     digest: str = ""            # hash of the decoded pixels: tells a duplicate UID from a conflicting one
+    thumbnail: str | None = None  # base64 WebP of the decoded pixels (`cbir.io.thumbnails`), when asked for
 
 
 @dataclass
@@ -38,10 +40,12 @@ class Failed:
 class ImageFiles(Dataset):
     """Files → `Loaded` (or `Failed`, so that one bad file never stops a batch)."""
 
-    def __init__(self, paths: Sequence[str], size: int, pseudonymize: Pseudonymizer | None = None) -> None:
+    def __init__(self, paths: Sequence[str], size: int, pseudonymize: Pseudonymizer | None = None,
+                 thumbnails: bool = False) -> None:
         self.paths = list(paths)
         self.size = size
         self.pseudonymize = pseudonymize
+        self.thumbnails = thumbnails
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -51,13 +55,14 @@ class ImageFiles(Dataset):
         try:
             image = read_image(path, self.pseudonymize)
             pixels, geometry = letterbox(image.pixels, self.size)
+            thumbnail = encode_thumbnail(image.pixels) if self.thumbnails else None
         except BadInputError as exc:
             return Failed(index, path, exc.reason)
         except Exception as exc:  # noqa: BLE001 - one file must never stop a batch, in a worker above all
             return Failed(index, path, f"cannot be processed ({type(exc).__name__}: {str(exc)[:160]})".replace(
                 "\n", " "))
         digest = hashlib.sha256(np.ascontiguousarray(image.pixels).tobytes()).hexdigest()[:32]
-        return Loaded(index, pixels, geometry, image.meta, image.instance_key, digest)
+        return Loaded(index, pixels, geometry, image.meta, image.instance_key, digest, thumbnail)
 
 
 @dataclass
@@ -75,9 +80,10 @@ def _collate(items: list[Any]) -> Batch:
 
 
 def iterate_batches(paths: Sequence[str], size: int, batch_size: int = 32, workers: int = 2,
-                    pseudonymize: Pseudonymizer | None = None) -> Iterator[Batch]:
-    """Batches in input order; decoding overlaps with the consumer when workers > 0."""
-    dataset = ImageFiles(paths, size, pseudonymize)
+                    pseudonymize: Pseudonymizer | None = None, thumbnails: bool = False) -> Iterator[Batch]:
+    """Batches in input order; decoding overlaps with the consumer when workers > 0. `thumbnails` also makes
+    each image's thumbnail in the worker that decoded it."""
+    dataset = ImageFiles(paths, size, pseudonymize, thumbnails)
     workers = max(0, min(workers, len(dataset) // max(batch_size, 1)))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_collate, persistent_workers=False,

@@ -1,7 +1,8 @@
 """The dataset contract shared by every layout reader.
 
 A `Records` holds one row per image: `meta` (a DataFrame) and `labels` (an N×C float32 multi-hot
-array) are aligned row by row, like torchxrayvision's datasets.
+array) are aligned row by row, like torchxrayvision's datasets. A dataset whose labels are unknown (the
+plain layout, a folder layout with a single sub-folder) has no label names, an N×0 `labels` and no target.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cbir.data.splits import SPLITS, SplitSpec, part_mask, split_names, split_record
+from cbir.errors import DatasetError
 
 #: Columns every layout reader puts in `Records.meta`.
 #:   path     absolute path of the image file (str)
@@ -32,7 +34,7 @@ class Records:
     """Images of one dataset with their labels.
 
     `target` names the class that the binary task predicts (e.g. "Pneumonia"); it is one of
-    `label_names`.
+    `label_names`, or "" when the labels are unknown (`label_names` empty; see `has_labels`).
     """
 
     root: Path
@@ -54,11 +56,11 @@ class Records:
     split_spec: SplitSpec = field(default_factory=SplitSpec)
 
     def __post_init__(self) -> None:
-        width = -1 if len(self.meta) else len(self.label_names)
+        width = -1 if len(self.meta) and self.label_names else len(self.label_names)
         self.labels = np.asarray(self.labels, dtype=np.float32).reshape(len(self.meta), width)
         if self.labels.shape[1] != len(self.label_names):
             raise ValueError(f"labels has {self.labels.shape[1]} columns for {len(self.label_names)} names")
-        if self.target not in self.label_names:
+        if self.target not in self.label_names and (self.label_names or self.target):
             raise ValueError(f"target {self.target!r} is not one of {self.label_names}")
         self.meta = self.meta.reset_index(drop=True)
 
@@ -66,7 +68,20 @@ class Records:
         return len(self.meta)
 
     @property
+    def has_labels(self) -> bool:
+        """False for a dataset whose labels are unknown (the plain layout, a folder with one sub-folder)."""
+        return bool(self.label_names)
+
+    def require_labels(self, purpose: str) -> None:
+        """DatasetError (one line) when the labels are unknown: `purpose` (e.g. "training") needs them."""
+        if not self.has_labels:
+            raise DatasetError(f"{self.root}: the labels of these {len(self)} images are unknown ({self.layout} "
+                               f"layout), so there is no supervised target for {purpose}; use a labelled dataset "
+                               "(rsna, nih, or a folder with one sub-folder per class)")
+
+    @property
     def target_index(self) -> int:
+        self.require_labels("a binary target")
         return self.label_names.index(self.target)
 
     @property

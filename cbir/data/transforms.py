@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -72,3 +75,46 @@ def augment(batch: torch.Tensor, generator: torch.Generator | None = None) -> to
     contrast = (1 + rand[:, 5] * 0.15).view(-1, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean).clamp(0, 1)
+
+
+def augment_strong(batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """What real queries bring, per image: `augment`'s affine, gamma and contrast with a wider zoom (±10 %),
+    then a random window (the lowest/highest 0–8 % of the range clipped and stretched), a resolution change
+    (down to 50–100 % and back), Gaussian blur (σ 0–1.2 px, half the images), detector noise (σ 0–0.03) and,
+    for half the images, JPEG re-encoding at quality 40–95."""
+    out = augment(batch, generator)
+    n, _, h, w = out.shape
+    rand = torch.rand(n, 8, generator=generator)
+    low, high = rand[:, 0] * 0.08, 1 - rand[:, 1] * 0.08
+    out = ((out - low.view(-1, 1, 1, 1)) / (high - low).view(-1, 1, 1, 1)).clamp(0, 1)
+    images = []
+    for i in range(n):
+        img = out[i:i + 1]
+        factor = 0.5 + 0.5 * float(rand[i, 2])
+        if factor < 0.95:
+            small = F.interpolate(img, size=(max(8, round(h * factor)), max(8, round(w * factor))),
+                                  mode="bilinear", align_corners=False, antialias=True)
+            img = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        if rand[i, 3] < 0.5:
+            sigma = 0.1 + 1.1 * float(rand[i, 4])
+            radius = max(1, int(math.ceil(2 * sigma)))
+            kernel = torch.exp(-torch.arange(-radius, radius + 1, dtype=img.dtype) ** 2 / (2 * sigma ** 2))
+            kernel = kernel / kernel.sum()
+            img = F.conv2d(F.pad(img, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+            img = F.conv2d(F.pad(img, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+        img = img + torch.randn(img.shape, generator=generator) * 0.03 * float(rand[i, 5])
+        if rand[i, 6] < 0.5:
+            img = _jpeg(img.clamp(0, 1), 40 + int(55 * float(rand[i, 7])))
+        images.append(img.clamp(0, 1))
+    return torch.cat(images)
+
+
+def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """(1, 1, H, W) in [0, 1] through an 8-bit JPEG at `quality` and back."""
+    buf = io.BytesIO()
+    Image.fromarray((img[0, 0].numpy() * 255).round().astype(np.uint8)).save(buf, format="JPEG", quality=quality)
+    back = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255.0
+    return torch.from_numpy(back)[None, None]
+
+
+AUGMENTATIONS = {"basic": augment, "strong": augment_strong}

@@ -12,7 +12,6 @@ from cbir.data.loading import Failed, Loaded, iterate_batches
 from cbir.data.transforms import Geometry, letterbox, standardize
 from cbir.io import Pseudonymizer, SafeMeta, XrayImage
 from cbir.models import LoadedModel
-from cbir.models.detection import boxes_to_original, filter_detections
 
 
 @dataclass
@@ -26,6 +25,7 @@ class Embedded:
     geometry: Geometry
     target_index: int = 0       # column of the target in `probabilities`
     digest: str = ""            # hash of the decoded pixels (see `cbir.data.loading.Loaded`)
+    thumbnail: str | None = None  # base64 WebP, when asked for (see `cbir.io.thumbnails`)
 
     @property
     def probability(self) -> float:
@@ -42,11 +42,11 @@ def _forward(loaded: LoadedModel, pixels: torch.Tensor) -> tuple[np.ndarray, np.
 
 
 def embed_batches(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 32, workers: int = 2,
-                  pseudonymize: Pseudonymizer | None = None
+                  pseudonymize: Pseudonymizer | None = None, thumbnails: bool = False
                   ) -> Iterator[tuple[list[Embedded], list[Failed]]]:
-    """Per batch: the embedded images and the files that could not be read."""
+    """Per batch: the embedded images (with their thumbnails when asked) and the files that could not be read."""
     size = loaded.config.image_size
-    for batch in iterate_batches(paths, size, batch_size, workers, pseudonymize):
+    for batch in iterate_batches(paths, size, batch_size, workers, pseudonymize, thumbnails):
         if not batch.items:
             yield [], batch.failures
             continue
@@ -72,6 +72,8 @@ def embed_and_detect(loaded: LoadedModel, image: XrayImage
         emb, codes, probs = _forward(loaded, x)
         boxes: list[dict[str, float | list[float]]] = []
     else:
+        from cbir.models.detection import boxes_to_original, filter_detections  # torchvision's detection models
+
         device = next(loaded.model.parameters()).device
         out, detections = loaded.model.detect_all(standardize(x.float()).to(device))
         emb, codes = out.embedding.cpu().numpy(), out.code.cpu().numpy()
@@ -91,4 +93,5 @@ def detect_image(loaded: LoadedModel, image: XrayImage) -> list[dict[str, float 
 
 
 def _embedded(item: Loaded, emb: np.ndarray, code: np.ndarray, probs: np.ndarray, target: int) -> Embedded:
-    return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry, target, item.digest)
+    return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry, target, item.digest,
+                    item.thumbnail)

@@ -4,13 +4,16 @@ Queries are the ingested test split by default (their stored embeddings are used
 re-embedded), or the images of another dataset. Neighbours from the query's own patient are never
 counted, and with the default queries the reference archive is the train and val splits only. The split
 must be the one the model was trained with (`cbir.data.splits`): the collection records the split of every
-dataset ingested into it, and a collection split otherwise than the model's training data is refused.
+dataset ingested into it, and a collection split otherwise than the model's training data is refused. Points
+whose label is unknown (`cbir.index.base.UNKNOWN_TARGET`) are neither queries nor archive items; the report
+counts them (`unknown_labels`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +27,9 @@ from cbir.data.splits import SplitSpec, describe_record, split_differences
 from cbir.embed import embed_batches
 from cbir.errors import CbirError
 from cbir.evaluate.codes import POPCOUNT, compare_codes
-from cbir.evaluate.summary import summarize
+from cbir.evaluate.summary import summarize, to_json_safe, vote_summary
 from cbir.index.base import HASH as HASH_FIELD
-from cbir.index.base import Filter, Index, unpack_code
+from cbir.index.base import UNKNOWN_TARGET, Filter, Index, unpack_code
 from cbir.index.codes import itq_from_meta
 from cbir.index.ingest import payload_labels
 from cbir.index.schema import check_model, dataset_roots, negative_label, recorded_split
@@ -51,6 +54,7 @@ class Query:
     code: np.ndarray | None = None
     labels: list[str] = field(default_factory=list)   # as stored in payloads ("No Finding" when none)
     probabilities: dict[str, float] | None = None     # per label (multilabel models)
+    row: int = -1                                     # position in the query records (embedded queries)
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Neighbours:
     found: np.ndarray              # (Q,) how many neighbours were returned
     labels: list[list[list[str]]]  # per query, per neighbour, the payload labels
     prefilter_targets: np.ndarray  # (Q, k) as `targets`, with the Hamming prefilter
+    scores: np.ndarray | None = None  # (Q, k) cosine similarities; NaN where a list is short
 
 
 def stored_queries(index: Index, collection: str, bits: int | None = None) -> list[Query]:
@@ -93,11 +98,14 @@ def stored_queries(index: Index, collection: str, bits: int | None = None) -> li
 
 
 def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudonymizer,
-                     reporter: Reporter, meta: dict[str, Any] | None = None) -> tuple[list[Query], list[str]]:
-    """Embed every image of `records` as a query, coded as the collection (`meta`) codes its points."""
+                     reporter: Reporter, meta: dict[str, Any] | None = None,
+                     files: dict[int, Path] | None = None) -> tuple[list[Query], list[str]]:
+    """Embed every image of `records` as a query, coded as the collection (`meta`) codes its points; `files`
+    (row → file) embeds other files in place of those rows' images, with the rows' labels and patients."""
     queries, failures = [], []
     itq = itq_from_meta(meta or {})
-    paths = records.meta["path"].tolist()
+    rows = list(files) if files is not None else list(range(len(records)))
+    paths = [str(files[r]) for r in rows] if files is not None else records.meta["path"].tolist()
     y = records.y
     names = records.label_lists()
     negative = negative_label(records.label_names, records.target)
@@ -105,12 +113,13 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
     with reporter.task("embed queries", len(paths)) as bar:
         for embedded, failed in embed_batches(loaded, paths, pseudonymize=pseudonymize):
             for item in embedded:
-                patient = str(records.meta["patient"].iloc[item.index])
+                row = rows[item.index]
+                patient = str(records.meta["patient"].iloc[row])
                 per_label = (dict(zip(model_labels, item.probabilities.tolist(), strict=True))
                              if model_labels else None)
                 code = item.code if itq is None else itq.encode(item.embedding[None])[0]
-                queries.append(Query(item.embedding, int(y[item.index]), item.probability, pseudonymize(patient),
-                                     code, payload_labels(records, names[item.index], negative), per_label))
+                queries.append(Query(item.embedding, int(y[row]), item.probability, pseudonymize(patient),
+                                     code, payload_labels(records, names[row], negative), per_label, row))
             failures.extend(f"{f.path}: {f.reason}" for f in failed)
             bar.advance(len(embedded) + len(failed))
     return queries, failures
@@ -118,7 +127,8 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
 
 def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_dir: Path, k: int = 10,
                         queries_from: Records | None = None, pseudonymize: Pseudonymizer | None = None,
-                        reporter: Reporter = QUIET, allow_other_split: bool = False) -> dict[str, Any]:
+                        reporter: Reporter = QUIET, allow_other_split: bool = False,
+                        robustness: bool = False) -> dict[str, Any]:
     """Run both stages, write report.md/report.json/roc.png/precision_at_k.png, return the report dict.
 
     Besides the common keys (see `cbir.evaluate.summary`), every report has `stage2.hamming_map_at_k` (mAP@k
@@ -130,42 +140,56 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     when it shares at least one payload label with the query, so "No Finding" matches "No Finding".
 
     External `queries_from` images of patients that the collection holds as training or validation images of
-    the model's own dataset are left out (the model has seen them). The returned dict also has `per_query`
+    the model's own dataset are left out (the model has seen them). Test points and archive points whose label
+    is unknown are left out of every metric and counted in `unknown_labels` {"queries_skipped",
+    "archive_skipped"}; external `queries_from` must have labels. The returned dict also has `per_query`
     (target, probability, kNN vote, AP@k and an integer patient group per query; written to per_query.json,
-    not to report.json) for pooling folds.
+    not to report.json) for pooling folds. `robustness` adds the `robustness` block (`cbir.evaluate.robustness`).
     """
     started = time.perf_counter()
     meta = index.get_meta(collection)
     check_model(meta, loaded, collection)
     split_note = check_collection_split(meta, loaded, collection, allow_other_split, reporter)
     bits = int(meta.get("bits") or loaded.config.bits)
+    robust_records = _robustness_records(meta, collection, queries_from, pseudonymize) if robustness else None
     failures: list[str] = []
     left_out = 0
+    labelled = {"target": UNKNOWN_TARGET}  # as must_not: only points whose label is known
     if queries_from is None:
         queries = stored_queries(index, collection, bits)
-        archive_filter = Filter(must={"split": ARCHIVE_SPLITS})
+        archive_filter = Filter(must={"split": ARCHIVE_SPLITS}, must_not=labelled)
         source = "test split of the collection"
     else:
         if pseudonymize is None:
             raise CbirError("evaluating external queries needs the pseudonym key")
+        queries_from.require_labels("evaluation queries")
         queries, failures = embedded_queries(queries_from, loaded, pseudonymize, reporter, meta)
         queries, left_out = _unseen(index, collection, loaded, queries_from, queries, reporter)
-        archive_filter = Filter()
+        archive_filter = Filter(must_not=labelled)
         source = f"{queries_from.dataset} ({queries_from.root})"
+    unknown = _unknown_labels(index, collection, archive_filter, queries, reporter)
+    queries = [q for q in queries if q.target != UNKNOWN_TARGET]
     if not queries:
         if index.count(collection) == 0:
             raise CbirError(f"collection {collection!r} is empty: ingest images into it first (cbir ingest)")
+        if unknown["queries_skipped"]:
+            raise CbirError(f"collection {collection!r}: no query images with known labels (the "
+                            f"{unknown['queries_skipped']} images of the {source} have unknown labels)")
         raise CbirError(f"collection {collection!r}: no query images ({source} is empty{_no_test_hint(loaded)})")
     archive = scroll_archive(index, collection, archive_filter, bits, with_embeddings=True)
     if archive.targets.size == 0:
-        raise CbirError(f"collection {collection!r}: the reference archive is empty")
+        unknown_note = (f" of images with known labels ({unknown['archive_skipped']} have unknown labels)"
+                        if unknown["archive_skipped"] else "")
+        raise CbirError(f"collection {collection!r}: the reference archive is empty{unknown_note}")
     neighbours = _search(index, collection, archive_filter, archive, queries, k, reporter)
     y_query = np.array([q.target for q in queries])
     prob_query = np.array([q.probability for q in queries])
     relevant = (neighbours.targets == y_query[:, None]) & (np.arange(k)[None, :] < neighbours.found[:, None])
     n_relevant = archive.n_relevant(queries)
     groups = _patient_groups(queries)
-    extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k)
+    extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k) | {"unknown_labels": unknown}
+    extra["stage2"]["weighted_vote"], extra["vote_calibration"] = _weighted_vote(
+        index, collection, meta, archive, neighbours, queries, k, groups, reporter)
     if loaded.config.task == "detection":
         extra["stage1"].update(_box_metrics(meta, loaded, queries_from, reporter))
     report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query,
@@ -178,6 +202,10 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
                "query_failures": len(failures), "queries_left_out_seen_by_model": left_out,
                "short_neighbour_lists": int((neighbours.found < k).sum()),
                "seconds": round(time.perf_counter() - started, 2)}
+    if robustness:
+        report["robustness"] = to_json_safe(_robustness(index, collection, loaded, meta, archive, archive_filter,
+                                                        robust_records, pseudonymize, k, reporter))
+        context["seconds"] = round(time.perf_counter() - started, 2)
     files = write_report(report, out_dir, y_query, prob_query,
                          title=f"cbir evaluation: {collection}", context=context)
     vote, _ = knn_vote(neighbours.targets, k)
@@ -190,6 +218,52 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
                                                                                              "per_query.json")}
     report["per_query"] = per_query
     return report
+
+
+def _robustness_records(meta: dict[str, Any], collection: str, queries_from: Records | None,
+                        pseudonymize: Pseudonymizer | None) -> Records:
+    """The query images that `--robustness` re-encodes: the external queries, or the collection's test split."""
+    records = queries_from if queries_from is not None else collection_test_records(meta)
+    if records is None or len(records) == 0:
+        raise CbirError(f"--robustness re-encodes the query images, but the test images of collection "
+                        f"{collection!r} are not at hand (its dataset folder moved?): pass them as --queries")
+    if pseudonymize is None:
+        raise CbirError("--robustness needs the pseudonym key")
+    return records
+
+
+def _robustness(index: Index, collection: str, loaded: LoadedModel, meta: dict[str, Any], archive: Archive,
+                archive_filter: Filter, records: Records, pseudonymize: Pseudonymizer, k: int,
+                reporter: Reporter) -> dict[str, Any]:
+    """Re-encode every query image, embed the copies and the originals afresh, and compare (module
+    `cbir.evaluate.robustness`)."""
+    from cbir.evaluate import robustness as rb
+
+    def figures(queries: list[Query]) -> dict[str, Any]:
+        found = _search(index, collection, archive_filter, archive, queries, k, QUIET)
+        y = np.array([q.target for q in queries])
+        relevant = (found.targets == y[:, None]) & (np.arange(k)[None, :] < found.found[:, None])
+        return rb.stage_metrics(y, np.array([q.probability for q in queries]), found.targets, relevant, k,
+                                archive.n_relevant(queries))
+
+    with tempfile.TemporaryDirectory(prefix="cbir-robustness-") as scratch:
+        written = rb.write_reencodings(records.meta["path"].tolist(), Path(scratch), pseudonymize, reporter)
+        originals, failures = embedded_queries(records, loaded, pseudonymize, reporter, meta)
+        position = {q.row: i for i, q in enumerate(originals)}
+        original_embeddings = np.stack([q.embedding for q in originals])
+        base = figures(originals)
+        per_name: dict[str, Any] = {}
+        for name, files in written.files.items():
+            copies, failed = embedded_queries(records, loaded, pseudonymize, reporter, meta, files)
+            copies = [q for q in copies if q.row in position]
+            hidden = np.array([archive.pseudonyms == (q.pseudonym or "\0") for q in copies], dtype=bool)
+            ranks = rb.ranks_of_originals(archive.embeddings, original_embeddings,
+                                          np.stack([q.embedding for q in copies]),
+                                          np.array([position[q.row] for q in copies]), hidden)
+            after = figures(copies)
+            per_name[name] = {**rb.rank_summary(ranks, _patient_groups(copies)), "metrics": after,
+                              "change": rb.changes(base, after), "failures": len(failed)}
+    return rb.robustness_section(per_name, base, int(archive.targets.size), written.failures + failures)
 
 
 def check_collection_split(meta: dict[str, Any], loaded: LoadedModel, collection: str, allow_other: bool,
@@ -241,6 +315,18 @@ def _unseen(index: Index, collection: str, loaded: LoadedModel, records: Records
     return kept, len(queries) - len(kept)
 
 
+def _unknown_labels(index: Index, collection: str, archive_filter: Filter, queries: list[Query],
+                    reporter: Reporter) -> dict[str, int]:
+    """How many queries and archive points have unknown labels (left out of every metric); says so when any."""
+    archive_unknown = Filter(must={**archive_filter.must, "target": UNKNOWN_TARGET})
+    counts = {"queries_skipped": sum(q.target == UNKNOWN_TARGET for q in queries),
+              "archive_skipped": index.count(collection, archive_unknown)}
+    if any(counts.values()):
+        reporter.warn(f"left out {counts['queries_skipped']} queries and {counts['archive_skipped']} archive images "
+                      "whose labels are unknown: they neither query nor vote")
+    return counts
+
+
 def _patient_groups(queries: list[Query]) -> np.ndarray:
     """An integer per query's patient (pseudonym; a query without one is its own patient), for the bootstrap."""
     keys = [q.pseudonym or f"\0query {i}" for i, q in enumerate(queries)]
@@ -288,21 +374,39 @@ def _search(index: Index, collection: str, archive_filter: Filter, archive: Arch
     shortlist = prefilter_size(archive.targets.size)
     targets = np.full((len(queries), k), majority, dtype=np.int64)  # a tiny archive pads with the majority label
     prefiltered = targets.copy()
+    scores = np.full((len(queries), k), np.nan)
     found = np.zeros(len(queries), dtype=np.int64)
     labels: list[list[list[str]]] = []
     with reporter.task("search", len(queries)) as bar:
         for row, query in enumerate(queries):
-            flt = Filter(must=dict(archive_filter.must),
-                         must_not={"pseudonym": query.pseudonym} if query.pseudonym else {})
+            flt = Filter(must=dict(archive_filter.must), must_not={
+                **archive_filter.must_not, **({"pseudonym": query.pseudonym} if query.pseudonym else {})})
             hits = index.search(collection, query.embedding, k, flt=flt)
             found[row] = len(hits)
             targets[row, :len(hits)] = [int(hit.payload.get("target", 0)) for hit in hits]
+            scores[row, :len(hits)] = [float(hit.score) for hit in hits]
             labels.append([list(hit.payload.get("labels") or []) for hit in hits])
             if query.code is not None:
                 hits = index.search(collection, query.embedding, k, flt=flt, code=query.code, prefilter=shortlist)
                 prefiltered[row, :len(hits)] = [int(hit.payload.get("target", 0)) for hit in hits]
             bar.advance()
-    return Neighbours(targets, found, labels, prefiltered)
+    return Neighbours(targets, found, labels, prefiltered, scores)
+
+
+def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive: Archive, neighbours: Neighbours,
+                   queries: list[Query], k: int, groups: np.ndarray, reporter: Reporter
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The calibrated vote's figures, with the collection's stored calibration (fitted on its validation images
+    now, not stored, when it has none)."""
+    from cbir.search.calibrate import calibrate
+    from cbir.search.vote import VoteCalibration, decide
+    body = meta.get("calibration") or calibrate(index, collection, k, reporter, store=False) or {}
+    calibration = VoteCalibration.from_dict(body.get("vote"))
+    label, probability, _ = decide(neighbours.scores, neighbours.targets, calibration,
+                                   prior=float(archive.targets.mean()) if archive.targets.size else None)
+    y = np.array([q.target for q in queries])
+    figures = vote_summary(y, np.array([q.probability for q in queries]), label, probability, groups)
+    return figures, {**calibration.to_dict(), "stored": bool(meta.get("calibration"))}
 
 
 def _extra_metrics(loaded: LoadedModel, archive: Archive, queries: list[Query], neighbours: Neighbours,
@@ -339,21 +443,8 @@ def _box_metrics(meta: dict[str, Any], loaded: LoadedModel, queries_from: Record
     """A detector's box mAP on the query images: the external queries, or the test split (as the collection
     records it) of the dataset the collection was ingested from (when its folder is still there and has boxes);
     {} when neither is at hand."""
-    from cbir.data.layout import load_dataset
     from cbir.evaluate.heldout import detection_scores
-    source = queries_from
-    if source is None:
-        for dataset in (meta.get("roots") or {}):
-            record = recorded_split(meta, dataset)
-            spec = SplitSpec.from_dict(record["spec"]) if record else None
-            for root in dataset_roots(meta, dataset):
-                try:
-                    source = load_dataset(Path(root), "auto", split=spec).split("test")  # the collection's split
-                    break
-                except CbirError:
-                    continue
-            if source is not None:
-                break
+    source = queries_from if queries_from is not None else collection_test_records(meta)
     has_boxes = source is not None and "boxes" in source.meta and any(len(b) for b in source.meta["boxes"])
     if not has_boxes:
         reporter.warn("box mAP not computed: the query images' boxes are not available")
@@ -361,6 +452,21 @@ def _box_metrics(meta: dict[str, Any], loaded: LoadedModel, queries_from: Record
     scores = detection_scores(source, loaded, reporter=reporter)
     return {"box_map": scores["box_map"], "box_threshold": scores["box_threshold"],
             "box_images": scores["n_images"], "box_images_with_boxes": scores["n_with_boxes"]}
+
+
+def collection_test_records(meta: dict[str, Any]) -> Records | None:
+    """The test split, as the collection records it, of the first dataset ingested into it whose folder is
+    still at hand; None when none is."""
+    from cbir.data.layout import load_dataset
+    for dataset in (meta.get("roots") or {}):
+        record = recorded_split(meta, dataset)
+        spec = SplitSpec.from_dict(record["spec"]) if record else None
+        for root in dataset_roots(meta, dataset):
+            try:
+                return load_dataset(Path(root), "auto", split=spec).split("test")
+            except CbirError:
+                continue
+    return None
 
 
 def _code_comparison(archive: Archive, queries: list[Query], y_query: np.ndarray, k: int) -> dict[str, Any]:

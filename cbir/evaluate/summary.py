@@ -20,7 +20,8 @@ Schema (every value plain JSON; an undefined metric, e.g. ROC-AUC with one class
                 archive's majority label), archive_positive_rate
     …           keys of `extra`, merged one level deep; they may add keys but never replace a metric.
                 `cbir.evaluate.run` adds stage2.hamming_map_at_k, stage2.prefilter_knn_accuracy and
-                stage2.prefilter_size (every collection), and for multilabel models
+                stage2.prefilter_size (every collection), unknown_labels {queries_skipped, archive_skipped}
+                (images whose label is unknown, left out of every metric), and for multilabel models
                 stage2.map_at_k_any_finding and stage1.per_class_auc {label: auc}
 """
 
@@ -139,6 +140,28 @@ def _stage2(y: np.ndarray, nbr: np.ndarray, rel: np.ndarray, k: int, n_relevant:
         "precision_curve": {str(i): p for i, p in curve.items()},
         "vote_auc": metrics.roc_auc(y, positive_share),
         "confusion": [[int(np.sum((y == t) & (pred == p))) for p in (0, 1)] for t in (0, 1)],
+    }
+
+
+def vote_summary(y: np.ndarray, prob_query: np.ndarray, vote: np.ndarray, vote_probability: np.ndarray,
+                 groups: np.ndarray | None = None, n_boot: int = N_BOOT) -> dict[str, Any]:
+    """The weighted, prior-corrected vote (`cbir.search.vote`) beside the model: its balanced accuracy (CI),
+    sensitivity, specificity, the ROC-AUC of its calibrated probability, its Brier score, and `agreement`, the
+    share of queries where the vote's label is the model's prediction (threshold 0.5)."""
+    y, vote = np.asarray(y).astype(int), np.asarray(vote).astype(int)
+    p = np.asarray(vote_probability, dtype=np.float64)
+    boot = Bootstrap.by_group(np.arange(y.size) if groups is None else groups, n_boot)
+    agree = (vote == (np.asarray(prob_query) >= 0.5)).astype(np.float64)
+    has = bool(y.size)
+    return {
+        "accuracy": float(np.mean(vote == y)) if has else math.nan,
+        "balanced_accuracy": metrics.balanced_accuracy(y, vote),
+        "balanced_accuracy_ci": boot.interval(lambda w: weighted_balanced_accuracy(y, vote, w)) if has else None,
+        **metrics.recalls(y, vote),
+        "probability_auc": metrics.roc_auc(y, p),
+        "brier": float(np.mean((p - y) ** 2)) if has else math.nan,
+        "agreement_with_model": float(agree.mean()) if has else math.nan,
+        "agreement_with_model_ci": boot.interval(lambda w: weighted_mean(agree, w)) if has else None,
     }
 
 

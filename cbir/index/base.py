@@ -9,6 +9,11 @@ Each collection stores two named vectors per point:
                distance, so Qdrant's distance is exactly the Hamming distance
 and the packed code as hex in the payload field `hash`.
 
+Thumbnails (`cbir ingest --thumbnails`) are the payload field `thumbnail` (`THUMBNAIL`, a few KB of base64
+WebP), so that they travel with their points through every backend, snapshot and copy. Bulk reads leave them
+out: `scroll` unless `with_thumbnails=True` (copies ask for them), and `search` always; `retrieve` returns
+whole payloads, thumbnails included, for the few points a viewer or montage shows.
+
 Names: every method takes a collection name or an alias. `cbir ingest` makes versioned collections
 (`NAME__v1`, `NAME__v2`, …) behind the alias `NAME` (see `cbir.index.versions`); on a server the alias is a
 Qdrant alias, on Qdrant Edge an entry of the index's `aliases.json` manifest. A move is atomic in both.
@@ -31,9 +36,14 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 EMBEDDING = "embedding"
 HASH = "hash"
+THUMBNAIL = "thumbnail"
 
 #: The reserved collection that holds a server's (or local mode's) migration ledger in its metadata.
 LEDGER_COLLECTION = "cbir_ledger"
+
+#: Payload `target` of an image whose label is unknown (plain layout); its `label` is None and `labels` [].
+#: Such points are found and shown, but never vote and never enter an evaluation.
+UNKNOWN_TARGET = -1
 
 #: Payload fields that get a keyword index (created before the bulk load).
 INDEXED_FIELDS = ("labels", "dataset", "split", "view", "sex", "age_band", "pseudonym", "team")
@@ -49,6 +59,11 @@ MIH_WIDTH = 16
 MIH_MAX_KEYS = 16384
 
 FilterValue = str | int | bool | Sequence[str]
+
+
+def has_label(payload: dict[str, Any]) -> bool:
+    """Whether a payload's label is known (see `UNKNOWN_TARGET`)."""
+    return payload.get("target") != UNKNOWN_TARGET
 
 
 @dataclass(frozen=True)
@@ -136,13 +151,14 @@ class Index(ABC):
 
     @abstractmethod
     def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = True,
-               batch: int = 1024) -> Iterator[Point]: ...
+               batch: int = 1024, with_thumbnails: bool = False) -> Iterator[Point]:
+        """Every point matching `flt`, in id order; payloads without `thumbnail` unless `with_thumbnails`."""
 
     @abstractmethod
     def search(self, name: str, embedding: np.ndarray, k: int, flt: Filter | None = None,
                code: np.ndarray | None = None, prefilter: int | None = None,
                hamming_radius: int | None = None) -> list[Hit]:
-        """The k nearest points by exact cosine on `embedding`, best first.
+        """The k nearest points by exact cosine on `embedding`, best first (payloads without `thumbnail`).
 
         With `code` and `prefilter=N`, only the N points nearest by Hamming distance (after `flt`) are
         candidates; with `hamming_radius=R`, only points within Hamming distance R. Hits then carry

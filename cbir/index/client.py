@@ -44,6 +44,7 @@ from cbir.index.base import (
     LEDGER_COLLECTION,
     READABLE_SCHEMAS,
     SCHEMA_VERSION,
+    THUMBNAIL,
     UPSERT_BATCH,
     Filter,
     Hit,
@@ -67,6 +68,7 @@ META_KEY = "cbir"
 #: Seconds a collection's vector sizes are cached (see `ClientIndex._schema`).
 SCHEMA_TTL = 2.0
 _SHARE_HINT = "use a Qdrant server to share an index"
+_NO_THUMBNAIL = qm.PayloadSelectorExclude(exclude=[THUMBNAIL])
 
 
 @dataclass(frozen=True)
@@ -325,14 +327,15 @@ class ClientIndex(Index):
         return out
 
     def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = True,
-               batch: int = 1024) -> Iterator[Point]:
+               batch: int = 1024, with_thumbnails: bool = False) -> Iterator[Point]:
         """Every point matching `flt`, in id order."""
         self._schema(name)
         offset: Any = None
         while True:
             with self._errors(name, "scroll"):
                 records, offset = self._client.scroll(name, scroll_filter=_filter(flt), limit=batch,
-                                                      offset=offset, with_payload=True,
+                                                      offset=offset,
+                                                      with_payload=True if with_thumbnails else _NO_THUMBNAIL,
                                                       with_vectors=with_vectors)
             yield from (_to_point(rec, with_vectors) for rec in records)
             if offset is None:
@@ -352,7 +355,7 @@ class ClientIndex(Index):
             return []
         with self._errors(name, "search"):
             scored = self._client.query_points(name, query=_floats(embedding), using=EMBEDDING, limit=k,
-                                               with_payload=True, search_params=self._search_params,
+                                               with_payload=_NO_THUMBNAIL, search_params=self._search_params,
                                                **restriction).points
         return [_to_hit(p, code) for p in scored]
 

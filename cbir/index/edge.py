@@ -62,6 +62,7 @@ from cbir.index.base import (
     INDEXED_FIELDS,
     READABLE_SCHEMAS,
     SCHEMA_VERSION,
+    THUMBNAIL,
     UPSERT_BATCH,
     Filter,
     Hit,
@@ -87,6 +88,7 @@ FLUSH_POINTS = int(os.environ.get("CBIR_EDGE_FLUSH_POINTS", "4096"))  # at most 
 FLUSH_SECONDS = float(os.environ.get("CBIR_EDGE_FLUSH_SECONDS", "5"))
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _EXACT = qe.SearchParams(exact=True)
+_NO_THUMBNAIL = qe.PayloadSelector.Exclude([THUMBNAIL])
 _SHARE_HINT = "use a Qdrant server to share an index"
 
 
@@ -423,12 +425,13 @@ class EdgeIndex(Index):
             return out
 
     def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = True,
-               batch: int = 1024) -> Iterator[Point]:
+               batch: int = 1024, with_thumbnails: bool = False) -> Iterator[Point]:
         """Every point matching `flt`, in id order."""
         name = self.resolve(name)
         offset: Any = None
+        payload = True if with_thumbnails else _NO_THUMBNAIL
         while True:
-            request = qe.ScrollRequest(offset=offset, limit=batch, filter=edge_filter(flt), with_payload=True,
+            request = qe.ScrollRequest(offset=offset, limit=batch, filter=edge_filter(flt), with_payload=payload,
                                        with_vector=with_vectors)
             with self._mutex, self._errors(name, "scroll"):
                 records, offset = self._shard(name).scroll(request)
@@ -476,7 +479,7 @@ class EdgeIndex(Index):
             condition = None
         query = qe.Query.Nearest(np.asarray(embedding, dtype=np.float32), using=EMBEDDING)
         return qe.QueryRequest(limit=k, query=query, prefetches=prefetches, filter=condition,
-                               with_payload=True, params=_EXACT)
+                               with_payload=_NO_THUMBNAIL, params=_EXACT)
 
     def _hash_query(self, name: str, code: np.ndarray, flt: Filter | None, limit: int,
                     radius: int | None) -> list[tuple[str, int]]:

@@ -11,14 +11,18 @@ from cbir.console import QUIET, Reporter
 from cbir.data.records import Records
 from cbir.embed import Embedded, embed_batches
 from cbir.errors import BadInputError, CbirError
-from cbir.index.base import Index, Point
+from cbir.index.base import UNKNOWN_TARGET, Index, Point
 from cbir.index.codes import ITQ_FIT_SIZE, check_code_source, code_source, fit_itq_meta, itq_from_meta
+from cbir.index.files import FileMap
 from cbir.index.schema import (
+    PLAIN_PATHS,
+    PSEUDONYM_PATHS,
     add_root,
     check_key,
     check_model,
     collection_meta,
     negative_label,
+    path_mode,
     payload,
     point_id,
     record_split,
@@ -36,6 +40,7 @@ from cbir.index.versions import (
 from cbir.io import Pseudonymizer, SafeMeta
 from cbir.io.dicom import peek_instance_key
 from cbir.io.phi import age_band, sex_of, view_of
+from cbir.io.thumbnails import thumbnail_spec
 from cbir.models import LoadedModel
 
 
@@ -52,10 +57,12 @@ class IngestSummary:
     points_after: int = 0
     seconds: float = 0.0
     swap: Swap | None = None
+    labels_unknown: bool = False  # the dataset's labels are unknown (plain layout)
 
     @property
     def line(self) -> str:
-        text = (f"{self.total} files: {self.ingested} ingested, {self.already} already in the index, "
+        ingested = f"{self.ingested} ingested" + (" with unknown labels" if self.labels_unknown else "")
+        text = (f"{self.total} files: {ingested}, {self.already} already in the index, "
                 f"{self.skipped} duplicates skipped, {self.failed} failed; "
                 f"collection {self.collection!r} holds {self.points_after} points ({self.seconds:.1f} s)")
         return text + (f"; reindex: {self.swap.line}" if self.swap else "")
@@ -64,35 +71,54 @@ class IngestSummary:
 def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseudonymize: Pseudonymizer,
                        records: Records, codes: str | None = None, shards: int = 1, replicas: int = 1,
                        reporter: Reporter = QUIET, team: str | None = None, version_of: str | None = None,
-                       split: dict | None = None) -> dict:
+                       split: dict | None = None, keep_paths: bool = False, thumbnails: bool = False) -> dict:
     """Create the collection (`collection__v1` behind the alias `collection`), or check that an existing one
-    matches this model, key, team, code source and the split of `records`' dataset (`split`, default
-    `records.split_record()`), and record that split. `version_of=ALIAS` creates `collection` itself, as the
-    next version of ALIAS (a reindex)."""
+    matches this model, key, team, code source, path mode (`keep_paths`: plain paths, else pseudonyms) and the
+    split of `records`' dataset (`split`, default `records.split_record()`), and record that split (and that
+    it has thumbnails). `version_of=ALIAS` creates `collection` itself, as the next version of ALIAS (a
+    reindex)."""
     check_code_source(codes, loaded.config.bits, loaded.config.embed_dim)
+    changed = False
     if index.has_collection(collection):
         meta = index.get_meta(collection)
         check_model(meta, loaded, collection)
         check_key(meta, pseudonymize, collection)
         check_team(meta, team, collection)
+        check_path_mode(meta, keep_paths, collection)
         if (shards, replicas) != (1, 1) and (shards, replicas) != (meta.get("shards"), meta.get("replicas")):
             reporter.warn(f"collection {collection!r} exists: --shards/--replicas apply only when it is created")
         if codes is not None and codes != code_source(meta):
             raise CbirError(f"collection {collection!r} stores {code_source(meta)} codes, not {codes}; "
                             "ingest into a new collection to change the code source")
     else:
-        meta = collection_meta(loaded, pseudonymize, records.target,
-                               negative_label(records.label_names, records.target))
-        meta.update(codes=codes or "model", shards=shards, replicas=replicas, team=team)
+        names, target = ((records.label_names, records.target) if records.has_labels  # else the model's
+                         else (list(loaded.config.label_names), loaded.config.target))
+        meta = collection_meta(loaded, pseudonymize, target, negative_label(names, target))
+        meta.update(codes=codes or "model", shards=shards, replicas=replicas, team=team,
+                    paths=PLAIN_PATHS if keep_paths else PSEUDONYM_PATHS,
+                    thumbnails=thumbnail_spec() if thumbnails else None)
         if version_of is not None:
             index.create_collection(collection, loaded.config.embed_dim, loaded.config.bits, meta, shards, replicas)
         else:
             create_versioned(index, collection, loaded.config.embed_dim, loaded.config.bits, meta, shards,
                              replicas)
-    changed = record_split(meta, split or records.split_record(), collection)
+    if thumbnails and not meta.get("thumbnails"):
+        meta["thumbnails"], changed = thumbnail_spec(), True
+    changed = record_split(meta, split or records.split_record(), collection) or changed
     if add_root(meta, records.dataset, str(records.root)) or changed:
         index.set_meta(collection, meta)
     return meta
+
+
+def check_path_mode(meta: dict, keep_paths: bool, collection: str) -> None:
+    """Refuse to add plain paths to a collection of pseudonyms, or pseudonyms to one of plain paths."""
+    if keep_paths and path_mode(meta) == PSEUDONYM_PATHS:
+        raise CbirError(f"collection {collection!r} names its files by pseudonyms: ingest into it without "
+                        "--keep-paths, or into a new collection")
+    if not keep_paths and path_mode(meta) == PLAIN_PATHS:
+        raise CbirError(f"collection {collection!r} stores file paths in its payloads (made with --keep-paths, "
+                        "or before cbir pseudonymised them): pass --keep-paths to add to it, or --reindex it to "
+                        "pseudonymise them")
 
 
 def ingest_records(records: Records, loaded: LoadedModel, index: Index, collection: str,
@@ -100,7 +126,8 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
                    reporter: Reporter = QUIET, codes: str | None = None,
                    itq_fit_size: int = ITQ_FIT_SIZE, may_fit_itq: bool = True, shards: int = 1,
                    replicas: int = 1, team: str | None = None, reindex: bool = False,
-                   allow_count_change: bool = False, split: dict | None = None) -> IngestSummary:
+                   allow_count_change: bool = False, split: dict | None = None, keep_paths: bool = False,
+                   thumbnails: bool = False) -> IngestSummary:
     """Embed and upsert every image; bad files are reported and counted, and the run goes on.
 
     `codes` picks the code source of a new collection (`cbir.index.codes`; default: the model's). When ITQ
@@ -114,6 +141,10 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
 
     `reindex=True` fills the next version of the existing collection `collection` (possibly with a new
     model) while queries keep using the current one, then moves the alias (`cbir.index.versions.swap`).
+
+    Payloads name their files by keyed pseudonyms, recorded in this machine's file map (`cbir.index.files`)
+    before the points are written; `keep_paths=True` stores the relative paths instead. `thumbnails=True`
+    stores each image's thumbnail (`cbir.io.thumbnails`) with its point.
     """
     started = time.perf_counter()
     alias = collection
@@ -122,10 +153,12 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     else:
         check_alias_name(collection)
     meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes, shards, replicas, reporter,
-                              team, version_of=alias if reindex else None, split=split)
+                              team, version_of=alias if reindex else None, split=split, keep_paths=keep_paths,
+                              thumbnails=thumbnails)
     summary = IngestSummary(alias, total=len(records) + len(records.missing),
-                            points_before=index.count(collection))
+                            points_before=index.count(collection), labels_unknown=not records.has_labels)
     paths = records.meta["path"].tolist()
+    names = _FileNames(records, pseudonymize, path_mode(meta) == PSEUDONYM_PATHS)
 
     def fail(path: str, reason: str) -> None:
         if strict:
@@ -138,7 +171,7 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
         fail(str(records.root / relpath), reason)
     todo = np.arange(len(paths))
     if summary.points_before:
-        todo = _not_yet_ingested(index, collection, records, reporter)
+        todo = _not_yet_ingested(index, collection, records, names, reporter)
         summary.already = len(paths) - len(todo)
     fitting = code_source(meta) == "itq" and not meta.get("itq")
     if fitting and not may_fit_itq:
@@ -151,11 +184,11 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     itq = itq_from_meta(meta)  # parsed once; None while it is still to be fitted, or for the model's codes
 
     def upsert(items: list[Embedded]) -> None:
-        points = []
+        points, positions = [], []
         item_codes = ([i.code for i in items] if itq is None or not items
                       else list(itq.encode(np.stack([i.embedding for i in items]))))
         for item, code in zip(items, item_codes, strict=True):
-            point = _point(records, item, code, pseudonymize, meta, model_labels)
+            point = _point(records, item, code, pseudonymize, meta, model_labels, names)
             if point.id in seen:
                 digest, first = seen[point.id]
                 if digest == item.digest:
@@ -167,7 +200,9 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
                 continue
             seen[point.id] = (item.digest, paths[item.index])
             points.append(point)
+            positions.append(item.index)
         if points:
+            names.remember(positions)   # before the points: a point the map cannot resolve would stay so
             index.upsert(collection, points)
             summary.ingested += len(points)
 
@@ -181,9 +216,10 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
         upsert(held)
         held.clear()
 
-    with reporter.task(f"ingest {records.dataset}", len(order)) as bar:
+    with names, reporter.task(f"ingest {records.dataset}", len(order)) as bar:
+        names.remember(sorted(set(range(len(paths))) - set(todo.tolist())))  # ingested before, perhaps elsewhere
         for embedded, failures in embed_batches(loaded, [paths[i] for i in order], batch_size, workers,
-                                                pseudonymize):
+                                                pseudonymize, thumbnails):
             for failure in failures:
                 fail(failure.path, failure.reason)
             items = [replace(item, index=int(order[item.index])) for item in embedded]
@@ -206,12 +242,47 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     return summary
 
 
-def _not_yet_ingested(index: Index, collection: str, records: Records, reporter: Reporter) -> np.ndarray:
+class _FileNames:
+    """How this ingest names each image in its payload and point ID: by the keyed pseudonym of its relative path
+    (recorded in the local file map), or by the path itself (`pseudonyms=False`: plain paths)."""
+
+    def __init__(self, records: Records, pseudonymize: Pseudonymizer, pseudonyms: bool) -> None:
+        self.dataset = records.dataset
+        self.pseudonymize = pseudonymize
+        self.pseudonyms = pseudonyms
+        self.relpaths = [str(rel) for rel in records.meta["relpath"]]
+        self.file_map: FileMap | None = None   # open while upserting (`with`)
+
+    def file(self, position: int) -> str | None:
+        """The pseudonym of the image at `position` (None with plain paths)."""
+        return self.pseudonymize.file(self.dataset, self.relpaths[position]) if self.pseudonyms else None
+
+    def point_id(self, position: int, instance_key: str | None) -> str:
+        return point_id(self.dataset, instance_key, self.relpaths[position], self.file(position))
+
+    def remember(self, positions: list[int]) -> None:
+        """Record in the local file map which file each pseudonym of the images at `positions` names."""
+        if self.pseudonyms:
+            assert self.file_map is not None, "remember() runs inside `with`"
+            self.file_map.add((self.file(i), self.dataset, self.relpaths[i]) for i in positions)
+
+    def __enter__(self) -> _FileNames:
+        if self.pseudonyms:
+            self.file_map = FileMap.local(writable=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file_map is not None:
+            self.file_map.close()
+            self.file_map = None
+
+
+def _not_yet_ingested(index: Index, collection: str, records: Records, names: _FileNames,
+                      reporter: Reporter) -> np.ndarray:
     """Positions of the images whose point ID is not in the collection yet, found without decoding pixels
-    (a DICOM's ID comes from its header's SOPInstanceUID, other files' from their relative path), so that an
+    (a DICOM's ID comes from its header's SOPInstanceUID, other files' from their file name), so that an
     interrupted or repeated ingest resumes where it stopped."""
-    ids = [point_id(records.dataset, peek_instance_key(path), str(rel))
-           for path, rel in zip(records.meta["path"], records.meta["relpath"], strict=True)]
+    ids = [names.point_id(i, peek_instance_key(path)) for i, path in enumerate(records.meta["path"])]
     present: set[str] = set()
     for start in range(0, len(ids), 1024):
         present |= index.existing_ids(collection, ids[start:start + 1024])
@@ -240,21 +311,24 @@ def payload_labels(records: Records, names: list[str], negative: str) -> list[st
     """The payload's `labels` for an image whose positive labels are `names`.
 
     With nothing positive, NIH says "No Finding" and a one-label set (RSNA) says the negative label
-    ("No Pneumonia"); folder datasets always have their class.
+    ("No Pneumonia"); folder datasets always have their class, and images with unknown labels get [].
     """
-    if records.layout == "folder" or names:
+    if records.layout == "folder" or names or not records.has_labels:
         return names
     return ["No Finding" if len(records.label_names) > 1 else negative]
 
 
 def _point(records: Records, item: Embedded, code: np.ndarray, pseudonymize: Pseudonymizer, meta: dict,
-           model_labels: list[str] | None) -> Point:
+           model_labels: list[str] | None, files: _FileNames) -> Point:
     """One point; `model_labels` (multilabel models) names the per-label probabilities stored beside the target's."""
     row = records.meta.iloc[item.index]
     label_row = records.labels[item.index]
     names = [n for n, v in zip(records.label_names, label_row, strict=True) if v > 0.5]
-    target = int(label_row[records.target_index] > 0.5)
-    primary = records.target if target else meta["negative_label"]
+    if records.has_labels:
+        target = int(label_row[records.target_index] > 0.5)
+        primary: str | None = records.target if target else meta["negative_label"]
+    else:
+        target, primary = UNKNOWN_TARGET, None
     csv_meta = SafeMeta(view=view_of(row.get("view")), sex=sex_of(row.get("sex")), age_band=age_band(row.get("age")),
                         pseudonym=pseudonymize(str(row["patient"])))
     safe = SafeMeta(view=item.meta.view, sex=item.meta.sex, age_band=item.meta.age_band,
@@ -262,9 +336,11 @@ def _point(records: Records, item: Embedded, code: np.ndarray, pseudonymize: Pse
     labels = payload_labels(records, names, meta["negative_label"])
     boxes = row.get("boxes")
     per_label = dict(zip(model_labels, item.probabilities.tolist(), strict=True)) if model_labels else None
-    body = payload(dataset=records.dataset, split=str(row["split"]), relpath=str(row["relpath"]), labels=labels,
-                   primary=primary, target=target, meta=safe.as_payload(),
+    file = files.file(item.index)
+    body = payload(dataset=records.dataset, split=str(row["split"]), relpath=None if file else str(row["relpath"]),
+                   file=file, labels=labels, primary=primary, target=target, meta=safe.as_payload(),
                    boxes=list(boxes) if isinstance(boxes, list | tuple | np.ndarray) else [],
-                   probability=item.probability, code=code, probabilities=per_label, team=meta.get("team"))
-    return Point(id=point_id(records.dataset, item.instance_key, str(row["relpath"])),
-                 embedding=item.embedding.astype(np.float32), code=code.astype(np.uint8), payload=body)
+                   probability=item.probability, code=code, probabilities=per_label, team=meta.get("team"),
+                   thumbnail=item.thumbnail, shape=(item.geometry.height, item.geometry.width))
+    return Point(id=files.point_id(item.index, item.instance_key), embedding=item.embedding.astype(np.float32),
+                 code=code.astype(np.uint8), payload=body)

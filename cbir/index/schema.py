@@ -7,7 +7,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cbir.data.splits import describe_record, split_differences
 from cbir.errors import CbirError, ModelMismatchError
 from cbir.index.base import SCHEMA_VERSION, pack_code
 from cbir.io import Pseudonymizer
@@ -19,9 +18,26 @@ POINT_NAMESPACE = uuid.UUID("5f0c9a52-0d3c-4d1e-9a4c-6b1c3e0f2a77")
 FILTER_ALIASES = {"label": "labels", "age": "age_band", "patient": "pseudonym"}
 
 
-def point_id(dataset: str, instance_key: str | None, relpath: str) -> str:
-    """Deterministic: the same image (by SOPInstanceUID, else by relative path) always gets the same ID."""
-    name = f"{dataset}:uid:{instance_key}" if instance_key else f"{dataset}:path:{relpath}"
+#: `paths` in a collection's metadata: how its payloads name their image files (see `cbir.index.files`).
+PSEUDONYM_PATHS, PLAIN_PATHS = "pseudonym", "plain"
+
+
+def path_mode(meta: dict[str, Any]) -> str:
+    """"pseudonym" (payload `file`, the path only in the local file map) or "plain" (payload `path`:
+    `--keep-paths`, and every collection made before paths were pseudonymised)."""
+    return PSEUDONYM_PATHS if meta.get("paths") == PSEUDONYM_PATHS else PLAIN_PATHS
+
+
+def point_id(dataset: str, instance_key: str | None, relpath: str, file: str | None = None) -> str:
+    """Deterministic: the same image always gets the same ID, from its SOPInstanceUID (as a one-way instance
+    key), else from its file's keyed pseudonym `file` (collections with pseudonymised paths, so the ID of a file
+    named by an MRN cannot be recomputed from a guessed MRN), else from its relative path (plain paths)."""
+    if instance_key:
+        name = f"{dataset}:uid:{instance_key}"
+    elif file:
+        name = f"{dataset}:file:{file}"
+    else:
+        name = f"{dataset}:path:{relpath}"
     return str(uuid.uuid5(POINT_NAMESPACE, name))
 
 
@@ -68,8 +84,8 @@ def add_root(meta: dict[str, Any], dataset: str, root: str) -> bool:
 
 
 def archive_file(meta: dict[str, Any], dataset: str | None, relpath: str | None) -> Path | None:
-    """The archived image of a payload (`dataset`, relative `path`): the first recorded root that holds it,
-    never a file outside the roots."""
+    """The archived image of a payload's `dataset` and relative path (see `cbir.index.files.LocalFiles`): the
+    first recorded root that holds it, never a file outside the roots."""
     if not relpath:
         return None
     for root in dataset_roots(meta, dataset):
@@ -100,6 +116,8 @@ def record_split(meta: dict[str, Any], record: dict[str, Any], collection: str) 
     """Record the split of the dataset being ingested; refuse one that differs from what the collection
     already holds for that dataset (the points already in it keep their `split`, so the two would disagree).
     Returns whether `meta` changed."""
+    from cbir.data.splits import describe_record, split_differences  # pandas: not on the query path
+
     dataset = record["dataset"]
     held = recorded_split(meta, dataset)
     if held is not None:
@@ -122,18 +140,22 @@ def check_key(meta: dict[str, Any], pseudonymize: Pseudonymizer, collection: str
             f"{pseudonymize.fingerprint}; set $CBIR_PSEUDONYM_KEY to the shared key")
 
 
-def payload(*, dataset: str, split: str, relpath: str, labels: list[str], primary: str, target: int,
-            meta: dict[str, Any], boxes: list, probability: float, code: Any,
-            probabilities: dict[str, float] | None = None, team: str | None = None) -> dict[str, Any]:
+def payload(*, dataset: str, split: str, relpath: str | None, file: str | None, labels: list[str], primary: str,
+            target: int, meta: dict[str, Any], boxes: list, probability: float, code: Any,
+            probabilities: dict[str, float] | None = None, team: str | None = None,
+            thumbnail: str | None = None, shape: tuple[int, int] | None = None) -> dict[str, Any]:
     """The stored payload: labels and coarse metadata only, never a raw identifier.
 
-    `probability` is the model's probability of the collection's target for every task; multilabel models
-    also store `probabilities` (label name → probability).
+    The image file is named by `file` (its keyed pseudonym) or, with plain paths, by `relpath` (`path`); the
+    other one is None. `probability` is the model's probability of the collection's target for every task;
+    multilabel models also store `probabilities` (label name → probability). `thumbnail` (base64 WebP, see
+    `cbir.io.thumbnails`) comes with `shape`, the original image's [height, width], which maps `boxes` onto it.
     """
     body = {
         "dataset": dataset,
         "split": split,
         "path": relpath,
+        "file": file,
         "labels": labels,
         "label": primary,
         "target": int(target),
@@ -149,4 +171,7 @@ def payload(*, dataset: str, split: str, relpath: str, labels: list[str], primar
     }
     if probabilities is not None:
         body["probabilities"] = {name: round(float(p), 6) for name, p in probabilities.items()}
+    if thumbnail is not None:
+        body["thumbnail"] = thumbnail
+        body["shape"] = [int(v) for v in shape] if shape is not None else None
     return body

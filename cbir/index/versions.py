@@ -176,7 +176,7 @@ def copy_points(source: Index, name: str, target: Index, target_name: str, repor
     """Upsert every point of `source`'s collection `name` into `target`'s `target_name`; returns the count."""
     copied, chunk = 0, []
     with reporter.task(f"copy {name}", source.count(name)) as bar:
-        for point in source.scroll(name, with_vectors=True, batch=batch):
+        for point in source.scroll(name, with_vectors=True, batch=batch, with_thumbnails=True):
             chunk.append(point)
             if len(chunk) >= batch:
                 target.upsert(target_name, chunk)

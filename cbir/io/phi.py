@@ -51,6 +51,12 @@ class Pseudonymizer:
         digest = hmac.new(self._key, str(patient_id).strip().encode("utf-8"), hashlib.sha256).hexdigest()
         return "p-" + digest[:20]
 
+    def file(self, dataset: str, relpath: str) -> str:
+        """The keyed pseudonym of an image file (`dataset`, path relative to its root): what a payload stores
+        instead of the file name, which often is a PatientID or MRN. Distinct from every patient pseudonym."""
+        message = "\0".join(("cbir file", dataset, relpath)).encode("utf-8", "backslashreplace")
+        return "f-" + hmac.new(self._key, message, hashlib.sha256).hexdigest()[:24]
+
     @property
     def fingerprint(self) -> str:
         """Identifies the key without revealing it (recorded with a collection)."""

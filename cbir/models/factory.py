@@ -139,7 +139,7 @@ def create_model(config: ModelConfig, pretrained: bool = False, weights: Path | 
 
 
 def _create_backbone(config: ModelConfig, pretrained: bool, weights: Path | None) -> nn.Module:
-    if config.backbone not in timm.list_models() and not timm.is_model(config.backbone):
+    if not timm.is_model(config.backbone) and config.backbone not in timm.list_models():  # is_model: no sorting
         raise CbirError(f"unknown timm backbone {config.backbone!r} (see `timm.list_models()`)")
     kwargs: dict[str, Any] = {"in_chans": 1, "num_classes": 0, "drop_rate": config.drop_rate}
     if weights is not None:

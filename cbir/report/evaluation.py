@@ -279,6 +279,44 @@ def interpretation(payload: dict) -> str:
     )
 
 
+def _robustness_table(payload: dict) -> list[str]:
+    block = payload.get("robustness")
+    if not block:
+        return []
+    base = block["original"]
+    lines = ["## Robustness to re-encoding", "",
+             f"Each query re-encoded and read back; the original is ranked among {block['archive_size']} archive "
+             "points plus every original query (exact cosine). Changes are against the originals embedded in "
+             "the same run.", "",
+             "| re-encoding | rank-1 | 95 % CI | median rank | kNN accuracy (Δ) | balanced accuracy (Δ) | "
+             "mAP (Δ) | AUC (Δ) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def cell(row: dict, key: str) -> str:
+        return f"{_fmt(row['metrics'].get(key))} ({_signed(row['change'].get(key))})"
+    for name, row in block["reencodings"].items():
+        lines.append(f"| {name} | {_fmt(row['rank1'])} | {_fmt_ci(row.get('rank1_ci'))} | "
+                     f"{_fmt(row['median_rank'], '.0f')} | {cell(row, 'knn_accuracy')} | "
+                     f"{cell(row, 'balanced_accuracy')} | {cell(row, 'map_at_k')} | {cell(row, 'roc_auc')} |")
+    lines.append(f"| original | | | | {_fmt(base.get('knn_accuracy'))} | {_fmt(base.get('balanced_accuracy'))} | "
+                 f"{_fmt(base.get('map_at_k'))} | {_fmt(base.get('roc_auc'))} |")
+    if block.get("failures"):
+        lines.append(f"\n{block['failures']} query images could not be re-encoded or read back.")
+    return [*lines, ""]
+
+
+def _signed(value: Any) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def _unknown_labels(payload: dict) -> list[str]:
+    """A sentence on the images left out because their labels are unknown (none: nothing)."""
+    unknown = payload.get("unknown_labels") or {}
+    queries, archive = int(unknown.get("queries_skipped") or 0), int(unknown.get("archive_skipped") or 0)
+    if not queries and not archive:
+        return []
+    return [f"**Unknown labels:** {queries} test queries and {archive} archive images have unknown labels and are "
+            "left out of every figure below (they neither query nor vote).", ""]
+
+
 def render_markdown(
     payload: dict, roc_png: str = "roc.png", precision_png: str = "precision_at_k.png"
 ) -> str:
@@ -286,12 +324,13 @@ def render_markdown(
     lines = [
         f"# {payload.get('title') or 'Evaluation report'}", "",
         "## Context", "", *_context_table(payload), "",
-        "## Metrics", "", *_metrics_table(payload), "",
+        "## Metrics", "", *_unknown_labels(payload), *_metrics_table(payload), "",
         f"**Interpretation:** {interpretation(payload)}", "",
         *_confusion_table(payload), "",
         *_recall_table(payload),
         *_per_class_table(payload),
         *_codes_table(payload),
+        *_robustness_table(payload),
         "## Plots", "", f"![ROC]({roc_png})", "", f"![Precision@k]({precision_png})", "",
     ]
     return "\n".join(lines)

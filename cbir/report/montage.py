@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cbir.data.transforms import letterbox
-from cbir.errors import BadInputError
-from cbir.index.schema import archive_file
-from cbir.io import read_image
+from cbir.io.thumbnails import windowed
+from cbir.search.query import describe_vote
+
+if TYPE_CHECKING:
+    from cbir.search.pictures import Picture
 
 TILE = 256
 CAPTION = 44
@@ -27,14 +30,13 @@ FINDING_COLOURS = {
 COLS = 4
 POSITIVE = (230, 80, 60)
 NEGATIVE = (90, 190, 110)
+UNKNOWN = (150, 150, 150)  # a neighbour whose label is unknown
 
 
 def _tile(pixels: np.ndarray | None) -> tuple[Image.Image, float, float, float]:
     if pixels is None:
         return Image.new("RGB", (TILE, TILE), (40, 40, 40)), 1.0, 0.0, 0.0
-    low, high = _window(pixels)
-    windowed = np.clip((pixels - low) / max(high - low, 1e-6), 0, 1)
-    square, geo = letterbox(windowed, TILE)
+    square, geo = letterbox(windowed(pixels), TILE)
     return Image.fromarray((square * 255).astype(np.uint8)).convert("RGB"), geo.scale, geo.pad_x, geo.pad_y
 
 
@@ -67,14 +69,6 @@ def _draw_labels(draw: ImageDraw.ImageDraw, x: int, y: int, labels: list[str], f
         cursor += draw.textlength(text, font=font)
 
 
-def _window(pixels: np.ndarray) -> tuple[float, float]:
-    """The 1st and 99th percentiles, from at most ~65k evenly spread pixels (a full sort of a 1024² image costs
-    tens of milliseconds per picture)."""
-    step = max(1, int(np.sqrt(pixels.size / 65536)))
-    low, high = np.percentile(pixels[::step, ::step], [1, 99])
-    return float(low), float(high)
-
-
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -88,8 +82,10 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width:
     return text
 
 
-def write_montage(result: dict[str, Any], query_pixels: np.ndarray, roots: dict[str, Any], out: Path) -> Path:
-    """Draw `result` (the query JSON) to `out`; unreadable archive images become grey tiles."""
+def write_montage(result: dict[str, Any], query_pixels: np.ndarray, pictures: Sequence[Picture | None],
+                  out: Path) -> Path:
+    """Draw `result` (the query JSON) to `out`, each neighbour as its picture (`cbir.search.pictures`, one per
+    neighbour); a neighbour without one becomes a grey tile."""
     neighbors = result["neighbors"]
     rows = 1 + (len(neighbors) + COLS - 1) // COLS
     header = 36
@@ -98,23 +94,24 @@ def write_montage(result: dict[str, Any], query_pixels: np.ndarray, roots: dict[
     small, big = _font(13), _font(16)
     pred, vote = result["prediction"], result["vote"]
     title = (f"model: P({pred.get('target')}) = {pred['probability']:.2f}   "
-             f"kNN vote: {vote['label']} ({vote['fraction']:.0%} of {len(neighbors)})")
+             f"kNN vote: {describe_vote(vote, len(neighbors))}")
     draw.text((8, 10), _fit(draw, title, big, COLS * TILE - 16), fill=(255, 255, 255), font=big)
     query_lines = ["query", _demographics(result.get("query") or {})]
     predicted = [b["box"] for b in pred.get("boxes") or []]
     if predicted:
         query_lines[0] = f"query: {len(predicted)} predicted box{'es' if len(predicted) > 1 else ''}"
     _paste(canvas, draw, _tile(query_pixels), 0, header, query_lines, small, None, predicted)
-    for i, hit in enumerate(neighbors):
+    for i, (hit, picture) in enumerate(zip(neighbors, pictures, strict=True)):
         col, row = i % COLS, 1 + i // COLS
-        pixels = _neighbor_pixels(hit, roots)
         hamming = f"  H={hit['hamming']}" if hit.get("hamming") is not None else ""
         lines = [f"#{hit['rank']}  sim {hit['score']:.3f}{hamming}  {_demographics(hit)}"]
-        colour = POSITIVE if hit.get("label") == pred.get("target") else NEGATIVE
+        known = hit.get("label") is not None
+        colour = (POSITIVE if hit.get("label") == pred.get("target") else NEGATIVE) if known else UNKNOWN
+        labels = list(hit.get("labels") or ["-" if known else "unknown"])
         x, y = col * TILE, header + row * (TILE + CAPTION)
-        _paste(canvas, draw, _tile(pixels), x, y, lines, small, colour, hit.get("boxes") or [],
-               finding_colour(str((hit.get("labels") or ["-"])[0])))
-        _draw_labels(draw, x + 6, y + TILE + 4 + 18, list(hit.get("labels") or ["-"]), small, TILE - 12)
+        _paste(canvas, draw, _tile(picture.pixels if picture else None), x, y, lines, small, colour,
+               picture.boxes if picture else [], finding_colour(labels[0]))
+        _draw_labels(draw, x + 6, y + TILE + 4 + 18, labels, small, TILE - 12)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
     return out
@@ -124,16 +121,6 @@ def _demographics(entry: dict[str, Any]) -> str:
     """View, sex and age band only: file names can carry identifiers, so they are never drawn."""
     parts = [entry.get("view"), entry.get("sex"), entry.get("age_band")]
     return " · ".join(str(p) for p in parts if p) or "no header data"
-
-
-def _neighbor_pixels(hit: dict[str, Any], roots: dict[str, Any]) -> np.ndarray | None:
-    path = archive_file({"roots": roots}, hit.get("dataset"), hit.get("path"))
-    if path is None:
-        return None
-    try:
-        return read_image(path).pixels
-    except BadInputError:
-        return None
 
 
 def _paste(canvas: Image.Image, draw: ImageDraw.ImageDraw, tile: tuple[Image.Image, float, float, float],
@@ -156,9 +143,7 @@ def windowed_png(pixels: np.ndarray, size: int, boxes: list | None = None,
     """The image with the montage's grey windowing (1st–99th percentile), letterboxed to size×size, with
     `boxes` ([x, y, w, h] in the image's pixels) drawn, as PNG bytes with no metadata."""
     import io
-    low, high = _window(pixels)
-    windowed = np.clip((pixels - low) / max(high - low, 1e-6), 0, 1)
-    square, geo = letterbox(windowed, size)
+    square, geo = letterbox(windowed(pixels), size)
     picture = Image.fromarray((square * 255).astype(np.uint8))
     if boxes:
         picture = picture.convert("RGB")

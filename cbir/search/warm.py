@@ -9,22 +9,28 @@ from pathlib import Path
 from cbir.embed import Embedded
 from cbir.errors import CbirError, IndexError_
 from cbir.index.base import Filter, Hit, Index
-from cbir.index.schema import archive_file, check_model
+from cbir.index.files import FileMap, LocalFiles
+from cbir.index.schema import check_model
 from cbir.io import Pseudonymizer, XrayImage, read_image
 from cbir.models import LoadedModel
 from cbir.search.memory import MemoryIndex
-from cbir.search.query import QueryResult, answer
+from cbir.search.pictures import CasePictures, Picture
+from cbir.search.query import QueryResult, answer, query_name, stored_path
 
 
 class WarmSearcher:
-    """`query(path)` like `cbir query`, from memory; `refresh()` reloads when the collection changed."""
+    """`query(path)` like `cbir query`, from memory; `refresh()` reloads when the collection changed.
+    `local_paths` shows file names as `cbir query --local-paths` does."""
 
     def __init__(self, index: Index, collection: str, loaded: LoadedModel,
-                 pseudonymize: Pseudonymizer | None = None) -> None:
+                 pseudonymize: Pseudonymizer | None = None, local_paths: bool = False) -> None:
         self.index, self.collection, self.loaded, self.pseudonymize = index, collection, loaded, pseudonymize
+        self.local_paths = local_paths
         self.meta = index.get_meta(collection)
         check_model(self.meta, loaded, collection)
         self.memory = MemoryIndex.load(index, collection)
+        self.file_map = FileMap.local()
+        self.pictures = CasePictures(index, collection, LocalFiles(self.meta, self.file_map))
         self._version = self._stamp()
         self.loaded_at = time.time()
 
@@ -50,16 +56,17 @@ class WarmSearcher:
         except IndexError_:
             return False
         self.meta, self.memory = meta, memory
+        self.pictures = CasePictures(self.index, self.collection, LocalFiles(meta, self.file_map))
         self._version, self.loaded_at = stamp, time.time()
         return True
 
-    def archive_path(self, point_id: str) -> Path | None:
-        """Where the archived image of a point is (under one of its dataset's recorded roots), if known."""
+    def picture(self, point_id: str) -> Picture | None:
+        """A point's image file where this machine has it, else its stored thumbnail, else None (also for an
+        unknown point)."""
         position = self.memory.position.get(point_id)
         if position is None:
             return None
-        payload = self.memory.payloads[position]
-        return archive_file(self.meta, payload.get("dataset"), payload.get("path"))
+        return self.pictures.picture(point_id, self.memory.payloads[position])
 
     def query(self, path: str | Path, k: int = 10, flt: Filter | None = None, prefilter: int | None = None,
               hamming_radius: int | None = None) -> QueryResult:
@@ -67,12 +74,23 @@ class WarmSearcher:
 
     def query_image(self, image: XrayImage, name: str, k: int = 10, flt: Filter | None = None,
                     prefilter: int | None = None, hamming_radius: int | None = None) -> QueryResult:
+        """Search for a read image; `name` (its file's name) shows as `query.path` only with `local_paths`, else
+        as its keyed pseudonym. The neighbours' stored thumbnails are fetched meanwhile, in one request."""
         if not len(self.memory):
             raise CbirError(f"collection {self.collection!r} is empty: ingest images into it first (cbir ingest)")
 
         def search(embedded: Embedded) -> list[Hit]:
             use_code = prefilter is not None or hamming_radius is not None
-            return self.memory.search(embedded.embedding, k, flt, embedded.code if use_code else None, prefilter,
+            hits = self.memory.search(embedded.embedding, k, flt, embedded.code if use_code else None, prefilter,
                                       hamming_radius)
+            if self.meta.get("thumbnails"):
+                self.pictures.prefetch([(hit.id, hit.payload) for hit in hits])
+            return hits
 
-        return answer(image, name, self.loaded, self.meta, self.collection, k, search)
+        path_of = self.pictures.files.relpath if self.local_paths else stored_path
+        return answer(image, query_name(name, self.pseudonymize, self.local_paths), self.loaded, self.meta,
+                      self.collection, k, search, path_of)
+
+    def close(self) -> None:
+        """Close the local file map (the index is the caller's)."""
+        self.file_map.close()

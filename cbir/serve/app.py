@@ -7,7 +7,9 @@
                               that crop) → the `cbir query --json` result, plus `timing_ms`, each neighbour's
                               `thumbnail` and `image` URLs, and `query.preview` (a PNG data URL)
     GET  /thumbnail/{id}      an archived case, downscaled (`size`, default 256), its boxes drawn, as a PNG
-                              without any header data
+                              without any header data: from its image file where this machine has it (the
+                              team that ingested), else from the thumbnail stored with the point (`cbir ingest
+                              --thumbnails`; upscaled when `size` is larger than its 192 px)
 
 The model and an in-memory copy of the collection (`cbir.search.warm.WarmSearcher`) are loaded once at start;
 a query costs decoding, one forward pass and an in-memory search. The collection is reloaded when its alias
@@ -28,7 +30,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, Response
 
-from cbir.errors import BadInputError, CbirError, printable
+from cbir.errors import BadInputError, CbirError, IndexError_, printable
 from cbir.io import XrayImage, read_image
 from cbir.report.montage import windowed_png
 from cbir.search import parse_filters
@@ -62,15 +64,13 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
     def thumbnail(point_id: str, size: Annotated[int, Query(ge=32, le=1024)] = 256) -> Response:
         key = (point_id, size)
         if key not in thumbnails:
-            path = searcher.archive_path(point_id)
-            if path is None:
-                raise HTTPException(404, f"no archived image for point {point_id!r}")
-            payload = searcher.memory.payloads[searcher.memory.position[point_id]]
             try:
-                thumbnails[key] = windowed_png(read_image(path).pixels, size, payload.get("boxes"))
-            except BadInputError as exc:
-                raise HTTPException(404, printable(f"archived image of {point_id} unreadable: {exc.reason}")
-                                    ) from None
+                picture = searcher.picture(point_id)
+            except IndexError_ as exc:
+                raise HTTPException(503, printable(str(exc))) from None
+            if picture is None:
+                raise HTTPException(404, f"no archived image or stored thumbnail for point {point_id!r}")
+            thumbnails[key] = windowed_png(picture.pixels, size, picture.boxes)
             if len(thumbnails) > 1024:
                 thumbnails.popitem(last=False)
         return Response(thumbnails[key], media_type="image/png", headers={"Cache-Control": "max-age=3600"})
@@ -115,7 +115,6 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
         except CbirError as exc:
             raise HTTPException(422, printable(str(exc))) from None
         body = result.to_json()
-        body["query"]["path"] = name
         body["query"]["preview"] = "data:image/png;base64," + base64.b64encode(preview).decode()
         body["query"]["shape"] = shape   # of the whole uploaded image, which `region` is a part of
         body["query"]["region"] = list(box) if box else None

@@ -37,6 +37,7 @@ class StudyOptions:
     batch_size: int = 32
     device: str = "auto"
     doc: Path | None = None
+    other: Path | None = None   # a second dataset (study shift)
 
     @property
     def fold_numbers(self) -> list[int]:
@@ -69,7 +70,8 @@ def rerender(name: str, options: StudyOptions) -> dict[str, Any]:
                            val_fraction=float(saved.get("val_fraction", options.val_fraction)),
                            backbone=saved.get("backbone", options.backbone),
                            image_size=int(saved.get("image_size", options.image_size)),
-                           epochs=int(saved.get("epochs", options.epochs)), doc=options.doc)
+                           epochs=int(saved.get("epochs", options.epochs)), doc=options.doc,
+                           other=Path(saved["other"]) if saved.get("other") else options.other)
     return finish(name, options, result, RENDERERS[name](result, options))
 
 

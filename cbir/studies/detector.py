@@ -16,6 +16,7 @@ from typing import Any
 from cbir.console import QUIET, Reporter
 from cbir.models import load_checkpoint
 from cbir.models.detection import DETECTORS, POOLINGS, DetectorConfig
+from cbir.models.device import resolve_device
 from cbir.studies.common import (
     VERDICT_RULE,
     StudyOptions,
@@ -28,7 +29,6 @@ from cbir.studies.common import (
 )
 from cbir.train import TrainSettings
 from cbir.train.detection import train_detector
-from cbir.train.loop import resolve_device
 
 
 def _trained(options: StudyOptions, records: Any, detector: str, out: Path, reporter: Reporter) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 
 from cbir.console import QUIET, Reporter
 from cbir.models import ModelConfig, load_checkpoint
+from cbir.models.device import resolve_device
 from cbir.studies.common import (
     VERDICT_RULE,
     StudyOptions,
@@ -27,7 +28,6 @@ from cbir.studies.common import (
     score_on_validation,
 )
 from cbir.train import TrainSettings, train_model
-from cbir.train.loop import resolve_device
 
 #: (pair, quantisation, balance) weights tried: the default, weaker regularisers, no pair term.
 WEIGHTINGS = [(1.0, 0.5, 1.0), (1.0, 0.1, 0.1), (1.0, 0.01, 0.01), (0.0, 0.1, 0.1)]

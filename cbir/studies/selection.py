@@ -23,6 +23,7 @@ from cbir.console import QUIET, Reporter
 from cbir.data.transforms import standardize
 from cbir.metrics import roc_auc
 from cbir.models import ModelConfig
+from cbir.models.device import resolve_device
 from cbir.studies.common import (
     VERDICT_RULE,
     StudyOptions,
@@ -34,7 +35,7 @@ from cbir.studies.common import (
     register,
 )
 from cbir.train import TrainSettings, train_model
-from cbir.train.loop import preload, resolve_device
+from cbir.train.loop import preload
 
 RULES = {"best-raw": ("best", False), "last-raw": ("last", False), "best-ema": ("best", True),
          "last-ema": ("last", True)}

@@ -38,7 +38,8 @@ from cbir.models.detection import (
     filter_detections,
     letterbox_geometry,
 )
-from cbir.train.loop import TrainResult, TrainSettings, cosine_with_warmup, preload, resolve_device
+from cbir.models.device import resolve_device
+from cbir.train.loop import TrainResult, TrainSettings, cosine_with_warmup, preload
 from cbir.train.selection import EpochHook, Keeper
 
 #: Box score thresholds tried on validation for the reported boxes.
@@ -90,6 +91,7 @@ def train_detector(records: Records, config: DetectorConfig, settings: TrainSett
     started = time.perf_counter()
     if settings.pretrained or settings.weights:
         raise CbirError("the detection task trains from scratch: --pretrained and --weights are not supported yet")
+    records.require_labels("training")
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     train, val = records.split("train"), records.split("val")

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from cbir.console import QUIET, Reporter
 from cbir.data.loading import iterate_batches
 from cbir.data.records import Records
-from cbir.data.transforms import augment, standardize
-from cbir.errors import CbirError, DatasetError
+from cbir.data.transforms import AUGMENTATIONS, standardize
+from cbir.errors import DatasetError
 from cbir.metrics import per_class_auc, roc_auc
 from cbir.models import CbirNet, ModelConfig, ModelOutput, create_model
 from cbir.models.checkpoint import write_split
-from cbir.train.losses import hash_loss, positive_weights
+from cbir.models.device import resolve_device
+from cbir.train.losses import hash_loss, positive_weights, supervised_contrastive_loss
 from cbir.train.selection import EpochHook, Keeper
 
 #: Largest BCE pos_weight for a rare class (multilabel).
@@ -48,6 +49,22 @@ class TrainSettings:
     #: (measured level with the plain weights, so off by default).
     ema: bool = False
     ema_epochs: float = 1.0
+    #: "basic" (`cbir.data.transforms.augment`) or "strong" (`augment_strong`: also window, resolution, blur,
+    #: noise and JPEG re-encoding).
+    augment: str = "basic"
+    #: "none" or "supcon": a supervised contrastive loss on the embedding beside the classification loss
+    #: (`cbir.train.losses.supervised_contrastive_loss`), weighted by `metric_weight`.
+    metric_loss: str = "none"
+    metric_weight: float = 1.0
+    metric_temperature: float = 0.1
+    #: Draw every batch with equally many images of each class (the minority repeated), instead of a shuffle.
+    balanced: bool = False
+
+    def validate(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}, not {self.augment!r}")
+        if self.metric_loss not in ("none", "supcon"):
+            raise ValueError(f"metric_loss must be 'none' or 'supcon', not {self.metric_loss!r}")
 
 
 @dataclass
@@ -61,18 +78,6 @@ class TrainResult:
     n_val: int = 0
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CbirError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CbirError("--device cuda was asked for but no CUDA GPU is available")
-    return device
 
 
 def preload(records: Records, size: int, settings: TrainSettings, reporter: Reporter,
@@ -135,6 +140,8 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
     """
     started = time.perf_counter()
     config.validate()
+    settings.validate()
+    records.require_labels("training")
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)
     train, val = records.split("train"), records.split("val")
@@ -148,9 +155,12 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
     y_train_np = targets_of(train, config.task)[keep_train]
     _check_train_targets(records, y_train_np, config.task)
     y_train = torch.from_numpy(y_train_np)
+    patients = torch.from_numpy(np.unique(train.meta["patient"].astype(str).to_numpy()[keep_train],
+                                          return_inverse=True)[1].astype(np.int64))
     y_val = targets_of(val, config.task)[keep_val]
     clip = MAX_POS_WEIGHT if config.task == "multilabel" else None
-    pos_weight = positive_weights(y_train, clip).to(device)
+    # balanced batches already weigh the classes equally: class-weighting the loss too would count twice
+    pos_weight = (torch.ones(y_train.shape[1]) if settings.balanced else positive_weights(y_train, clip)).to(device)
 
     model = create_model(config, pretrained=settings.pretrained,
                          weights=Path(settings.weights) if settings.weights else None).to(device)
@@ -172,7 +182,7 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
     for epoch in range(1, settings.epochs + 1):
         t0 = time.perf_counter()
         train_loss = _train_epoch(model, x_train, y_train, optimizer, schedule, pos_weight, settings,
-                                  generator, device, reporter, epoch, keeper.step)
+                                  generator, device, reporter, epoch, keeper.step, patients)
         scored = keeper.kept
         if scored.hash_head is not None:
             calibrate_hash_centre(scored, x_train, device)
@@ -233,28 +243,57 @@ def _bit_ones(codes: np.ndarray) -> dict[str, float]:
     return {"min": float(ones.min()), "mean": float(ones.mean()), "max": float(ones.max())}
 
 
-def _batch_loss(model: CbirNet, out: ModelOutput, target: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+def _batch_loss(model: CbirNet, out: ModelOutput, target: torch.Tensor, pos_weight: torch.Tensor,
+                settings: TrainSettings | None = None, patients: torch.Tensor | None = None) -> torch.Tensor:
     loss = F.binary_cross_entropy_with_logits(out.logits, target, pos_weight=pos_weight)
+    if settings is not None and settings.metric_loss == "supcon" and patients is not None:
+        loss = loss + settings.metric_weight * supervised_contrastive_loss(
+            out.embedding, label_groups(target), patients, settings.metric_temperature)
     if out.hash is None:
         return loss
     c = model.config
     return loss + hash_loss(out.hash, target, c.hash_pair_weight, c.hash_quant_weight, c.hash_balance_weight)
 
 
+def label_groups(target: torch.Tensor) -> torch.Tensor:
+    """(B,) one integer per distinct row of 0/1 targets (B, C): images with the same labels share it."""
+    weights = 2 ** torch.arange(target.shape[1], device=target.device, dtype=torch.float64)
+    return (target.double() @ weights).long()
+
+
+def batch_order(y: torch.Tensor, balanced: bool, generator: torch.Generator) -> torch.Tensor:
+    """One epoch's image order: a shuffle, or (`balanced`) as many images of each label group as the largest
+    one has, drawn without replacement while they last, interleaved at random."""
+    if not balanced:
+        return torch.randperm(len(y), generator=generator)
+    groups = label_groups(y)
+    members = [torch.nonzero(groups == g).flatten() for g in torch.unique(groups)]
+    size = max(len(m) for m in members)
+    drawn = []
+    for m in members:
+        repeats = math.ceil(size / len(m))
+        drawn.append(torch.cat([m[torch.randperm(len(m), generator=generator)] for _ in range(repeats)])[:size])
+    order = torch.cat(drawn)
+    return order[torch.randperm(len(order), generator=generator)]
+
+
 def _train_epoch(model: CbirNet, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                  schedule: torch.optim.lr_scheduler.LRScheduler, pos_weight: torch.Tensor,
                  settings: TrainSettings, generator: torch.Generator, device: torch.device,
-                 reporter: Reporter, epoch: int, after_step: Callable[[], None] | None = None) -> float:
+                 reporter: Reporter, epoch: int, after_step: Callable[[], None] | None = None,
+                 patients: torch.Tensor | None = None) -> float:
     model.train()
-    order = torch.randperm(len(y), generator=generator)
+    order = batch_order(y, settings.balanced, generator)
+    augment = AUGMENTATIONS[settings.augment]
     total, seen = 0.0, 0
-    with reporter.task(f"epoch {epoch}", len(y)) as bar:
-        for start in range(0, len(y), settings.batch_size):
+    with reporter.task(f"epoch {epoch}", len(order)) as bar:
+        for start in range(0, len(order), settings.batch_size):
             idx = order[start:start + settings.batch_size]
             if len(idx) < 2:
                 continue  # batch norm needs two samples
             batch = standardize(augment(x[idx].float(), generator)).to(device)
-            loss = _batch_loss(model, model(batch), y[idx].to(device), pos_weight)
+            loss = _batch_loss(model, model(batch), y[idx].to(device), pos_weight, settings,
+                               None if patients is None else patients[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

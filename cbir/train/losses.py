@@ -69,3 +69,28 @@ def positive_weights(targets: torch.Tensor, clip: float | None = None) -> torch.
     negatives = targets.shape[0] - positives
     weights = torch.where(positives > 0, negatives / positives.clamp(min=1), torch.ones_like(positives))
     return weights.clamp(max=clip) if clip is not None else weights
+
+
+def supervised_contrastive_loss(embedding: torch.Tensor, labels: torch.Tensor, patients: torch.Tensor,
+                                temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out) on L2-normalised embeddings (B, D).
+
+    Positives of an anchor are the other images with its label and every other image of its patient; negatives
+    are images of other patients with another label. Two images of one patient are never negatives. Anchors
+    without a positive in the batch are left out; a batch without any gives 0.
+    """
+    n = embedding.shape[0]
+    if n < 2:
+        return embedding.sum() * 0.0
+    labels, patients = labels.reshape(-1), patients.reshape(-1)
+    same_patient = patients[:, None] == patients[None, :]
+    eye = torch.eye(n, dtype=torch.bool, device=embedding.device)
+    positive = ((labels[:, None] == labels[None, :]) | same_patient) & ~eye
+    logits = embedding @ embedding.T / temperature
+    logits = logits.masked_fill(eye, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    has = positive.any(dim=1)
+    if not bool(has.any()):
+        return embedding.sum() * 0.0
+    mean_positive = (log_prob.masked_fill(~positive, 0.0).sum(dim=1) / positive.sum(dim=1).clamp(min=1))
+    return -mean_positive[has].mean()

@@ -1,0 +1,214 @@
+"""`cbir study shift`: recipes against shift proxies built from two real datasets (issue 13).
+
+Each recipe (`RECIPES`: TrainSettings overrides) trains three models from scratch, each on all patients of its
+training set but a validation share (no test split: the queries come from elsewhere):
+
+- R on RSNA (`--data`), queried with a sample of Kermany children (`--other`): adult → paediatric;
+- K on a sample of Kermany (its NORMAL2 batch and the query sample left out), queried with every RSNA image
+  (paediatric → adult), and with a sample of the NORMAL2 normals (a second acquisition batch: specificity);
+- P on RSNA PA views, queried with the RSNA AP views (another projection), and `--robustness` there.
+
+Every figure is the product's own ingest, calibration and `cbir evaluate` with patient-bootstrap CIs. These
+proxies are the development set for shift: the scoring sets stay unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbir.console import QUIET, Reporter
+from cbir.data.layout import load_dataset
+from cbir.data.records import Records
+from cbir.data.splits import SplitSpec, patient_uniform
+from cbir.studies.common import StudyOptions, finish, register
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "classifier (old default)": {},
+    "retrieval: supcon + balanced + strong augmentation": {"augment": "strong", "metric_loss": "supcon",
+                                                          "balanced": True},
+}
+#: Kermany samples (normal, pneumonia): NORMAL2 left out, few normals remain (597 of 1,341), so both samples
+#: are drawn per class.
+KERMANY_QUERIES, KERMANY_TRAIN_TOTAL, NORMAL2_QUERIES = (150, 350), 1000, 300
+
+
+def _sample(records: Records, n: int, salt: str) -> Records:
+    """About `n` images, whole patients, by a seeded hash of the patient."""
+    u = patient_uniform(records.meta["patient"], salt)
+    if len(records) <= n:
+        return records
+    cut = np.sort(u)[n - 1]
+    return records.subset(u <= cut)
+
+
+def _views(records: Records) -> np.ndarray:
+    from cbir.io.dicom import read_header
+    return np.array([str(read_header(p).get("ViewPosition", "") or "").upper() for p in records.meta["path"]])
+
+
+def _by_class(records: Records, counts: tuple[int, int], salt: str) -> Records:
+    """About counts[c] images of class c, whole patients, by a seeded hash of the patient."""
+    parts = [_sample(records.subset(records.y == c), n, f"{salt}-{c}") for c, n in enumerate(counts)]
+    keep = records.meta["relpath"].isin(set().union(*(set(p.meta["relpath"]) for p in parts))).to_numpy()
+    return records.subset(keep)
+
+
+def build_sets(options: StudyOptions) -> dict[str, Records]:
+    """The training sets and query sets of the proxies (a 10 % validation split inside each training set)."""
+    spec = SplitSpec(seed=options.seed, val_fraction=0.1, test_fraction=0.0)
+    rsna = load_dataset(options.data, options.layout, split=spec)
+    kermany = load_dataset(options.other, "auto", split=spec)
+    normal2 = kermany.meta["relpath"].str.contains("NORMAL2-").to_numpy()
+    first = kermany.subset(~normal2)
+    counts = tuple(min(n, int((first.y == c).sum()) // 3) for c, n in enumerate(KERMANY_QUERIES))
+    queries = _by_class(first, counts, "shift-queries")   # at most a third of a class, so training keeps most
+    rest = first.subset(~first.meta["patient"].isin(set(queries.meta["patient"])).to_numpy())
+    normals = int((rest.y == 0).sum())
+    train = _by_class(rest, (normals, KERMANY_TRAIN_TOTAL - normals), "shift-train")
+    views = _views(rsna)
+    return {"rsna": rsna, "kermany-queries": queries, "kermany-train": train.with_split(spec),
+            "normal2": _sample(kermany.subset(normal2), NORMAL2_QUERIES, "shift-normal2"),
+            "rsna-pa": rsna.subset(views == "PA").with_split(spec), "rsna-ap": rsna.subset(views == "AP")}
+
+
+PROXIES = (  # (name, training set, query set, with --robustness)
+    ("RSNA → Kermany", "rsna", "kermany-queries", False),
+    ("Kermany → RSNA", "kermany-train", "rsna", False),
+    ("Kermany → NORMAL2 (specificity)", "kermany-train", "normal2", False),
+    ("RSNA PA → AP", "rsna-pa", "rsna-ap", True),
+)
+
+
+def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], out: Path, reporter: Reporter
+           ) -> tuple[Any, float]:
+    from cbir.models import ModelConfig, load_checkpoint
+    from cbir.train import TrainSettings, train_model
+    config = ModelConfig(backbone=options.backbone, image_size=options.image_size,
+                         label_names=list(records.label_names), target=records.target)
+    settings = TrainSettings(epochs=options.epochs, batch_size=options.batch_size, device=options.device,
+                             seed=options.seed, **overrides)
+    started = time.perf_counter()
+    done = out / "train.json"
+    if done.is_file() and _same_run(done, settings, records):
+        reporter.log(f"reusing {out} (trained with these settings on these images)")
+        return load_checkpoint(out, device=settings.device if settings.device != "auto" else None), \
+            float(json.loads(done.read_text()).get("seconds", 0.0))
+    train_model(records, config, settings, out, reporter)
+    return load_checkpoint(out, device=settings.device if settings.device != "auto" else None), \
+        round(time.perf_counter() - started, 1)
+
+
+def _same_run(done: Path, settings: Any, records: Records) -> bool:
+    """Whether an earlier run in the same folder trained with `settings` on the same images and split."""
+    from dataclasses import asdict
+    earlier = json.loads(done.read_text())
+    same_settings = {k: v for k, v in earlier.get("settings", {}).items()} == json.loads(
+        json.dumps(asdict(settings), default=str))
+    split_file = done.parent / "split.json"
+    return same_settings and split_file.is_file() and \
+        json.loads(split_file.read_text()) == json.loads(json.dumps(records.split_record(), default=str))
+
+
+def _scores(report: dict[str, Any]) -> dict[str, Any]:
+    s1, s2 = report["stage1"], report["stage2"]
+    wv = s2.get("weighted_vote") or {}
+    row = {"n_queries": report["n_queries"], "auc": s1.get("roc_auc"), "auc_ci": s1.get("roc_auc_ci"),
+           "stage1_balanced": s1.get("balanced_accuracy"), "stage1_specificity": s1.get("specificity"),
+           "knn_accuracy": s2.get("knn_accuracy"), "knn_balanced": s2.get("balanced_accuracy"),
+           "knn_balanced_ci": s2.get("balanced_accuracy_ci"), "knn_specificity": s2.get("specificity"),
+           "map": s2.get("map_at_k"), "map_ci": s2.get("map_at_k_ci"),
+           "vote_accuracy": wv.get("accuracy"), "vote_balanced": wv.get("balanced_accuracy"),
+           "vote_balanced_ci": wv.get("balanced_accuracy_ci"), "vote_specificity": wv.get("specificity"),
+           "agreement": wv.get("agreement_with_model")}
+    robust = report.get("robustness")
+    if robust:
+        row["rank1"] = {name: r["rank1"] for name, r in robust["reencodings"].items()}
+    return row
+
+
+def run_shift(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, Any]:
+    from cbir.evaluate.run import evaluate_collection
+    from cbir.index import open_index
+    from cbir.index.ingest import ingest_records
+    from cbir.io import load_pseudonymizer
+    from cbir.search.calibrate import calibrate
+    sets = build_sets(options)
+    pseudonymize = load_pseudonymizer()
+    rows: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, dict[str, float]] = {}
+    for recipe, overrides in RECIPES.items():
+        models: dict[str, Any] = {}
+        seconds[recipe] = {}
+        for proxy, train_name, query_name, robust in PROXIES:
+            reporter.log(f"== {recipe}: {proxy}")
+            scratch = Path(tempfile.mkdtemp(prefix="cbir-shift-"))
+            try:
+                if train_name not in models:
+                    models[train_name] = _train(sets[train_name], options, overrides,
+                                                options.out / "models" / f"{_slug(recipe)}-{train_name}", reporter)
+                    seconds[recipe][train_name] = models[train_name][1]
+                loaded = models[train_name][0]
+                with open_index(str(scratch / "index"), writable=True, create=True) as index:
+                    ingest_records(sets[train_name], loaded, index, "shift", pseudonymize, reporter=reporter)
+                    calibrate(index, "shift", reporter=reporter)
+                    report = evaluate_collection(index, "shift", loaded, options.out / "reports" / _slug(recipe)
+                                                 / _slug(proxy), queries_from=sets[query_name],
+                                                 pseudonymize=pseudonymize, reporter=reporter, robustness=robust)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            rows.setdefault(proxy, {})[recipe] = _scores(report)
+    sizes = {name: len(records) for name, records in sets.items()}
+    result = {"rows": rows, "train_seconds": seconds, "sizes": sizes,
+              "options": {"data": str(options.data), "other": str(options.other), "backbone": options.backbone,
+                          "image_size": options.image_size, "epochs": options.epochs, "seed": options.seed}}
+    return finish("shift", options, result, render_shift(result, options))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40]
+
+
+def _ci(value: Any, ci: Any) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def render_shift(result: dict[str, Any], options: StudyOptions) -> str:
+    saved = result.get("options", {})
+    sizes = result.get("sizes", {})
+    lines = ["### Recipes against shift proxies (`cbir study shift`)", "",
+             f"{saved.get('backbone')} from scratch at {saved.get('image_size')} px, {saved.get('epochs')} epochs, "
+             f"seed {saved.get('seed')}. Training sets: RSNA {sizes.get('rsna')} images, RSNA PA "
+             f"{sizes.get('rsna-pa')}, Kermany sample {sizes.get('kermany-train')} (10 % of each for validation "
+             f"and the vote's calibration). Queries: Kermany sample {sizes.get('kermany-queries')}, RSNA "
+             f"{sizes.get('rsna')}, NORMAL2 {sizes.get('normal2')}, RSNA AP {sizes.get('rsna-ap')}. 95 % "
+             "patient-bootstrap intervals; k = 10. *Vote* is the weighted, prior-corrected, calibrated vote "
+             "(docs/metrics.md); *kNN* the plain majority of 10. On NORMAL2 every query is normal: the "
+             "balanced accuracies are the specificities.", "",
+             "| proxy | recipe | stage-1 AUC | stage-1 bal. acc. | kNN bal. acc. | vote bal. acc. | "
+             "vote spec. | mAP@10 | agreement | rank-1 (min) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for proxy, by_recipe in result["rows"].items():
+        for recipe, r in by_recipe.items():
+            rank1 = min(r["rank1"].values()) if r.get("rank1") else None
+            cells = [_ci(r["auc"], r.get("auc_ci")), _ci(r["stage1_balanced"], None),
+                     _ci(r["knn_balanced"], r.get("knn_balanced_ci")),
+                     _ci(r["vote_balanced"], r.get("vote_balanced_ci")),
+                     _ci(r["vote_specificity"], None), _ci(r["map"], r.get("map_ci")), _ci(r["agreement"], None),
+                     _ci(rank1, None)]
+            lines.append(f"| {proxy} | {recipe} | " + " | ".join(cells) + " |")
+    secs = result.get("train_seconds", {})
+    lines += ["", "Training time on this 2-core CPU, seconds: " + "; ".join(
+        f"{recipe}: " + ", ".join(f"{k} {v:.0f}" for k, v in by.items()) for recipe, by in secs.items()) + "."]
+    return "\n".join(lines)
+
+
+register("shift", render_shift)(run_shift)

@@ -1,0 +1,64 @@
+"""File pseudonyms and the local file map (`cbir.index.files`): real SQLite, real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cbir.errors import CbirError
+from cbir.index.files import FileMap, LocalFiles, state_dir
+from cbir.index.schema import point_id
+from cbir.io.phi import Pseudonymizer
+
+KEY = Pseudonymizer(b"k" * 32)
+
+
+def test_file_pseudonyms_are_keyed_and_distinct_from_patient_pseudonyms() -> None:
+    name = "stage_2_train_images/DOE^JANE_MRN1234567.dcm"
+    file = KEY.file("rsna", name)
+    assert file == KEY.file("rsna", name) and file.startswith("f-") and len(file) == 26
+    assert file != KEY.file("nih", name) != Pseudonymizer(b"o" * 32).file("rsna", name)
+    assert "MRN1234567" not in file and file[2:] not in KEY(name)
+    assert KEY.file("rsna", "caf\udce9.png").startswith("f-")               # an undecodable name works too
+    # point IDs of non-DICOM files derive from the pseudonym, so a guessed MRN does not give the ID
+    assert point_id("rsna", None, name, file) != point_id("rsna", None, name)
+    assert point_id("rsna", "uid-key", name, file) == point_id("rsna", "uid-key", name)   # DICOMs: by UID
+
+
+def test_the_map_resolves_what_this_machine_ingested(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CBIR_STATE_DIR", str(tmp_path / "state"))
+    assert state_dir() == tmp_path / "state"
+    reader = FileMap.local()                       # no map yet: finds nothing, creates nothing
+    assert reader.relpath("f-x") is None and not (tmp_path / "state").exists()
+    with FileMap.local(writable=True) as writer:
+        writer.add([("f-a", "rsna", "a/DOE.dcm"), ("f-b", "rsna", "b.dcm")])
+        writer.add([("f-a", "rsna", "changed.dcm")])                       # a known pseudonym keeps its row
+    assert (tmp_path / "state" / "files.sqlite").stat().st_mode & 0o777 == 0o600
+    assert reader.relpath("f-a") == "a/DOE.dcm" and reader.relpath("f-z") is None   # the reader sees it now
+    with pytest.raises(CbirError, match="opened read-only"):
+        reader.add([("f-c", "rsna", "c.dcm")])
+    reader.close()
+
+
+def test_local_files_reads_both_payload_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CBIR_STATE_DIR", str(tmp_path / "state"))
+    (tmp_path / "root" / "a").mkdir(parents=True)
+    (tmp_path / "root" / "a" / "x.dcm").write_bytes(b"x")
+    meta = {"roots": {"rsna": [str(tmp_path / "root")]}}
+    with FileMap.local(writable=True) as writer:
+        writer.add([("f-x", "rsna", "a/x.dcm"), ("f-out", "rsna", "../outside.dcm")])
+    with FileMap.local() as file_map:
+        files = LocalFiles(meta, file_map)
+        assert files.find({"dataset": "rsna", "path": None, "file": "f-x"}) == tmp_path / "root" / "a" / "x.dcm"
+        assert files.find({"dataset": "rsna", "path": "a/x.dcm"}) == tmp_path / "root" / "a" / "x.dcm"  # plain
+        assert files.find({"dataset": "rsna", "path": None, "file": "f-unknown"}) is None
+        assert files.find({"dataset": "rsna", "file": "f-out"}) is None          # never outside the roots
+    assert LocalFiles(meta).relpath({"file": "f-x"}) is None                    # without a map: no path
+
+
+def test_an_unwritable_state_folder_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("CBIR_STATE_DIR", str(tmp_path / "file" / "state"))
+    with pytest.raises(CbirError, match=r"cannot write the local file map .*set \$CBIR_STATE_DIR"):
+        FileMap.local(writable=True)

@@ -1,0 +1,56 @@
+"""Retrieval training options: supervised contrastive loss, class-balanced batches, strong augmentation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cbir.data.transforms import augment_strong
+from cbir.train.loop import batch_order, label_groups
+from cbir.train.losses import supervised_contrastive_loss
+from tests.conftest import run_cli
+
+
+def test_supcon_by_hand_and_patients_are_never_negatives() -> None:
+    e = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=1)
+    labels, patients = torch.tensor([1, 1, 0]), torch.tensor([0, 1, 2])
+    t = 0.5
+    sims = e @ e.T / t
+    # anchors 0 and 1 have one positive each; anchor 2 has none and is left out
+    expect = -0.5 * sum(float(sims[i, j] - torch.logsumexp(sims[i][torch.arange(3) != i], 0))
+                        for i, j in ((0, 1), (1, 0)))
+    assert math.isclose(float(supervised_contrastive_loss(e, labels, patients, t)), expect, rel_tol=1e-5)
+    # image 2 from patient 1 with another label: now a positive of image 1, no longer a negative
+    same = supervised_contrastive_loss(e, labels, torch.tensor([0, 1, 1]), t)
+    assert float(same) != float(supervised_contrastive_loss(e, labels, patients, t))
+    assert float(supervised_contrastive_loss(e[:1], labels[:1], patients[:1])) == 0.0
+
+
+def test_balanced_order_draws_each_class_equally() -> None:
+    y = torch.tensor([[1.0]] * 10 + [[0.0]] * 30)
+    order = batch_order(y, True, torch.Generator().manual_seed(0))
+    groups = label_groups(y[order])
+    assert len(order) == 60 and int((groups == 1).sum()) == 30 and len(set(order.tolist())) == 40
+
+
+def test_strong_augmentation_keeps_shape_and_range_and_changes_the_image() -> None:
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = augment_strong(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert float((out - x).abs().mean()) > 0.01
+
+
+def test_train_with_the_retrieval_recipe(tmp_path) -> None:
+    data, model = tmp_path / "data", tmp_path / "model"
+    assert run_cli("synth", "--layout", "rsna", "--n", 40, "--size", 48, "--out", data, "--seed", 9)[0] == 0
+    code, _, err = run_cli("train", "--data", data, "--backbone", "test_resnet", "--image-size", 32, "--epochs", 1,
+                           "--embed-dim", 16, "--bits", 32, "--out", model, "--workers", 0, "--augment", "strong",
+                           "--metric-loss", "supcon", "--balanced")
+    assert code == 0, err
+    import json
+    settings = json.loads((model / "train.json").read_text())["settings"]
+    assert (settings["augment"], settings["metric_loss"], settings["balanced"]) == ("strong", "supcon", True)
+    code, _, err = run_cli("train", "--data", data, "--out", tmp_path / "m2", "--metric-loss", "triplet")
+    assert code == 2 and "metric_loss" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,115 @@
+"""The weighted, prior-corrected, calibrated vote (`cbir.search.vote`) and its calibration on validation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from cbir.search.vote import VoteCalibration, corrected_share, decide, fit, platt, weights
+from tests.conftest import run_cli
+
+
+def test_corrected_share_by_hand() -> None:
+    scores = np.array([[0.9, 0.8, 0.7, 0.6]])
+    targets = np.array([[1, 0, 0, 0]])
+    # equal weights, no correction: one of four
+    assert corrected_share(scores, targets, None, math.inf)[0] == 0.25
+    # a 20 % positive archive: v1 = 1/0.2 = 5, v0 = 3/0.8 = 3.75 → r = 5/8.75
+    assert math.isclose(corrected_share(scores, targets, 0.2, math.inf)[0], 5 / 8.75)
+    # τ = 0.1: w = 1, e^-1, e^-2, e^-3
+    w = np.exp(-np.arange(4))
+    assert np.allclose(weights(scores, 0.1)[0], w)
+    assert math.isclose(corrected_share(scores, targets, 0.5, 0.1)[0], w[0] / w.sum())
+
+
+def test_padded_neighbours_weigh_nothing() -> None:
+    scores = np.array([[0.9, np.nan], [np.nan, np.nan]])
+    targets = np.array([[1, 0], [0, 0]])
+    assert corrected_share(scores, targets, 0.3, 0.05).tolist() == [1.0, 0.5]
+
+
+def test_the_majority_class_no_longer_wins_by_being_common() -> None:
+    """A 3:7 split of neighbours in a 25 % positive archive is evidence for the positive class."""
+    label, _, r = decide(np.full((1, 10), 0.5), np.array([[1] * 3 + [0] * 7]), VoteCalibration(prior=0.25))
+    assert label[0] == 1 and r[0] > 0.5
+    label, _, _ = decide(np.full((1, 10), 0.5), np.array([[1] * 3 + [0] * 7]), VoteCalibration(prior=None))
+    assert label[0] == 0
+
+
+def test_platt_recovers_a_known_slope() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(2.0 * x - 0.5)))).astype(int)
+    a, b = platt(x, y)
+    assert abs(a - 2.0) < 0.2 and abs(b + 0.5) < 0.15
+
+
+def test_fit_picks_the_temperature_with_the_lowest_validation_loss() -> None:
+    rng = np.random.default_rng(1)
+    n, k = 400, 10
+    y = rng.integers(0, 2, n)
+    scores = np.sort(rng.uniform(0.5, 1.0, (n, k)), axis=1)[:, ::-1]
+    # only the nearest neighbour knows the answer: a sharp temperature must win
+    targets = rng.integers(0, 2, (n, k))
+    targets[:, 0] = y
+    fitted = fit(scores, targets, y, prior=0.5)
+    assert fitted.temperature <= 0.05 and fitted.a > 0
+    back = VoteCalibration.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert back == fitted
+
+
+def test_ingest_calibrates_and_query_reports_the_vote(tmp_path: Path) -> None:
+    data, model, index = tmp_path / "data", tmp_path / "model", tmp_path / "index"
+    assert run_cli("synth", "--layout", "rsna", "--n", 120, "--size", 48, "--out", data, "--seed", 7)[0] == 0
+    code, _, err = run_cli("train", "--data", data, "--backbone", "test_resnet", "--image-size", 32, "--epochs", 1,
+                           "--embed-dim", 16, "--bits", 32, "--out", model, "--workers", 0, "--val-fraction", 0.25)
+    assert code == 0, err
+    code, out, err = run_cli("ingest", "--data", data, "--model", model, "--index", index, "--workers", 0)
+    assert code == 0, err
+    from cbir.index import open_index
+    with open_index(str(index)) as idx:
+        body = idx.get_meta("cbir")["calibration"]
+    assert body["vote"]["n_validation"] >= 20 and -1 <= body["nearest"]["threshold"] <= body["nearest"]["median"]
+    query = sorted((data / "stage_2_train_images").glob("*.dcm"))[0]
+    code, out, err = run_cli("query", query, "--index", index, "--k", 5, "--json")
+    assert code == 0, err
+    v = json.loads(out)["vote"]
+    assert {"label", "fraction", "positive_fraction"} <= set(v)          # the stable fields stay
+    assert v["calibrated"] is True and 0 <= v["probability"] <= 1 and isinstance(v["close_case"], bool)
+    assert len(v["weights"]) == 5 and math.isclose(sum(v["weights"]), 1.0, abs_tol=1e-4)
+    code, out, err = run_cli("evaluate", "--index", index, "--k", 5, "--out", tmp_path / "rep", "--json")
+    assert code == 0, err
+    wv = json.loads(out)["stage2"]["weighted_vote"]
+    assert 0 <= wv["agreement_with_model"] <= 1 and wv["balanced_accuracy_ci"] is not None
+
+
+def test_index_calibrate_refits_and_refuses_an_unknown_collection(tmp_path: Path) -> None:
+    data, model, index = tmp_path / "data", tmp_path / "model", tmp_path / "index"
+    assert run_cli("synth", "--layout", "rsna", "--n", 100, "--size", 48, "--out", data, "--seed", 8)[0] == 0
+    assert run_cli("train", "--data", data, "--backbone", "test_resnet", "--image-size", 32, "--epochs", 1,
+                   "--embed-dim", 16, "--bits", 32, "--out", model, "--workers", 0, "--val-fraction", 0.3)[0] == 0
+    assert run_cli("ingest", "--data", data, "--model", model, "--index", index, "--workers", 0)[0] == 0
+    code, out, err = run_cli("index", "calibrate", "--index", index, "--k", 3)
+    assert code == 0, err
+    assert "validation images" in out
+    from cbir.index import open_index
+    with open_index(str(index)) as idx:
+        assert idx.get_meta("cbir")["calibration"]["k"] == 3
+    code, _, err = run_cli("index", "calibrate", "nope", "--index", index)
+    assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_platt_never_does_worse_than_the_prevalence() -> None:
+    """Shares that barely vary, with a few at 0 or 1 (logit ±9.2), as kNN shares of real validation queries
+    gave: undamped Newton steps diverged there (a = 3,613, log-loss 4.1 on RSNA)."""
+    from cbir.search.vote import log_loss
+    rng = np.random.default_rng(3)
+    y = (rng.random(105) < 0.25).astype(int)
+    x = rng.normal(0, 0.02, 105) + 0.01 * y
+    x[:3] = [9.2, -9.2, 9.2]
+    a, b = platt(x, y)
+    fitted = log_loss(1 / (1 + np.exp(-(a * x + b))), y)
+    assert fitted <= log_loss(np.full(y.size, y.mean()), y) + 1e-6 and abs(a) < 10
