@@ -40,6 +40,7 @@ from cbir.models.device import resolve_device
 from cbir.report.doc import update_section
 from cbir.report.results import render_results
 from cbir.train import TrainSettings, train_model
+from cbir.train.reuse import finished_run
 
 APPROACHES = {
     "binary": "Binary classification (baseline)",
@@ -135,22 +136,6 @@ def _train(task: str, records: Records, settings: TrainSettings, out: Path, opti
     train_model(records, config, settings, out, reporter)
 
 
-def _reusable(model_dir: Path, task: str, options: ReproduceOptions, image_size: int, spec: SplitSpec
-              ) -> float | None:
-    """Training seconds of a finished run in `model_dir` made with these settings and this split, or None."""
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-        summary = json.loads((model_dir / "train.json").read_text())
-        split = json.loads((model_dir / "split.json").read_text())
-    except (OSError, ValueError):
-        return None
-    same = (config.get("task") == task and config.get("backbone") == options.backbone
-            and config.get("image_size") == image_size and config.get("bits") == options.bits
-            and (summary.get("settings") or {}).get("epochs") == options.epochs
-            and SplitSpec.from_dict(split.get("spec") or {}) == spec)
-    return float(summary.get("seconds") or 0.0) if same and (model_dir / "model.safetensors").exists() else None
-
-
 def run_reproduce(options: ReproduceOptions, reporter: Reporter = QUIET) -> dict[str, Any]:
     """See the module docstring; returns results.json's dict. With `reuse`, a model already trained in `out`
     with the same settings and split is used as it is (its recorded training time is reported)."""
@@ -187,7 +172,9 @@ def _run_task(task: str, fold: int, tag: str, records: Records, nih: Records | N
     image_size = (options.nih_image_size or options.image_size) if train_set is nih else options.image_size
     row = FoldRow(task, fold, trained_on=train_set.dataset)
     model_dir = options.out / "models" / tag / task
-    previous = _reusable(model_dir, task, options, image_size, train_set.split_spec) if options.reuse else None
+    previous = finished_run(model_dir, {"task": task, "backbone": options.backbone, "image_size": image_size,
+                                        "bits": options.bits}, {"epochs": options.epochs},
+                            train_set.split_record()) if options.reuse else None
     if previous is not None:
         reporter.log(f"== {APPROACHES[task]}, {tag}: reusing the model trained in {model_dir}")
         row.seconds["train"] = round(previous, 1)

@@ -96,17 +96,19 @@ def augment_strong(batch: torch.Tensor, generator: torch.Generator | None = None
                                   mode="bilinear", align_corners=False, antialias=True)
             img = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
         if rand[i, 3] < 0.5:
-            sigma = 0.1 + 1.1 * float(rand[i, 4])
-            radius = max(1, int(math.ceil(2 * sigma)))
-            kernel = torch.exp(-torch.arange(-radius, radius + 1, dtype=img.dtype) ** 2 / (2 * sigma ** 2))
-            kernel = kernel / kernel.sum()
-            img = F.conv2d(F.pad(img, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-            img = F.conv2d(F.pad(img, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+            img = gaussian_blur(img, 0.1 + 1.1 * float(rand[i, 4]))
         img = img + torch.randn(img.shape, generator=generator) * 0.03 * float(rand[i, 5])
         if rand[i, 6] < 0.5:
             img = _jpeg(img.clamp(0, 1), 40 + int(55 * float(rand[i, 7])))
         images.append(img.clamp(0, 1))
     return torch.cat(images)
+
+
+def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (…, H, W) images with standard deviation `sigma` pixels (kernel ±3σ, reflected edges)."""
+    from torchvision.transforms.functional import gaussian_blur as blur
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    return blur(img, [kernel, kernel], [sigma, sigma])
 
 
 def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:

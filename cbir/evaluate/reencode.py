@@ -67,11 +67,10 @@ def crop_dicom12(pixels: np.ndarray, stem: Path) -> Path:
 def blur_gamma(pixels: np.ndarray, stem: Path) -> Path:
     """Gaussian blur σ = 1 % of the longer side, then gamma 0.8, 16-bit PNG"""
     import torch
-    from torchvision.transforms.functional import gaussian_blur
-    sigma = 0.01 * max(pixels.shape)
-    kernel = 2 * int(np.ceil(3 * sigma)) + 1
+
+    from cbir.data.transforms import gaussian_blur
     blurred = gaussian_blur(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None],
-                            [kernel, kernel], [sigma, sigma])[0].numpy()
+                            0.01 * max(pixels.shape))[0].numpy()
     return _png16(np.clip(blurred, 0.0, 1.0) ** 0.8, stem)
 
 

@@ -14,7 +14,6 @@ proxies are the development set for shift: the scoring sets stay unseen.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -95,25 +94,17 @@ def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], o
     settings = TrainSettings(epochs=options.epochs, batch_size=options.batch_size, device=options.device,
                              seed=options.seed, **overrides)
     started = time.perf_counter()
-    done = out / "train.json"
-    if done.is_file() and _same_run(done, settings, records):
+    from dataclasses import asdict
+
+    from cbir.train.reuse import finished_run
+    previous = finished_run(out, {"backbone": options.backbone, "image_size": options.image_size},
+                            asdict(settings), records.split_record())
+    if previous is not None:
         reporter.log(f"reusing {out} (trained with these settings on these images)")
-        return load_checkpoint(out, device=settings.device if settings.device != "auto" else None), \
-            float(json.loads(done.read_text()).get("seconds", 0.0))
+        return load_checkpoint(out, device=settings.device if settings.device != "auto" else None), previous
     train_model(records, config, settings, out, reporter)
     return load_checkpoint(out, device=settings.device if settings.device != "auto" else None), \
         round(time.perf_counter() - started, 1)
-
-
-def _same_run(done: Path, settings: Any, records: Records) -> bool:
-    """Whether an earlier run in the same folder trained with `settings` on the same images and split."""
-    from dataclasses import asdict
-    earlier = json.loads(done.read_text())
-    same_settings = {k: v for k, v in earlier.get("settings", {}).items()} == json.loads(
-        json.dumps(asdict(settings), default=str))
-    split_file = done.parent / "split.json"
-    return same_settings and split_file.is_file() and \
-        json.loads(split_file.read_text()) == json.loads(json.dumps(records.split_record(), default=str))
 
 
 def _scores(report: dict[str, Any]) -> dict[str, Any]:
