@@ -40,7 +40,7 @@ from cbir.models.device import resolve_device
 from cbir.report.doc import update_section
 from cbir.report.results import render_results
 from cbir.train import TrainSettings, train_model
-from cbir.train.reuse import finished_run
+from cbir.train.reuse import reusable_run
 
 APPROACHES = {
     "binary": "Binary classification (baseline)",
@@ -172,9 +172,12 @@ def _run_task(task: str, fold: int, tag: str, records: Records, nih: Records | N
     image_size = (options.nih_image_size or options.image_size) if train_set is nih else options.image_size
     row = FoldRow(task, fold, trained_on=train_set.dataset)
     model_dir = options.out / "models" / tag / task
-    previous = finished_run(model_dir, {"task": task, "backbone": options.backbone, "image_size": image_size,
-                                        "bits": options.bits}, {"epochs": options.epochs},
-                            train_set.split_record()) if options.reuse else None
+    wanted: dict[str, Any] = {"task": task, "backbone": options.backbone, "image_size": image_size,
+                              "bits": options.bits}
+    if task != "detection":
+        defaults = ModelConfig()
+        wanted |= {"appearance_size": defaults.appearance_size, "appearance_weight": defaults.appearance_weight}
+    previous = reusable_run(model_dir, wanted, {"epochs": options.epochs}, train_set) if options.reuse else None
     if previous is not None:
         reporter.log(f"== {APPROACHES[task]}, {tag}: reusing the model trained in {model_dir}")
         row.seconds["train"] = round(previous, 1)
@@ -184,7 +187,7 @@ def _run_task(task: str, fold: int, tag: str, records: Records, nih: Records | N
         _train(task, train_set, settings, model_dir, options, image_size, reporter)
         row.seconds["train"] = round(time.perf_counter() - t0, 1)
     loaded = load_checkpoint(model_dir, device=resolve_device(options.device))
-    row.bits, row.embed_dim = loaded.config.bits, loaded.config.embed_dim
+    row.bits, row.embed_dim = loaded.config.bits, loaded.config.vector_dim
     collection = f"{task}-{tag}"
     with open_index(str(options.out / "index"), writable=True, create=True) as index:
         if index.has_collection(collection):

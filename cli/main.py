@@ -197,9 +197,16 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           backbone: Annotated[str, typer.Option("--backbone", help="any timm model name")] = "resnet18",
           image_size: Annotated[int, typer.Option(
               "--image-size", min=16, help="model input size (128 suits a CPU; 224 or more on a GPU)")] = 128,
-          epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
+          epochs: Annotated[int, typer.Option(
+              "--epochs", min=0, help="0: no training, the frozen untrained network (a baseline to compare with)")
+          ] = 15,
           batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 32,
           lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+          appearance_size: Annotated[int | None, typer.Option(
+              "--appearance-size", min=0, help="the embedding's appearance part: a SIZE×SIZE tiny image of the "
+              "input (0: none)")] = None,
+          appearance_weight: Annotated[float | None, typer.Option(
+              "--appearance-weight", min=0.0, max=0.99, help="its weight in the cosine (0: none)")] = None,
           embed_dim: Annotated[int, typer.Option(
               "--embed-dim", min=2, help="embedding size (detection: fixed by the FPN, levels × channels)")] = 128,
           bits: Annotated[int, typer.Option("--bits", min=8, max=1024,
@@ -229,8 +236,12 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     from cbir.models import ModelConfig
     from cbir.train import TrainSettings, train_model
     from cbir.train.selection import SELECT_RULES
-    if task != "detection":
-        ModelConfig(task=task, bits=bits).validate()  # a bad --task/--bits fails before the dataset is read
+    if task != "detection":  # a bad --task/--bits fails before the dataset is read
+        ModelConfig(task=task, bits=bits).validate()
+    elif appearance_size or appearance_weight:
+        raise CbirError("--appearance-size/--appearance-weight: a detector's embedding has no appearance part")
+    elif epochs == 0:
+        raise CbirError("--epochs 0 (an untrained baseline) is for binary, hash and multilabel, not detection")
     if select is not None and select not in SELECT_RULES:
         raise CbirError(f"--select {select!r}: choose from {', '.join(SELECT_RULES)}")
     try:  # a bad --augment/--metric-loss fails before the dataset is read
@@ -244,8 +255,10 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     reporter = _reporter()
     for note in records.notes:
         reporter.log(f"note: {note}")
+    appearance = {k: v for k, v in (("appearance_size", appearance_size), ("appearance_weight", appearance_weight))
+                  if v is not None}
     config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
-                         label_names=list(records.label_names), target=records.target)
+                         label_names=list(records.label_names), target=records.target, **appearance)
     defaults = TrainSettings()
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, device=device, workers=workers,
                              seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
@@ -401,6 +414,8 @@ def _print_query(result: dict[str, Any]) -> None:
     out.print(table)
     vote, pred = result["vote"], result["prediction"]
     out.print(f"kNN vote: {describe_vote(vote, len(result['neighbors']))}", markup=False)
+    for warning in vote.get("warnings") or []:
+        out.print(f"warning: {warning}; the vote is unreliable", markup=False)
     out.print(f"model: P({pred['target']}) = {pred['probability']:.3f} → {pred['label']}", markup=False)
     for found in pred.get("boxes") or []:
         x, y, w, h = found["box"]
@@ -850,10 +865,14 @@ def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder
 
 @app.command()
 @guarded
-def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, detector, pooling or shift")],
+def study(name: Annotated[str, typer.Argument(
+              help="selection, hash-weights, detector, pooling, shift or appearance")],
           out_dir: Annotated[Path, typer.Option("--out", help="study folder")],
           data: Annotated[Path | None, typer.Option("--data", help="dataset folder")] = None,
           other: Annotated[Path | None, typer.Option("--other", help="shift: the second dataset (Kermany)")] = None,
+          models: Annotated[Path | None, typer.Option(
+              "--models", help="appearance: take each fold's binary model from this `cbir reproduce` models folder "
+              "(its split must be the study's)")] = None,
           layout: LayoutOpt = "auto",
           folds: Annotated[int, typer.Option("--folds", min=2)] = 5,
           use_folds: Annotated[list[int] | None, typer.Option("--use-fold", help="only these folds (repeatable)")
@@ -887,7 +906,8 @@ def study(name: Annotated[str, typer.Argument(help="selection, hash-weights, det
         raise CbirError(f"--use-fold {bad[0]}: folds are 1..{folds}")
     options = StudyOptions(data=data, out=out_dir, layout=layout, folds=folds, use_folds=list(use_folds or []),
                            val_fraction=val_fraction, seed=seed, backbone=backbone, image_size=image_size,
-                           epochs=epochs, batch_size=batch_size, device=device, doc=doc, other=other)
+                           epochs=epochs, batch_size=batch_size, device=device, doc=doc, other=other,
+                           models=models)
     result = STUDIES[name](options, _reporter())
     out.print(result["markdown"], markup=False)
 

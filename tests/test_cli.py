@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from cbir.models import ModelConfig
 from cli.main import app
 from tests.conftest import payload_path
 
@@ -66,7 +67,7 @@ def test_reingest_does_not_duplicate(pipeline: dict[str, Path]) -> None:
     info = json.loads(run("index", "info", "--index", pipeline["index"], "--json")[1])
     (row,) = [c for c in info["collections"] if c["collection"] == "rsna"]
     assert row["points"] == N
-    assert row["dim"] == 16 and row["bits"] == 32 and row["schema_version"] == 2
+    assert row["dim"] == ModelConfig(embed_dim=16).vector_dim and row["bits"] == 32 and row["schema_version"] == 2
     assert row["stored_as"] == "rsna__v1" and row["current"] and row["team"] is None
     assert row["model_fingerprint"] == (pipeline["model"] / "fingerprint").read_text().strip()
 
@@ -395,7 +396,8 @@ def test_reindex_with_a_new_model(pipeline: dict[str, Path], tmp_path: Path) -> 
     assert code == 0, err
     assert "alias 're' now points at 're__v2'" in out and "'re__v1' (60 points) was deleted" in out
     row = _info(index)["re"]
-    assert row["stored_as"] == "re__v2" and row["points"] == N and row["dim"] == 24 and row["bits"] == 16
+    assert row["stored_as"] == "re__v2" and row["points"] == N and row["bits"] == 16
+    assert row["dim"] == ModelConfig(embed_dim=24).vector_dim
     assert row["model_fingerprint"] == (new_model / "fingerprint").read_text().strip()
     dicom = _dicoms(pipeline["data"])[0]
     code, out, err = run("query", dicom, "--index", index, "--collection", "re", "--k", 3, "--json")

@@ -46,6 +46,7 @@ def test_real_raster_images_read_as_grey(name: str) -> None:
     image = read_image(shared_path("data", "real", *name.split("/")))
     assert image.pixels.ndim == 2 and image.pixels.dtype == np.float32
     assert 0.0 <= image.pixels.min() < image.pixels.max() <= 1.0
+    assert image.colour < 0.01   # TBX11K and PadChest are RGB files with equal channels: still radiographs
 
 
 def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", preamble: bool = True,

@@ -75,7 +75,7 @@ def test_itq_is_fitted_once_and_codes_every_point(kind: str, rsna: Records, mode
 
 def test_itq_needs_no_more_bits_than_dimensions(rsna: Records, tmp_path: Path) -> None:
     config = ModelConfig(backbone="test_resnet", task="binary", image_size=32, embed_dim=8, bits=16,
-                         label_names=list(rsna.label_names), target=rsna.target)
+                         label_names=list(rsna.label_names), target=rsna.target, appearance_size=0)
     result = train_model(rsna, config, TrainSettings(epochs=1, batch_size=8, workers=0), tmp_path / "m")
     with open_index(str(tmp_path / "index"), writable=True, create=True) as index, \
             pytest.raises(CbirError, match="bits ≤ the embedding size"):

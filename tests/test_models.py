@@ -18,7 +18,8 @@ TINY = ModelConfig(backbone="test_resnet", image_size=32, embed_dim=16, bits=24)
 def test_outputs_have_declared_sizes() -> None:
     model = create_model(TINY).eval()
     out = model(torch.randn(3, 1, 32, 32))
-    assert out.embedding.shape == (3, 16) and out.logits.shape == (3, 1) and out.code.shape == (3, 24)
+    assert out.embedding.shape == (3, 16 + 16 * 16) and out.logits.shape == (3, 1) and out.code.shape == (3, 24)
+    assert out.semantic is not None and out.semantic.shape == (3, 16)
     assert torch.allclose(out.embedding.norm(dim=1), torch.ones(3), atol=1e-5)
     assert set(out.code.unique().tolist()) <= {0, 1}
     features = model.forward_features(torch.randn(1, 1, 32, 32))

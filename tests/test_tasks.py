@@ -62,7 +62,8 @@ def test_task_trains_and_reloads_bit_identical(task: str, rsna: Records, tmp_pat
     x = _pixels(rsna.subset(np.arange(6)))
     a = loaded.model(x)
     b = load_checkpoint(result.out).model(x)
-    assert a.embedding.shape == (6, 8) and a.code.shape == (6, 16) and a.logits.shape == (6, 1)
+    assert a.embedding.shape == (6, loaded.config.vector_dim) and a.code.shape == (6, 16) and a.logits.shape == (6, 1)
+    assert a.semantic is not None and a.semantic.shape == (6, 8)
     assert (a.hash is not None) == (task == "hash")
     for name in ("embedding", "logits", "code"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name

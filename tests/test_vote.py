@@ -80,6 +80,17 @@ def test_ingest_calibrates_and_query_reports_the_vote(tmp_path: Path) -> None:
     assert {"label", "fraction", "positive_fraction"} <= set(v)          # the stable fields stay
     assert v["calibrated"] is True and 0 <= v["probability"] <= 1 and isinstance(v["close_case"], bool)
     assert len(v["weights"]) == 5 and math.isclose(sum(v["weights"]), 1.0, abs_tol=1e-4)
+    assert v["reliable"] == (v["warnings"] == []) and v["reliable"] == v["close_case"]
+    photo, grey_rgb = _colour_photo(tmp_path / "photo.png"), _grey_as_rgb(query, tmp_path / "grey.png")
+    code, out, err = run_cli("query", photo, "--index", index, "--k", 5, "--json")
+    assert code == 0, err
+    v = json.loads(out)["vote"]
+    assert v["reliable"] is False and any(w.startswith("a colour picture") for w in v["warnings"])
+    code, out, err = run_cli("query", photo, "--index", index, "--k", 5)
+    assert code == 0 and "warning: a colour picture" in out and "the vote is unreliable" in out
+    code, out, err = run_cli("query", grey_rgb, "--index", index, "--k", 5, "--json")   # RGB with equal channels
+    assert code == 0, err
+    assert not any(w.startswith("a colour picture") for w in json.loads(out)["vote"]["warnings"])
     code, out, err = run_cli("evaluate", "--index", index, "--k", 5, "--out", tmp_path / "rep", "--json")
     assert code == 0, err
     wv = json.loads(out)["stage2"]["weighted_vote"]
@@ -113,3 +124,25 @@ def test_platt_never_does_worse_than_the_prevalence() -> None:
     a, b = platt(x, y)
     fitted = log_loss(1 / (1 + np.exp(-(a * x + b))), y)
     assert fitted <= log_loss(np.full(y.size, y.mean()), y) + 1e-6 and abs(a) < 10
+
+
+def _colour_photo(path: Path) -> Path:
+    """A photograph-like colour picture: smooth colour gradients, noise and a few saturated blobs."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:120, 0:160] / 120.0
+    rgb = np.stack([np.sin(3 * xx + 1) * 0.5 + 0.5, yy, np.cos(5 * yy * xx) * 0.5 + 0.5], -1)
+    rgb[30:60, 40:80] = (0.9, 0.1, 0.1)
+    rgb = np.clip(rgb + rng.normal(0, 0.05, rgb.shape), 0, 1)
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _grey_as_rgb(dicom: Path, path: Path) -> Path:
+    """The DICOM's pixels saved as an RGB PNG with three equal channels, as many radiograph exports are."""
+    from PIL import Image
+
+    from cbir.io import read_image
+    grey = (read_image(dicom).pixels * 255).astype(np.uint8)
+    Image.fromarray(np.stack([grey] * 3, -1)).save(path)
+    return path

@@ -77,7 +77,7 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
     split of `records`' dataset (`split`, default `records.split_record()`), and record that split (and that
     it has thumbnails). `version_of=ALIAS` creates `collection` itself, as the next version of ALIAS (a
     reindex)."""
-    check_code_source(codes, loaded.config.bits, loaded.config.embed_dim)
+    check_code_source(codes, loaded.config.bits, loaded.config.vector_dim)
     changed = False
     if index.has_collection(collection):
         meta = index.get_meta(collection)
@@ -98,9 +98,9 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
                     paths=PLAIN_PATHS if keep_paths else PSEUDONYM_PATHS,
                     thumbnails=thumbnail_spec() if thumbnails else None)
         if version_of is not None:
-            index.create_collection(collection, loaded.config.embed_dim, loaded.config.bits, meta, shards, replicas)
+            index.create_collection(collection, loaded.config.vector_dim, loaded.config.bits, meta, shards, replicas)
         else:
-            create_versioned(index, collection, loaded.config.embed_dim, loaded.config.bits, meta, shards,
+            create_versioned(index, collection, loaded.config.vector_dim, loaded.config.bits, meta, shards,
                              replicas)
     if thumbnails and not meta.get("thumbnails"):
         meta["thumbnails"], changed = thumbnail_spec(), True

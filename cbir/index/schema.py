@@ -56,7 +56,7 @@ def collection_meta(loaded: LoadedModel, pseudonymize: Pseudonymizer, target: st
         "backbone": config.backbone,
         "task": config.task,
         "image_size": config.image_size,
-        "dim": config.embed_dim,
+        "dim": config.vector_dim,
         "bits": config.bits,  # the hash layer's bits for task hash, the LSH code's otherwise
         "target": target,
         "negative_label": negative,
@@ -98,11 +98,11 @@ def archive_file(meta: dict[str, Any], dataset: str | None, relpath: str | None)
 
 def check_model(meta: dict[str, Any], loaded: LoadedModel, collection: str) -> None:
     """Refuse a model other than the one the collection was built with, naming both."""
-    if meta.get("model_fingerprint") != loaded.fingerprint or meta.get("dim") != loaded.config.embed_dim:
+    if meta.get("model_fingerprint") != loaded.fingerprint or meta.get("dim") != loaded.config.vector_dim:
         raise ModelMismatchError(
             f"collection {collection!r} was built with model {meta.get('model_fingerprint')} "
             f"({meta.get('backbone')}, dim {meta.get('dim')}, at {meta.get('model_path')}) but model "
-            f"{loaded.fingerprint} ({loaded.config.backbone}, dim {loaded.config.embed_dim}, at {loaded.path}) "
+            f"{loaded.fingerprint} ({loaded.config.backbone}, dim {loaded.config.vector_dim}, at {loaded.path}) "
             "was given; use the collection's model or ingest into a new collection")
 
 

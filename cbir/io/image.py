@@ -22,6 +22,8 @@ class XrayImage:
     meta: SafeMeta
     instance_key: str | None      # one-way key of the SOPInstanceUID (DICOM only)
     kind: str                     # "dicom" or "raster"
+    #: Mean chroma of a colour file (`cbir.io.raster.read_raster`); 0 for grey pixels and for DICOM.
+    colour: float = 0.0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,7 +65,8 @@ def read_image(path: str | Path, pseudonymize: Pseudonymizer | None = None) -> X
         if kind == "dicom":
             pixels, meta, key = read_dicom(path, pseudonymize)
             return XrayImage(pixels, meta, key, kind)
-        return XrayImage(read_raster(path), SafeMeta(), None, kind)
+        pixels, colour = read_raster(path)
+        return XrayImage(pixels, SafeMeta(), None, kind, colour)
     except BadInputError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a third-party reader raises, one file is one line

@@ -12,8 +12,10 @@ from cbir.io.header import max_pixels
 from cbir.io.pixels import BlankImage, refuse_blank, scale_unit
 
 
-def read_raster(path: str | Path, limit: int | None = None) -> np.ndarray:
-    """Any Pillow-readable image → grey; 16-bit PNGs keep their range before scaling."""
+def read_raster(path: str | Path, limit: int | None = None) -> tuple[np.ndarray, float]:
+    """Any Pillow-readable image → grey (16-bit PNGs keep their range before scaling), and the file's
+    colourfulness: the mean over pixels of max − min of R, G, B, in [0, 1]; 0 for a grey file, and for the many
+    radiographs stored as RGB with equal channels."""
     limit = max_pixels() if limit is None else limit
     try:
         with Image.open(path) as img:
@@ -24,6 +26,7 @@ def read_raster(path: str | Path, limit: int | None = None) -> np.ndarray:
                 raise BadInputError(path, f"image too small ({img.width}×{img.height} pixels)")
             img.load()
             arr = _grey_array(img)
+            colour = _colourfulness(img)
     except BadInputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -31,7 +34,7 @@ def read_raster(path: str | Path, limit: int | None = None) -> np.ndarray:
         raise BadInputError(path, f"not a readable image ({type(exc).__name__}{': ' + detail if detail else ''})"
                             ) from None
     try:
-        return scale_unit(refuse_blank(arr))
+        return scale_unit(refuse_blank(arr)), colour
     except BlankImage as exc:
         raise BadInputError(path, f"blank image ({exc})") from None
 
@@ -42,3 +45,10 @@ def _grey_array(img: Image.Image) -> np.ndarray:
     if img.mode != "L":
         img = img.convert("L")
     return np.asarray(img, dtype=np.float32)
+
+
+def _colourfulness(img: Image.Image) -> float:
+    if img.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV", "PA"):
+        return 0.0
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return float((rgb.max(axis=-1) - rgb.min(axis=-1)).mean() / 255.0)

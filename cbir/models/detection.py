@@ -101,6 +101,11 @@ class DetectorConfig:
         return len(self.levels) * self.fpn_channels
 
     @property
+    def vector_dim(self) -> int:
+        """Length of the retrieval embedding (a detector has no appearance part)."""
+        return self.embed_dim
+
+    @property
     def num_outputs(self) -> int:
         return 1
 

@@ -12,11 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbir.errors import CbirError
+from cbir.models.appearance import Appearance, join
 
 TASKS = ("binary", "hash", "multilabel")
 HASH_BITS = (16, 256)
 #: Config fields that only the hash task uses; left out of other tasks' config.json (and so fingerprints).
 HASH_FIELDS = ("hash_pair_weight", "hash_quant_weight", "hash_balance_weight")
+#: Config fields of the appearance part (`cbir.models.appearance`); left out of config.json when it is off, and
+#: off for a config.json without them (a checkpoint written before it existed keeps its embedding).
+APPEARANCE_FIELDS = ("appearance_size", "appearance_weight")
 
 
 @dataclass
@@ -35,6 +39,19 @@ class ModelConfig:
     hash_pair_weight: float = 1.0      # checked on real RSNA validation folds: docs/results.md
     hash_quant_weight: float = 0.5
     hash_balance_weight: float = 1.0
+    #: The embedding's appearance part (`cbir.models.appearance`): a tiny image of `appearance_size`² pixels with
+    #: weight `appearance_weight` in the cosine; 0 = off. Chosen on validation patients (docs/results.md).
+    appearance_size: int = 16
+    appearance_weight: float = 0.5
+
+    @property
+    def has_appearance(self) -> bool:
+        return self.appearance_size > 0 and self.appearance_weight > 0
+
+    @property
+    def vector_dim(self) -> int:
+        """Length of the retrieval embedding: the projection, plus the appearance part when it is on."""
+        return self.embed_dim + (self.appearance_size ** 2 if self.has_appearance else 0)
 
     @property
     def num_outputs(self) -> int:
@@ -55,25 +72,34 @@ class ModelConfig:
             raise CbirError(f"--bits {self.bits} is outside {low}..{high} for the hash task")
         if self.task == "multilabel" and self.target not in self.label_names:
             raise CbirError(f"target {self.target!r} is not one of the labels {self.label_names}")
+        if self.appearance_size < 0 or not 0 <= self.appearance_weight < 1:
+            raise CbirError(f"appearance size {self.appearance_size} / weight {self.appearance_weight}: the size "
+                            "must be ≥ 0 and the weight in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if self.task != "hash":
             for name in HASH_FIELDS:
                 data.pop(name)
+        if not self.has_appearance:
+            for name in APPEARANCE_FIELDS:
+                data.pop(name)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "appearance_size" not in known:
+            known |= {"appearance_size": 0, "appearance_weight": 0.0}
         return cls(**known)
 
 
 class ModelOutput(NamedTuple):
-    embedding: torch.Tensor   # (B, embed_dim), L2-normalised
+    embedding: torch.Tensor   # (B, vector_dim), L2-normalised: the retrieval embedding
     logits: torch.Tensor      # (B, num_outputs)
     code: torch.Tensor        # (B, bits) of 0/1 (uint8)
     hash: torch.Tensor | None = None  # (B, bits) tanh-relaxed hash layer (task hash only), in (-1, 1)
+    semantic: torch.Tensor | None = None  # (B, embed_dim), L2-normalised projection (what the losses train)
 
 
 class CbirNet(nn.Module):
@@ -82,7 +108,8 @@ class CbirNet(nn.Module):
     Task hash adds a hash layer `Linear(embed_dim → bits)` + BatchNorm on the (pre-normalisation) projection
     `z`, relaxed with tanh for training; its code is `h > 0`. Other tasks get their codes by locality-sensitive
     hashing: the sign of a fixed random projection of the embedding, seeded by `code_seed` and stored in the
-    checkpoint.
+    checkpoint. With an appearance part (`cbir.models.appearance`) the retrieval embedding joins the unit
+    projection (`semantic`) and the input's centred tiny image; `forward_head` alone gives the semantic part.
     """
 
     def __init__(self, config: ModelConfig, pretrained: bool = False, weights: Path | None = None) -> None:
@@ -94,9 +121,10 @@ class CbirNet(nn.Module):
         self.embed = nn.Linear(features, config.embed_dim)
         self.classifier = nn.Linear(config.embed_dim, config.num_outputs)
         generator = torch.Generator().manual_seed(config.code_seed)
-        projection = torch.randn(config.embed_dim, config.bits, generator=generator)
+        projection = torch.randn(config.vector_dim, config.bits, generator=generator)
         self.register_buffer("code_projection", projection)
         self.hash_head = _hash_head(config) if config.task == "hash" else None
+        self.appearance = Appearance(config.appearance_size) if config.has_appearance else None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's unpooled feature map."""
@@ -107,16 +135,22 @@ class CbirNet(nn.Module):
         return self.embed(self.backbone.forward_head(features, pre_logits=True))
 
     def forward_head(self, features: torch.Tensor) -> ModelOutput:
+        """The semantic outputs of a feature map (the embedding without an appearance part)."""
         z = self.projection(features)
         embedding = F.normalize(z, dim=1)
         if self.hash_head is None:
-            code = (embedding @ self.code_projection > 0).to(torch.uint8)
-            return ModelOutput(embedding, self.classifier(z), code)
+            code = (embedding @ self.code_projection[:self.config.embed_dim] > 0).to(torch.uint8)
+            return ModelOutput(embedding, self.classifier(z), code, semantic=embedding)
         relaxed = torch.tanh(self.hash_head(z))
-        return ModelOutput(embedding, self.classifier(z), (relaxed > 0).to(torch.uint8), relaxed)
+        return ModelOutput(embedding, self.classifier(z), (relaxed > 0).to(torch.uint8), relaxed, embedding)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        return self.forward_head(self.forward_features(x))
+        out = self.forward_head(self.forward_features(x))
+        if self.appearance is None:
+            return out
+        embedding = join(out.embedding, self.appearance(x), self.config.appearance_weight)
+        code = out.code if self.hash_head is not None else (embedding @ self.code_projection > 0).to(torch.uint8)
+        return out._replace(embedding=embedding, code=code)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Independent sigmoid per output; the target's is column `config.target_index`."""

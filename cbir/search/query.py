@@ -6,7 +6,7 @@ The JSON form (`QueryResult.to_json`) is a stable interface:
    "neighbors": [{"rank", "id", "score", "hamming", "labels", "label", "path", "file", "dataset", "split",
                   "view", "sex", "age_band", "boxes"}],
    "vote": {"label", "fraction", "positive_fraction", "probability", "corrected_share", "weights",
-            "calibrated", "close_case", "reliable", "labelled", "skipped_unknown"},
+            "calibrated", "close_case", "reliable", "warnings", "labelled", "skipped_unknown"},
    "prediction": {"label", "probability", "target", "boxes"}}
 
 File names can carry identifiers (RSNA's and many hospital exports' are the PatientID or MRN), so by default
@@ -99,7 +99,23 @@ def search_embedding(index: Index, collection: str, embedded: Embedded, k: int, 
                         prefilter=prefilter, hamming_radius=hamming_radius)
 
 
-def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+#: Mean chroma (`XrayImage.colour`) above which a query is a colour picture, not a radiograph: radiographs stored
+#: as RGB have equal channels (0), and a few coloured annotation marks stay far below it.
+COLOUR_LIMIT = 0.05
+
+
+def warnings_for(close: bool | None, colour: float) -> list[str]:
+    """Why the vote is unreliable, one short sentence each ([] when nothing is known against it)."""
+    out = []
+    if close is False:
+        out.append("the archive holds no close case: the nearest is less similar than 99 % of validation "
+                   "queries' nearest cases")
+    if colour > COLOUR_LIMIT:
+        out.append(f"a colour picture (mean chroma {colour:.2f}), not a radiograph")
+    return out
+
+
+def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None, colour: float = 0.0) -> dict[str, Any]:
     """The neighbours' vote (`cbir.search.vote`): similarity-weighted, corrected for the archive's class
     frequencies, with the probability calibrated on the collection's validation images. Neighbours whose label
     is unknown do not vote: `labelled` did, `skipped_unknown` were left out.
@@ -109,7 +125,8 @@ def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None) -> di
     unweighted); `probability` the calibrated probability of the target; `weights` each neighbour's share of
     the vote, in rank order (0 for an unknown label); `calibrated` whether the collection holds a calibration;
     `close_case` whether the nearest neighbour is at least as similar as the validation queries' nearest
-    usually are (`None` uncalibrated), and `reliable` is False when it is not.
+    usually are (`None` uncalibrated); `warnings` says why the vote is unreliable (no close case, or a colour
+    query: `colour`, its mean chroma, above `COLOUR_LIMIT`), and `reliable` is False when there is any.
     """
     meta = meta or {}
     negative = meta.get("negative_label", f"No {target}")
@@ -119,9 +136,10 @@ def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None) -> di
     nearest = body.get("nearest") or {}
     close = None if "threshold" not in nearest or not hits else bool(float(hits[0].score) >= nearest["threshold"])
     if not any(known):
+        close = close if hits else (False if body else None)
         return {"label": None, "fraction": 0.0, "positive_fraction": 0.0, "probability": None,
-                "weights": [0.0] * len(hits), "calibrated": bool(body),
-                "close_case": close if hits else (False if body else None), "reliable": False, **counted}
+                "weights": [0.0] * len(hits), "calibrated": bool(body), "close_case": close, "reliable": False,
+                "warnings": warnings_for(close, colour), **counted}
     from cbir.search.vote import VoteCalibration, decide, weights
     calibration = VoteCalibration.from_dict(body.get("vote"))
     scores = np.array([[float(hit.score) if ok else np.nan for hit, ok in zip(hits, known, strict=True)]])
@@ -134,7 +152,8 @@ def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None) -> di
             "positive_fraction": positive, "probability": round(float(probability[0]), 6),
             "corrected_share": round(float(share[0]), 6),
             "weights": [round(float(x), 6) for x in w / max(float(w.sum()), 1e-12)],
-            "calibrated": bool(body), "close_case": close, "reliable": close is not False, **counted}
+            "calibrated": bool(body), "close_case": close, "reliable": not warnings_for(close, colour),
+            "warnings": warnings_for(close, colour), **counted}
 
 
 def describe_vote(vote: dict[str, Any], n_neighbours: int) -> str:
@@ -186,7 +205,7 @@ def answer(image: XrayImage, name: str | None, loaded: LoadedModel, meta: dict[s
     return QueryResult(
         collection=collection, model_fingerprint=loaded.fingerprint, k=k,
         neighbors=[_neighbor(rank, hit, path_of) for rank, hit in enumerate(hits, start=1)],
-        vote=vote(hits, target, meta),
+        vote=vote(hits, target, meta, image.colour),
         prediction=prediction,
         query={"path": name, "view": image.meta.view, "sex": image.meta.sex,
                "age_band": image.meta.age_band, "shape": list(image.shape)},

@@ -145,4 +145,4 @@ def crop(image: XrayImage, box: tuple[int, int, int, int]) -> XrayImage:
     if x1 - x0 < MIN_REGION or y1 - y0 < MIN_REGION:
         raise CbirError(f"region {region!r}: at least {MIN_REGION}×{MIN_REGION} pixels inside the "
                         f"{width}×{height} image")
-    return XrayImage(image.pixels[y0:y1, x0:x1], image.meta, image.instance_key, image.kind)
+    return XrayImage(image.pixels[y0:y1, x0:x1], image.meta, image.instance_key, image.kind, image.colour)

@@ -38,6 +38,7 @@ class StudyOptions:
     device: str = "auto"
     doc: Path | None = None
     other: Path | None = None   # a second dataset (study shift)
+    models: Path | None = None  # a `cbir reproduce` run's models folder to take the folds' models from (appearance)
 
     @property
     def fold_numbers(self) -> list[int]:

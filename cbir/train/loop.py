@@ -164,6 +164,8 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
 
     model = create_model(config, pretrained=settings.pretrained,
                          weights=Path(settings.weights) if settings.weights else None).to(device)
+    if model.appearance is not None:  # its mean depends on the training images only, not on the weights
+        model.appearance.fit(x_train, standardize)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(y_train) / settings.batch_size)
     schedule = cosine_with_warmup(optimizer, steps_per_epoch * settings.epochs, warmup=steps_per_epoch)
@@ -179,10 +181,12 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
                       "validation loss")
     keeper = Keeper(model, settings.select, settings.ema, settings.ema_epochs, steps_per_epoch, out)
     kept_auc, history = math.nan, []
-    for epoch in range(1, settings.epochs + 1):
+    # epochs 0: only "epoch 0", the untrained network, scored and saved as it is (a baseline)
+    for epoch in range(0 if settings.epochs == 0 else 1, settings.epochs + 1):
         t0 = time.perf_counter()
-        train_loss = _train_epoch(model, x_train, y_train, optimizer, schedule, pos_weight, settings,
-                                  generator, device, reporter, epoch, keeper.step, patients)
+        train_loss = math.nan if epoch == 0 else _train_epoch(
+            model, x_train, y_train, optimizer, schedule, pos_weight, settings, generator, device, reporter, epoch,
+            keeper.step, patients)
         scored = keeper.kept
         if scored.hash_head is not None:
             calibrate_hash_centre(scored, x_train, device)
@@ -191,7 +195,7 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
         val_prob, val_loss, val_codes = _predict(scored, x_val, torch.from_numpy(y_val), pos_weight, device)
         scores = validation_scores(y_val, val_prob, config)
         val_auc = scores["auc"]
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+        row = {"epoch": epoch, "train_loss": None if math.isnan(train_loss) else train_loss, "val_loss": val_loss,
                "val_auc": None if math.isnan(val_auc) else val_auc, "lr": optimizer.param_groups[0]["lr"],
                "seconds": round(time.perf_counter() - t0, 2)}
         if "per_class" in scores:
@@ -248,7 +252,7 @@ def _batch_loss(model: CbirNet, out: ModelOutput, target: torch.Tensor, pos_weig
     loss = F.binary_cross_entropy_with_logits(out.logits, target, pos_weight=pos_weight)
     if settings is not None and settings.metric_loss == "supcon" and patients is not None:
         loss = loss + settings.metric_weight * supervised_contrastive_loss(
-            out.embedding, label_groups(target), patients, settings.metric_temperature)
+            out.semantic, label_groups(target), patients, settings.metric_temperature)
     if out.hash is None:
         return loss
     c = model.config

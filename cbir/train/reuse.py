@@ -27,3 +27,53 @@ def finished_run(model_dir: Path, config: dict[str, Any], settings: dict[str, An
             and all(held_settings.get(k) == v for k, v in _plain(settings).items())
             and all(held_split.get(k) == split.get(k) for k in ("spec", "dataset_digest")))
     return float(summary.get("seconds") or 0.0) if same and (model_dir / "model.safetensors").exists() else None
+
+
+def refit_appearance(model_dir: Path, records: Any, size: int, weight: float, workers: int = 2) -> float:
+    """Give the finished run in `model_dir` the appearance part (`cbir.models.appearance`) of `size`/`weight`,
+    fitted on the train split of `records`, and save it in place; returns the seconds it took.
+
+    The appearance part depends on the training images only, never on the trained weights, so a run trained
+    without it gets exactly the model that training with it would have given (same seed, same weights).
+    """
+    import time
+
+    from cbir.console import QUIET
+    from cbir.data.transforms import standardize
+    from cbir.models import CbirNet, ModelConfig, load_checkpoint
+    from cbir.models.checkpoint import save_checkpoint
+    from cbir.train.loop import TrainSettings, preload
+
+    started = time.perf_counter()
+    old = load_checkpoint(model_dir)
+    config = ModelConfig.from_dict(old.config.to_dict() | {"appearance_size": size, "appearance_weight": weight})
+    model = CbirNet(config)
+    state = {k: v for k, v in old.model.state_dict().items() if k != "code_projection"}
+    model.load_state_dict(state, strict=False)
+    x_train, _, _ = preload(records.split("train"), config.image_size, TrainSettings(workers=workers), QUIET,
+                            "train")
+    if model.appearance is not None:
+        model.appearance.fit(x_train, standardize)
+    save_checkpoint(model.eval(), model_dir)
+    return time.perf_counter() - started
+
+
+def reusable_run(model_dir: Path, config: dict[str, Any], settings: dict[str, Any], records: Any) -> float | None:
+    """`finished_run` for a CbirNet config, also accepting a run that lacks only the asked-for appearance part
+    (`config`'s appearance_size/appearance_weight), which is then fitted in place (`refit_appearance`)."""
+    split = records.split_record()
+    previous = finished_run(model_dir, config, settings, split)
+    size, weight = config.get("appearance_size", 0), config.get("appearance_weight", 0.0)
+    if previous is not None or not (size and weight):
+        return previous
+    rest = {k: v for k, v in config.items() if k not in ("appearance_size", "appearance_weight")}
+    try:
+        held = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if "appearance_size" in held:  # it has another appearance part: train afresh
+        return None
+    previous = finished_run(model_dir, rest, settings, split)
+    if previous is None:
+        return None
+    return previous + refit_appearance(model_dir, records, size, weight)

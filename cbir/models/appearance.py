@@ -1,0 +1,59 @@
+"""The appearance part of the retrieval embedding: a tiny image of the model input, centred on the training mean.
+
+A classifier's globally pooled features keep what the image shows, not where: a 3 % crop or a 5° rotation of
+the same radiograph moves them further than the distance to another patient, so a re-encoded copy often does
+not find its original. A tiny image (`size` × `size` area averages of the model input, standardised, minus the
+mean tiny image of the training set, L2-normalised) keeps the layout and identifies the image, and it is
+cheap. The retrieval embedding joins both unit vectors with weight `w`:
+
+    e = [√(1 − w) · semantic, √w · appearance],   so   cos(e_q, e_x) = (1 − w) · cos_sem + w · cos_app.
+
+`w` and `size` were chosen on validation patients only (docs/results.md, "Appearance").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cbir.data.transforms import standardize
+
+
+def tiny_image(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, H, W) model inputs → (B, size²): area-averaged to size × size, then standardised per image."""
+    return standardize(F.adaptive_avg_pool2d(x.float(), size)).flatten(1)
+
+
+class Appearance(nn.Module):
+    """Tiny image minus the training mean, L2-normalised; `fit` sets the mean from training inputs."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("mean", torch.zeros(size * size))
+
+    @property
+    def dim(self) -> int:
+        return self.size * self.size
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor] = standardize,
+            batch_size: int = 256) -> None:
+        """Set the mean from (N, 1, H, W) unaugmented training images, made model inputs by `prepare`."""
+        total = torch.zeros_like(self.mean)
+        for start in range(0, len(images), batch_size):
+            inputs = prepare(images[start:start + batch_size].float()).to(self.mean.device)
+            total += tiny_image(inputs, self.size).sum(dim=0)
+        self.mean.copy_(total / max(len(images), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(tiny_image(x, self.size) - self.mean, dim=1)
+
+
+def join(semantic: torch.Tensor, appearance: torch.Tensor, weight: float) -> torch.Tensor:
+    """The unit retrieval embedding [√(1 − w) · semantic, √w · appearance] of two unit vectors."""
+    return torch.cat([math.sqrt(1.0 - weight) * semantic, math.sqrt(weight) * appearance], dim=1)
