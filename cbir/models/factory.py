@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbir.data.transforms import INTENSITIES
 from cbir.errors import CbirError
 
 TASKS = ("binary", "hash", "multilabel")
@@ -35,6 +36,10 @@ class ModelConfig:
     hash_pair_weight: float = 1.0      # checked on real RSNA validation folds: docs/results.md
     hash_quant_weight: float = 0.5
     hash_balance_weight: float = 1.0
+    #: How input intensities are prepared (`cbir.data.transforms.model_input`): "standardize" (per-image zero
+    #: mean, unit variance), "equalize" (global histogram equalisation) or "clahe", each then standardised.
+    #: Left out of config.json when "standardize", so checkpoints from before the field keep their fingerprint.
+    intensity: str = "standardize"
 
     @property
     def num_outputs(self) -> int:
@@ -47,9 +52,12 @@ class ModelConfig:
         return self.label_names.index(self.target) if self.task == "multilabel" else 0
 
     def validate(self) -> None:
-        """Raise `CbirError` (one line) for an unknown task, a bad bit count or a target not in the labels."""
+        """Raise `CbirError` (one line) for an unknown task or intensity, a bad bit count or a target not in the
+        labels."""
         if self.task not in TASKS:
             raise CbirError(f"unknown task {self.task!r} (choose from {', '.join(TASKS)})")
+        if self.intensity not in INTENSITIES:
+            raise CbirError(f"unknown intensity {self.intensity!r} (choose from {', '.join(INTENSITIES)})")
         low, high = HASH_BITS
         if self.task == "hash" and not low <= self.bits <= high:
             raise CbirError(f"--bits {self.bits} is outside {low}..{high} for the hash task")
@@ -61,10 +69,13 @@ class ModelConfig:
         if self.task != "hash":
             for name in HASH_FIELDS:
                 data.pop(name)
+        if self.intensity == "standardize":
+            data.pop("intensity")
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config of a config.json; a field it lacks (older checkpoints: `intensity`) takes its default."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

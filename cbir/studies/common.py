@@ -38,6 +38,7 @@ class StudyOptions:
     device: str = "auto"
     doc: Path | None = None
     other: Path | None = None   # a second dataset (study shift)
+    recipes: list[str] = field(default_factory=list)  # study shift: only these recipes (empty: all)
 
     @property
     def fold_numbers(self) -> list[int]:
