@@ -229,6 +229,10 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
               "--metric-loss", help="none, or supcon (supervised contrastive loss on the embedding)")] = None,
           balanced: Annotated[bool | None, typer.Option(
               "--balanced/--no-balanced", help="class-balanced batches")] = None,
+          intensity: Annotated[str, typer.Option(
+              "--intensity", help="input intensities: standardize (per-image mean/variance), equalize (global "
+              "histogram equalisation) or clahe (adaptive, contrast-limited), each then standardised; not for "
+              "detection")] = "standardize",
           patient_regex: RegexOpt = None) -> None:
     """Train a backbone with an embedding head; the split is recorded in the checkpoint (split.json)."""
     from cbir.data.layout import load_dataset
@@ -236,8 +240,10 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     from cbir.models import ModelConfig
     from cbir.train import TrainSettings, train_model
     from cbir.train.selection import SELECT_RULES
-    if task != "detection":  # a bad --task/--bits fails before the dataset is read
-        ModelConfig(task=task, bits=bits).validate()
+    if task != "detection":  # a bad --task/--bits/--intensity fails before the dataset is read
+        ModelConfig(task=task, bits=bits, intensity=intensity).validate()
+    elif intensity != "standardize":
+        raise CbirError("--intensity: the detector takes standardised inputs only")
     elif appearance_size or appearance_weight:
         raise CbirError("--appearance-size/--appearance-weight: a detector's embedding has no appearance part")
     elif epochs == 0:
@@ -258,7 +264,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     appearance = {k: v for k, v in (("appearance_size", appearance_size), ("appearance_weight", appearance_weight))
                   if v is not None}
     config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
-                         label_names=list(records.label_names), target=records.target, **appearance)
+                         label_names=list(records.label_names), target=records.target, intensity=intensity,
+                         **appearance)
     defaults = TrainSettings()
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, device=device, workers=workers,
                              seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
@@ -884,6 +891,9 @@ def study(name: Annotated[str, typer.Argument(
           epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
           batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 32,
           device: Annotated[str, typer.Option("--device")] = "auto",
+          recipes: Annotated[str | None, typer.Option(
+              "--recipes", help="shift: only these recipes, comma-separated (the others' rows of an earlier "
+              "shift.json in --out are kept)")] = None,
           doc: Annotated[Path | None, typer.Option("--doc", help="also write the study's section of this "
                                                    "Markdown file (e.g. docs/results.md)")] = None,
           render: Annotated[bool, typer.Option(
@@ -901,13 +911,19 @@ def study(name: Annotated[str, typer.Argument(
         raise CbirError("--data is required (the dataset to study)")
     if name == "shift" and other is None:
         raise CbirError("study shift needs --other, the second dataset (e.g. a Kermany train folder)")
+    chosen = [r.strip() for r in (recipes or "").split(",") if r.strip()]
+    if chosen:
+        if name != "shift":
+            raise CbirError("--recipes is for study shift only")
+        from cbir.studies.shift import selected_recipes
+        selected_recipes(chosen)  # an unknown name fails before any data is read
     bad = [f for f in use_folds or [] if not 1 <= f <= folds]
     if bad:
         raise CbirError(f"--use-fold {bad[0]}: folds are 1..{folds}")
     options = StudyOptions(data=data, out=out_dir, layout=layout, folds=folds, use_folds=list(use_folds or []),
                            val_fraction=val_fraction, seed=seed, backbone=backbone, image_size=image_size,
                            epochs=epochs, batch_size=batch_size, device=device, doc=doc, other=other,
-                           models=models)
+                           models=models, recipes=chosen)
     result = STUDIES[name](options, _reporter())
     out.print(result["markdown"], markup=False)
 

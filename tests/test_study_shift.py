@@ -46,3 +46,36 @@ def test_shift_study_writes_every_proxy_for_every_recipe(tmp_path: Path) -> None
     assert "Recipes against shift proxies" in doc.read_text()
     code, _, err = run_cli("study", "shift", "--data", rsna, "--out", tmp_path / "s2")
     assert code == 2 and "--other" in err
+
+
+def test_shift_recipes_option_runs_some_recipes_and_keeps_the_others_rows(tmp_path: Path) -> None:
+    from cbir.data.layout import load_dataset
+    from cbir.data.splits import SplitSpec
+    from cbir.studies.shift import MODEL_KEYS, RECIPES
+    from cbir.train.reuse import finished_run
+    assert RECIPES["classifier + histogram equalisation"] == {"intensity": "equalize"}
+    assert RECIPES["classifier + CLAHE"] == {"intensity": "clahe"} and MODEL_KEYS == ("intensity",)
+    rsna = tmp_path / "rsna"
+    assert run_cli("synth", "--layout", "rsna", "--n", 60, "--size", 48, "--out", rsna, "--seed", 11)[0] == 0
+    common = ("study", "shift", "--data", rsna, "--other", _kermany(tmp_path / "kermany"), "--out", tmp_path / "s",
+              "--backbone", "test_resnet", "--image-size", 32, "--epochs", 1, "--device", "cpu")
+    code, _, err = run_cli(*common, "--recipes", "classifier (old default),no such recipe")
+    assert code == 2 and "unknown recipe 'no such recipe'" in err and not (tmp_path / "s").exists()
+    assert run_cli(*common, "--recipes", "classifier (old default)")[0] == 0
+    code, _, err = run_cli(*common, "--recipes", "classifier + CLAHE")
+    assert code == 0, err
+    result = json.loads((tmp_path / "s" / "shift.json").read_text())
+    for by_recipe in result["rows"].values():
+        assert list(by_recipe) == ["classifier (old default)", "classifier + CLAHE"]  # RECIPES order
+    assert list(result["train_seconds"]) == ["classifier (old default)", "classifier + CLAHE"]
+    models = tmp_path / "s" / "models"
+    assert json.loads((models / "classifier---clahe-rsna" / "config.json").read_text())["intensity"] == "clahe"
+    plain = models / "classifier--old-default-rsna"
+    assert "intensity" not in json.loads((plain / "config.json").read_text())
+    from dataclasses import asdict
+
+    from cbir.train import TrainSettings
+    split = load_dataset(rsna, "auto", split=SplitSpec(seed=0, val_fraction=0.1, test_fraction=0.0)).split_record()
+    settings = asdict(TrainSettings(epochs=1, batch_size=32, device="cpu", seed=0))
+    assert finished_run(plain, {"intensity": "standardize"}, settings, split) is not None  # missing: default
+    assert finished_run(plain, {"intensity": "clahe"}, settings, split) is None   # never reused for another

@@ -120,3 +120,76 @@ def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 AUGMENTATIONS = {"basic": augment, "strong": augment_strong}
+
+
+def equalize(batch: torch.Tensor) -> torch.Tensor:
+    """Global histogram equalisation of (B, 1, H, W) images: each pixel → the fraction of the image's non-zero
+    pixels at or below it (its empirical CDF), in (0, 1]. Exact zeros (letterbox padding) are left out of the CDF
+    and stay 0, so the padding does not dominate it."""
+    flat = batch.flatten(1).float()
+    valid = flat != 0
+    n_valid = valid.sum(dim=1, keepdim=True)
+    ordered = torch.sort(torch.where(valid, flat, torch.full_like(flat, -math.inf)), dim=1).values
+    at_or_below = torch.searchsorted(ordered, flat.contiguous(), right=True) - (flat.shape[1] - n_valid)
+    cdf = at_or_below.float() / n_valid.clamp_min(1).float()
+    return torch.where(valid, cdf, torch.zeros_like(cdf)).view_as(batch)
+
+
+def clahe(batch: torch.Tensor, tiles: int = 8, clip_limit: float = 2.0, bins: int = 256) -> torch.Tensor:
+    """Contrast-limited adaptive histogram equalisation of (B, 1, H, W) images in [0, 1], result in [0, 1].
+
+    Each of `tiles`×`tiles` tiles gets its own equalising map from a `bins`-bin histogram whose bins are clipped
+    at `clip_limit` times the tile's mean count, the excess spread evenly over all bins (so no map rises faster
+    than (clip_limit + 1)/bins per bin); pixels take the bilinear blend of the maps of the four nearest tile
+    centres. Exact zeros (letterbox padding) are left out of the histograms and stay 0.
+    """
+    b, _, h, w = batch.shape
+    x = batch.float().clamp(0, 1).reshape(b, h, w)
+    level = (x * (bins - 1)).round().long()
+    valid = (x != 0).float()
+    ty = torch.arange(h, device=x.device) * tiles // h
+    tx = torch.arange(w, device=x.device) * tiles // w
+    tile = (ty[:, None] * tiles + tx[None, :]).expand(b, h, w)
+    counts = torch.zeros(b, tiles * tiles * bins, device=x.device)
+    counts.scatter_add_(1, (tile * bins + level).reshape(b, -1), valid.reshape(b, -1))
+    counts = counts.view(b, tiles * tiles, bins)
+    total = counts.sum(dim=2, keepdim=True)
+    clipped = counts.clamp(max=clip_limit * total / bins)
+    clipped = clipped + (total - clipped.sum(dim=2, keepdim=True)) / bins
+    ramp = torch.linspace(0, 1, bins, device=x.device).expand_as(clipped)
+    maps = torch.where(total > 0, clipped.cumsum(dim=2) / total.clamp_min(1), ramp).reshape(b, -1)
+
+    def neighbours(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pos = (torch.arange(size, device=x.device, dtype=torch.float32) + 0.5) * tiles / size - 0.5
+        low = pos.floor()
+        weight = pos - low
+        low = low.long()
+        return low.clamp(0, n - 1), (low + 1).clamp(0, n - 1), weight
+
+    y0, y1, wy = neighbours(tiles, h)
+    x0, x1, wx = neighbours(tiles, w)
+    levels = level.reshape(b, -1)
+
+    def mapped(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        index = ((rows[:, None] * tiles + cols[None, :]).reshape(1, -1) * bins + levels)
+        return maps.gather(1, index).view(b, h, w)
+
+    wy, wx = wy[:, None], wx[None, :]
+    out = ((1 - wy) * ((1 - wx) * mapped(y0, x0) + wx * mapped(y0, x1))
+           + wy * ((1 - wx) * mapped(y1, x0) + wx * mapped(y1, x1)))
+    return (out * valid).view_as(batch).to(batch.dtype)
+
+
+#: How a CbirNet's input intensities are prepared (`ModelConfig.intensity`): name → (B, 1, H, W) → (B, 1, H, W).
+INTENSITIES = {"standardize": standardize,
+               "equalize": lambda batch: standardize(equalize(batch)),
+               "clahe": lambda batch: standardize(clahe(batch))}
+
+
+def model_input(batch: torch.Tensor, intensity: str = "standardize") -> torch.Tensor:
+    """The model input for a (B, 1, H, W) batch in [0, 1] (after any augmentation): `INTENSITIES[intensity]`."""
+    try:
+        prepare = INTENSITIES[intensity]
+    except KeyError:
+        raise ValueError(f"intensity must be one of {', '.join(INTENSITIES)}, not {intensity!r}") from None
+    return prepare(batch)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from cbir.data.loading import Failed, Loaded, iterate_batches
-from cbir.data.transforms import Geometry, letterbox, standardize
+from cbir.data.transforms import Geometry, letterbox, model_input, standardize
 from cbir.io import Pseudonymizer, SafeMeta, XrayImage
 from cbir.models import LoadedModel
 
@@ -36,7 +36,8 @@ class Embedded:
 @torch.inference_mode()
 def _forward(loaded: LoadedModel, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     device = next(loaded.model.parameters()).device
-    out = loaded.model(standardize(pixels.float()).to(device))
+    intensity = getattr(loaded.config, "intensity", "standardize")  # detectors: standardize only
+    out = loaded.model(model_input(pixels.float(), intensity).to(device))
     probs = loaded.model.probabilities(out.logits)
     return out.embedding.cpu().numpy(), out.code.cpu().numpy(), probs.cpu().numpy()
 

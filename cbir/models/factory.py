@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbir.data.transforms import INTENSITIES
 from cbir.errors import CbirError
 from cbir.models.appearance import Appearance, join
 
@@ -39,6 +40,10 @@ class ModelConfig:
     hash_pair_weight: float = 1.0      # checked on real RSNA validation folds: docs/results.md
     hash_quant_weight: float = 0.5
     hash_balance_weight: float = 1.0
+    #: How input intensities are prepared (`cbir.data.transforms.model_input`): "standardize" (per-image zero
+    #: mean, unit variance), "equalize" (global histogram equalisation) or "clahe", each then standardised.
+    #: Left out of config.json when "standardize", so checkpoints from before the field keep their fingerprint.
+    intensity: str = "standardize"
     #: The embedding's appearance part (`cbir.models.appearance`): a tiny image of `appearance_size`² pixels with
     #: weight `appearance_weight` in the cosine; 0 = off. Chosen on validation patients (docs/results.md).
     appearance_size: int = 16
@@ -64,9 +69,12 @@ class ModelConfig:
         return self.label_names.index(self.target) if self.task == "multilabel" else 0
 
     def validate(self) -> None:
-        """Raise `CbirError` (one line) for an unknown task, a bad bit count or a target not in the labels."""
+        """Raise `CbirError` (one line) for an unknown task or intensity, a bad bit count or a target not in the
+        labels."""
         if self.task not in TASKS:
             raise CbirError(f"unknown task {self.task!r} (choose from {', '.join(TASKS)})")
+        if self.intensity not in INTENSITIES:
+            raise CbirError(f"unknown intensity {self.intensity!r} (choose from {', '.join(INTENSITIES)})")
         low, high = HASH_BITS
         if self.task == "hash" and not low <= self.bits <= high:
             raise CbirError(f"--bits {self.bits} is outside {low}..{high} for the hash task")
@@ -84,10 +92,13 @@ class ModelConfig:
         if not self.has_appearance:
             for name in APPEARANCE_FIELDS:
                 data.pop(name)
+        if self.intensity == "standardize":
+            data.pop("intensity")
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config of a config.json; a field it lacks (older checkpoints: `intensity`) takes its default."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if "appearance_size" not in known:
             known |= {"appearance_size": 0, "appearance_weight": 0.0}

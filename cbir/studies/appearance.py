@@ -29,7 +29,7 @@ import torch
 from cbir import metrics
 from cbir.console import QUIET, Reporter
 from cbir.data.records import Records
-from cbir.data.transforms import letterbox, standardize
+from cbir.data.transforms import letterbox, model_input
 from cbir.evaluate.reencode import REENCODINGS, reencode_all
 from cbir.evaluate.robustness import ranks_of_originals
 from cbir.io import read_image
@@ -51,7 +51,7 @@ def _describe(model: Any, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """Semantic embedding and tiny images of (N, S, S) letterboxed pixels."""
     out: dict[str, list[np.ndarray]] = {"semantic": [], **{f"tiny{s}": [] for s in SIZES}}
     for start in range(0, len(pixels), 64):
-        x = standardize(torch.from_numpy(pixels[start:start + 64])[:, None].float())
+        x = model_input(torch.from_numpy(pixels[start:start + 64])[:, None].float(), model.config.intensity)
         result = model(x)
         out["semantic"].append((result.semantic if result.semantic is not None else result.embedding).numpy())
         for size in SIZES:

@@ -39,6 +39,7 @@ class StudyOptions:
     doc: Path | None = None
     other: Path | None = None   # a second dataset (study shift)
     models: Path | None = None  # a `cbir reproduce` run's models folder to take the folds' models from (appearance)
+    recipes: list[str] = field(default_factory=list)  # study shift: only these recipes (empty: all)
 
     @property
     def fold_numbers(self) -> list[int]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cbir.console import QUIET, Reporter
-from cbir.data.transforms import standardize
+from cbir.data.transforms import model_input
 from cbir.metrics import roc_auc
 from cbir.models import ModelConfig
 from cbir.models.device import resolve_device
@@ -46,8 +46,9 @@ RULE_NAMES = {"best-raw": "best epoch by validation AUC", "last-raw": "last epoc
 @torch.no_grad()
 def _probabilities(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 128) -> np.ndarray:
     model.eval()
-    out = [torch.sigmoid(model(standardize(x[i:i + batch_size].float()).to(device)).logits[:, 0]).cpu().numpy()
-           for i in range(0, len(x), batch_size)]
+    intensity = model.config.intensity
+    out = [torch.sigmoid(model(model_input(x[i:i + batch_size].float(), intensity).to(device)).logits[:, 0])
+           .cpu().numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(out)
 
 

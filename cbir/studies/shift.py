@@ -1,7 +1,8 @@
 """`cbir study shift`: recipes against shift proxies built from two real datasets (issue 13).
 
-Each recipe (`RECIPES`: TrainSettings overrides) trains three models from scratch, each on all patients of its
-training set but a validation share (no test split: the queries come from elsewhere):
+Each recipe (`RECIPES`: TrainSettings overrides, and ModelConfig ones such as "intensity") trains three models
+from scratch, each on all patients of its training set but a validation share (no test split: the queries come
+from elsewhere):
 
 - R on RSNA (`--data`), queried with a sample of Kermany children (`--other`): adult → paediatric;
 - K on a sample of Kermany (its NORMAL2 batch and the query sample left out), queried with every RSNA image
@@ -9,11 +10,13 @@ training set but a validation share (no test split: the queries come from elsewh
 - P on RSNA PA views, queried with the RSNA AP views (another projection), and `--robustness` there.
 
 Every figure is the product's own ingest, calibration and `cbir evaluate` with patient-bootstrap CIs. These
-proxies are the development set for shift: the scoring sets stay unseen.
+proxies are the development set for shift: the scoring sets stay unseen. `StudyOptions.recipes` runs only
+some recipes; the other recipes' rows of an earlier shift.json in the same folder (same options) are kept.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -28,11 +31,21 @@ from cbir.data.records import Records
 from cbir.data.splits import SplitSpec, patient_uniform
 from cbir.studies.common import StudyOptions, finish, register
 
+#: No appearance part (`cbir.models.appearance`): the recipes as they were before it.
+PLAIN = {"appearance_size": 0}
 RECIPES: dict[str, dict[str, Any]] = {
-    "classifier (old default)": {},
+    "classifier (old default)": PLAIN,
     "retrieval: supcon + balanced + strong augmentation": {"augment": "strong", "metric_loss": "supcon",
-                                                          "balanced": True},
+                                                          "balanced": True, **PLAIN},
+    "classifier + histogram equalisation": {"intensity": "equalize", **PLAIN},
+    "classifier + CLAHE": {"intensity": "clahe", **PLAIN},
+    "classifier + appearance (new default)": {},
 }
+#: Recipe → the recipe whose trained weights it reuses: it differs only in the appearance part, which does not
+#: change training (`cbir.train.reuse.reusable_run` fits it on the same training images).
+SAME_TRAINING = {"classifier + appearance (new default)": "classifier (old default)"}
+#: Recipe keys that go to `ModelConfig` (the rest are `TrainSettings` fields).
+MODEL_KEYS = ("intensity", "appearance_size", "appearance_weight")
 #: Kermany samples (normal, pneumonia): NORMAL2 left out, few normals remain (597 of 1,341), so both samples
 #: are drawn per class.
 KERMANY_QUERIES, KERMANY_TRAIN_TOTAL, NORMAL2_QUERIES = (150, 350), 1000, 300
@@ -85,20 +98,30 @@ PROXIES = (  # (name, training set, query set, with --robustness)
 )
 
 
-def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], out: Path, reporter: Reporter
-           ) -> tuple[Any, float]:
+def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], out: Path, reporter: Reporter,
+           base: Path | None = None) -> tuple[Any, float]:
+    """Train (or reuse) one recipe's model in `out`; `base`: a folder whose trained weights `out` may start from
+    (a recipe that differs only in the appearance part, `SAME_TRAINING`)."""
     from cbir.models import ModelConfig, load_checkpoint
     from cbir.train import TrainSettings, train_model
+    model_overrides = {k: v for k, v in overrides.items() if k in MODEL_KEYS}
     config = ModelConfig(backbone=options.backbone, image_size=options.image_size,
-                         label_names=list(records.label_names), target=records.target)
+                         label_names=list(records.label_names), target=records.target, **model_overrides)
+    config.validate()
     settings = TrainSettings(epochs=options.epochs, batch_size=options.batch_size, device=options.device,
-                             seed=options.seed, **overrides)
+                             seed=options.seed, **{k: v for k, v in overrides.items() if k not in MODEL_KEYS})
     started = time.perf_counter()
     from dataclasses import asdict
 
-    from cbir.train.reuse import finished_run
-    previous = finished_run(out, {"backbone": options.backbone, "image_size": options.image_size},
-                            asdict(settings), records.split_record())
+    from cbir.train.reuse import reusable_run
+    wanted = {"backbone": options.backbone, "image_size": options.image_size, "intensity": config.intensity}
+    if config.has_appearance:
+        wanted |= {"appearance_size": config.appearance_size, "appearance_weight": config.appearance_weight}
+    else:
+        wanted |= {"appearance_size": 0}
+    if base is not None and not out.exists() and (base / "model.safetensors").exists():
+        shutil.copytree(base, out)
+    previous = reusable_run(out, wanted, asdict(settings), records)
     if previous is not None:
         reporter.log(f"reusing {out} (trained with these settings on these images)")
         return load_checkpoint(out, device=settings.device if settings.device != "auto" else None), previous
@@ -130,11 +153,13 @@ def run_shift(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, An
     from cbir.index.ingest import ingest_records
     from cbir.io import load_pseudonymizer
     from cbir.search.calibrate import calibrate
+    chosen = selected_recipes(options.recipes)
     sets = build_sets(options)
     pseudonymize = load_pseudonymizer()
-    rows: dict[str, dict[str, Any]] = {}
-    seconds: dict[str, dict[str, float]] = {}
-    for recipe, overrides in RECIPES.items():
+    saved = _options_record(options)
+    rows, seconds = _earlier_rows(options.out / "shift.json", saved, set(chosen))
+    for recipe in chosen:
+        overrides = RECIPES[recipe]
         models: dict[str, Any] = {}
         seconds[recipe] = {}
         for proxy, train_name, query_name, robust in PROXIES:
@@ -142,8 +167,10 @@ def run_shift(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, An
             scratch = Path(tempfile.mkdtemp(prefix="cbir-shift-"))
             try:
                 if train_name not in models:
-                    models[train_name] = _train(sets[train_name], options, overrides,
-                                                options.out / "models" / f"{_slug(recipe)}-{train_name}", reporter)
+                    base = SAME_TRAINING.get(recipe)
+                    models[train_name] = _train(
+                        sets[train_name], options, overrides, options.out / "models" / f"{_slug(recipe)}-{train_name}",
+                        reporter, None if base is None else options.out / "models" / f"{_slug(base)}-{train_name}")
                     seconds[recipe][train_name] = models[train_name][1]
                 loaded = models[train_name][0]
                 with open_index(str(scratch / "index"), writable=True, create=True) as index:
@@ -156,10 +183,44 @@ def run_shift(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, An
                 shutil.rmtree(scratch, ignore_errors=True)
             rows.setdefault(proxy, {})[recipe] = _scores(report)
     sizes = {name: len(records) for name, records in sets.items()}
-    result = {"rows": rows, "train_seconds": seconds, "sizes": sizes,
-              "options": {"data": str(options.data), "other": str(options.other), "backbone": options.backbone,
-                          "image_size": options.image_size, "epochs": options.epochs, "seed": options.seed}}
+    order = list(RECIPES)
+    rows = {proxy: dict(sorted(by.items(), key=lambda kv: _rank(order, kv[0]))) for proxy, by in rows.items()}
+    seconds = dict(sorted(seconds.items(), key=lambda kv: _rank(order, kv[0])))
+    result = {"rows": rows, "train_seconds": seconds, "sizes": sizes, "options": saved}
     return finish("shift", options, result, render_shift(result, options))
+
+
+def selected_recipes(names: list[str]) -> list[str]:
+    """The recipes to run, in `RECIPES` order (all when `names` is empty); `CbirError` for an unknown name."""
+    from cbir.errors import CbirError
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise CbirError(f"unknown recipe {unknown[0]!r} (choose from {'; '.join(RECIPES)})")
+    return [r for r in RECIPES if not names or r in names]
+
+
+def _options_record(options: StudyOptions) -> dict[str, Any]:
+    return {"data": str(options.data), "other": str(options.other), "backbone": options.backbone,
+            "image_size": options.image_size, "epochs": options.epochs, "seed": options.seed}
+
+
+def _earlier_rows(path: Path, saved: dict[str, Any], chosen: set[str]
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
+    """Rows and training seconds of the recipes not run now, from an earlier shift.json with the same options."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}, {}
+    if earlier.get("options") != saved:
+        return {}, {}
+    rows = {proxy: {r: row for r, row in by.items() if r not in chosen}
+            for proxy, by in (earlier.get("rows") or {}).items()}
+    seconds = {r: s for r, s in (earlier.get("train_seconds") or {}).items() if r not in chosen}
+    return rows, seconds
+
+
+def _rank(order: list[str], recipe: str) -> int:
+    return order.index(recipe) if recipe in order else len(order)
 
 
 def _slug(text: str) -> str:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from cbir.console import QUIET, Reporter
 from cbir.data.loading import iterate_batches
 from cbir.data.records import Records
-from cbir.data.transforms import AUGMENTATIONS, standardize
+from cbir.data.transforms import AUGMENTATIONS, model_input
 from cbir.errors import DatasetError
 from cbir.metrics import per_class_auc, roc_auc
 from cbir.models import CbirNet, ModelConfig, ModelOutput, create_model
@@ -165,7 +165,7 @@ def train_model(records: Records, config: ModelConfig, settings: TrainSettings, 
     model = create_model(config, pretrained=settings.pretrained,
                          weights=Path(settings.weights) if settings.weights else None).to(device)
     if model.appearance is not None:  # its mean depends on the training images only, not on the weights
-        model.appearance.fit(x_train, standardize)
+        model.appearance.fit(x_train, lambda batch: model_input(batch, config.intensity))
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(y_train) / settings.batch_size)
     schedule = cosine_with_warmup(optimizer, steps_per_epoch * settings.epochs, warmup=steps_per_epoch)
@@ -234,7 +234,9 @@ def calibrate_hash_centre(model: CbirNet, x: torch.Tensor, device: torch.device,
     """
     model.eval()
     linear, norm = model.hash_head
-    outputs = [linear(model.projection(model.forward_features(standardize(x[i:i + batch_size].float()).to(device))))
+    intensity = model.config.intensity
+    outputs = [linear(model.projection(model.forward_features(model_input(x[i:i + batch_size].float(), intensity)
+                                                              .to(device))))
                for i in range(0, len(x), batch_size)]
     values = torch.cat(outputs)
     norm.running_mean.copy_(values.mean(dim=0))
@@ -295,7 +297,7 @@ def _train_epoch(model: CbirNet, x: torch.Tensor, y: torch.Tensor, optimizer: to
             idx = order[start:start + settings.batch_size]
             if len(idx) < 2:
                 continue  # batch norm needs two samples
-            batch = standardize(augment(x[idx].float(), generator)).to(device)
+            batch = model_input(augment(x[idx].float(), generator), model.config.intensity).to(device)
             loss = _batch_loss(model, model(batch), y[idx].to(device), pos_weight, settings,
                                None if patients is None else patients[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -317,7 +319,7 @@ def _predict(model: CbirNet, x: torch.Tensor, y: torch.Tensor, pos_weight: torch
     model.eval()
     probs, codes, loss = [], [], 0.0
     for start in range(0, len(x), batch_size):
-        out = model(standardize(x[start:start + batch_size].float()).to(device))
+        out = model(model_input(x[start:start + batch_size].float(), model.config.intensity).to(device))
         target = y[start:start + batch_size].to(device)
         loss += float(F.binary_cross_entropy_with_logits(out.logits, target, pos_weight=pos_weight,
                                                          reduction="sum")) / target.shape[1]

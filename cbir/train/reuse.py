@@ -14,13 +14,19 @@ def _plain(value: Any) -> Any:
 def finished_run(model_dir: Path, config: dict[str, Any], settings: dict[str, Any], split: dict[str, Any]
                  ) -> float | None:
     """Training seconds of the run in `model_dir` when its config.json and train.json settings hold every given
-    key's value and split.json has `split`'s spec and dataset digest; None otherwise (or when unfinished)."""
+    key's value and split.json has `split`'s spec and dataset digest; None otherwise (or when unfinished).
+    A `ModelConfig` field that config.json leaves out counts as its default (as `load_checkpoint` reads it)."""
     try:
         held_config = json.loads((model_dir / "config.json").read_text())
         summary = json.loads((model_dir / "train.json").read_text())
         held_split = json.loads((model_dir / "split.json").read_text())
     except (OSError, ValueError):
         return None
+    from dataclasses import asdict
+
+    from cbir.models import ModelConfig
+    as_read = {k: v for k, v in asdict(ModelConfig.from_dict({})).items() if isinstance(v, str | int | float)}
+    held_config = as_read | held_config
     held_settings = summary.get("settings") or {}
     split = _plain(split)
     same = (all(held_config.get(k) == v for k, v in _plain(config).items())
@@ -39,7 +45,7 @@ def refit_appearance(model_dir: Path, records: Any, size: int, weight: float, wo
     import time
 
     from cbir.console import QUIET
-    from cbir.data.transforms import standardize
+    from cbir.data.transforms import model_input
     from cbir.models import CbirNet, ModelConfig, load_checkpoint
     from cbir.models.checkpoint import save_checkpoint
     from cbir.train.loop import TrainSettings, preload
@@ -53,7 +59,7 @@ def refit_appearance(model_dir: Path, records: Any, size: int, weight: float, wo
     x_train, _, _ = preload(records.split("train"), config.image_size, TrainSettings(workers=workers), QUIET,
                             "train")
     if model.appearance is not None:
-        model.appearance.fit(x_train, standardize)
+        model.appearance.fit(x_train, lambda batch: model_input(batch, config.intensity))
     save_checkpoint(model.eval(), model_dir)
     return time.perf_counter() - started
 
