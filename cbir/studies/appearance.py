@@ -86,25 +86,41 @@ def _fold_model(options: StudyOptions, records: Records, fold: int, reporter: Re
     return load_checkpoint(out), previous
 
 
-def _read_fold(records: Records, size: int, reporter: Reporter) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Letterboxed pixels of every image, and of each re-encoding of the validation images (rows in val order)."""
-    pixels = np.zeros((len(records), size, size), np.float32)
-    val_rows = np.flatnonzero(records.meta["split"].to_numpy() == "val")
-    copies = {name: np.zeros((len(val_rows), size, size), np.float32) for name in REENCODINGS}
-    where = {row: i for i, row in enumerate(val_rows)}
-    scratch = Path(tempfile.mkdtemp(prefix="cbir-appearance-"))
-    try:
-        with reporter.task("read and re-encode", len(records)) as bar:
-            for row, path in enumerate(records.meta["path"]):
-                full = read_image(path).pixels
-                pixels[row] = letterbox(full, size)[0]
-                if row in where:
-                    for name, written in reencode_all(full, scratch, f"q{row}").items():
-                        copies[name][where[row]] = letterbox(read_image(written).pixels, size)[0]
+class _Pixels:
+    """Letterboxed pixels of each file, and of each re-encoding of the files asked for, read once for all folds."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.plain: dict[str, np.ndarray] = {}
+        self.copies: dict[str, dict[str, np.ndarray]] = {}
+        self.scratch = Path(tempfile.mkdtemp(prefix="cbir-appearance-"))
+
+    def read(self, path: str, reencode: bool) -> None:
+        if path in self.plain and (not reencode or path in self.copies):
+            return
+        full = read_image(path).pixels
+        self.plain[path] = letterbox(full, self.size)[0]
+        if reencode:
+            written = reencode_all(full, self.scratch, f"q{len(self.copies)}")
+            self.copies[path] = {name: letterbox(read_image(file).pixels, self.size)[0]
+                                 for name, file in written.items()}
+            for file in written.values():
+                file.unlink(missing_ok=True)
+
+    def fold(self, records: Records, reporter: Reporter) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(N, S, S) pixels of every image of `records`, and per re-encoding those of its validation images."""
+        paths = [str(p) for p in records.meta["path"]]
+        val = records.meta["split"].to_numpy() == "val"
+        with reporter.task("read and re-encode", len(paths)) as bar:
+            for path, is_val in zip(paths, val, strict=True):
+                self.read(path, bool(is_val))
                 bar.advance()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return pixels, copies
+        val_paths = [p for p, v in zip(paths, val, strict=True) if v]
+        return (np.stack([self.plain[p] for p in paths]),
+                {name: np.stack([self.copies[p][name] for p in val_paths]) for name in REENCODINGS})
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def _score(desc: dict[str, np.ndarray], copies: dict[str, dict[str, np.ndarray]], split: np.ndarray,
@@ -133,11 +149,12 @@ def _score(desc: dict[str, np.ndarray], copies: dict[str, dict[str, np.ndarray]]
 @register("appearance", lambda result, options: render(result, options))
 def run_appearance(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, Any]:
     folds = []
+    cache = _Pixels(options.image_size)
     for fold in options.fold_numbers:
         records = development_records(options, fold)
         loaded, seconds = _fold_model(options, records, fold, reporter)
         model = loaded.model.eval()
-        pixels, copy_pixels = _read_fold(records, options.image_size, reporter)
+        pixels, copy_pixels = cache.fold(records, reporter)
         desc = _describe(model, pixels)
         copies = {name: _describe(model, p) for name, p in copy_pixels.items()}
         split, y = records.meta["split"].to_numpy(), records.y
@@ -146,6 +163,7 @@ def run_appearance(options: StudyOptions, reporter: Reporter = QUIET) -> dict[st
                 for size in SIZES for weight in WEIGHTS if weight > 0 or size == SIZES[0]}
         folds.append({"fold": fold, "n_train": int((split == "train").sum()), "n_val": int((split == "val").sum()),
                       "train_seconds": round(seconds, 1), "patients": patients, "grid": grid})
+    cache.close()
     result = {"study": "appearance", "options": {k: str(v) for k, v in asdict(options).items()}, "folds": folds}
     return finish("appearance", options, result, render(result, options))
 
