@@ -53,8 +53,7 @@ def test_shift_recipes_option_runs_some_recipes_and_keeps_the_others_rows(tmp_pa
     from cbir.data.splits import SplitSpec
     from cbir.studies.shift import MODEL_KEYS, RECIPES
     from cbir.train.reuse import finished_run
-    assert RECIPES["classifier + histogram equalisation"] == {"intensity": "equalize"}
-    assert RECIPES["classifier + CLAHE"] == {"intensity": "clahe"} and MODEL_KEYS == ("intensity",)
+    assert {"intensity", "appearance_size"} <= set(MODEL_KEYS) and "classifier + appearance (new default)" in RECIPES
     rsna = tmp_path / "rsna"
     assert run_cli("synth", "--layout", "rsna", "--n", 60, "--size", 48, "--out", rsna, "--seed", 11)[0] == 0
     common = ("study", "shift", "--data", rsna, "--other", _kermany(tmp_path / "kermany"), "--out", tmp_path / "s",
@@ -79,3 +78,25 @@ def test_shift_recipes_option_runs_some_recipes_and_keeps_the_others_rows(tmp_pa
     settings = asdict(TrainSettings(epochs=1, batch_size=32, device="cpu", seed=0))
     assert finished_run(plain, {"intensity": "standardize"}, settings, split) is not None  # missing: default
     assert finished_run(plain, {"intensity": "clahe"}, settings, split) is None   # never reused for another
+    assert finished_run(plain, {"appearance_size": 0}, settings, split) is not None  # old runs had none
+
+
+def test_the_appearance_recipe_reuses_the_old_defaults_training(tmp_path: Path) -> None:
+    import torch
+
+    from cbir.models import load_checkpoint
+    rsna = tmp_path / "rsna"
+    assert run_cli("synth", "--layout", "rsna", "--n", 60, "--size", 48, "--out", rsna, "--seed", 11)[0] == 0
+    common = ("study", "shift", "--data", rsna, "--other", _kermany(tmp_path / "kermany"), "--out", tmp_path / "s",
+              "--backbone", "test_resnet", "--image-size", 32, "--epochs", 1, "--device", "cpu", "--recipes")
+    assert run_cli(*common, "classifier (old default)")[0] == 0
+    code, _, err = run_cli(*common, "classifier + appearance (new default)")
+    assert code == 0, err
+    models = tmp_path / "s" / "models"
+    for name in ("rsna", "kermany-train", "rsna-pa"):
+        old = load_checkpoint(models / f"classifier--old-default-{name}")
+        new = load_checkpoint(models / f"classifier---appearance--new-default-{name}")
+        assert not old.config.has_appearance and new.config.has_appearance
+        assert new.config.vector_dim == old.config.embed_dim + new.config.appearance_size ** 2
+        assert all(torch.equal(a, b) for a, b in zip(old.model.backbone.state_dict().values(),
+                                                     new.model.backbone.state_dict().values(), strict=True))
