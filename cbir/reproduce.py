@@ -176,7 +176,7 @@ def _run_task(task: str, fold: int, tag: str, records: Records, nih: Records | N
                               "bits": options.bits}
     if task != "detection":
         defaults = ModelConfig()
-        wanted |= {"appearance_size": defaults.appearance_size, "appearance_weight": defaults.appearance_weight}
+        wanted |= {k: v for k, v in asdict(defaults).items() if k.startswith("appearance_")}
     previous = reusable_run(model_dir, wanted, {"epochs": options.epochs}, train_set) if options.reuse else None
     if previous is not None:
         reporter.log(f"== {APPROACHES[task]}, {tag}: reusing the model trained in {model_dir}")

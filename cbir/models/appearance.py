@@ -3,8 +3,8 @@
 A classifier's globally pooled features keep what the image shows, not where: a 3 % crop or a 5° rotation of
 the same radiograph moves them further than the distance to another patient, so a re-encoded copy often does
 not find its original. A tiny image (`size` × `size` area averages of the model input, standardised, minus the
-mean tiny image of the training set, L2-normalised) keeps the layout and identifies the image, and it is
-cheap. The retrieval embedding joins both unit vectors with weight `w`:
+mean tiny image of the training set, weighted towards the centre, L2-normalised) keeps the layout and
+identifies the image, and it is cheap. The retrieval embedding joins both unit vectors with weight `w`:
 
     e = [√(1 − w) · semantic, √w · appearance],   so   cos(e_q, e_x) = (1 − w) · cos_sem + w · cos_app.
 
@@ -28,13 +28,26 @@ def tiny_image(x: torch.Tensor, size: int) -> torch.Tensor:
     return standardize(F.adaptive_avg_pool2d(x.float(), size)).flatten(1)
 
 
-class Appearance(nn.Module):
-    """Tiny image minus the training mean, L2-normalised; `fit` sets the mean from training inputs."""
+def centre_window(size: int, sigma: float) -> torch.Tensor:
+    """(size²,) Gaussian weights exp(−r² / 2σ²), r the distance from the centre in half-widths; all 1 for σ = 0.
+    A crop or a rotation moves pixels in proportion to their distance from the centre, so the border counts
+    less."""
+    if sigma <= 0:
+        return torch.ones(size * size)
+    grid = (torch.arange(size, dtype=torch.float32) + 0.5) / (size / 2) - 1
+    r2 = grid[:, None] ** 2 + grid[None, :] ** 2
+    return torch.exp(-r2 / (2 * sigma ** 2)).flatten()
 
-    def __init__(self, size: int) -> None:
+
+class Appearance(nn.Module):
+    """Tiny image minus the training mean, weighted towards the centre, L2-normalised; `fit` sets the mean from
+    training inputs."""
+
+    def __init__(self, size: int, window: float = 0.0) -> None:
         super().__init__()
         self.size = size
         self.register_buffer("mean", torch.zeros(size * size))
+        self.register_buffer("window", centre_window(size, window), persistent=False)
 
     @property
     def dim(self) -> int:
@@ -51,7 +64,7 @@ class Appearance(nn.Module):
         self.mean.copy_(total / max(len(images), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(tiny_image(x, self.size) - self.mean, dim=1)
+        return F.normalize((tiny_image(x, self.size) - self.mean) * self.window, dim=1)
 
 
 def join(semantic: torch.Tensor, appearance: torch.Tensor, weight: float) -> torch.Tensor:

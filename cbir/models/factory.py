@@ -21,7 +21,7 @@ HASH_BITS = (16, 256)
 HASH_FIELDS = ("hash_pair_weight", "hash_quant_weight", "hash_balance_weight")
 #: Config fields of the appearance part (`cbir.models.appearance`); left out of config.json when it is off, and
 #: off for a config.json without them (a checkpoint written before it existed keeps its embedding).
-APPEARANCE_FIELDS = ("appearance_size", "appearance_weight")
+APPEARANCE_FIELDS = ("appearance_size", "appearance_weight", "appearance_window")
 
 
 @dataclass
@@ -48,6 +48,8 @@ class ModelConfig:
     #: weight `appearance_weight` in the cosine; 0 = off. Chosen on validation patients (docs/results.md).
     appearance_size: int = 16
     appearance_weight: float = 0.5
+    #: σ of its centre weighting, in half-widths (`cbir.models.appearance.centre_window`); 0 = flat.
+    appearance_window: float = 1.0
 
     @property
     def has_appearance(self) -> bool:
@@ -80,9 +82,9 @@ class ModelConfig:
             raise CbirError(f"--bits {self.bits} is outside {low}..{high} for the hash task")
         if self.task == "multilabel" and self.target not in self.label_names:
             raise CbirError(f"target {self.target!r} is not one of the labels {self.label_names}")
-        if self.appearance_size < 0 or not 0 <= self.appearance_weight < 1:
-            raise CbirError(f"appearance size {self.appearance_size} / weight {self.appearance_weight}: the size "
-                            "must be ≥ 0 and the weight in [0, 1)")
+        if self.appearance_size < 0 or not 0 <= self.appearance_weight < 1 or self.appearance_window < 0:
+            raise CbirError(f"appearance size {self.appearance_size} / weight {self.appearance_weight} / window "
+                            f"{self.appearance_window}: the size and window must be ≥ 0 and the weight in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -101,7 +103,8 @@ class ModelConfig:
         """The config of a config.json; a field it lacks (older checkpoints: `intensity`) takes its default."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if "appearance_size" not in known:
-            known |= {"appearance_size": 0, "appearance_weight": 0.0}
+            known |= {"appearance_size": 0, "appearance_weight": 0.0, "appearance_window": 0.0}
+        known.setdefault("appearance_window", 0.0)
         return cls(**known)
 
 
@@ -135,7 +138,8 @@ class CbirNet(nn.Module):
         projection = torch.randn(config.vector_dim, config.bits, generator=generator)
         self.register_buffer("code_projection", projection)
         self.hash_head = _hash_head(config) if config.task == "hash" else None
-        self.appearance = Appearance(config.appearance_size) if config.has_appearance else None
+        self.appearance = (Appearance(config.appearance_size, config.appearance_window) if config.has_appearance
+                           else None)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's unpooled feature map."""

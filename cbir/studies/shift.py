@@ -116,7 +116,7 @@ def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], o
     from cbir.train.reuse import reusable_run
     wanted = {"backbone": options.backbone, "image_size": options.image_size, "intensity": config.intensity}
     if config.has_appearance:
-        wanted |= {"appearance_size": config.appearance_size, "appearance_weight": config.appearance_weight}
+        wanted |= {k: v for k, v in asdict(config).items() if k.startswith("appearance_")}
     else:
         wanted |= {"appearance_size": 0}
     if base is not None and not out.exists() and (base / "model.safetensors").exists():

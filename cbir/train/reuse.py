@@ -35,9 +35,10 @@ def finished_run(model_dir: Path, config: dict[str, Any], settings: dict[str, An
     return float(summary.get("seconds") or 0.0) if same and (model_dir / "model.safetensors").exists() else None
 
 
-def refit_appearance(model_dir: Path, records: Any, size: int, weight: float, workers: int = 2) -> float:
-    """Give the finished run in `model_dir` the appearance part (`cbir.models.appearance`) of `size`/`weight`,
-    fitted on the train split of `records`, and save it in place; returns the seconds it took.
+def refit_appearance(model_dir: Path, records: Any, fields: dict[str, Any], workers: int = 2) -> float:
+    """Give the finished run in `model_dir` the appearance part (`cbir.models.appearance`) that the config
+    `fields` (appearance_size, _weight, _window) describe, fitted on the train split of `records`, and save it in
+    place; returns the seconds it took.
 
     The appearance part depends on the training images only, never on the trained weights, so a run trained
     without it gets exactly the model that training with it would have given (same seed, same weights).
@@ -52,7 +53,7 @@ def refit_appearance(model_dir: Path, records: Any, size: int, weight: float, wo
 
     started = time.perf_counter()
     old = load_checkpoint(model_dir)
-    config = ModelConfig.from_dict(old.config.to_dict() | {"appearance_size": size, "appearance_weight": weight})
+    config = ModelConfig.from_dict(old.config.to_dict() | fields)
     model = CbirNet(config)
     state = {k: v for k, v in old.model.state_dict().items() if k != "code_projection"}
     model.load_state_dict(state, strict=False)
@@ -66,13 +67,14 @@ def refit_appearance(model_dir: Path, records: Any, size: int, weight: float, wo
 
 def reusable_run(model_dir: Path, config: dict[str, Any], settings: dict[str, Any], records: Any) -> float | None:
     """`finished_run` for a CbirNet config, also accepting a run that lacks only the asked-for appearance part
-    (`config`'s appearance_size/appearance_weight), which is then fitted in place (`refit_appearance`)."""
+    (`config`'s appearance_* fields), which is then fitted in place (`refit_appearance`)."""
     split = records.split_record()
     previous = finished_run(model_dir, config, settings, split)
-    size, weight = config.get("appearance_size", 0), config.get("appearance_weight", 0.0)
+    fields = {k: v for k, v in config.items() if k.startswith("appearance_")}
+    size, weight = fields.get("appearance_size", 0), fields.get("appearance_weight", 0.0)
     if previous is not None or not (size and weight):
         return previous
-    rest = {k: v for k, v in config.items() if k not in ("appearance_size", "appearance_weight")}
+    rest = {k: v for k, v in config.items() if k not in fields}
     try:
         held = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
@@ -82,4 +84,4 @@ def reusable_run(model_dir: Path, config: dict[str, Any], settings: dict[str, An
     previous = finished_run(model_dir, rest, settings, split)
     if previous is None:
         return None
-    return previous + refit_appearance(model_dir, records, size, weight)
+    return previous + refit_appearance(model_dir, records, fields)
