@@ -16,7 +16,7 @@ from cbir.data.synth import synth_dataset
 from cbir.data.transforms import standardize
 from cbir.errors import CbirError
 from cbir.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
-from cbir.models.appearance import Appearance, tiny_image
+from cbir.models.appearance import Appearance, centre_window, tiny_image
 from cbir.train import TrainSettings, train_model
 from cbir.train.loop import preload
 from cbir.train.reuse import finished_run, reusable_run
@@ -48,6 +48,13 @@ def test_cosine_is_the_weighted_sum_of_both_parts() -> None:
     assert torch.equal(out.code, (out.embedding @ model.code_projection > 0).to(torch.uint8))
 
 
+def test_the_centre_window_weighs_the_border_less() -> None:
+    window = centre_window(16, 1.0).view(16, 16)
+    assert float(window[7, 7]) > 0.99 and float(window[0, 0]) < float(window[0, 8]) < float(window[7, 7])
+    assert torch.allclose(window, window.flip(0)) and torch.allclose(window, window.T)
+    assert torch.equal(centre_window(4, 0.0), torch.ones(16))
+
+
 def test_tiny_image_keeps_layout_that_pooled_features_lose() -> None:
     image = torch.zeros(1, 1, 32, 32)
     image[..., :, :16] = 1.0                       # left half bright
@@ -71,7 +78,7 @@ def test_training_fits_the_mean_on_the_train_split(rsna: Records, tmp_path: Path
     expected = tiny_image(standardize(x_train.float()), 4).mean(dim=0)
     assert torch.allclose(loaded.model.appearance.mean, expected, atol=1e-4)
     saved = json.loads((result.out / "config.json").read_text())
-    assert saved["appearance_size"] == 4 and saved["appearance_weight"] == 0.4
+    assert saved["appearance_size"] == 4 and saved["appearance_weight"] == 0.4 and saved["appearance_window"] == 1.0
 
 
 def test_a_config_without_the_fields_is_an_old_checkpoint_and_keeps_its_fingerprint(tmp_path: Path) -> None:
@@ -97,7 +104,8 @@ def test_a_run_without_it_is_reused_and_refitted_in_place(rsna: Records, tmp_pat
     settings = TrainSettings(epochs=1, batch_size=8, workers=0)
     train_model(rsna, plain, settings, tmp_path / "run")
     trained = load_checkpoint(tmp_path / "run")
-    wanted = {"backbone": "test_resnet", "appearance_size": 4, "appearance_weight": 0.4}
+    wanted = {"backbone": "test_resnet", "appearance_size": 4, "appearance_weight": 0.4,
+              "appearance_window": TINY.appearance_window}
     assert finished_run(tmp_path / "run", wanted, {"epochs": 1}, rsna.split_record()) is None
     seconds = reusable_run(tmp_path / "run", wanted, {"epochs": 1}, rsna)
     assert seconds is not None and seconds > 0

@@ -72,3 +72,45 @@ def test_render_rebuilds_the_table_from_the_saved_results(data: Path, tmp_path: 
     assert (tmp_path / "s" / "selection.md").read_text() == first and first.strip() in (tmp_path / "d.md").read_text()
     code, out, err = run_cli("study", "detector", "--out", tmp_path / "s", "--render")
     assert code == 2 and "detector.json" in err
+
+
+def test_appearance_study_scores_every_variant_on_validation_only(data: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    code, out, err = run_cli("study", "appearance", "--data", data, "--out", tmp_path / "s", "--use-fold", 2,
+                             "--backbone", "test_resnet", "--image-size", 32, "--epochs", 1, "--doc", doc)
+    assert code == 0, err
+    from cbir.studies.appearance import REENCODINGS, VARIANTS, WEIGHTS, _pooled, choose
+    result = json.loads((tmp_path / "s" / "appearance.json").read_text())
+    (fold,) = result["folds"]
+    dev = development_records(StudyOptions(data=data, out=tmp_path), 2)
+    assert fold["n_val"] == len(dev.split("val")) and fold["n_train"] == len(dev.split("train"))
+    assert len(fold["grid"]) == 1 + len(VARIANTS) * len(WEIGHTS)
+    for scored in fold["grid"].values():
+        assert len(scored["called"]) == fold["n_val"] and set(scored["rank1"]) == set(REENCODINGS)
+    pooled = {key: _pooled(result["folds"], key) for key in fold["grid"]}
+    assert all(0 <= p[name] <= 1 for p in pooled.values() for name in REENCODINGS)
+    assert "<!-- cbir:study-appearance -->" in doc.read_text() and "Chosen: **" in out
+    assert choose(pooled) in pooled
+    # --models takes a reproduce-style folder's model when its split is the study's, and refuses another split
+    import shutil
+    shutil.copytree(tmp_path / "s" / "fold2", tmp_path / "m" / "fold2" / "binary")
+    given = ("study", "appearance", "--data", data, "--use-fold", 2, "--image-size", 32, "--models", tmp_path / "m")
+    code, _, err = run_cli(*given, "--out", tmp_path / "t")
+    assert code == 0, err
+    again = json.loads((tmp_path / "t" / "appearance.json").read_text())["folds"][0]["grid"]
+    assert again == fold["grid"]
+    code, _, err = run_cli(*given, "--out", tmp_path / "u", "--val-fraction", 0.3)
+    assert code == 2 and "trained with split" in err and "Traceback" not in err
+    code, _, err = run_cli(*given[:-1], tmp_path, "--out", tmp_path / "v")
+    assert code == 2 and "no binary model with a recorded split" in err
+
+
+def test_appearance_choice_keeps_the_vote_within_its_noise() -> None:
+    from cbir.studies.appearance import REENCODINGS, choose
+    flat = dict.fromkeys(REENCODINGS, 0.5)
+    pooled = {"none": {"balanced": 0.75, "balanced_ci": [0.70, 0.80], **flat},
+              "16/1/0.3": {"balanced": 0.74, **dict.fromkeys(REENCODINGS, 0.90)},
+              "16/1/0.5": {"balanced": 0.60, **dict.fromkeys(REENCODINGS, 0.99)},   # the vote got worse
+              "16/1/0.6": {"balanced": 0.76, **dict.fromkeys(REENCODINGS, 1.00)}}   # above the largest weight
+    assert choose(pooled) == "16/1/0.3"
+    assert choose({"none": pooled["none"], "16/1/0.5": pooled["16/1/0.5"]}) == "none"

@@ -15,7 +15,6 @@ Both come from one forward pass per image: the combination is exact (`cbir.model
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -69,9 +68,13 @@ def _fold_model(options: StudyOptions, records: Records, fold: int, reporter: Re
     from cbir.train.reuse import finished_run
     given = options.models / f"fold{fold}" / "binary" if options.models else None
     if given is not None:
-        split = json.loads((given / "split.json").read_text())
+        from cbir.errors import CbirError
+        from cbir.models.checkpoint import read_split
+        split = read_split(given) if (given / "config.json").is_file() else None
+        if split is None:
+            raise CbirError(f"{given}: no binary model with a recorded split (expected MODELS/fold{fold}/binary from "
+                            "`cbir reproduce`)")
         if split.get("spec") != records.split_spec.to_dict():
-            from cbir.errors import CbirError
             raise CbirError(f"{given}: trained with split {split.get('spec')}, not the study's "
                             f"{records.split_spec.to_dict()}")
         reporter.log(f"== appearance study, fold {fold}: the model in {given}")
