@@ -100,3 +100,9 @@ def test_the_appearance_recipe_reuses_the_old_defaults_training(tmp_path: Path) 
         assert new.config.vector_dim == old.config.embed_dim + new.config.appearance_size ** 2
         assert all(torch.equal(a, b) for a, b in zip(old.model.backbone.state_dict().values(),
                                                      new.model.backbone.state_dict().values(), strict=True))
+    code, _, err = run_cli(*common, "frozen untrained network + appearance (baseline)")
+    assert code == 0, err
+    summary = json.loads((models / "frozen-untrained-network---appearance--b-rsna" / "train.json").read_text())
+    assert [row["epoch"] for row in summary["history"]] == [0] and summary["settings"]["epochs"] == 0
+    rows = json.loads((tmp_path / "s" / "shift.json").read_text())["rows"]
+    assert all(len(by_recipe) == 3 for by_recipe in rows.values())

@@ -40,6 +40,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "classifier + histogram equalisation": {"intensity": "equalize", **PLAIN},
     "classifier + CLAHE": {"intensity": "clahe", **PLAIN},
     "classifier + appearance (new default)": {},
+    "frozen untrained network + appearance (baseline)": {"epochs": 0},
 }
 #: Recipe → the recipe whose trained weights it reuses: it differs only in the appearance part, which does not
 #: change training (`cbir.train.reuse.reusable_run` fits it on the same training images).
@@ -108,8 +109,8 @@ def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], o
     config = ModelConfig(backbone=options.backbone, image_size=options.image_size,
                          label_names=list(records.label_names), target=records.target, **model_overrides)
     config.validate()
-    settings = TrainSettings(epochs=options.epochs, batch_size=options.batch_size, device=options.device,
-                             seed=options.seed, **{k: v for k, v in overrides.items() if k not in MODEL_KEYS})
+    settings = TrainSettings(**({"epochs": options.epochs, "batch_size": options.batch_size, "device": options.device,
+                                 "seed": options.seed} | {k: v for k, v in overrides.items() if k not in MODEL_KEYS}))
     started = time.perf_counter()
     from dataclasses import asdict
 
