@@ -590,7 +590,8 @@ def index_calibrate(collection: Annotated[str, typer.Argument(help="the collecti
         raise CbirError(f"collection {collection!r}: too few labelled validation images to calibrate (at least "
                         "20, and training images); the vote stays uncalibrated")
     vote = body["vote"]
-    out.print(f"{collection}: vote τ = {vote['temperature']}, a = {vote['a']:.3f}, b = {vote['b']:.3f} on "
+    tau = "∞ (equal weights)" if vote["temperature"] is None else f"{vote['temperature']:g}"
+    out.print(f"{collection}: vote τ = {tau}, a = {vote['a']:.3f}, b = {vote['b']:.3f} on "
               f"{vote['n_validation']} validation images; close-case threshold {body['nearest']['threshold']:.4f}",
               markup=False)
 
