@@ -207,6 +207,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
               "input (0: none)")] = None,
           appearance_weight: Annotated[float | None, typer.Option(
               "--appearance-weight", min=0.0, max=0.99, help="its weight in the cosine (0: none)")] = None,
+          appearance_window: Annotated[float | None, typer.Option(
+              "--appearance-window", min=0.0, help="σ of its centre weighting, in half-widths (0: flat)")] = None,
           embed_dim: Annotated[int, typer.Option(
               "--embed-dim", min=2, help="embedding size (detection: fixed by the FPN, levels × channels)")] = 128,
           bits: Annotated[int, typer.Option("--bits", min=8, max=1024,
@@ -244,8 +246,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         ModelConfig(task=task, bits=bits, intensity=intensity).validate()
     elif intensity != "standardize":
         raise CbirError("--intensity: the detector takes standardised inputs only")
-    elif appearance_size or appearance_weight:
-        raise CbirError("--appearance-size/--appearance-weight: a detector's embedding has no appearance part")
+    elif appearance_size or appearance_weight or appearance_window:
+        raise CbirError("--appearance-*: a detector's embedding has no appearance part")
     elif epochs == 0:
         raise CbirError("--epochs 0 (an untrained baseline) is for binary, hash and multilabel, not detection")
     if select is not None and select not in SELECT_RULES:
@@ -261,8 +263,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     reporter = _reporter()
     for note in records.notes:
         reporter.log(f"note: {note}")
-    appearance = {k: v for k, v in (("appearance_size", appearance_size), ("appearance_weight", appearance_weight))
-                  if v is not None}
+    appearance = {k: v for k, v in (("appearance_size", appearance_size), ("appearance_weight", appearance_weight),
+                                    ("appearance_window", appearance_window)) if v is not None}
     config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
                          label_names=list(records.label_names), target=records.target, intensity=intensity,
                          **appearance)

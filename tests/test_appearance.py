@@ -133,3 +133,21 @@ def test_untrained_baseline_is_saved_without_training(rsna: Records, tmp_path: P
 def _quiet():  # noqa: ANN202 - the console's silent reporter
     from cbir.console import QUIET
     return QUIET
+
+
+def test_cli_options_reach_the_config_and_bad_ones_are_one_line(rsna: Records, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+    base = ("train", "--data", rsna.root, "--layout", "rsna", "--backbone", "test_resnet", "--image-size", 32,
+            "--workers", 0)
+    code, out, err = run_cli(*base, "--epochs", 0, "--appearance-size", 8, "--appearance-weight", 0.3,
+                             "--appearance-window", 0, "--out", tmp_path / "m")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (saved["appearance_size"], saved["appearance_weight"], saved["appearance_window"]) == (8, 0.3, 0)
+    assert json.loads((tmp_path / "m" / "train.json").read_text())["history"][0]["epoch"] == 0
+    code, _, err = run_cli(*base, "--task", "detection", "--epochs", 0, "--out", tmp_path / "d")
+    assert code == 2 and "--epochs 0" in err and "Traceback" not in err
+    code, _, err = run_cli(*base, "--task", "detection", "--appearance-size", 8, "--out", tmp_path / "d")
+    assert code == 2 and "no appearance part" in err
+    code, _, err = run_cli(*base, "--appearance-weight", 1.5, "--out", tmp_path / "w")
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "w").exists()
