@@ -47,7 +47,7 @@ class Appearance(nn.Module):
         super().__init__()
         self.size = size
         self.register_buffer("mean", torch.zeros(size * size))
-        self.register_buffer("window", centre_window(size, window), persistent=False)
+        self.sigma = window   # the centre weighting is made in `forward`: no tensor outside the state dict
 
     @property
     def dim(self) -> int:
@@ -64,7 +64,8 @@ class Appearance(nn.Module):
         self.mean.copy_(total / max(len(images), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize((tiny_image(x, self.size) - self.mean) * self.window, dim=1)
+        window = centre_window(self.size, self.sigma).to(self.mean.device)
+        return F.normalize((tiny_image(x, self.size) - self.mean) * window, dim=1)
 
 
 def join(semantic: torch.Tensor, appearance: torch.Tensor, weight: float) -> torch.Tensor:
