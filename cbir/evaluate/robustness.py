@@ -52,7 +52,8 @@ def write_reencodings(paths: list[str], folder: Path, pseudonymize: Pseudonymize
     return Reencoded(files, failures)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32)."""
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -63,8 +64,8 @@ def ranks_of_originals(archive: np.ndarray, originals: np.ndarray, copies: np.nd
     `originals`; ties with the original count against it (a tie is not a hit). `hidden` (copies × archive,
     bool) leaves archive points out of a copy's competition: its own patient's, which may be the original
     itself when the queries are ingested too."""
-    pool = _unit(np.concatenate([archive, originals]) if len(archive) else originals)
-    sims = _unit(copies) @ pool.T
+    pool = unit(np.concatenate([archive, originals]) if len(archive) else originals)
+    sims = unit(copies) @ pool.T
     picked = np.arange(len(rows)), len(archive) + np.asarray(rows)
     own = sims[picked]
     sims[picked] = -np.inf

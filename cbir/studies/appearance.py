@@ -30,9 +30,9 @@ from cbir.console import QUIET, Reporter
 from cbir.data.records import Records
 from cbir.data.transforms import letterbox, model_input
 from cbir.evaluate.reencode import REENCODINGS, reencode_all
-from cbir.evaluate.robustness import ranks_of_originals
+from cbir.evaluate.robustness import ranks_of_originals, unit
 from cbir.io import read_image
-from cbir.metrics_ci import Bootstrap
+from cbir.metrics_ci import Bootstrap, weighted_balanced_accuracy
 from cbir.models.appearance import centre_window, tiny_image
 from cbir.studies.common import StudyOptions, development_records, finish, fmt_mean_sd, register
 
@@ -43,10 +43,6 @@ VARIANTS = ((8, 0.0), (16, 0.0), (16, 1.0))
 #: The largest weight a default may take: above it the layout would count for more than the findings.
 MAX_WEIGHT = 0.5
 K = 10
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @torch.no_grad()
@@ -137,10 +133,10 @@ def _score(desc: dict[str, np.ndarray], copies: dict[str, dict[str, np.ndarray]]
     weights = centre_window(size, window).numpy()
 
     def embed(d: dict[str, np.ndarray]) -> np.ndarray:
-        semantic = _unit(d["semantic"])
+        semantic = unit(d["semantic"])
         if weight == 0:
             return semantic
-        tiny = _unit((d[f"tiny{size}"] - mean) * weights)
+        tiny = unit((d[f"tiny{size}"] - mean) * weights)
         return np.concatenate([np.sqrt(1 - weight) * semantic, np.sqrt(weight) * tiny], 1)
 
     everything = embed(desc)
@@ -185,20 +181,13 @@ def _pooled(folds: list[dict[str, Any]], key: str) -> dict[str, Any]:
     groups = np.concatenate([[f"{f['fold']}:{p}" for p in f["patients"]] for f in folds])
     boot = Bootstrap.by_group(groups)
     out = {"balanced": metrics.balanced_accuracy(y, called),
-           "balanced_ci": boot.interval(lambda w: _weighted_balanced(y, called, w)),
+           "balanced_ci": boot.interval(lambda w: weighted_balanced_accuracy(y, called, w)),
            "per_fold": [metrics.balanced_accuracy(np.asarray(f["grid"][key]["y"]), np.asarray(f["grid"][key]["called"]))
                         for f in folds]}
     for name in REENCODINGS:
         hits = np.concatenate([f["grid"][key]["rank1"][name] for f in folds])
         out[name] = float(hits.mean())
     return out
-
-
-def _weighted_balanced(y: np.ndarray, called: np.ndarray, w: np.ndarray) -> float:
-    pos, neg = y == 1, y == 0
-    sens = float((w * (called == 1) * pos).sum() / max((w * pos).sum(), 1e-12))
-    spec = float((w * (called == 0) * neg).sum() / max((w * neg).sum(), 1e-12))
-    return 0.5 * (sens + spec)
 
 
 def render(result: dict[str, Any], options: StudyOptions) -> str:
