@@ -28,14 +28,28 @@ class MemoryIndex:
     """A read-only snapshot of one collection, searched exactly in memory."""
 
     def __init__(self, points: Sequence[Point], name: str = "") -> None:
-        self.name = name
-        self.ids = [p.id for p in points]
-        self.payloads = [p.payload for p in points]
         n = len(points)
-        self.bits = int(points[0].code.size) if n else 0
-        self.embeddings = (np.asarray(np.stack([p.embedding for p in points]), dtype=np.float32) if n
-                           else np.zeros((0, 0), np.float32))
-        self.words = pack_words(np.stack([p.code for p in points])) if n else np.zeros((0, 1), np.uint64)
+        self._build([p.id for p in points], [p.payload for p in points],
+                    np.stack([p.embedding for p in points]) if n else np.zeros((0, 0), np.float32),
+                    np.stack([p.code for p in points]) if n else np.zeros((0, 0), np.uint8), name)
+
+    @classmethod
+    def from_arrays(cls, ids: Sequence[str], embeddings: np.ndarray, codes: np.ndarray,
+                    payloads: Sequence[dict[str, Any]] | None = None, name: str = "") -> MemoryIndex:
+        """From (n, dim) L2-normalised embeddings and (n, bits) 0/1 codes, without building `Point`s."""
+        self = cls.__new__(cls)
+        self._build(list(ids), list(payloads) if payloads is not None else [{} for _ in ids], embeddings, codes, name)
+        return self
+
+    def _build(self, ids: list[str], payloads: list[dict[str, Any]], embeddings: np.ndarray, codes: np.ndarray,
+               name: str) -> None:
+        self.name = name
+        self.ids = ids
+        self.payloads = payloads
+        n = len(ids)
+        self.bits = int(codes.shape[1]) if n else 0
+        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32) if n else np.zeros((0, 0), np.float32)
+        self.words = pack_words(codes) if n else np.zeros((0, 1), np.uint64)
         self.position = {point_id: i for i, point_id in enumerate(self.ids)}
         order = sorted(range(n), key=lambda i: self.ids[i])
         self.id_rank = np.empty(n, dtype=np.int64)
