@@ -21,7 +21,10 @@ import pytest
 
 from cbir.errors import IndexError_
 from cbir.index import Filter, Hit, Index, Point, open_index
-from cbir.index.base import HASH, nearest_by_hamming, pack_code
+from cbir.index.base import HASH, pack_code
+from cbir.index.planner import Candidates, Costs, Request, Scope, SearchPlanner
+from cbir.index.records import Schema
+from cbir.search.memory import MemoryIndex
 from cbir.index.client import ClientIndex, ServerSettings
 from cbir.index.edge import EdgeIndex
 
@@ -428,18 +431,117 @@ def test_server_collections_have_the_test_runs_shards_and_replicas(store: Callab
     assert col.index.shard_count(col.name) == SERVER_SHARDS and col.index.count(col.name) == N
 
 
-def test_nearest_by_hamming_grows_until_ties_are_seen() -> None:
-    pairs = [(f"id{i:03d}", d) for i, d in enumerate([0, 1, 1] + [2] * 60 + [3] * 5)]
-    shuffled = sorted(pairs, key=lambda p: (p[1], -int(p[0][2:])))  # an engine's arbitrary tie order
-    asked: list[int] = []
+class TiedEngine:
+    """An engine that orders equal Hamming distances in reverse id order, as a real one may."""
 
-    def query(limit: int) -> list[tuple[str, int]]:
-        asked.append(limit)
-        return shuffled[:limit]
+    costs = Costs(round_trip=0.0, per_hit=0.0, prefetch_limit=False)
 
-    expected = [("id000", 0), ("id001", 1), ("id002", 1), ("id003", 2), ("id004", 2)]
-    assert nearest_by_hamming(query, 5) == expected
-    assert asked == [26, 104]
+    def __init__(self) -> None:
+        self.pairs = [(f"id{i:03d}", d) for i, d in enumerate([0, 1, 1] + [2] * 60 + [3] * 5)]
+        self.pairs.sort(key=lambda p: (p[1], -int(p[0][2:])))
+        self.asked: list[int] = []
+
+    def schema(self, name: str) -> Schema:
+        return Schema(1, 4)
+
+    def pin(self, name: str) -> str:
+        return name
+
+    def count(self, name: str, scope: Scope) -> int:
+        return len(self.pairs)
+
+    def nearest_by_code(self, name: str, code: np.ndarray, limit: int, scope: Scope) -> Candidates:
+        self.asked.append(limit)
+        found = self.pairs[:limit]
+        return Candidates([p[0] for p in found], np.array([p[1] for p in found]))
+
+    def nearest_by_vector(self, name: str, embedding: np.ndarray, limit: int, scope: Scope) -> list[Hit]:
+        return [Hit(i, 1.0, {}, None) for i in scope.ids][:limit]
+
+
+def test_planner_widens_the_code_search_until_ties_are_seen() -> None:
+    engine = TiedEngine()
+    hits = SearchPlanner(engine).search("x", Request(np.ones(1, np.float32), 5, code=np.zeros(4, np.uint8),
+                                                     prefilter=5))
+    assert [h.id for h in hits] == ["id000", "id001", "id002", "id003", "id004"]  # equal cosines: by id
+    assert engine.asked == [26, 104]
+
+
+# --- the planner: every plan on every engine ---------------------------------------------------------
+
+ENGINES = (*KINDS, "memory")
+PREFILTER_PLANS = ("two-step", "one-request")
+
+
+def searcher(store: Callable[[str], Col], engine: str) -> Callable[..., list[Hit]]:
+    """`search(q, k, flt, **kw)` on a backend, or on the in-memory engine loaded from the Edge collection."""
+    if engine == "memory":
+        col = store("edge")
+        memory = MemoryIndex.load(col.index, col.name)
+        return memory.search
+    col = store(engine)
+    return lambda *args, **kw: col.index.search(col.name, *args, **kw)
+
+
+@pytest.mark.parametrize("plan", PREFILTER_PLANS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_plan_on_every_engine(store: Callable[[str], Col], data: Data, engine: str, plan: str) -> None:
+    """Each engine runs both prefilter plans (and the exact and radius steps), and the answers equal the
+    brute force id by id, Hamming ties at the shortlist's edge included."""
+    search = searcher(store, engine)
+    for q, code in queries(data, count=3):
+        for flt in (None, FILTERS[1], FILTERS[4], FILTERS[10]):
+            for n, radius in ((1, None), (25, None), (90, None), (N + 5, None), (30, 24), (None, 22), (None, 0)):
+                hits = search(q, 12, flt, code=code, prefilter=n, hamming_radius=radius, plan=plan)
+                assert_hits(hits, brute(data, q, 12, flt, code=code, prefilter=n, radius=radius))
+            assert_hits(search(q, 9, flt, plan=plan), brute(data, q, 9, flt))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_equal_cosines_come_in_id_order(tmp_path: Path, engine: str) -> None:
+    """Duplicated embeddings tie exactly; every engine and plan returns them in ascending id order."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(6, DIM)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    emb = np.repeat(base, 8, axis=0)                                   # 6 groups of 8 identical vectors
+    codes = (emb @ rng.normal(size=(DIM, BITS)) > 0).astype(np.uint8)
+    ids = [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in range(len(emb))]
+    points = [Point(i, e, c, {"dataset": "nih"}) for i, e, c in zip(ids, emb, codes, strict=True)]
+    kind = "edge" if engine == "memory" else engine
+    with open_backend(kind, tmp_path) as index:
+        name = fresh_name(kind)
+        index.create_collection(name, DIM, BITS, META)
+        try:
+            index.upsert(name, points)
+            memory = MemoryIndex.load(index, name)
+            search = memory.search if engine == "memory" else (lambda *a, **kw: index.search(name, *a, **kw))
+            for group in range(6):
+                want = sorted(ids[group * 8:group * 8 + 8])[:5]
+                for kw in ({}, {"code": codes[group * 8], "prefilter": 20}):
+                    for plan in PREFILTER_PLANS:
+                        assert [h.id for h in search(emb[group * 8], 5, **kw, plan=plan)] == want
+        finally:
+            if kind == "server":
+                drop(index, name)
+
+
+def test_plans_follow_the_measured_costs(store: Callable[[str], Col]) -> None:
+    """An engine whose request costs more than sending the shortlist back gets one request (a server); an
+    in-process one two steps."""
+    slow = Costs(round_trip=2e-3, per_hit=2e-5, rescore=True)
+    request = Request(np.zeros(DIM, np.float32), 10, code=np.zeros(BITS, np.uint8), prefilter=25)
+    edge = store("edge").index
+
+    class Remote:
+        costs = slow
+
+        def rescore(self, *args: Any) -> list[Hit]:
+            return []
+
+    assert SearchPlanner(Remote()).plan(request) == "one-request"   # type: ignore[arg-type]
+    assert SearchPlanner(edge).plan(request) == "two-step"
+    assert SearchPlanner(edge).plan(Request(request.embedding, 10)) == "exact"
+    assert SearchPlanner(MemoryIndex([])).plan(request) == "two-step"
 
 
 # --- persistence, locking, opening -----------------------------------------------------------------

@@ -100,7 +100,7 @@ class EdgeHnswEngine(Engine):
     def load(self, data: BenchData) -> tuple[float, float]:
         import qdrant_edge as qe
 
-        from cbir.index.edge import edge_filter
+        from cbir.index.edge_convert import edge_filter
         self._filter = edge_filter
         dim = data.points[0].embedding.size
         hnsw = qe.HnswIndexConfig(m=self.m, ef_construct=self.ef_construct, full_scan_threshold=10_000)

@@ -10,10 +10,30 @@ from typing import Any
 import numpy as np
 
 from cbir.embed.codes import fit_itq, lsh_codes
+from cbir.index.base import Filter
+from cbir.index.planner import Scope
 from cbir.metrics import balanced_accuracy, knn_vote, map_at_k
+from cbir.search.memory import MemoryIndex
 
-#: Set bits of every byte value.
-POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int64)
+
+def archive_engine(embeddings: np.ndarray, codes: np.ndarray, groups: np.ndarray) -> MemoryIndex:
+    """The in-memory engine over an archive in id order: ids are the zero-padded positions, so ties by id are
+    ties by position, and each point's payload holds its group as `pseudonym`."""
+    norm = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    width = len(str(max(len(groups) - 1, 0)))
+    return MemoryIndex.from_arrays([f"{i:0{width}d}" for i in range(len(groups))], norm, codes,
+                                   [{"pseudonym": str(g)} for g in groups])
+
+
+def other_groups(group: Any) -> Filter:
+    """Leave out the query's own patient."""
+    return Filter(must_not={"pseudonym": str(group)})
+
+
+def hamming_ranking(engine: MemoryIndex, code: np.ndarray, k: int, flt: Filter | None = None) -> np.ndarray:
+    """Positions of the k points nearest to `code` by Hamming distance (ties by ascending id) that pass `flt`."""
+    found = engine.nearest_by_code(engine.name, np.asarray(code, dtype=np.uint8), k, Scope(flt=flt))
+    return np.asarray(found.rows, dtype=np.int64)
 
 
 def compare_codes(archive_embeddings: np.ndarray, archive_codes: np.ndarray, archive_targets: np.ndarray,
@@ -31,24 +51,20 @@ def compare_codes(archive_embeddings: np.ndarray, archive_codes: np.ndarray, arc
     if bits <= min(archive_embeddings.shape):  # ITQ's PCA needs bits ≤ dim and bits ≤ N
         itq = fit_itq(archive_embeddings, bits)
         sources["itq"] = (itq.encode(archive_embeddings), itq.encode(query_embeddings))
-    a_norm = archive_embeddings / np.maximum(np.linalg.norm(archive_embeddings, axis=1, keepdims=True), 1e-12)
-    q_norm = query_embeddings / np.maximum(np.linalg.norm(query_embeddings, axis=1, keepdims=True), 1e-12)
     results = {}
     for name, (archive, queries) in sources.items():
-        packed_a, packed_q = np.packbits(archive, axis=1), np.packbits(queries, axis=1)
+        engine = archive_engine(archive_embeddings, archive, archive_groups)
         relevant = np.zeros((len(queries), k), dtype=bool)
         voted = np.zeros((len(queries), k), dtype=np.int64)
         n_relevant = np.zeros(len(queries), dtype=np.int64)
         for row in range(len(queries)):
-            keep = np.flatnonzero(archive_groups != query_groups[row])
-            n_relevant[row] = int(np.sum(archive_targets[keep] == query_targets[row]))
-            distance = POPCOUNT[packed_a[keep] ^ packed_q[row]].sum(axis=1)
-            order = keep[np.argsort(distance, kind="stable")]
-            nearest = order[:k]
+            flt = other_groups(query_groups[row])
+            n_relevant[row] = int(np.sum((archive_targets == query_targets[row])
+                                         & (archive_groups != query_groups[row])))
+            nearest = hamming_ranking(engine, queries[row], k, flt)
             relevant[row, :len(nearest)] = archive_targets[nearest] == query_targets[row]
-            candidates = order[:shortlist]
-            best = candidates[np.argsort(-(a_norm[candidates] @ q_norm[row]), kind="stable")[:k]]
-            voted[row, :len(best)] = archive_targets[best]
+            hits = engine.search(query_embeddings[row], k, flt, code=queries[row], prefilter=shortlist)
+            voted[row, :len(hits)] = archive_targets[[int(h.id) for h in hits]]
         vote, _ = knn_vote(voted, k)
         results[name] = {"hamming_map_at_k": map_at_k(relevant, k, n_relevant),
                          "prefilter_knn_accuracy": float(np.mean(vote == query_targets)),

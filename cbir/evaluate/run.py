@@ -26,7 +26,7 @@ from cbir.data.records import Records
 from cbir.data.splits import SplitSpec, describe_record, split_differences
 from cbir.embed import embed_batches
 from cbir.errors import CbirError
-from cbir.evaluate.codes import POPCOUNT, compare_codes
+from cbir.evaluate.codes import archive_engine, compare_codes, hamming_ranking, other_groups
 from cbir.evaluate.summary import summarize, to_json_safe, vote_summary
 from cbir.index.base import HASH as HASH_FIELD
 from cbir.index.base import UNKNOWN_TARGET, Filter, Index, unpack_code
@@ -358,15 +358,6 @@ def prefilter_size(archive_size: int) -> int:
     return min(archive_size, max(PREFILTER_MIN, math.ceil(PREFILTER_SHARE * archive_size)))
 
 
-def hamming_ranking(archive: Archive, code: np.ndarray, k: int, exclude: str | None = None) -> np.ndarray:
-    """Positions of the k archive points nearest to `code` by Hamming distance (ties by ascending id),
-    leaving out the points of pseudonym `exclude`."""
-    distance = POPCOUNT[archive.packed ^ np.packbits(np.asarray(code, dtype=np.uint8))].sum(axis=1)
-    keep = np.flatnonzero(archive.pseudonyms != exclude) if exclude else np.arange(len(archive.ids))
-    order = np.argsort(distance[keep], kind="stable")  # the archive is sorted by id: stable keeps id order
-    return keep[order[:k]]
-
-
 def _search(index: Index, collection: str, archive_filter: Filter, archive: Archive, queries: list[Query], k: int,
             reporter: Reporter) -> Neighbours:
     """Exact cosine kNN per query, and again behind a Hamming prefilter (10 % of the archive, at least 50)."""
@@ -431,9 +422,13 @@ def _extra_metrics(loaded: LoadedModel, archive: Archive, queries: list[Query], 
 
 
 def _hamming_map(archive: Archive, queries: list[Query], y_query: np.ndarray, k: int) -> float:
+    """mAP@k of the Hamming ranking (ties by id), each query's own patient left out."""
     relevant = np.zeros((len(queries), k), dtype=bool)
+    codes = np.unpackbits(archive.packed, axis=1)[:, :len(queries[0].code)] if queries else archive.packed
+    engine = archive_engine(np.ones((len(archive.ids), 1), np.float32), codes, archive.pseudonyms)
     for row, query in enumerate(queries):
-        nearest = hamming_ranking(archive, query.code, k, exclude=query.pseudonym)
+        flt = other_groups(query.pseudonym) if query.pseudonym else None
+        nearest = hamming_ranking(engine, query.code, k, flt)
         relevant[row, :len(nearest)] = archive.targets[nearest] == y_query[row]
     return map_at_k(relevant, k, archive.n_relevant(queries))
 

@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from cbir.console import QUIET, Reporter
 from cbir.errors import CbirError, IndexError_
@@ -33,6 +33,23 @@ from cbir.index.versions import Swap, check_alias_name, copy_points, next_versio
 FORMAT = "cbir-snapshot/1"
 MANIFEST = "cbir.json"
 SHARD = "shard.snapshot"
+
+
+@runtime_checkable
+class WritesShardSnapshots(Protocol):
+    """An index that can write a collection as a Qdrant shard snapshot (Qdrant Edge; a one-shard collection on
+    a server)."""
+
+    def write_shard_snapshot(self, name: str, path: Path) -> str | None:
+        """Write the snapshot and say how, or return None where this collection has none."""
+
+
+@runtime_checkable
+class LoadsShardSnapshots(Protocol):
+    """An index that can create a collection from a shard snapshot as it is (Qdrant Edge)."""
+
+    def create_from_snapshot(self, name: str, snapshot: Path, dim: int, bits: int, meta: dict[str, Any],
+                             schema_version: int = SCHEMA_VERSION) -> None: ...
 
 
 @dataclass
@@ -45,9 +62,6 @@ class Exported:
 
 def export_collection(index: Index, name: str, path: Path, reporter: Reporter = QUIET) -> Exported:
     """Write collection `name` (an alias or a collection) of `index` to the snapshot file `path`."""
-    from cbir.index.client import ClientIndex
-    from cbir.index.edge import EdgeIndex
-
     if not index.has_collection(name):
         raise IndexError_(f"{index.location}: no collection {name!r}")
     if index.schema_version(name) != SCHEMA_VERSION:
@@ -57,13 +71,8 @@ def export_collection(index: Index, name: str, path: Path, reporter: Reporter = 
     dim, bits = _sizes(index, name, meta)
     with tempfile.TemporaryDirectory(prefix="cbir-export-") as tmp:
         shard = Path(tmp) / SHARD
-        if isinstance(index, EdgeIndex):
-            index.write_shard_snapshot(name, shard)
-            method = "edge shard"
-        elif isinstance(index, ClientIndex) and index.is_server and index.shard_count(name) == 1:
-            index.download_shard_snapshot(name, shard)
-            method = "server snapshot"
-        else:
+        method = index.write_shard_snapshot(name, shard) if isinstance(index, WritesShardSnapshots) else None
+        if method is None:
             _copy_to_edge_snapshot(index, name, dim, bits, meta, shard, Path(tmp), reporter)
             method = "copied into an Edge shard"
         manifest = {"format": FORMAT, "collection": name, "schema_version": SCHEMA_VERSION, "dim": dim,
@@ -114,8 +123,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def import_collection(index: Index, path: Path, name: str | None = None, replace: bool = False,
                       shards: int = 1, replicas: int = 1, reporter: Reporter = QUIET) -> Imported:
     """Load the snapshot file `path` into `index` as collection `name` (default: the exported name)."""
-    from cbir.index.edge import EdgeIndex
-
     manifest = read_manifest(path)
     alias = name or manifest["collection"]
     check_alias_name(alias)
@@ -131,7 +138,7 @@ def import_collection(index: Index, path: Path, name: str | None = None, replace
         with tarfile.open(path) as tar:
             tar.extract(SHARD, tmp, filter="data")
         shard = Path(tmp) / SHARD
-        if isinstance(index, EdgeIndex):
+        if isinstance(index, LoadsShardSnapshots):
             if (shards, replicas) != (1, 1):
                 raise IndexError_(f"{index.location}: the embedded index is one shard; --shards and --replicas "
                                   "need a Qdrant server")

@@ -1,31 +1,41 @@
-"""An in-memory copy of one collection for long-lived processes (`cbir serve`, `cbir bench`).
+"""The in-memory engine: a copy of one collection for long-lived processes (`cbir serve`, `cbir bench`,
+`cbir evaluate`).
 
 Qdrant stays the store of record; a process that answers many queries loads the collection once (ids,
-normalised embeddings, codes packed into 64-bit words, payloads) and searches it with NumPy:
+normalised embeddings, codes packed into 64-bit words, payloads) and the planner (`cbir.index.planner`) runs
+its steps on these primitives:
 
 - payload filter → a boolean mask (cached per condition);
-- Hamming distances → XOR and popcount over the packed words;
-- `prefilter=N` → the N nearest codes, ties broken by ascending id exactly as `Index.search` does, found with
-  a histogram of the distances instead of a sort;
-- `hamming_radius=R` → the codes within R;
+- Hamming distances → XOR and popcount over the packed words (`cbir.index.hamming`);
+- the N nearest codes, ties broken by ascending id, found by a cut-off guessed from a sample instead of a sort;
 - exact cosine on the survivors, top k.
 
-The results equal `Index.search` on the same collection (tests/test_memory.py checks it on every mode).
+The results equal `Index.search` on the same collection (tests/test_index.py and tests/test_memory.py).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, overload
 
 import numpy as np
 
 from cbir.index.base import Filter, FilterValue, Hit, Index, Point
+from cbir.index.hamming import hamming, pack_words
+from cbir.index.planner import Candidates, Costs, Request, Scope, SearchPlanner
+from cbir.index.records import Schema
+
+#: In this process, on NumPy arrays: a call costs microseconds and a hit about one.
+MEMORY_COSTS = Costs(round_trip=5e-6, per_hit=1e-6, ordered_codes=True, mih=False, prefetch_limit=False,
+                     rescore=True)
 
 
 class MemoryIndex:
-    """A read-only snapshot of one collection, searched exactly in memory."""
+    """A read-only snapshot of one collection, searched exactly in memory (the `Engine` protocol)."""
+
+    costs = MEMORY_COSTS
 
     def __init__(self, points: Sequence[Point], name: str = "") -> None:
         n = len(points)
@@ -43,7 +53,7 @@ class MemoryIndex:
 
     def _build(self, ids: list[str], payloads: list[dict[str, Any]], embeddings: np.ndarray, codes: np.ndarray,
                name: str) -> None:
-        self.name = name
+        self.name = self.location = name
         self.ids = ids
         self.payloads = payloads
         n = len(ids)
@@ -65,37 +75,76 @@ class MemoryIndex:
         return len(self.ids)
 
     def search(self, embedding: np.ndarray, k: int, flt: Filter | None = None, code: np.ndarray | None = None,
-               prefilter: int | None = None, hamming_radius: int | None = None) -> list[Hit]:
+               prefilter: int | None = None, hamming_radius: int | None = None, plan: str | None = None
+               ) -> list[Hit]:
         """Same contract as `Index.search`."""
-        if code is None and (prefilter is not None or hamming_radius is not None):
-            raise ValueError("prefilter and hamming_radius need the query's hash code")
-        if k <= 0 or not len(self) or (prefilter is not None and prefilter <= 0) or (hamming_radius or 0) < 0:
+        if not len(self):
+            if code is None and (prefilter is not None or hamming_radius is not None):
+                raise ValueError("prefilter and hamming_radius need the query's hash code")
             return []
-        candidates = self.candidates(flt)   # None: every point, without copying anything
-        distances = None
-        if code is not None:
-            words = self.words if candidates is None else self.words[candidates]
-            distances = hamming(words, pack_words(np.asarray(code)[None, :])[0])
-            keep = None
-            if hamming_radius is not None:
-                keep = np.flatnonzero(distances <= hamming_radius)
-            if prefilter is not None and prefilter < (len(distances) if keep is None else len(keep)):
-                inner = self._nearest(distances if keep is None else distances[keep],
-                                      self.id_rank if candidates is None and keep is None else
-                                      self.id_rank[_take(candidates, keep)], prefilter)
-                keep = inner if keep is None else keep[inner]
-            if keep is not None:
-                candidates, distances = _take(candidates, keep), distances[keep]
-        if candidates is not None and not len(candidates):
+        return SearchPlanner(self, plan).search(self.name, Request(embedding, k, flt, code, prefilter,
+                                                                   hamming_radius))
+
+    # --- the engine primitives -----------------------------------------------------------------------
+
+    def schema(self, name: str) -> Schema:
+        return Schema(int(self.embeddings.shape[1]), self.bits)
+
+    def pin(self, name: str) -> str:
+        return name
+
+    def count(self, name: str, scope: Scope) -> int:
+        rows, _ = self._scoped(scope)
+        return len(self) if rows is None else len(rows)
+
+    def nearest_by_code(self, name: str, code: np.ndarray, limit: int, scope: Scope) -> Candidates:
+        rows, distances = self._scoped(replace(scope, code=code))
+        assert distances is not None
+        if limit < len(distances):
+            inner = self._nearest(distances, self.id_rank if rows is None else self.id_rank[rows], limit)
+        else:
+            inner = np.arange(len(distances))
+        picked = inner if rows is None else rows[inner]
+        order = np.lexsort((self.id_rank[picked], distances[inner]))
+        picked = picked[order]
+        return Candidates(_Ids(self.ids, picked), distances[inner][order], picked, ordered=True)
+
+    def nearest_by_vector(self, name: str, embedding: np.ndarray, limit: int, scope: Scope) -> list[Hit]:
+        rows, distances = self._scoped(scope)
+        if rows is not None and not len(rows):
             return []
         query = np.asarray(embedding, dtype=np.float32)
-        matrix = self.embeddings if candidates is None else self.embeddings[candidates]
+        matrix = self.embeddings if rows is None else self.embeddings[rows]
         scores = matrix @ (query / np.linalg.norm(query))
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        top = np.argpartition(-scores, limit - 1)[:limit] if limit < len(scores) else np.arange(len(scores))
         top = top[np.argsort(-scores[top], kind="stable")]
-        rows = top if candidates is None else candidates[top]
+        picked = top if rows is None else rows[top]
         return [Hit(self.ids[row], float(scores[i]), self.payloads[row],
-                    None if distances is None else int(distances[i])) for i, row in zip(top, rows, strict=True)]
+                    None if distances is None else int(distances[i])) for i, row in zip(top, picked, strict=True)]
+
+    def rescore(self, name: str, embedding: np.ndarray, code: np.ndarray, limit: int, scope: Scope) -> list[Hit]:
+        shortlist = self.nearest_by_code(name, code, limit, scope)
+        return self.nearest_by_vector(name, embedding, limit, Scope(ids=shortlist.ids, rows=shortlist.rows,
+                                                                    code=code))
+
+    # --- scopes --------------------------------------------------------------------------------------
+
+    def _scoped(self, scope: Scope) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Positions in scope (None: all, without copying) and, with a code, their Hamming distances."""
+        if scope.rows is not None:
+            rows: np.ndarray | None = scope.rows
+        elif scope.ids is not None:
+            rows = np.array([self.position[i] for i in scope.ids if i in self.position], dtype=np.int64)
+        else:
+            rows = self.candidates(scope.flt)
+        if scope.code is None:
+            return rows, None
+        words = self.words if rows is None else self.words[rows]
+        distances = hamming(words, pack_words(np.asarray(scope.code)[None, :])[0])
+        if scope.radius is not None and scope.ids is None:
+            keep = np.flatnonzero(distances <= scope.radius)
+            rows, distances = (keep if rows is None else rows[keep]), distances[keep]
+        return rows, distances
 
     def _nearest(self, distances: np.ndarray, id_rank: np.ndarray, n: int) -> np.ndarray:
         """Positions of the n smallest distances, ties broken by ascending id: every distance below the cut-off,
@@ -113,8 +162,6 @@ class MemoryIndex:
         below, tied = near[~at_cut], near[at_cut]
         tied = tied[np.argsort(id_rank[tied], kind="stable")[: n - len(below)]]
         return np.concatenate([below, tied])
-
-    # --- payload filters ---------------------------------------------------------------------------
 
     def candidates(self, flt: Filter | None) -> np.ndarray | None:
         """Positions of the points that pass the filter (None: no filter, all of them)."""
@@ -141,29 +188,27 @@ class MemoryIndex:
         return mask
 
 
+class _Ids(Sequence[str]):
+    """The ids of some positions, built only when read."""
+
+    def __init__(self, ids: list[str], rows: np.ndarray) -> None:
+        self._ids, self._rows = ids, rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> _Ids: ...
+
+    def __getitem__(self, i: int | slice) -> str | _Ids:
+        if isinstance(i, slice):
+            return _Ids(self._ids, self._rows[i])
+        return self._ids[int(self._rows[i])]
+
+
 def _matches(field: Any, wanted: tuple) -> bool:
     have = field if isinstance(field, list) else [field]
     return any(h == w and isinstance(h, bool) == isinstance(w, bool) for h in have for w in wanted)
-
-
-def pack_words(codes: np.ndarray) -> np.ndarray:
-    """(n, bits) 0/1 → (n, ⌈bits/64⌉) uint64, zero-padded."""
-    packed = np.packbits(np.asarray(codes, dtype=np.uint8), axis=1)
-    pad = (-packed.shape[1]) % 8
-    if pad:
-        packed = np.pad(packed, ((0, 0), (0, pad)))
-    return np.ascontiguousarray(packed).view(np.uint64)
-
-
-def hamming(words: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Hamming distance of each row of packed `words` to the packed `query` (uint8 up to 64 bits)."""
-    if words.shape[1] == 1:
-        return np.bitwise_count(words[:, 0] ^ query[0])
-    return np.bitwise_count(words ^ query).sum(axis=1, dtype=np.int64)
-
-
-def _take(positions: np.ndarray | None, keep: np.ndarray | None) -> np.ndarray | None:
-    """`positions[keep]`, where None means all positions (or keep everything)."""
-    if keep is None:
-        return positions
-    return keep if positions is None else positions[keep]

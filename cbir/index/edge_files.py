@@ -1,0 +1,212 @@
+"""The files around Qdrant Edge shards: per-collection locks, the alias manifest and atomic JSON writes.
+
+Layout::
+
+    <location>/aliases.json                   {"aliases": {alias: collection}, "retired": [...]}, the manifest
+    <location>/ledger.json                    applied migrations (see `cbir.index.migrate`)
+    <location>/.manifest.lock                 flock held while aliases.json or ledger.json is rewritten
+    <location>/collections/<name>/.lock       flock: exclusive while a process writes the collection, shared
+                                              while a process reads it
+    <location>/collections/<name>/shard/      the EdgeShard (WAL off, see cbir.index.edge)
+    <location>/collections/<name>/meta.json   {"schema_version", "dim", "bits", "meta"}, written last and
+                                              atomically, so a collection exists once it is complete
+
+Qdrant Edge 0.9.0 rewrites some files when it loads a shard, even when the load then fails, and a process
+that has the shard open for writing then fails on its next flush. So readers take a shared lock on the
+collection: it is read by any number of processes or written by one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cbir.errors import IndexError_
+
+SHARE_HINT = "use a Qdrant server to share an index"
+#: A valid collection or alias name.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class CollectionLocks:
+    """flocks on `<folder>/<name>/.lock`: shared to read, exclusive to write, never waited for."""
+
+    def __init__(self, folder: Path, where: Callable[[str], str]) -> None:
+        self.folder = folder
+        self.where = where
+        self.held: dict[str, tuple[int | None, bool]] = {}   # collection → (lock fd, exclusive)
+
+    def exclusive(self, name: str) -> bool:
+        return self.held.get(name, (None, False))[1]
+
+    def acquire(self, name: str, exclusive: bool, before_upgrade: Callable[[], None], wait: float = 0.0) -> None:
+        """Take the lock, retrying for up to `wait` seconds; `before_upgrade` runs before a shared lock is traded
+        for an exclusive one (the shard must be closed and reloaded then)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self._acquire(name, exclusive, before_upgrade)
+            except IndexError_:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.05)
+
+    def _acquire(self, name: str, exclusive: bool, before_upgrade: Callable[[], None]) -> None:
+        held = self.held.get(name)
+        if held is not None and (held[1] or not exclusive):
+            return
+        if held is not None:
+            before_upgrade()
+            fd = held[0]
+        else:
+            try:
+                fd = os.open(self.folder / name / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if exclusive:
+                    raise IndexError_(f"{self.where(name)}: cannot open the lock file: {exc.strerror}") from exc
+                self.held[name] = (None, False)  # read-only media: nobody can be writing there either
+                return
+        if fd is None:
+            raise IndexError_(f"{self.where(name)}: the index is on read-only storage")
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if held is not None and _relock_shared(fd):
+                raise IndexError_(self._in_use(name, exclusive)) from None
+            os.close(fd)
+            self.held.pop(name, None)
+            raise IndexError_(self._in_use(name, exclusive)) from None
+        self.held[name] = (fd, exclusive)
+
+    def release(self, name: str) -> None:
+        fd, _ = self.held.pop(name, (None, False))
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+    def _in_use(self, name: str, exclusive: bool) -> str:
+        if exclusive:
+            return (f"{self.where(name)}: the collection is in use by another process (Qdrant Edge allows one "
+                    f"writer and no readers meanwhile); {SHARE_HINT}")
+        return (f"{self.where(name)}: the collection is being written by another process; try again when it "
+                f"has finished, or {SHARE_HINT}")
+
+
+class Manifest:
+    """`aliases.json`, re-read only when the file changed."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / "aliases.json"
+        self.lock = root / ".manifest.lock"
+        self.aliases: dict[str, str] = {}
+        self._stamp: tuple[int, int, int] | None = None
+
+    def read(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(aliases now, aliases before this read)."""
+        try:
+            st = self.path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        before = self.aliases
+        if stamp != self._stamp:
+            self.aliases = dict(read_json(self.path, {"aliases": {}}).get("aliases") or {}) if stamp else {}
+            self._stamp = stamp
+        return self.aliases, before
+
+    def set_alias(self, where: str, alias: str, collection: str, is_collection: Callable[[str], bool]) -> None:
+        if not NAME.fullmatch(alias):
+            raise IndexError_(f"{where}: invalid alias {alias!r}")
+        with self.edit() as manifest:
+            if is_collection(alias):
+                raise IndexError_(f"{where}: {alias!r} is a collection, it cannot also be an alias")
+            if collection in manifest["aliases"] or not is_collection(collection):
+                raise IndexError_(f"{where}: no collection {collection!r} to point {alias!r} at")
+            manifest["aliases"][alias] = collection
+
+    def delete_alias(self, where: str, alias: str) -> None:
+        with self.edit() as manifest:
+            if manifest["aliases"].pop(alias, None) is None:
+                raise IndexError_(f"{where}: no alias {alias!r}")
+
+    @contextmanager
+    def edit(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write under the manifest lock (atomic for readers)."""
+        with flocked(self.lock):
+            manifest = read_json(self.path, {"aliases": {}})
+            manifest.setdefault("aliases", {})
+            yield manifest
+            write_atomic(self.path, json.dumps(manifest, indent=2, sort_keys=True))
+            self._stamp = None  # re-read on the next lookup
+
+
+def read_json(path: Path, default: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as exc:
+        raise IndexError_(f"{path}: unreadable ({exc})") from None
+
+
+@contextmanager
+def flocked(path: Path, timeout: float = 30.0) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if needed), waiting up to `timeout` seconds for it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise IndexError_(f"{path}: held by another process for {timeout:.0f} s") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _relock_shared(fd: int) -> bool:
+    """After a failed shared → exclusive upgrade (which may drop the lock), take the shared lock back."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and `os.replace`, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_record(path: Path, readable: Sequence[int]) -> dict[str, Any]:
+    """A collection's `meta.json`, checked for a schema version this cbir reads."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise IndexError_(f"{path}: unreadable collection metadata ({exc})") from exc
+    if record.get("schema_version") not in readable:
+        raise IndexError_(f"{path}: schema version {record.get('schema_version')!r}, this cbir reads "
+                          f"versions {', '.join(map(str, readable))}; upgrade cbir")
+    return record
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    try:
+        return list(read_json(path, {"applied": []})["applied"])
+    except (KeyError, TypeError) as exc:
+        raise IndexError_(f"{path}: unreadable migration ledger ({exc})") from None
