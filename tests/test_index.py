@@ -22,11 +22,11 @@ import pytest
 from cbir.errors import IndexError_
 from cbir.index import Filter, Hit, Index, Point, open_index
 from cbir.index.base import HASH, pack_code
+from cbir.index.client import ClientIndex, ServerSettings
+from cbir.index.edge import EdgeIndex
 from cbir.index.planner import Candidates, Costs, Request, Scope, SearchPlanner
 from cbir.index.records import Schema
 from cbir.search.memory import MemoryIndex
-from cbir.index.client import ClientIndex, ServerSettings
-from cbir.index.edge import EdgeIndex
 
 N, DIM, BITS = 300, 32, 64
 LABELS = ("Atelectasis", "Effusion", "Nodule", "Pneumonia")

@@ -65,8 +65,6 @@ class EdgeIndex(EdgeSnapshots, Index):
                 raise IndexError_(f"{self.location}: not a directory, cannot create an index here")
             self._collections.mkdir(parents=True, exist_ok=True)
 
-    # --- opening and closing -----------------------------------------------------------------------
-
     def release(self, name: str) -> None:
         """Flush and close the collection and drop its lock, so that other processes can read it."""
         with self._mutex:
@@ -97,8 +95,6 @@ class EdgeIndex(EdgeSnapshots, Index):
                 shard.flush()
             shard.close()
 
-    # --- aliases -----------------------------------------------------------------------------------
-
     def list_aliases(self) -> dict[str, str]:
         with self._mutex:
             return dict(self._read_aliases())
@@ -124,8 +120,6 @@ class EdgeIndex(EdgeSnapshots, Index):
             if aliases.get(alias) != old and old in self._shards and old not in aliases.values():
                 self._release(old)
         return aliases
-
-    # --- collections -------------------------------------------------------------------------------
 
     def list_collections(self) -> list[str]:
         return sorted(p.name for p in self._collections.iterdir() if (p / META_FILE).is_file())
@@ -182,8 +176,6 @@ class EdgeIndex(EdgeSnapshots, Index):
             shutil.rmtree(self._collections / name)
             self._release(name)
 
-    # --- metadata and the ledger -------------------------------------------------------------------
-
     def get_meta(self, name: str) -> dict[str, Any]:
         return self._read_record(self.resolve(name))["meta"]
 
@@ -208,8 +200,6 @@ class EdgeIndex(EdgeSnapshots, Index):
         self._check_writable()
         with ef.flocked(self._root / ".manifest.lock"):
             ef.write_atomic(self._root / LEDGER_FILE, json.dumps({"applied": entries}, indent=2))
-
-    # --- points ------------------------------------------------------------------------------------
 
     def count(self, name: str, flt: Filter | Scope | None = None) -> int:
         with self._mutex:
@@ -256,8 +246,6 @@ class EdgeIndex(EdgeSnapshots, Index):
             if offset is None:
                 return
 
-    # --- search primitives (composed by cbir.index.planner) ----------------------------------------
-
     def search(self, name: str, *args: Any, **kw: Any) -> list[Hit]:
         """`Index.search` under the mutex, so that every step sees the collection the alias pinned."""
         with self._mutex:
@@ -278,8 +266,6 @@ class EdgeIndex(EdgeSnapshots, Index):
         with self._mutex, self._errors(name, action):
             scored = self._shard(name).query(request)
         return [to_hit(p.id, p.score, p.payload, code) for p in scored]
-
-    # --- internals ---------------------------------------------------------------------------------
 
     def _acquire(self, name: str, exclusive: bool) -> None:
         self._locks.acquire(name, exclusive, lambda: self._close_shard(name))
