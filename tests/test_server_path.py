@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cbir.cli.main import app
 from cbir.errors import IndexError_
 from cbir.index.base import Point, stored_payloads
 from cbir.index.client import MAX_REQUEST_BYTES, ClientIndex, ServerSettings, _point_struct, batch_size
-from cli.main import app
 
 QDRANT_LIMIT = 32 * 2**20
 

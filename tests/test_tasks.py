@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cbir.cli.main import app
 from cbir.console import QUIET
 from cbir.data.layout import load_dataset
 from cbir.data.records import Records
@@ -19,7 +20,6 @@ from cbir.errors import CbirError
 from cbir.models import ModelConfig, load_checkpoint
 from cbir.train import TrainSettings, train_model
 from cbir.train.loop import preload
-from cli.main import app
 
 SETTINGS = TrainSettings(epochs=1, batch_size=8, workers=0)
 runner = CliRunner()

@@ -684,9 +684,11 @@ def migrate(index: IndexOpt = None,
             to: Annotated[int | None, typer.Option("--to", min=0, help="stop after this migration")] = None
             ) -> None:
     """Apply the index migrations not yet applied (idempotent); `--to N` stops after migration N."""
+    from cbir.index.migrate import discover
     from cbir.index.migrate import migrate as run_migrations
+    from cbir.migrations import PACKAGE
     with _open(index, writable=True, create=True) as idx:
-        applied = run_migrations(idx, to, reporter=_reporter())
+        applied = run_migrations(idx, to, discover(PACKAGE), reporter=_reporter())
         ledger = idx.get_ledger()
     latest = max((int(e["number"]) for e in ledger), default=0)
     out.print(f"applied {len(applied)} migration(s); the index is at migration {latest}", markup=False)
