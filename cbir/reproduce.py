@@ -144,8 +144,9 @@ def run_reproduce(options: ReproduceOptions, reporter: Reporter = QUIET) -> dict
     unknown = [t for t in chosen if t not in APPROACHES]
     if unknown:
         raise CbirError(f"unknown task(s) {', '.join(unknown)} (choose from {', '.join(APPROACHES)})")
-    if "multilabel" in chosen and probe_nih is None and len(probe.label_names) <= 2:
-        raise CbirError(f"{options.data}: multilabel needs --nih or a dataset with more than two labels "
+    per_label = [t for t in chosen if get_task(t).per_label]
+    if per_label and probe_nih is None and len(probe.label_names) <= 2:
+        raise CbirError(f"{options.data}: {per_label[0]} needs --nih or a dataset with more than two labels "
                         f"(this one has {probe.label_names})")
     options.out.mkdir(parents=True, exist_ok=True)
     pseudonymize = load_pseudonymizer()

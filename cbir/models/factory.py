@@ -179,7 +179,8 @@ def _hash_head(config: ModelConfig) -> nn.Module:
 
     Without the centring, `z`'s common offset pushes most bits to one sign for every image and tanh saturates
     there, so the balance loss has no gradient left (measured: constant bits on synthetic RSNA). Training sets
-    the statistics precisely after every epoch (`cbir.train.loop`), not by a running average.
+    the statistics precisely after every epoch (`cbir.train.classifier.calibrate_hash_centre`), not by a running
+    average.
     """
     return nn.Sequential(nn.Linear(config.embed_dim, config.bits), nn.BatchNorm1d(config.bits))
 

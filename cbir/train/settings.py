@@ -32,7 +32,7 @@ class TrainSettings:
     #: noise and JPEG re-encoding).
     augment: str = "basic"
     #: "none" or "supcon": a supervised contrastive loss on the embedding beside the classification loss
-    #: (`cbir.train.losses.supervised_contrastive_loss`), weighted by `metric_weight`.
+    #: (`cbir.models.losses.supervised_contrastive_loss`), weighted by `metric_weight`.
     metric_loss: str = "none"
     metric_weight: float = 1.0
     metric_temperature: float = 0.1
