@@ -35,7 +35,7 @@ from cbir.index import open_index
 from cbir.index.ingest import ingest_records
 from cbir.index.versions import drop
 from cbir.io import load_pseudonymizer
-from cbir.models import ModelConfig, get_task, load_checkpoint
+from cbir.models import LoadedModel, ModelConfig, get_task, load_checkpoint
 from cbir.models.device import resolve_device
 from cbir.report.doc import update_section
 from cbir.report.results import render_results
@@ -198,7 +198,7 @@ def _run_task(task: str, fold: int, tag: str, records: Records, nih: Records | N
         row.metrics = evaluate_collection(index, collection, loaded, options.out / "reports" / tag / task,
                                           k=options.k, reporter=reporter)
         row.seconds["evaluate"] = round(time.perf_counter() - t0, 1)
-        row.heldout = _heldout(task, train_set, loaded, row.metrics)
+        row.heldout = _heldout(train_set, loaded, row.metrics)
         if loaded.task.per_label and train_set is not records:
             row.heldout["retrieval"] = _own_retrieval(index, train_set, loaded, pseudonymize, options, tag,
                                                       reporter)
@@ -210,7 +210,7 @@ def _counts(records: Records) -> str:
     return ", ".join(f"{counts.get(n, 0)} {n}" for n in ("train", "val", "test")) + f" images of {records.dataset}"
 
 
-def _heldout(task: str, train_set: Records, loaded: Any, report: dict[str, Any]) -> dict[str, Any]:
+def _heldout(train_set: Records, loaded: LoadedModel, report: dict[str, Any]) -> dict[str, Any]:
     """Per-finding AUC (multilabel) on the test fold of its training data, or the box mAP (detection) that the
     evaluation measured on the test fold."""
     test = train_set.split("test")

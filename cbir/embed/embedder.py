@@ -35,7 +35,7 @@ class Embedded:
 
 @torch.inference_mode()
 def _forward(loaded: LoadedModel, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    out, _ = loaded.task.embed(loaded.model, pixels)
+    out, _ = loaded.task.embed(loaded.model, loaded.config, pixels)
     probs = loaded.model.probabilities(out.logits)
     return out.embedding.cpu().numpy(), out.code.cpu().numpy(), probs.cpu().numpy()
 
@@ -67,7 +67,7 @@ def embed_and_detect(loaded: LoadedModel, image: XrayImage
     "score"} in the original image's pixels (above the checkpoint's box threshold); [] for other models."""
     pixels, geometry = letterbox(image.pixels, loaded.config.image_size)
     x = torch.from_numpy(pixels)[None, None]
-    out, detections = loaded.task.embed(loaded.model, x)
+    out, detections = loaded.task.embed(loaded.model, loaded.config, x)
     emb, codes = out.embedding.cpu().numpy(), out.code.cpu().numpy()
     probs = loaded.model.probabilities(out.logits).cpu().numpy()
     boxes: list[dict[str, float | list[float]]] = []

@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-#: (model, pixels) → (a `cbir.models.factory.ModelOutput`, the detections or None): `pixels` is a (B, 1, S, S)
-#: batch in [0, 1], letterboxed.
-Embed = Callable[["nn.Module", "torch.Tensor"], "tuple[Any, list[dict[str, torch.Tensor]] | None]"]
+#: (model, config, pixels) → (a `cbir.models.factory.ModelOutput`, the detections or None): `pixels` is a
+#: (B, 1, S, S) batch in [0, 1], letterboxed; `config` is the loaded model's (its input intensities).
+Embed = Callable[["nn.Module", Any, "torch.Tensor"], "tuple[Any, list[dict[str, torch.Tensor]] | None]"]
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,10 @@ def classification_step(model: CbirNet, batch: Batch, generator: torch.Generator
                                         patients)}
 
 
-def classification_embed(model: CbirNet, pixels: torch.Tensor) -> tuple[ModelOutput, None]:
+def classification_embed(model: CbirNet, config: ModelConfig, pixels: torch.Tensor) -> tuple[ModelOutput, None]:
+    """The outputs on `config.intensity`-prepared inputs."""
     device = next(model.parameters()).device
-    return model(model_input(pixels.float(), model.config.intensity).to(device)), None
+    return model(model_input(pixels.float(), config.intensity).to(device)), None
 
 
 # -- a CbirDetector: detection -------------------------------------------------------------------------------
@@ -88,8 +89,9 @@ def detection_step(model: nn.Module, batch: Batch, generator: torch.Generator, s
     return {**parts, "loss": sum(parts.values())}
 
 
-def detection_embed(model: nn.Module, pixels: torch.Tensor
+def detection_embed(model: nn.Module, config: DetectorConfig, pixels: torch.Tensor
                     ) -> tuple[ModelOutput, list[dict[str, torch.Tensor]]]:
+    """The outputs and every detection above `score_thresh`, from one pass on standardised inputs."""
     device = next(model.parameters()).device
     return model.detect_all(standardize(pixels.float()).to(device))
 
