@@ -35,7 +35,7 @@ from cbir.index import open_index
 from cbir.index.ingest import ingest_records
 from cbir.index.versions import drop
 from cbir.io import load_pseudonymizer
-from cbir.models import ModelConfig, load_checkpoint
+from cbir.models import LoadedModel, ModelConfig, get_task, load_checkpoint
 from cbir.models.device import resolve_device
 from cbir.report.doc import update_section
 from cbir.report.results import render_results
@@ -124,15 +124,13 @@ def applicable_tasks(records: Records, nih: Records | None) -> list[str]:
 
 def _train(task: str, records: Records, settings: TrainSettings, out: Path, options: ReproduceOptions,
            image_size: int, reporter: Reporter) -> None:
-    if task == "detection":
-        from cbir.models.detection import DetectorConfig
-        from cbir.train.detection import train_detector
-        config = DetectorConfig(backbone=options.backbone, image_size=image_size, bits=options.bits,
-                                label_names=list(records.label_names), target=records.target)
-        train_detector(records, config, settings, out, reporter)
-        return
-    config = ModelConfig(backbone=options.backbone, task=task, image_size=image_size, embed_dim=options.embed_dim,
-                         bits=options.bits, label_names=list(records.label_names), target=records.target)
+    common = {"backbone": options.backbone, "image_size": image_size, "bits": options.bits,
+              "label_names": list(records.label_names), "target": records.target}
+    if get_task(task).boxes:
+        from cbir.models.detector_config import DetectorConfig
+        config: Any = DetectorConfig(**common)
+    else:
+        config = ModelConfig(task=task, embed_dim=options.embed_dim, **common)
     train_model(records, config, settings, out, reporter)
 
 
@@ -146,8 +144,9 @@ def run_reproduce(options: ReproduceOptions, reporter: Reporter = QUIET) -> dict
     unknown = [t for t in chosen if t not in APPROACHES]
     if unknown:
         raise CbirError(f"unknown task(s) {', '.join(unknown)} (choose from {', '.join(APPROACHES)})")
-    if "multilabel" in chosen and probe_nih is None and len(probe.label_names) <= 2:
-        raise CbirError(f"{options.data}: multilabel needs --nih or a dataset with more than two labels "
+    per_label = [t for t in chosen if get_task(t).per_label]
+    if per_label and probe_nih is None and len(probe.label_names) <= 2:
+        raise CbirError(f"{options.data}: {per_label[0]} needs --nih or a dataset with more than two labels "
                         f"(this one has {probe.label_names})")
     options.out.mkdir(parents=True, exist_ok=True)
     pseudonymize = load_pseudonymizer()
@@ -168,13 +167,13 @@ def run_reproduce(options: ReproduceOptions, reporter: Reporter = QUIET) -> dict
 
 def _run_task(task: str, fold: int, tag: str, records: Records, nih: Records | None, settings: TrainSettings,
               options: ReproduceOptions, pseudonymize: Any, reporter: Reporter) -> FoldRow:
-    train_set = nih if task == "multilabel" and nih is not None else records
+    train_set = nih if get_task(task).per_label and nih is not None else records
     image_size = (options.nih_image_size or options.image_size) if train_set is nih else options.image_size
     row = FoldRow(task, fold, trained_on=train_set.dataset)
     model_dir = options.out / "models" / tag / task
     wanted: dict[str, Any] = {"task": task, "backbone": options.backbone, "image_size": image_size,
                               "bits": options.bits}
-    if task != "detection":
+    if not get_task(task).boxes:
         defaults = ModelConfig()
         wanted |= {k: v for k, v in asdict(defaults).items() if k.startswith("appearance_")}
     previous = reusable_run(model_dir, wanted, {"epochs": options.epochs}, train_set) if options.reuse else None
@@ -199,8 +198,8 @@ def _run_task(task: str, fold: int, tag: str, records: Records, nih: Records | N
         row.metrics = evaluate_collection(index, collection, loaded, options.out / "reports" / tag / task,
                                           k=options.k, reporter=reporter)
         row.seconds["evaluate"] = round(time.perf_counter() - t0, 1)
-        row.heldout = _heldout(task, train_set, loaded, row.metrics)
-        if task == "multilabel" and train_set is not records:
+        row.heldout = _heldout(train_set, loaded, row.metrics)
+        if loaded.task.per_label and train_set is not records:
             row.heldout["retrieval"] = _own_retrieval(index, train_set, loaded, pseudonymize, options, tag,
                                                       reporter)
     return row
@@ -211,14 +210,14 @@ def _counts(records: Records) -> str:
     return ", ".join(f"{counts.get(n, 0)} {n}" for n in ("train", "val", "test")) + f" images of {records.dataset}"
 
 
-def _heldout(task: str, train_set: Records, loaded: Any, report: dict[str, Any]) -> dict[str, Any]:
+def _heldout(train_set: Records, loaded: LoadedModel, report: dict[str, Any]) -> dict[str, Any]:
     """Per-finding AUC (multilabel) on the test fold of its training data, or the box mAP (detection) that the
     evaluation measured on the test fold."""
     test = train_set.split("test")
-    if task == "multilabel" and len(test):
+    if loaded.task.per_label and len(test):
         return {"dataset": train_set.dataset, **multilabel_auc(test, loaded)}
     s1 = report["stage1"]
-    if task == "detection" and "box_map" in s1:
+    if loaded.task.boxes and "box_map" in s1:
         return {"dataset": train_set.dataset, "box_map": s1["box_map"], "box_threshold": s1["box_threshold"],
                 "roc_auc": s1["roc_auc"], "n_images": s1["box_images"], "n_with_boxes": s1["box_images_with_boxes"]}
     return {}

@@ -90,6 +90,6 @@ def run_cli(*args: object) -> tuple[int, str, str]:
     """`cbir ARGS…` in this process: (exit code, stdout, stderr)."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cbir.cli.main import app
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.stdout, result.stderr

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cbir.bench.data import FILTER_20, exact_top, synthetic
 from cbir.bench.run import bench_vectors, recall
-from cli.main import app
+from cbir.cli.main import app
 
 ROW_KEYS = {"engine", "method", "n", "filter", "p50_ms", "p99_ms", "recall_at_10", "ingest_points_per_s"}
 PIPELINE_KEYS = {"images_per_s", "bare_forward_images_per_s", "warm_query_ms"}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from cbir.cli.main import app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _serving(args: list[str], env: dict[str, str] | None = None) -> Iterator[str]:
     """`cbir serve ARGS` in a subprocess (with `env` added to this one's environment), until it answers."""
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", *args, "--port", str(port)], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "cbir.cli.main", "serve", *args, "--port", str(port)], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from cbir.cli.main import app
 from cbir.models import ModelConfig
-from cli.main import app
 from tests.conftest import payload_path
 
 runner = CliRunner()
@@ -117,11 +117,11 @@ def _modules_after(code: str) -> set[str]:
 def test_a_query_process_imports_only_what_a_query_needs(pipeline: dict[str, Path]) -> None:
     dicom = _dicoms(pipeline["data"])[2]
     query = json.dumps(["query", str(dicom), "--index", str(pipeline["index"]), "--collection", "rsna", "--json"])
-    loaded = _modules_after(f"from cli.main import app\napp({query}, standalone_mode=False)")
+    loaded = _modules_after(f"from cbir.cli.main import app\napp({query}, standalone_mode=False)")
     assert {"torch", "timm", "qdrant_edge", "cbir.search.query"} <= loaded       # it did answer the query
     assert sorted(m for m in loaded if m.split(".")[0] in NOT_ON_THE_QUERY_PATH or m in NOT_ON_THE_QUERY_PATH
                   or any(m.startswith(bad + ".") for bad in NOT_ON_THE_QUERY_PATH)) == []
-    bare = _modules_after("import cli.main")                                     # `cbir --help` and friends
+    bare = _modules_after("import cbir.cli.main")                                     # `cbir --help` and friends
     assert not {"torch", "timm", "numpy", "pydicom", "qdrant_edge"} & bare
 
 

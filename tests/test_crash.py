@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def archive(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from cbir.models import ModelConfig, create_model, save_checkpoint
     root = tmp_path_factory.mktemp("crash")
-    done = subprocess.run([sys.executable, "-m", "cli.main", "synth", "--layout", "rsna", "--n", str(N), "--size",
+    done = subprocess.run([sys.executable, "-m", "cbir.cli.main", "synth", "--layout", "rsna", "--n", str(N), "--size",
                            "48", "--out", str(root / "data"), "--seed", "4"], cwd=ROOT, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
@@ -37,7 +37,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _ingest(archive: dict[str, Path], index: Path, **env: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "cli.main", "ingest", "--data", str(archive["data"]), "--model",
+    command = [sys.executable, "-m", "cbir.cli.main", "ingest", "--data", str(archive["data"]), "--model",
                str(archive["model"]), "--index", str(index), "--collection", "rsna", "--workers", "0",
                "--batch-size", "8"]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -154,7 +154,7 @@ def test_a_second_process_gets_one_line_and_nothing_breaks(archive: dict[str, Pa
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert "'rsna__v1': the collection is being written by another process" in err and "Qdrant server" in err
         dicom = next((archive["data"] / "stage_2_train_images").glob("*.dcm"))
-        query = subprocess.run([sys.executable, "-m", "cli.main", "query", str(dicom), "--index", str(index),
+        query = subprocess.run([sys.executable, "-m", "cbir.cli.main", "query", str(dicom), "--index", str(index),
                                 "--collection", "rsna"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert query.returncode == 2 and len(query.stderr.strip().splitlines()) == 1
         assert "being written by another process" in query.stderr
@@ -167,7 +167,7 @@ def test_a_second_process_gets_one_line_and_nothing_breaks(archive: dict[str, Pa
     with open_index(str(index)) as idx:                        # nothing was corrupted
         assert idx.count("rsna") == N
         assert len({payload_path(p.payload) for p in idx.scroll("rsna")}) == N
-    query = subprocess.run([sys.executable, "-m", "cli.main", "query", str(dicom), "--index", str(index),
+    query = subprocess.run([sys.executable, "-m", "cbir.cli.main", "query", str(dicom), "--index", str(index),
                             "--collection", "rsna", "--k", "3"], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
     assert query.returncode == 0, query.stderr

@@ -12,9 +12,10 @@ import torch
 
 from cbir.data.rsna import load_rsna
 from cbir.data.synth import synth_dataset
-from cbir.data.transforms import letterbox, standardize
+from cbir.data.transforms import augment_with_boxes, letterbox, standardize
 from cbir.errors import CbirError
 from cbir.metrics_detection import RSNA_THRESHOLDS, box_iou, box_map, image_precision
+from cbir.models.checkpoint import is_detector_checkpoint, load_detector
 from cbir.models.detection import (
     CbirDetector,
     DetectorConfig,
@@ -22,18 +23,11 @@ from cbir.models.detection import (
     boxes_to_original,
     create_detector,
     image_score,
-    is_detector_checkpoint,
     letterbox_geometry,
-    load_detector,
 )
-from cbir.train.detection import (
-    augment_with_boxes,
-    original_shape,
-    prepare_split,
-    train_detector,
-    train_epoch,
-)
-from cbir.train.loop import TrainSettings
+from cbir.models.tasks import get_task
+from cbir.train.detection import DetectorData, original_shape, prepare_split
+from cbir.train.loop import TrainSettings, train_epoch, train_model
 
 BACKBONE = "test_resnet"
 
@@ -62,7 +56,7 @@ def rsna(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def trained(rsna, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("det") / "model"
-    result = train_detector(rsna, tiny_config(), TrainSettings(epochs=2, batch_size=8, workers=0), out)
+    result = train_model(rsna, tiny_config(), TrainSettings(epochs=2, batch_size=8, workers=0), out)
     return result
 
 
@@ -108,9 +102,11 @@ def test_training_steps_reduce_the_loss(rsna):
     use = np.concatenate([boxed[:4], np.flatnonzero(split.y == 0)[:4]])  # one batch: 4 with boxes, 4 without
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
-    first = train_epoch(model, split, use, optimizer, None, 8, generator, torch.device("cpu"))
+    task, data, settings = get_task("detection"), DetectorData(split, split, use, torch.device("cpu")), TrainSettings(
+        batch_size=8)
+    first = train_epoch(model, task, data, optimizer, None, settings, generator)
     for _ in range(7):
-        last = train_epoch(model, split, use, optimizer, None, 8, generator, torch.device("cpu"))
+        last = train_epoch(model, task, data, optimizer, None, settings, generator)
     assert set(first) == {"classification", "bbox_regression", "bbox_ctrness", "loss"}
     assert last["loss"] < 0.9 * first["loss"]
 
@@ -264,7 +260,7 @@ def test_classifier_checkpoints_and_pretrained_weights_are_told_apart(rsna, tmp_
     with pytest.raises(CbirError, match="not a detector"):
         load_detector(tmp_path / "cls")
     with pytest.raises(CbirError, match="from scratch"):
-        train_detector(rsna, tiny_config(), TrainSettings(pretrained=True), tmp_path / "det")
+        train_model(rsna, tiny_config(), TrainSettings(pretrained=True), tmp_path / "det")
 
 
 def test_tampered_checkpoint_is_refused(trained, tmp_path: Path):
@@ -290,7 +286,7 @@ def _quiet():
 
 def test_retinanet_trains_detects_and_reloads(rsna, tmp_path: Path):
     config = tiny_config(detector="retinanet")
-    result = train_detector(rsna, config, TrainSettings(epochs=1, batch_size=8, workers=0), tmp_path / "r")
+    result = train_model(rsna, config, TrainSettings(epochs=1, batch_size=8, workers=0), tmp_path / "r")
     loaded = load_detector(tmp_path / "r")
     assert loaded.config.detector == "retinanet" and loaded.fingerprint == result.fingerprint
     x = standardize(torch.rand(2, 1, 64, 64))

@@ -226,7 +226,7 @@ def test_cbir_ingest_of_the_corpus_counts_every_file_and_says_one_line_per_bad_o
     """In a subprocess with two DataLoader workers: a C library's own output on fd 2, or a worker's crash,
     would show here."""
     root, entries = corpus
-    done = subprocess.run([sys.executable, "-m", "cli.main", "ingest", "--data", str(root), "--layout", "folder",
+    done = subprocess.run([sys.executable, "-m", "cbir.cli.main", "ingest", "--data", str(root), "--layout", "folder",
                            "--model", str(index["model"]), "--index", str(tmp_path / "index"), "--collection",
                            "corpus", "--workers", "2", "--batch-size", "4"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -252,7 +252,7 @@ def test_a_decoders_own_output_does_not_reach_the_user(corpus, index) -> None:
     answers = []
     for name in ("jpeg_restart_markers.dcm", "jpeg_garbled.dcm"):
         path = root / "written" / name
-        answers.append(subprocess.run([sys.executable, "-m", "cli.main", "query", str(path), "--index",
+        answers.append(subprocess.run([sys.executable, "-m", "cbir.cli.main", "query", str(path), "--index",
                                        str(index["index"]), "--collection", "c", "--json"], cwd=ROOT,
                                       capture_output=True, text=True, timeout=300,
                                       env={**os.environ, "OMP_NUM_THREADS": "1"}))

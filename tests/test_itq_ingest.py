@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cbir.cli.main import app
 from cbir.data.layout import load_dataset
 from cbir.data.records import Records
 from cbir.data.synth import synth_dataset
@@ -19,7 +20,6 @@ from cbir.io import load_pseudonymizer
 from cbir.models import LoadedModel, ModelConfig, load_checkpoint
 from cbir.search.query import query_image
 from cbir.train import TrainSettings, train_model
-from cli.main import app
 
 KINDS = ["edge", "local"]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cbir.train.losses import (
+from cbir.models.losses import (
     bit_balance_loss,
     default_alpha,
     hash_loss,

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cbir.cli.main import app
 from cbir.errors import CbirError
 from cbir.index import Point, open_index
 from cbir.index.migrate import Migration, discover, migrate, pending
-from cli.main import app
+from cbir.migrations import PACKAGE
 
 LOCATIONS = {"edge": lambda tmp: str(tmp / "edge"), "local": lambda tmp: f"local:{tmp / 'local'}"}
 
@@ -25,7 +26,7 @@ def _old_collection(index, name: str = "old") -> None:
 
 
 def test_discover_finds_numbered_migrations() -> None:
-    found = discover()
+    found = discover(PACKAGE)
     assert [m.number for m in found] == list(range(1, len(found) + 1)) and found[0].name == "collection_settings"
 
 
@@ -33,23 +34,23 @@ def test_discover_finds_numbered_migrations() -> None:
 def test_migrate_from_empty_and_from_an_old_collection(kind: str, tmp_path: Path) -> None:
     location = LOCATIONS[kind](tmp_path)
     with open_index(location, writable=True, create=True) as index:
-        assert index.get_ledger() == [] and len(pending(index)) == len(discover())
-        applied = migrate(index)
-        assert [m.number for m in applied] == [m.number for m in discover()]
-        assert migrate(index) == []                       # idempotent
-        assert [e["number"] for e in index.get_ledger()] == [m.number for m in discover()]
+        assert index.get_ledger() == [] and len(pending(index, discover(PACKAGE))) == len(discover(PACKAGE))
+        applied = migrate(index, None, discover(PACKAGE))
+        assert [m.number for m in applied] == [m.number for m in discover(PACKAGE)]
+        assert migrate(index, None, discover(PACKAGE)) == []                       # idempotent
+        assert [e["number"] for e in index.get_ledger()] == [m.number for m in discover(PACKAGE)]
         assert index.list_collections() == []            # the ledger is not a collection
     other = tmp_path / "other"
     other.mkdir()
     with open_index(LOCATIONS[kind](other), writable=True, create=True) as index:
         _old_collection(index)
         assert "codes" not in index.get_meta("old")
-        migrate(index)
+        migrate(index, None, discover(PACKAGE))
         meta = index.get_meta("old")
         assert (meta["codes"], meta["shards"], meta["replicas"]) == ("model", 1, 1)
         assert meta["model_fingerprint"] == "f" and index.count("old") == 1   # nothing else touched
     with open_index(LOCATIONS[kind](other)) as index:                        # the ledger persists
-        assert [e["number"] for e in index.get_ledger()] == [m.number for m in discover()]
+        assert [e["number"] for e in index.get_ledger()] == [m.number for m in discover(PACKAGE)]
 
 
 def test_to_and_no_downgrade(tmp_path: Path) -> None:
@@ -77,7 +78,7 @@ def test_a_failed_migration_is_not_recorded(tmp_path: Path) -> None:
 def test_cli_migrate(tmp_path: Path) -> None:
     runner = CliRunner()
     first = runner.invoke(app, ["migrate", "--index", str(tmp_path / "idx")])
-    assert first.exit_code == 0 and f"applied {len(discover())} migration(s)" in first.stdout
+    assert first.exit_code == 0 and f"applied {len(discover(PACKAGE))} migration(s)" in first.stdout
     again = runner.invoke(app, ["migrate", "--index", str(tmp_path / "idx")])
     assert again.exit_code == 0 and "applied 0 migration(s)" in again.stdout
     down = runner.invoke(app, ["migrate", "--index", str(tmp_path / "idx"), "--to", "0"])

@@ -13,6 +13,7 @@ import pytest
 from test_index import SERVER_REPLICAS, SERVER_SHARDS, SERVER_SKIP, SERVER_URL, server_index
 from typer.testing import CliRunner
 
+from cbir.cli.main import app
 from cbir.data.layout import load_dataset
 from cbir.data.records import Records
 from cbir.data.splits import parse_part, part_mask
@@ -21,7 +22,6 @@ from cbir.index import open_index
 from cbir.index.versions import drop
 from cbir.models import ModelConfig
 from cbir.train import TrainSettings, train_model
-from cli.main import app
 
 
 def test_parts_cover_every_key_once_whatever_the_order() -> None:

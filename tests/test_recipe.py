@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from cbir.data.transforms import augment_strong
-from cbir.train.loop import batch_order, label_groups
-from cbir.train.losses import supervised_contrastive_loss
+from cbir.models.losses import label_groups, supervised_contrastive_loss
+from cbir.train.classifier import batch_order
 from tests.conftest import run_cli
 
 

@@ -10,12 +10,12 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 import cbir.serve.app as serve_app
+from cbir.cli.main import app as cli
 from cbir.index import open_index
 from cbir.io import load_pseudonymizer
 from cbir.models import load_checkpoint
 from cbir.search import query_image
 from cbir.search.warm import WarmSearcher
-from cli.main import app as cli
 from tests.conftest import payload_path
 
 N = 40

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cbir.cli.main import app
 from cbir.errors import IndexError_
 from cbir.index.base import Point, stored_payloads
 from cbir.index.client import ClientIndex, ServerSettings
 from cbir.index.client_convert import MAX_REQUEST_BYTES, batch_size
 from cbir.index.client_convert import point_struct as _point_struct
-from cli.main import app
 
 QDRANT_LIMIT = 32 * 2**20
 

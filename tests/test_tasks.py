@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cbir.cli.main import app
 from cbir.console import QUIET
 from cbir.data.layout import load_dataset
 from cbir.data.records import Records
@@ -19,7 +20,6 @@ from cbir.errors import CbirError
 from cbir.models import ModelConfig, load_checkpoint
 from cbir.train import TrainSettings, train_model
 from cbir.train.loop import preload
-from cli.main import app
 
 SETTINGS = TrainSettings(epochs=1, batch_size=8, workers=0)
 runner = CliRunner()
@@ -146,3 +146,30 @@ def test_multilabel_through_ingest_and_evaluate(nih: Records, tmp_path: Path) ->
         assert list(probabilities) == nih.label_names
         assert point.payload["probability"] == probabilities["Pneumonia"]
     assert "any shared finding" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_registry_knows_the_four_tasks_and_refuses_others_in_one_line(tmp_path: Path) -> None:
+    from cbir.models import TASKS, get_task, register_task
+
+    assert list(TASKS) == ["binary", "hash", "multilabel", "detection"]
+    assert get_task("hash").hash_layer and get_task("multilabel").per_label and get_task("detection").boxes
+    assert not any((get_task("binary").hash_layer, get_task("binary").per_label, get_task("binary").boxes))
+    with pytest.raises(CbirError, match=r"^unknown task 'regression' \(choose from binary, hash, multilabel, "
+                                        r"detection\)$"):
+        get_task("regression")
+    with pytest.raises(ValueError, match="already registered"):
+        register_task(get_task("binary"))
+    with pytest.raises(CbirError, match="does not train a CbirNet"):
+        ModelConfig(task="detection").validate()
+    code, _, err = run("train", "--data", tmp_path, "--out", tmp_path / "m", "--task", "regression")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "choose from binary, hash, multilabel, detection" in err
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_a_loaded_model_knows_its_task(task: str, rsna: Records, tmp_path: Path) -> None:
+    from cbir.models import get_task, save_checkpoint
+    from cbir.models.factory import create_model
+
+    save_checkpoint(create_model(_config(task, rsna)), tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["task"] == task   # stored as its name
+    assert load_checkpoint(tmp_path / "m").task is get_task(task)

@@ -21,6 +21,7 @@ from cbir.index import Index, Point, open_index
 from cbir.index.migrate import discover, migrate
 from cbir.index.snapshots import export_collection, import_collection
 from cbir.index.versions import create_versioned, drop, next_version, prune, swap, versions
+from cbir.migrations import PACKAGE
 
 FIXTURE = Path(__file__).parent / "fixtures" / "index-v1.tar.gz"
 KINDS = ("edge", "local")
@@ -64,8 +65,8 @@ def test_migration_from_schema_1(kind: str, tmp_path: Path) -> None:
         before = [(h.id, round(h.score, 5), h.hamming) for h in index.search("rsna", q, 10, code=code, prefilter=20)]
         radius_before = {h.id for h in index.search("rsna", q, 60, code=code, hamming_radius=6)}
         old_meta = index.get_meta("rsna")
-        applied = migrate(index)
-        assert [m.number for m in applied] == [m.number for m in discover()]
+        applied = migrate(index, None, discover(PACKAGE))
+        assert [m.number for m in applied] == [m.number for m in discover(PACKAGE)]
         assert index.list_aliases() == {"rsna": "rsna__v1"} and index.list_collections() == ["rsna__v1"]
         assert index.schema_version("rsna") == 2 and index.count("rsna") == 60
         meta = index.get_meta("rsna")
@@ -79,7 +80,7 @@ def test_migration_from_schema_1(kind: str, tmp_path: Path) -> None:
         after = [(h.id, round(h.score, 5), h.hamming) for h in index.search("rsna", q, 10, code=code, prefilter=20)]
         assert after == before
         assert {h.id for h in index.search("rsna", q, 60, code=code, hamming_radius=6)} == radius_before
-        assert migrate(index) == []                                   # idempotent
+        assert migrate(index, None, discover(PACKAGE)) == []                                   # idempotent
     if kind == "edge":
         config = json.loads((root / "edge" / "collections" / "rsna__v1" / "shard" / "edge_config.json").read_text())
         assert config["vectors"]["hash"]["datatype"] == "uint8"         # the new storage, on disk
@@ -89,11 +90,11 @@ def test_migration_from_schema_1(kind: str, tmp_path: Path) -> None:
 def test_interrupted_migration_is_finished_by_the_next_run(kind: str, tmp_path: Path) -> None:
     root = _extract_fixture(tmp_path)
     with open_index(LOCATION[kind](root), writable=True) as index:
-        migrate(index, to=1)
+        migrate(index, 1, discover(PACKAGE))
         # what a run killed halfway through copying leaves: a partial next version without an alias
         index.create_collection("rsna__v1", 16, 24, {"partial": True})
         index.upsert("rsna__v1", list(index.scroll("rsna", with_vectors=True))[:10])
-        migrate(index)
+        migrate(index, None, discover(PACKAGE))
         assert index.list_aliases() == {"rsna": "rsna__v1"} and index.count("rsna") == 60
         assert "partial" not in index.get_meta("rsna")
 

@@ -119,6 +119,23 @@ def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.from_numpy(back)[None, None]
 
 
+def augment_with_boxes(x: torch.Tensor, boxes: list[torch.Tensor], generator: torch.Generator
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Random horizontal flip (boxes follow) and gamma/contrast jitter of a (B, 1, S, S) batch in [0, 1]."""
+    n, size = x.shape[0], x.shape[-1]
+    rand = torch.rand(n, 3, generator=generator)
+    flip = rand[:, 0] < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    out = []
+    for b, f in zip(boxes, flip.tolist(), strict=True):
+        out.append(torch.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], dim=1) if f and len(b) else b)
+    gamma = torch.exp((rand[:, 1] * 2 - 1) * 0.25).view(-1, 1, 1, 1)
+    x = x.clamp(0, 1) ** gamma
+    contrast = (1 + (rand[:, 2] * 2 - 1) * 0.15).view(-1, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean).clamp(0, 1), out
+
+
 AUGMENTATIONS = {"basic": augment, "strong": augment_strong}
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from cbir.data.loading import Failed, Loaded, iterate_batches
-from cbir.data.transforms import Geometry, letterbox, model_input, standardize
+from cbir.data.transforms import Geometry, letterbox
 from cbir.io import Pseudonymizer, SafeMeta, XrayImage
 from cbir.models import LoadedModel
 
@@ -35,9 +35,7 @@ class Embedded:
 
 @torch.inference_mode()
 def _forward(loaded: LoadedModel, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    device = next(loaded.model.parameters()).device
-    intensity = getattr(loaded.config, "intensity", "standardize")  # detectors: standardize only
-    out = loaded.model(model_input(pixels.float(), intensity).to(device))
+    out, _ = loaded.task.embed(loaded.model, loaded.config, pixels)
     probs = loaded.model.probabilities(out.logits)
     return out.embedding.cpu().numpy(), out.code.cpu().numpy(), probs.cpu().numpy()
 
@@ -69,16 +67,13 @@ def embed_and_detect(loaded: LoadedModel, image: XrayImage
     "score"} in the original image's pixels (above the checkpoint's box threshold); [] for other models."""
     pixels, geometry = letterbox(image.pixels, loaded.config.image_size)
     x = torch.from_numpy(pixels)[None, None]
-    if loaded.config.task != "detection":
-        emb, codes, probs = _forward(loaded, x)
-        boxes: list[dict[str, float | list[float]]] = []
-    else:
+    out, detections = loaded.task.embed(loaded.model, loaded.config, x)
+    emb, codes = out.embedding.cpu().numpy(), out.code.cpu().numpy()
+    probs = loaded.model.probabilities(out.logits).cpu().numpy()
+    boxes: list[dict[str, float | list[float]]] = []
+    if detections is not None:
         from cbir.models.detection import boxes_to_original, filter_detections  # torchvision's detection models
 
-        device = next(loaded.model.parameters()).device
-        out, detections = loaded.model.detect_all(standardize(x.float()).to(device))
-        emb, codes = out.embedding.cpu().numpy(), out.code.cpu().numpy()
-        probs = loaded.model.probabilities(out.logits).cpu().numpy()
         found = filter_detections(detections[0], loaded.model.config.box_threshold)
         boxes = [{"box": [round(float(v), 1) for v in box], "score": round(float(score), 4)}
                  for box, score in zip(boxes_to_original(found["boxes"].cpu().numpy(), geometry),

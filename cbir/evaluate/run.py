@@ -109,7 +109,7 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
     y = records.y
     names = records.label_lists()
     negative = negative_label(records.label_names, records.target)
-    model_labels = loaded.config.label_names if loaded.config.task == "multilabel" else None
+    model_labels = loaded.config.label_names if loaded.task.per_label else None
     with reporter.task("embed queries", len(paths)) as bar:
         for embedded, failed in embed_batches(loaded, paths, pseudonymize=pseudonymize):
             for item in embedded:
@@ -190,7 +190,7 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k) | {"unknown_labels": unknown}
     extra["stage2"]["weighted_vote"], extra["vote_calibration"] = _weighted_vote(
         index, collection, meta, archive, neighbours, queries, k, groups, reporter)
-    if loaded.config.task == "detection":
+    if loaded.task.boxes:
         extra["stage1"].update(_box_metrics(meta, loaded, queries_from, reporter))
     report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query,
                        neighbor_y=neighbours.targets, archive_y=archive.targets, k=k, relevant=relevant,
@@ -412,7 +412,7 @@ def _extra_metrics(loaded: LoadedModel, archive: Archive, queries: list[Query], 
         stage2["prefilter_size"] = prefilter_size(archive.targets.size)
         if archive.embeddings is not None:
             stage2["codes"] = _code_comparison(archive, queries, y_query, k)
-    if loaded.config.task == "multilabel":
+    if loaded.task.per_label:
         stage2["map_at_k_any_finding"] = map_at_k(_shares_a_finding(queries, neighbours, k), k,
                                                   archive.n_sharing_a_finding(queries))
         aucs = _per_class_auc(queries, loaded.config.label_names)

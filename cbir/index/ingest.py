@@ -178,7 +178,7 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
         raise CbirError(f"collection {collection!r} has no fitted ITQ codes yet: ingest part 1 first, which fits "
                         "them, then start the other parts")
     order = np.random.default_rng(0).permutation(todo) if fitting else todo
-    model_labels = list(loaded.config.label_names) if loaded.config.task == "multilabel" else None
+    model_labels = list(loaded.config.label_names) if loaded.task.per_label else None
     seen: dict[str, tuple[str, str]] = {}  # point ID → (pixel digest, path) of the first file with it
     held: list[Embedded] = []
     itq = itq_from_meta(meta)  # parsed once; None while it is still to be fitted, or for the model's codes

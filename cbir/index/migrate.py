@@ -1,4 +1,4 @@
-"""Index migrations: `migrations/NNNN_name.py` files, each with `up(ctx)`, applied in order by `cbir migrate`.
+"""Index migrations: `cbir/migrations/NNNN_name.py` files, each with `up(ctx)`, applied in order by `cbir migrate`.
 
 The index keeps a ledger of what was applied (Edge: `ledger.json` beside `collections/`; a server or local
 mode: the metadata of the reserved `cbir_ledger` collection). A migration is recorded only after its `up`
@@ -40,7 +40,7 @@ class MigrationContext:
         return self.index.list_collections()
 
 
-def discover(package: str = "migrations") -> list[Migration]:
+def discover(package: str = "cbir.migrations") -> list[Migration]:
     """Every `NNNN_name` module of `package` with an `up` function, by number; gaps and duplicates are refused."""
     root = importlib.import_module(package)
     found = []

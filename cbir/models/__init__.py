@@ -2,6 +2,7 @@
 
 from cbir.models.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
 from cbir.models.factory import CbirNet, ModelConfig, ModelOutput, create_model
+from cbir.models.tasks import TASKS, Task, get_task, register_task  # registers the four tasks
 
 __all__ = ["CbirNet", "ModelConfig", "ModelOutput", "create_model", "LoadedModel", "load_checkpoint",
-           "save_checkpoint"]
+           "save_checkpoint", "TASKS", "Task", "get_task", "register_task"]

@@ -14,6 +14,7 @@ from torch import nn
 
 from cbir.errors import CbirError
 from cbir.models.factory import CbirNet, ModelConfig, create_model
+from cbir.models.registry import Task, get_task
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -24,12 +25,19 @@ SPLIT = "split.json"
 
 @dataclass
 class LoadedModel:
+    """A checkpoint's model in eval mode; `task` says what it does (`cbir.models.registry.Task`)."""
+
     model: CbirNet  # or a CbirDetector, which has the same forward() → ModelOutput and probabilities()
     config: ModelConfig
     fingerprint: str
     path: Path
     #: The training data's split record (None for a checkpoint written before splits were recorded).
     split: dict[str, Any] | None = None
+
+    @property
+    def task(self) -> Task:
+        """The model's task (config.json stores its name)."""
+        return get_task(self.config.task)
 
 
 def fingerprint_of(config: ModelConfig, weights_file: Path) -> str:
@@ -105,19 +113,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
 
 def _config(data: dict) -> Any:
-    """The ModelConfig (or DetectorConfig, for task detection) of a config.json's contents."""
-    if data.get("task") == "detection":
-        from cbir.models.detection import DetectorConfig  # detection imports this module
-        return DetectorConfig.from_dict(data)
-    return ModelConfig.from_dict(data)
+    """The config (its task's `config_class`: ModelConfig, DetectorConfig) of a config.json's contents; a
+    config.json without a task is a binary model's."""
+    return _task_of(data).config_class.from_dict(data)
+
+
+def _task_of(data: dict) -> Task:
+    return get_task(data.get("task", ModelConfig.task))
 
 
 def _build(config: Any) -> nn.Module:
     """A freshly initialised model for `config`."""
-    if isinstance(config, ModelConfig):
-        return create_model(config)
-    from cbir.models.detection import create_detector
-    return create_detector(config)
+    return get_task(config.task).create(config)
 
 
 def _assigned_without_init(config: Any, state: dict[str, torch.Tensor]) -> nn.Module | None:
@@ -141,3 +148,21 @@ def _assigned_without_init(config: Any, state: dict[str, torch.Tensor]) -> nn.Mo
         if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
             return None
     return model
+
+
+def is_detector_checkpoint(path: str | Path) -> bool:
+    """Whether `path` (a checkpoint directory or a file in one) holds a model whose task finds boxes."""
+    path = Path(path)
+    config = (path.parent if path.is_file() else path) / CONFIG
+    try:
+        return _task_of(json.loads(config.read_text())).boxes
+    except (OSError, json.JSONDecodeError, AttributeError, CbirError):
+        return False
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """`load_checkpoint` for a checkpoint that must hold a detector."""
+    if (Path(path) / CONFIG).is_file() and not is_detector_checkpoint(path):
+        task = json.loads((Path(path) / CONFIG).read_text()).get("task")
+        raise CbirError(f"{path}: a {task!r} model, not a detector")
+    return load_checkpoint(path, device)

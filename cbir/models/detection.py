@@ -28,7 +28,7 @@ Boxes: `detect(x)` gives xyxy boxes in model-input pixels; `detect_original(x, g
 [x, y, w, h] boxes in each original image's pixels (the `Records.meta["boxes"]` convention), mapped back
 through the letterbox `Geometry`. A checkpoint is the usual directory (config.json with
 ``"task": "detection"``, model.safetensors, fingerprint), written by `cbir.models.checkpoint.save_checkpoint`
-and read back by `load_detector`.
+and read back by `cbir.models.checkpoint.load_detector`.
 
 Why max pooling of the FPN maps. An opacity is local, so "is there an opacity-like response anywhere" is what
 the embedding should keep, just as the image score is a maximum over locations. `pooling="avg"` and `"gem"`
@@ -38,11 +38,8 @@ kNN balanced accuracy (`cbir study pooling`), so max stays the default.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,75 +53,10 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from cbir.data.transforms import Geometry
 from cbir.errors import CbirError
-from cbir.models.checkpoint import CONFIG, LoadedModel, load_checkpoint
+from cbir.models.detector_config import DETECTION_TASK, DETECTORS, EPS, POOLINGS, DetectorConfig
 from cbir.models.factory import ModelOutput
 
-DETECTION_TASK = "detection"
-DETECTORS = ("fcos", "retinanet")
-#: How the FPN maps become the embedding: global max, mean, or generalised mean (p = 3) per channel.
-POOLINGS = ("max", "avg", "gem")
-#: Probabilities are clamped to [EPS, 1 - EPS] before taking the logit, so logits stay finite.
-EPS = 1e-6
-
-
-@dataclass
-class DetectorConfig:
-    """Everything needed to rebuild a detector; saved as the checkpoint's config.json.
-
-    The first fields are those of `ModelConfig` (same names, same meaning), so code that reads a checkpoint's
-    config for retrieval (image size, embedding size, bits, label names) works on both.
-    """
-
-    backbone: str = "resnet18"
-    task: str = DETECTION_TASK
-    image_size: int = 224
-    bits: int = 64
-    label_names: list[str] = field(default_factory=lambda: ["Pneumonia"])
-    target: str = "Pneumonia"
-    drop_rate: float = 0.0
-    code_seed: int = 0
-    detector: str = "fcos"
-    box_class: str = "opacity"
-    levels: list[int] = field(default_factory=lambda: [2, 3, 4])
-    fpn_channels: int = 64
-    head_convs: int = 2
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 20
-    #: boxes scoring below this are dropped from reported detections (chosen on validation box mAP).
-    box_threshold: float = 0.3
-    pooling: str = "max"
-
-    @property
-    def embed_dim(self) -> int:
-        """The embedding size: one max-pooled value per FPN channel and level."""
-        return len(self.levels) * self.fpn_channels
-
-    @property
-    def vector_dim(self) -> int:
-        """Length of the retrieval embedding (a detector has no appearance part)."""
-        return self.embed_dim
-
-    @property
-    def num_outputs(self) -> int:
-        return 1
-
-    @property
-    def target_index(self) -> int:
-        """Column of the target's logit: the one image-score logit."""
-        return 0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self) | {"embed_dim": self.embed_dim}
-        if data["pooling"] == "max":
-            del data["pooling"]  # the default: configs (and fingerprints) written before the field stay the same
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
+__all__ = ["DETECTION_TASK", "DETECTORS", "EPS", "POOLINGS", "CbirDetector", "DetectorConfig", "create_detector"]
 
 class _Backbone(nn.Module):
     """timm feature maps → FPN maps (an OrderedDict, as torchvision detectors expect)."""
@@ -158,15 +90,7 @@ class CbirDetector(nn.Module):
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__()
-        if config.task != DETECTION_TASK:
-            raise CbirError(f"a detector needs task {DETECTION_TASK!r}, not {config.task!r}")
-        if config.detector not in DETECTORS:
-            raise CbirError(f"unknown detector {config.detector!r} (choose from {', '.join(DETECTORS)})")
-        groups = 16 if config.detector == "fcos" else 32
-        if config.fpn_channels % groups:
-            raise CbirError(f"fpn_channels must be a multiple of {groups} (GroupNorm), got {config.fpn_channels}")
-        if config.pooling not in POOLINGS:
-            raise CbirError(f"unknown pooling {config.pooling!r} (choose from {', '.join(POOLINGS)})")
+        config.validate()
         self.config = config
         backbone = _Backbone(config)
         common = dict(num_classes=1, min_size=config.image_size, max_size=config.image_size, image_mean=[0.0],
@@ -350,24 +274,3 @@ def letterbox_geometry(height: int, width: int, size: int) -> Geometry:
     scale = size / max(height, width)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     return Geometry(int(height), int(width), size, scale, float((size - new_w) // 2), float((size - new_h) // 2))
-
-
-# -- checkpoints ------------------------------------------------------------------------------------------
-
-
-def is_detector_checkpoint(path: str | Path) -> bool:
-    """Whether `path` (a checkpoint directory or a file in one) holds a detection model."""
-    path = Path(path)
-    config = (path.parent if path.is_file() else path) / CONFIG
-    try:
-        return json.loads(config.read_text()).get("task") == DETECTION_TASK
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
-
-
-def load_detector(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """`load_checkpoint` for a checkpoint that must hold a detector."""
-    if (Path(path) / CONFIG).is_file() and not is_detector_checkpoint(path):
-        task = json.loads((Path(path) / CONFIG).read_text()).get("task")
-        raise CbirError(f"{path}: a {task!r} model, not a detector")
-    return load_checkpoint(path, device)

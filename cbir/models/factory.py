@@ -14,8 +14,8 @@ from torch import nn
 from cbir.data.transforms import INTENSITIES
 from cbir.errors import CbirError
 from cbir.models.appearance import Appearance, join
+from cbir.models.registry import get_task
 
-TASKS = ("binary", "hash", "multilabel")
 HASH_BITS = (16, 256)
 #: Config fields that only the hash task uses; left out of other tasks' config.json (and so fingerprints).
 HASH_FIELDS = ("hash_pair_weight", "hash_quant_weight", "hash_balance_weight")
@@ -63,24 +63,26 @@ class ModelConfig:
     @property
     def num_outputs(self) -> int:
         """One logit for binary and hash (the target), one per label name for multilabel."""
-        return len(self.label_names) if self.task == "multilabel" else 1
+        return len(self.label_names) if get_task(self.task).per_label else 1
 
     @property
     def target_index(self) -> int:
         """Column of the target's logit (multilabel: its position in `label_names`; otherwise 0)."""
-        return self.label_names.index(self.target) if self.task == "multilabel" else 0
+        return self.label_names.index(self.target) if get_task(self.task).per_label else 0
 
     def validate(self) -> None:
         """Raise `CbirError` (one line) for an unknown task or intensity, a bad bit count or a target not in the
         labels."""
-        if self.task not in TASKS:
-            raise CbirError(f"unknown task {self.task!r} (choose from {', '.join(TASKS)})")
+        task = get_task(self.task)
+        if task.config_class is not ModelConfig:
+            raise CbirError(f"task {self.task!r} does not train a CbirNet (its config is a "
+                            f"{task.config_class.__name__})")
         if self.intensity not in INTENSITIES:
             raise CbirError(f"unknown intensity {self.intensity!r} (choose from {', '.join(INTENSITIES)})")
         low, high = HASH_BITS
-        if self.task == "hash" and not low <= self.bits <= high:
+        if task.hash_layer and not low <= self.bits <= high:
             raise CbirError(f"--bits {self.bits} is outside {low}..{high} for the hash task")
-        if self.task == "multilabel" and self.target not in self.label_names:
+        if task.per_label and self.target not in self.label_names:
             raise CbirError(f"target {self.target!r} is not one of the labels {self.label_names}")
         if self.appearance_size < 0 or not 0 <= self.appearance_weight < 1 or self.appearance_window < 0:
             raise CbirError(f"appearance size {self.appearance_size} / weight {self.appearance_weight} / window "
@@ -88,7 +90,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.task != "hash":
+        if not get_task(self.task).hash_layer:
             for name in HASH_FIELDS:
                 data.pop(name)
         if not self.has_appearance:
@@ -137,7 +139,7 @@ class CbirNet(nn.Module):
         generator = torch.Generator().manual_seed(config.code_seed)
         projection = torch.randn(config.vector_dim, config.bits, generator=generator)
         self.register_buffer("code_projection", projection)
-        self.hash_head = _hash_head(config) if config.task == "hash" else None
+        self.hash_head = _hash_head(config) if get_task(config.task).hash_layer else None
         self.appearance = (Appearance(config.appearance_size, config.appearance_window) if config.has_appearance
                            else None)
 
@@ -177,7 +179,8 @@ def _hash_head(config: ModelConfig) -> nn.Module:
 
     Without the centring, `z`'s common offset pushes most bits to one sign for every image and tanh saturates
     there, so the balance loss has no gradient left (measured: constant bits on synthetic RSNA). Training sets
-    the statistics precisely after every epoch (`cbir.train.loop`), not by a running average.
+    the statistics precisely after every epoch (`cbir.train.classifier.calibrate_hash_centre`), not by a running
+    average.
     """
     return nn.Sequential(nn.Linear(config.embed_dim, config.bits), nn.BatchNorm1d(config.bits))
 

@@ -200,7 +200,7 @@ def answer(image: XrayImage, name: str | None, loaded: LoadedModel, meta: dict[s
     probability = embedded.probability
     prediction = {"label": target if probability >= 0.5 else negative, "probability": round(probability, 6),
                   "target": target}
-    if loaded.config.task == "detection":
+    if loaded.task.boxes:
         prediction["boxes"] = boxes
     return QueryResult(
         collection=collection, model_fingerprint=loaded.fingerprint, k=k,

@@ -27,8 +27,7 @@ from cbir.studies.common import (
     register,
     score_on_validation,
 )
-from cbir.train import TrainSettings
-from cbir.train.detection import train_detector
+from cbir.train import TrainSettings, train_model
 
 
 def _trained(options: StudyOptions, records: Any, detector: str, out: Path, reporter: Reporter) -> Path:
@@ -42,7 +41,7 @@ def _trained(options: StudyOptions, records: Any, detector: str, out: Path, repo
                             label_names=list(records.label_names), target=records.target)
     settings = TrainSettings(epochs=options.epochs, batch_size=options.batch_size, device=options.device,
                              seed=options.seed)
-    train_detector(records, config, settings, model_dir, reporter)
+    train_model(records, config, settings, model_dir, reporter)
     return model_dir
 
 

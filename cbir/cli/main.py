@@ -239,10 +239,11 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     """Train a backbone with an embedding head; the split is recorded in the checkpoint (split.json)."""
     from cbir.data.layout import load_dataset
     from cbir.data.splits import SplitSpec
-    from cbir.models import ModelConfig
+    from cbir.models import ModelConfig, get_task
     from cbir.train import TrainSettings, train_model
     from cbir.train.selection import SELECT_RULES
-    if task != "detection":  # a bad --task/--bits/--intensity fails before the dataset is read
+    finds_boxes = get_task(task).boxes  # a bad --task/--bits/--intensity fails before the dataset is read
+    if not finds_boxes:
         ModelConfig(task=task, bits=bits, intensity=intensity).validate()
     elif intensity != "standardize":
         raise CbirError("--intensity: the detector takes standardised inputs only")
@@ -265,9 +266,6 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         reporter.log(f"note: {note}")
     appearance = {k: v for k, v in (("appearance_size", appearance_size), ("appearance_weight", appearance_weight),
                                     ("appearance_window", appearance_window)) if v is not None}
-    config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
-                         label_names=list(records.label_names), target=records.target, intensity=intensity,
-                         **appearance)
     defaults = TrainSettings()
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, device=device, workers=workers,
                              seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
@@ -277,14 +275,14 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     counts = records.meta["split"].value_counts().to_dict()
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}; split {spec.describe()}), target "
                  f"{records.target!r}, {int(records.y.sum())} positive")
-    if task == "detection":
-        from cbir.models.detection import DetectorConfig
-        from cbir.train.detection import train_detector
-        detector = DetectorConfig(backbone=backbone, image_size=image_size, bits=bits,
-                                  label_names=list(records.label_names), target=records.target)
-        result = train_detector(records, detector, settings, out_dir, reporter)
+    labels = {"label_names": list(records.label_names), "target": records.target}
+    if finds_boxes:
+        from cbir.models.detector_config import DetectorConfig
+        config: Any = DetectorConfig(backbone=backbone, image_size=image_size, bits=bits, **labels)
     else:
-        result = train_model(records, config, settings, out_dir, reporter)
+        config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
+                             intensity=intensity, **labels, **appearance)
+    result = train_model(records, config, settings, out_dir, reporter)
     auc = "n/a" if math.isnan(result.best_val_auc) else f"{result.best_val_auc:.4f}"
     out.print(f"model {result.fingerprint} saved to {out_dir} (best epoch {result.best_epoch}, "
               f"val AUC {auc}, {result.seconds:.0f} s)", markup=False)
@@ -684,9 +682,11 @@ def migrate(index: IndexOpt = None,
             to: Annotated[int | None, typer.Option("--to", min=0, help="stop after this migration")] = None
             ) -> None:
     """Apply the index migrations not yet applied (idempotent); `--to N` stops after migration N."""
+    from cbir.index.migrate import discover
     from cbir.index.migrate import migrate as run_migrations
+    from cbir.migrations import PACKAGE
     with _open(index, writable=True, create=True) as idx:
-        applied = run_migrations(idx, to, reporter=_reporter())
+        applied = run_migrations(idx, to, discover(PACKAGE), reporter=_reporter())
         ledger = idx.get_ledger()
     latest = max((int(e["number"]) for e in ledger), default=0)
     out.print(f"applied {len(applied)} migration(s); the index is at migration {latest}", markup=False)

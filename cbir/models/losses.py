@@ -1,12 +1,26 @@
-"""Losses of the hash task (DPSH / HashNet style) and per-class positive weights for BCE.
+"""Training losses: the classification loss of a CbirNet (`classification_loss`), the hash task's losses (DPSH /
+HashNet style), a supervised contrastive loss and per-class positive weights for BCE.
 
 `h` is the tanh-relaxed hash layer, a (B, K) tensor in (-1, 1); its sign is the binary code.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from cbir.models.factory import CbirNet, ModelOutput
+
+
+class MetricLossSettings(Protocol):
+    """The training settings the classification loss reads (`cbir.train.settings.TrainSettings` has them)."""
+
+    metric_loss: str
+    metric_weight: float
+    metric_temperature: float
 
 
 def default_alpha(bits: int) -> float:
@@ -94,3 +108,24 @@ def supervised_contrastive_loss(embedding: torch.Tensor, labels: torch.Tensor, p
         return embedding.sum() * 0.0
     mean_positive = (log_prob.masked_fill(~positive, 0.0).sum(dim=1) / positive.sum(dim=1).clamp(min=1))
     return -mean_positive[has].mean()
+
+
+def label_groups(target: torch.Tensor) -> torch.Tensor:
+    """(B,) one integer per distinct row of 0/1 targets (B, C): images with the same labels share it."""
+    weights = 2 ** torch.arange(target.shape[1], device=target.device, dtype=torch.float64)
+    return (target.double() @ weights).long()
+
+
+def classification_loss(model: CbirNet, out: ModelOutput, target: torch.Tensor, pos_weight: torch.Tensor,
+                        settings: MetricLossSettings | None = None, patients: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """Class-weighted BCE on the logits, plus (`settings.metric_loss` "supcon") the supervised contrastive loss
+    on the semantic embedding, plus (a hash layer) the hash losses weighted by the config's `hash_*` fields."""
+    loss = F.binary_cross_entropy_with_logits(out.logits, target, pos_weight=pos_weight)
+    if settings is not None and settings.metric_loss == "supcon" and patients is not None:
+        loss = loss + settings.metric_weight * supervised_contrastive_loss(
+            out.semantic, label_groups(target), patients, settings.metric_temperature)
+    if out.hash is None:
+        return loss
+    c = model.config
+    return loss + hash_loss(out.hash, target, c.hash_pair_weight, c.hash_quant_weight, c.hash_balance_weight)

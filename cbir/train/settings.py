@@ -1,0 +1,74 @@
+"""What a training run is given (`TrainSettings`) and what it returns (`TrainResult`), for every task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cbir.data.transforms import AUGMENTATIONS
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    pretrained: bool = False
+    weights: str | None = None
+    #: "last": the last epoch of the schedule; "best": the epoch with the best validation score. "last" is the
+    #: default: on real RSNA it checked as well as "best" on held-out validation patients, and its validation
+    #: estimate was not optimistic (docs/results.md, "Model selection").
+    select: str = "last"
+    #: Keep an exponential moving average of the weights (time constant `ema_epochs`) and use it instead
+    #: (measured level with the plain weights, so off by default).
+    ema: bool = False
+    ema_epochs: float = 1.0
+    #: "basic" (`cbir.data.transforms.augment`) or "strong" (`augment_strong`: also window, resolution, blur,
+    #: noise and JPEG re-encoding).
+    augment: str = "basic"
+    #: "none" or "supcon": a supervised contrastive loss on the embedding beside the classification loss
+    #: (`cbir.models.losses.supervised_contrastive_loss`), weighted by `metric_weight`.
+    metric_loss: str = "none"
+    metric_weight: float = 1.0
+    metric_temperature: float = 0.1
+    #: Draw every batch with equally many images of each class (the minority repeated), instead of a shuffle.
+    balanced: bool = False
+
+    def validate(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}, not {self.augment!r}")
+        if self.metric_loss not in ("none", "supcon"):
+            raise ValueError(f"metric_loss must be 'none' or 'supcon', not {self.metric_loss!r}")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    fingerprint: str
+    best_epoch: int
+    best_val_auc: float
+    history: list[dict] = field(default_factory=list)
+    n_train: int = 0
+    n_val: int = 0
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Validation:
+    """One epoch's validation of the kept weights, as a task's training data scores it."""
+
+    #: metrics.jsonl fields after the training losses ("val_loss", "val_auc", …) and after "lr"/"seconds".
+    row: dict[str, Any]
+    extra: dict[str, Any]
+    #: The selection score (`cbir.train.selection.Keeper.consider`): higher is better.
+    score: float
+    #: The `TrainResult` fields that the epoch gives when its weights are kept ("best_val_auc", …).
+    best: dict[str, float]
+    #: The epoch's log line after the training loss.
+    log: str

@@ -1,1 +1,0 @@
-"""Index migrations, applied in order by `cbir migrate` (see `cbir.index.migrate`)."""
