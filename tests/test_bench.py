@@ -65,15 +65,49 @@ def test_cli_bench_writes_json(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "--n", "400", "--dim", "16", "--bits", "32", "--queries", "8",
                                       "--prefilter", "50", "--no-hnsw", "--backbone", "test_resnet",
                                       "--image-size", "32", "--pipeline-images", "24", "--source-size", "64",
-                                      "--json", str(out), "--markdown", str(tmp_path / "bench.md")])
+                                      "--serve-queries", "2", "--json", str(out), "--markdown",
+                                      str(tmp_path / "bench.md")])
     assert result.exit_code == 0, result.stderr
     report = json.loads(out.read_text())
     assert isinstance(report["rows"], list) and report["rows"]
-    assert all(set(row) >= ROW_KEYS for row in report["rows"])
+    assert all(set(row) >= ROW_KEYS and row["load"] is False and row["threads"] == 1 for row in report["rows"])
     assert set(report["pipeline"]) >= PIPELINE_KEYS and report["pipeline"]["images_per_s"] > 0
     assert "cbir bench" in result.stdout and "warm query" in result.stdout
+    serve = report["pipeline"]["serve"]
+    assert [(s["clients"], s["load"], s["requests"]) for s in serve] == [(1, False, 2), (2, False, 4)]
+    assert all(0 < s["p50_ms"] <= s["p99_ms"] for s in serve)
+    assert {(b["engine"], b["method"]) for b in report["batched"]} >= {("numpy", "exact_knn")}
     table = (tmp_path / "bench.md").read_text()
-    assert table.count("\n| ") == len(report["rows"]) and "images/s with decoding" in table
+    main = table.split("\n\n")[0]
+    assert main.count("\n| ") == len(report["rows"]) and "images/s with decoding" in table
+    assert "| clients | load |" in table and "queries/s" in table
+
+
+def test_bench_load_marks_the_rows_and_repeats_the_in_process_engines() -> None:
+    from cbir.bench.run import IN_PROCESS
+    data = synthetic(300, 16, 32, 4)
+    rows = bench_vectors(data, prefilter=50, hnsw=False, load=True)
+    loaded = {(r.engine, r.method, r.filter) for r in rows if r.load}
+    idle = {(r.engine, r.method, r.filter) for r in rows if not r.load}
+    assert loaded and loaded == {key for key in idle if key[0] in IN_PROCESS}
+    assert not any(r.load for r in rows if r.engine not in IN_PROCESS)   # Qdrant rows only run idle
+    assert all(r.threads == 1 for r in rows)
+
+
+def test_bench_large_sizes_are_built_from_arrays_and_run_in_process() -> None:
+    from cbir.bench.data import synthetic_arrays
+    from cbir.bench.run import BatchRow
+    data = synthetic_arrays(2000, 16, 64, 6)
+    assert data.points is None and len(data) == 2000 and data.embeddings.dtype == np.float32
+    assert np.allclose(np.linalg.norm(data.embeddings, axis=1), 1, atol=1e-5) and data.codes.shape == (2000, 64)
+    batched: list[BatchRow] = []
+    rows = bench_vectors(data, prefilter=200, batch_rows=batched)
+    assert {r.engine for r in rows} <= {"cbir-memory", "numpy", "faiss"} and all(r.n == 2000 for r in rows)
+    memory = [r for r in rows if r.engine == "cbir-memory"]
+    assert {r.method for r in memory} == {"exact_knn", "topn_prefilter_rerank", "radius_prefilter_rerank"}
+    assert all(r.resident_mib is not None and r.raw_mib == round(2000 * 16 * 4 / 2**20, 1) for r in memory)
+    assert all(r.recall_at_10 == 1.0 for r in memory if r.method == "exact_knn")
+    assert batched and all(b.queries_per_s > 0 and b.batch == 6 for b in batched)
 
 
 def test_cli_bench_from_a_real_collection(tmp_path: Path) -> None:

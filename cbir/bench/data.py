@@ -4,7 +4,9 @@ field that a filter can cut to 20 %, and queries near the archive. Or the points
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -16,18 +18,36 @@ FILTER_20 = Filter(must={"label": "a"})
 
 @dataclass
 class BenchData:
-    points: list[Point]
+    points: list[Point] | None   # None: arrays only (`synthetic_arrays`, for sizes where Points cost too much)
     queries: np.ndarray          # (Q, dim) float32, normalised
     query_codes: np.ndarray      # (Q, bits) uint8
     source: str
+    arrays: dict[str, Any] = field(default_factory=dict, repr=False)  # ids, embeddings, codes, labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _array(self, name: str, make: Callable[[], Any]) -> Any:
+        if name not in self.arrays:
+            self.arrays[name] = make()
+        return self.arrays[name]
+
+    @property
+    def ids(self) -> list[str]:
+        return self._array("ids", lambda: [p.id for p in self.points or []])
 
     @property
     def embeddings(self) -> np.ndarray:
-        return np.stack([p.embedding for p in self.points])
+        return self._array("embeddings", lambda: np.stack([p.embedding for p in self.points or []]))
 
     @property
     def codes(self) -> np.ndarray:
-        return np.stack([p.code for p in self.points])
+        return self._array("codes", lambda: np.stack([p.code for p in self.points or []]))
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Each point's `label` field (what `FILTER_20` tests)."""
+        return self._array("labels", lambda: np.array([p.payload.get("label") for p in self.points or []]))
 
 
 def synthetic(n: int, dim: int, bits: int, queries: int, seed: int = 0, clusters: int | None = None,
@@ -50,6 +70,35 @@ def synthetic(n: int, dim: int, bits: int, queries: int, seed: int = 0, clusters
                     {"label": LABELS[i % len(LABELS)], "view": "PA" if i % 3 else "AP", "cluster": int(which[i])})
               for i in range(n)]
     return BenchData(points, q.astype(np.float32), (q @ projection > 0).astype(np.uint8), "synthetic")
+
+
+def synthetic_arrays(n: int, dim: int, bits: int, queries: int, seed: int = 0, clusters: int | None = None,
+                     spread: float = 0.3, chunk: int = 65_536) -> BenchData:
+    """The same kind of data as `synthetic` (its own random stream), as arrays without `Point`s and without
+    payloads (labels are kept for the filter), generated in chunks: 1M × 512 takes 2 GiB, not 4 more for
+    float64 temporaries and Point objects."""
+    rng = np.random.default_rng(seed)
+    clusters = clusters or max(20, n // 500)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    projection = rng.normal(size=(dim, bits)).astype(np.float32)
+    which = rng.integers(0, clusters, n)
+    emb = np.empty((n, dim), np.float32)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        part = centres[which[start:stop]] + spread * rng.standard_normal((stop - start, dim), dtype=np.float32)
+        part /= np.linalg.norm(part, axis=1, keepdims=True)
+        emb[start:stop] = part
+    codes = np.empty((n, bits), np.uint8)
+    for start in range(0, n, chunk):
+        codes[start:start + chunk] = emb[start:start + chunk] @ projection > 0
+    picks = rng.integers(0, n, queries)
+    q = emb[picks] + 0.5 * spread * rng.normal(size=(queries, dim)).astype(np.float32) / np.sqrt(dim) * 4
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    raw = rng.bytes(16 * n)
+    ids = [str(uuid.UUID(bytes=raw[16 * i:16 * i + 16], version=4)) for i in range(n)]
+    labels = np.array(LABELS)[np.arange(n) % len(LABELS)]
+    return BenchData(None, q.astype(np.float32), (q @ projection > 0).astype(np.uint8), "synthetic arrays",
+                     {"ids": ids, "embeddings": emb, "codes": codes, "labels": labels})
 
 
 def from_index(index: Index, collection: str, queries: int, seed: int = 0) -> BenchData:

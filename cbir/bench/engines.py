@@ -37,6 +37,10 @@ class Engine(ABC):
     def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
         """Method name → search function."""
 
+    def batched(self, k: int) -> dict[str, Callable[[np.ndarray], object]]:
+        """Method name → a search of a whole (Q, dim) batch of queries with every thread (throughput rows)."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - most engines hold nothing
         pass
 
@@ -66,6 +70,7 @@ class IndexEngine(Engine):
         from cbir.index import open_index
         location = str(Path(self._tmp.name) / "edge") if self.kind == "edge" else ":memory:"
         self.index = open_index(location, writable=True, create=True)
+        assert data.points is not None, "Qdrant engines need Points"
         dim, bits = data.points[0].embedding.size, data.points[0].code.size
         self.index.create_collection("bench", dim, bits, {"dim": dim, "bits": bits})
         started = time.perf_counter()
@@ -102,6 +107,7 @@ class EdgeHnswEngine(Engine):
 
         from cbir.index.edge_convert import edge_filter
         self._filter = edge_filter
+        assert data.points is not None, "Qdrant engines need Points"
         dim = data.points[0].embedding.size
         hnsw = qe.HnswIndexConfig(m=self.m, ef_construct=self.ef_construct, full_scan_threshold=10_000)
         config = qe.EdgeConfig(vectors={"embedding": qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine,
@@ -143,10 +149,14 @@ class MemoryEngine(Engine):
     def load(self, data: BenchData) -> tuple[float, float]:
         from cbir.search.memory import MemoryIndex
         started = time.perf_counter()
-        self.memory = MemoryIndex(data.points)
+        if data.points is not None:
+            self.memory = MemoryIndex(data.points)
+        else:   # arrays only: no payloads but the filter field
+            self.memory = MemoryIndex.from_arrays(data.ids, data.embeddings, data.codes,
+                                                  [{"label": str(label)} for label in data.labels])
         seconds = time.perf_counter() - started
-        self.position = {p.id: i for i, p in enumerate(data.points)}
-        return len(data.points) / seconds, 0.0
+        self.position = self.memory.position
+        return len(data) / seconds, 0.0
 
     def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
         return cbir_methods(self.memory.search, self.position, k, prefilter, radius)
@@ -160,8 +170,8 @@ class NumpyEngine(Engine):
     def load(self, data: BenchData) -> tuple[float, float]:
         started = time.perf_counter()
         self.emb = np.ascontiguousarray(data.embeddings)
-        self.labels = np.array([p.payload.get("label") for p in data.points])
-        return len(data.points) / (time.perf_counter() - started), 0.0
+        self.labels = data.labels
+        return len(data) / (time.perf_counter() - started), 0.0
 
     def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
         def search(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
@@ -170,6 +180,12 @@ class NumpyEngine(Engine):
                 scores = np.where(self.labels == flt.must["label"], scores, -np.inf)
             top = np.argpartition(-scores, k)[:k]
             return top[np.argsort(-scores[top])].tolist()
+        return {"exact_knn": search}
+
+    def batched(self, k: int) -> dict[str, Callable[[np.ndarray], object]]:
+        def search(queries: np.ndarray) -> object:
+            scores = queries @ self.emb.T
+            return np.argpartition(-scores, k, axis=1)[:, :k]
         return {"exact_knn": search}
 
 
@@ -188,7 +204,7 @@ class FaissEngine(Engine):
         codes = data.codes
         self.binary = faiss.IndexBinaryFlat(codes.shape[1])
         self.binary.add(np.packbits(codes, axis=1))
-        return len(data.points) / (time.perf_counter() - started), 0.0
+        return len(data) / (time.perf_counter() - started), 0.0
 
     def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
         def flat(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
@@ -201,6 +217,9 @@ class FaissEngine(Engine):
             top = np.argsort(-scores)[:k]
             return candidates[top].tolist()
         return {"exact_knn": flat, "binary_flat_rerank": binary}
+
+    def batched(self, k: int) -> dict[str, Callable[[np.ndarray], object]]:
+        return {"exact_knn": lambda queries: self.flat.search(queries, k)}
 
 
 def faiss_available() -> bool:

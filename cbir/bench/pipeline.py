@@ -16,9 +16,11 @@ from cbir.console import QUIET, Reporter
 
 
 def bench_pipeline(backbone: str = "resnet18", image_size: int = 224, n_images: int = 96, batch_size: int = 16,
-                   workers: int = 2, source_size: int = 1024, queries: int = 20,
-                   reporter: Reporter = QUIET) -> dict[str, Any]:
-    """Synthetic JPEG DICOMs of `source_size` px (RSNA's own size is 1024), a randomly initialised `backbone`."""
+                   workers: int = 2, source_size: int = 1024, queries: int = 20, serve_queries: int = 0,
+                   load: bool = False, reporter: Reporter = QUIET) -> dict[str, Any]:
+    """Synthetic JPEG DICOMs of `source_size` px (RSNA's own size is 1024), a randomly initialised `backbone`.
+    `serve_queries` > 0 also times `cbir serve` (a separate process) with 1 and 2 parallel clients, each sending
+    that many queries (`load`: also with one core busy)."""
     from cbir.data.layout import load_dataset
     from cbir.data.synth import synth_dataset
     from cbir.embed import embed_batches
@@ -67,8 +69,90 @@ def bench_pipeline(backbone: str = "resnet18", image_size: int = 224, n_images: 
                 warm.query(path, k=10, prefilter=100)
                 times.append(1000 * (time.perf_counter() - started))
         reporter.log(f"  pipeline: warm query p50 {np.percentile(times, 50):.1f} ms")
-    return {"backbone": backbone, "image_size": image_size, "source_size": source_size, "n_images": n_images,
+        serve = (bench_serve(root / "index", root / "model", paths, serve_queries, load, reporter)
+                 if serve_queries else [])
+    return {"serve": serve, "backbone": backbone, "image_size": image_size, "source_size": source_size,
+            "n_images": n_images,
             "batch_size": batch_size, "workers": workers, "images_per_s": round(full, 2),
             "bare_forward_images_per_s": round(bare, 2), "pipeline_fraction_of_bare": round(full / bare, 3),
             "warm_query_ms": round(float(np.percentile(times, 50)), 1),
             "warm_query_p99_ms": round(float(np.percentile(times, 99)), 1), "warm_queries": len(times)}
+
+
+def bench_serve(index: Path, model: Path, paths: list[str], queries: int, load: bool = False,
+                reporter: Reporter = QUIET) -> list[dict[str, Any]]:
+    """Start `cbir serve` on `index` (collection "bench") and time POST /query from 1 and then 2 parallel
+    clients, `queries` requests each, with DICOMs from `paths` (`load`: both again with one core busy)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cbir.bench.run import busy_core
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "CBIR_PSEUDONYM_KEY": "bench-key-bench-key-bench-key-00",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--index", str(index), "--collection",
+                               "bench", "--model", str(model), "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    bodies = [_multipart(Path(p)) for p in paths]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"cbir serve did not start: {server.stderr.read().decode()[-500:]}"
+                                       if server.stderr else "cbir serve did not start") from None
+                time.sleep(0.2)
+
+        def client(offset: int, count: int = queries) -> list[float]:
+            times = []
+            for i in range(count):
+                body, boundary = bodies[(offset + i) % len(bodies)]
+                request = urllib.request.Request(f"{url}/query", data=body, method="POST", headers={
+                    "Content-Type": f"multipart/form-data; boundary={boundary}"})
+                started = time.perf_counter()
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    response.read()
+                times.append(1000 * (time.perf_counter() - started))
+            return times
+
+        client(0, 3)   # warm-up
+        rows = []
+        for busy in ((False, True) if load else (False,)):
+            with busy_core(busy):
+                for clients in (1, 2):
+                    with ThreadPoolExecutor(clients) as pool:
+                        times = [t for part in pool.map(client, [c * 7 for c in range(clients)]) for t in part]
+                    rows.append({"clients": clients, "load": busy, "requests": len(times),
+                                 "p50_ms": round(float(np.percentile(times, 50)), 1),
+                                 "p99_ms": round(float(np.percentile(times, 99)), 1)})
+                    reporter.log(f"  serve: {clients} client(s){' under load' if busy else ''}: p50 "
+                                 f"{rows[-1]['p50_ms']} ms, p99 {rows[-1]['p99_ms']} ms ({len(times)} requests)")
+        return rows
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _multipart(path: Path) -> tuple[bytes, str]:
+    """A multipart/form-data body: the file, k=10 and prefilter=100."""
+    boundary = "cbir-bench-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode()
+             for key, value in (("k", 10), ("prefilter", 100))]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+                 "Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), boundary

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +25,7 @@ from cbir.bench.engines import (
     faiss_available,
 )
 from cbir.console import QUIET, Reporter
+from cbir.threads import single_threaded
 
 #: qdrant-client's local mode scans in Python; above this many points it is skipped (with a warning).
 LOCAL_MODE_CAP = 20_000
@@ -40,6 +46,67 @@ class Row:
     ingest_points_per_s: float
     build_s: float = 0.0
     queries: int = 0
+    load: bool = False           # a second process kept one core busy while the row ran (`--load`)
+    threads: int = 1             # BLAS/OpenMP threads of the search (single queries: 1)
+    resident_mib: float | None = None   # in-memory engines: resident memory the loaded index added
+    raw_mib: float | None = None        # the float32 embeddings alone (n × dim × 4 bytes)
+
+
+@dataclass
+class BatchRow:
+    """Throughput of a whole batch of queries with every thread (what an evaluation or a batch job sees)."""
+    engine: str
+    method: str
+    n: int
+    batch: int
+    queries_per_s: float
+    threads: int
+    load: bool = False
+
+
+#: Engines that run in this process, whose rows `--load` repeats with one core busy.
+IN_PROCESS = ("cbir-memory", "numpy", "faiss")
+
+
+@contextlib.contextmanager
+def busy_core(active: bool = True) -> Iterator[None]:
+    """A second process that keeps one core busy (a Python spin loop) while the block runs."""
+    if not active:
+        yield
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)    # let it reach the spin loop
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@contextlib.contextmanager
+def one_thread(engine: Engine) -> Iterator[None]:
+    """Single queries on one thread: BLAS through `cbir.threads`, FAISS's OpenMP through its own setter."""
+    restore = None
+    if isinstance(engine, FaissEngine):
+        import faiss
+        restore = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+    try:
+        with single_threaded():
+            yield
+    finally:
+        if restore is not None:
+            import faiss
+            faiss.omp_set_num_threads(restore)
 
 
 def recall(got: list[int], truth: np.ndarray) -> float:
@@ -48,59 +115,107 @@ def recall(got: list[int], truth: np.ndarray) -> float:
 
 
 def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int, radius: int, truth: dict[str, list],
-               reporter: Reporter = QUIET) -> list[Row]:
-    """Load the data into `engine` and time each of its methods with and without the 20 % filter."""
-    reporter.log(f"  {engine.name}: loading {len(data.points):,} points")
+               reporter: Reporter = QUIET, loads: tuple[bool, ...] = (False,),
+               batch_rows: list[BatchRow] | None = None) -> list[Row]:
+    """Load the data into `engine` and time each of its methods with and without the 20 % filter, one query at a
+    time on one thread, once per entry of `loads` (True: with one core busy); batched throughput rows (every
+    thread) go to `batch_rows`."""
+    reporter.log(f"  {engine.name}: loading {len(data):,} points")
+    import cbir.search.memory  # noqa: F401 - imported before the resident memory is measured
+    before = resident_bytes()
     ingest, build = engine.load(data)
+    resident = raw = None
+    if engine.name == "cbir-memory":
+        memory = engine.memory   # type: ignore[attr-defined]
+        shared = memory.embeddings.nbytes if np.shares_memory(memory.embeddings, data.embeddings) else 0
+        resident = round((resident_bytes() - before + shared) / 2**20, 1)
+        raw = round(data.embeddings.nbytes / 2**20, 1)
     rows = []
     try:
-        for method, search in engine.methods(k, prefilter, radius).items():
-            for label, flt in (("none", None), ("label=a (20%)", FILTER_20)):
-                if flt is not None and not engine.filters:
-                    continue
-                search(data.queries[0], data.query_codes[0], flt)  # warm-up
-                times, recalls = [], []
-                for q, c, want in zip(data.queries, data.query_codes, truth[label], strict=True):
-                    started = time.perf_counter()
-                    got = search(q, c, flt)
-                    times.append(1000 * (time.perf_counter() - started))
-                    recalls.append(recall(got, want))
-                    if len(times) >= MIN_QUERIES and sum(times) > 1000 * METHOD_BUDGET_S:
-                        break
-                rows.append(Row(engine.name, method, len(data.points), label,
-                                round(float(np.percentile(times, 50)), 3), round(float(np.percentile(times, 99)), 3),
-                                round(float(np.mean(recalls)), 4), round(ingest, 1), round(build, 2), len(times)))
-                reporter.log(f"    {method:26s} filter {label:14s} p50 {rows[-1].p50_ms:8.3f} ms  "
-                             f"recall@10 {rows[-1].recall_at_10:.3f}")
+        for load in loads:
+            with busy_core(load):
+                for method, search in engine.methods(k, prefilter, radius).items():
+                    for label, flt in (("none", None), ("label=a (20%)", FILTER_20)):
+                        if flt is not None and not engine.filters:
+                            continue
+                        with one_thread(engine):
+                            times, recalls = _time_queries(search, data, flt, truth[label])
+                        rows.append(Row(engine.name, method, len(data), label,
+                                        round(float(np.percentile(times, 50)), 3),
+                                        round(float(np.percentile(times, 99)), 3),
+                                        round(float(np.mean(recalls)), 4), round(ingest, 1), round(build, 2),
+                                        len(times), load, 1, resident, raw))
+                        reporter.log(f"    {method:26s} filter {label:14s} {'load' if load else 'idle'} "
+                                     f"p50 {rows[-1].p50_ms:8.3f} ms  p99 {rows[-1].p99_ms:8.3f} ms  "
+                                     f"recall@10 {rows[-1].recall_at_10:.3f}")
+                if batch_rows is not None:
+                    for method, batch in engine.batched(k).items():
+                        batch(data.queries[:8])  # warm-up
+                        started = time.perf_counter()
+                        batch(data.queries)
+                        qps = len(data.queries) / (time.perf_counter() - started)
+                        batch_rows.append(BatchRow(engine.name, method, len(data), len(data.queries),
+                                                   round(qps, 1), _threads(engine), load))
+                        reporter.log(f"    {method:26s} batch of {len(data.queries)} {'load' if load else 'idle'} "
+                                     f"{qps:,.0f} queries/s")
     finally:
         engine.close()
     return rows
 
 
+def _time_queries(search: Any, data: BenchData, flt: Any, truth: list) -> tuple[list[float], list[float]]:
+    search(data.queries[0], data.query_codes[0], flt)  # warm-up
+    times, recalls = [], []
+    for q, c, want in zip(data.queries, data.query_codes, truth, strict=True):
+        started = time.perf_counter()
+        got = search(q, c, flt)
+        times.append(1000 * (time.perf_counter() - started))
+        recalls.append(recall(got, want))
+        if len(times) >= MIN_QUERIES and sum(times) > 1000 * METHOD_BUDGET_S:
+            break
+    return times, recalls
+
+
+def _threads(engine: Engine) -> int:
+    if isinstance(engine, FaissEngine):
+        import faiss
+        return int(faiss.omp_get_max_threads())
+    from cbir.threads import blas_threads
+    return max(blas_threads(), default=1)
+
+
 def bench_vectors(data: BenchData, k: int = 10, prefilter: int = 1000, radius: int | None = None,
-                  hnsw: bool = True, reporter: Reporter = QUIET) -> list[Row]:
-    """All engines on one data set."""
-    n = len(data.points)
-    bits = data.points[0].code.size
+                  hnsw: bool = True, reporter: Reporter = QUIET, load: bool = False, in_process_only: bool = False,
+                  batch_rows: list[BatchRow] | None = None) -> list[Row]:
+    """All engines on one data set (`in_process_only`: cbir-memory, NumPy and FAISS, e.g. at 1M points, or for
+    arrays-only data). `load=True` repeats the in-process engines' rows with one core busy."""
+    n = len(data)
+    bits = data.codes.shape[1]
     radius = bits // 4 if radius is None else radius
     emb = data.embeddings
-    mask = np.array([p.payload.get("label") == FILTER_20.must["label"] for p in data.points])
-    truth = {"none": [exact_top(emb, None, q, k) for q in data.queries],
-             "label=a (20%)": [exact_top(emb, mask, q, k) for q in data.queries]}
-    engines: list[Engine] = [MemoryEngine(), NumpyEngine(), IndexEngine("edge")]
-    if hnsw:
-        engines.append(EdgeHnswEngine())
-    if n <= LOCAL_MODE_CAP:
-        engines.append(IndexEngine("local"))
-    else:
-        reporter.warn(f"qdrant-client local mode skipped at {n:,} points (it scans in Python; cap {LOCAL_MODE_CAP:,})")
+    mask = data.labels == FILTER_20.must["label"]
+    with single_threaded():   # the ground truth, one query at a time (many threads would wait for a busy core)
+        truth = {"none": [exact_top(emb, None, q, k) for q in data.queries],
+                 "label=a (20%)": [exact_top(emb, mask, q, k) for q in data.queries]}
+    engines: list[Engine] = [MemoryEngine(), NumpyEngine()]
+    in_process_only = in_process_only or data.points is None
+    if not in_process_only:
+        engines.append(IndexEngine("edge"))
+        if hnsw:
+            engines.append(EdgeHnswEngine())
+        if n <= LOCAL_MODE_CAP:
+            engines.append(IndexEngine("local"))
+        else:
+            reporter.warn(f"qdrant-client local mode skipped at {n:,} points (it scans in Python; "
+                          f"cap {LOCAL_MODE_CAP:,})")
     if faiss_available():
         engines.append(FaissEngine())
     else:
         reporter.warn("faiss-cpu is not installed (pip install 'cbir[bench]'): FAISS rows skipped")
     rows = []
     for engine in engines:
-        rows += run_engine(engine, data, k, prefilter, radius, truth, reporter)
+        loads = (False, True) if load and engine.name in IN_PROCESS else (False,)
+        rows += run_engine(engine, data, k, prefilter, radius, truth, reporter, loads, batch_rows)
     return rows
 
 
@@ -113,19 +228,29 @@ def machine() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads()}
 
 
-def to_json(rows: list[Row], pipeline: dict[str, Any] | None, settings: dict[str, Any]) -> dict[str, Any]:
-    return {"rows": [asdict(r) for r in rows], "pipeline": pipeline or {}, "settings": settings,
-            "machine": machine()}
+def to_json(rows: list[Row], pipeline: dict[str, Any] | None, settings: dict[str, Any],
+            batch_rows: list[BatchRow] | None = None) -> dict[str, Any]:
+    return {"rows": [asdict(r) for r in rows], "batched": [asdict(r) for r in batch_rows or []],
+            "pipeline": pipeline or {}, "settings": settings, "machine": machine()}
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The rows as a Markdown table (for docs/performance.md), then the pipeline line."""
-    lines = ["| engine | method | n | filter | p50 ms | p99 ms | recall@10 | ingest points/s | build s | queries |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    """The rows as a Markdown table (for docs/performance.md), then the batched rows, the pipeline line and the
+    serve rows."""
+    lines = ["| engine | method | n | filter | load | p50 ms | p99 ms | recall@10 | ingest points/s | build s | "
+             "queries | memory MiB (raw float32) |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['engine']} | {r['method']} | {r['n']:,} | {r['filter']} | {r['p50_ms']:.3f} | "
+        memory = f"{r['resident_mib']:,.0f} ({r['raw_mib']:,.0f})" if r.get("resident_mib") is not None else ""
+        lines.append(f"| {r['engine']} | {r['method']} | {r['n']:,} | {r['filter']} | "
+                     f"{'yes' if r.get('load') else 'no'} | {r['p50_ms']:.3f} | "
                      f"{r['p99_ms']:.3f} | {r['recall_at_10']:.3f} | {r['ingest_points_per_s']:,.0f} | "
-                     f"{r['build_s']:.1f} | {r['queries']} |")
+                     f"{r['build_s']:.1f} | {r['queries']} | {memory} |")
+    if result.get("batched"):
+        lines += ["", "Batched (the whole query set in one call, every thread):", "",
+                  "| engine | method | n | batch | threads | load | queries/s |", "|---|---|---:|---:|---:|---|---:|"]
+        lines += [f"| {b['engine']} | {b['method']} | {b['n']:,} | {b['batch']} | {b['threads']} | "
+                  f"{'yes' if b['load'] else 'no'} | {b['queries_per_s']:,.0f} |" for b in result["batched"]]
     p = result.get("pipeline") or {}
     if p:
         lines += ["", f"Pipeline ({p['backbone']} at {p['image_size']} px, {p['n_images']} synthetic "
@@ -133,4 +258,9 @@ def markdown(result: dict[str, Any]) -> str:
                       f"{p['images_per_s']} images/s with decoding vs {p['bare_forward_images_per_s']} for the bare "
                       f"forward pass ({100 * p['pipeline_fraction_of_bare']:.0f} %); warm query "
                       f"{p['warm_query_ms']} ms p50, {p['warm_query_p99_ms']} ms p99 ({p['warm_queries']} queries)."]
+        if p.get("serve"):
+            lines += ["", "`cbir serve` (a separate process; POST /query with a DICOM, k=10, prefilter 100):", "",
+                      "| clients | load | requests | p50 ms | p99 ms |", "|---:|---|---:|---:|---:|"]
+            lines += [f"| {s['clients']} | {'yes' if s['load'] else 'no'} | {s['requests']} | {s['p50_ms']:.1f} | "
+                      f"{s['p99_ms']:.1f} |" for s in p["serve"]]
     return "\n".join(lines) + "\n"

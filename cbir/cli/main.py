@@ -388,6 +388,8 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
         from cbir.index.teams import team_collection
         from cbir.io import load_pseudonymizer
         from cbir.search import parse_filters, query_image
+        from cbir.threads import limit_process
+    limit_process(1)   # one query: BLAS on one thread (cbir/threads.py)
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     flt = parse_filters(filters)
@@ -722,20 +724,31 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
           storage_images: Annotated[Path | None, typer.Option(
               "--storage-images", help="--storage: make the thumbnails from these images (default: synthetic)")
           ] = None,
+          load: Annotated[bool, typer.Option(
+              "--load", help="repeat the in-process engines' rows (and the serve rows) while a second process "
+              "keeps one core busy; every row says load true/false")] = False,
+          large_n: Annotated[str, typer.Option(
+              "--large-n", help="further sizes built as arrays and run through the in-process engines only "
+              "(cbir-memory, NumPy, FAISS), e.g. 1000000")] = "",
+          serve_queries: Annotated[int, typer.Option(
+              "--serve-queries", min=0, help="pipeline: queries per client against a `cbir serve` process, "
+              "1 and 2 parallel clients (0: skip)")] = 40,
           ) -> None:
     """Time the query path against the alternatives in one run (Qdrant Edge exact/HNSW/prefilters, local mode,
     NumPy, FAISS, cbir's in-memory searcher) and the model pipeline; prints a table, writes JSON. --storage
     measures what thumbnails cost instead."""
     from cbir.bench.data import from_index as data_from_index
-    from cbir.bench.data import synthetic
+    from cbir.bench.data import synthetic, synthetic_arrays
     from cbir.bench.pipeline import bench_pipeline
     from cbir.bench.run import bench_vectors, markdown, to_json
     reporter = _reporter()
-    rows = []
+    rows: list[Any] = []
+    batch_rows: list[Any] = []
     try:
         sizes = [int(x) for x in n.split(",") if x.strip()]
+        large = [int(x) for x in large_n.split(",") if x.strip()]
     except ValueError:
-        raise CbirError(f"--n {n!r}: give sizes like 10000,100000") from None
+        raise CbirError(f"--n {n!r} / --large-n {large_n!r}: give sizes like 10000,100000") from None
     if storage:
         _bench_storage(sizes, dim, bits, storage_images, json_out, markdown_out)
         return
@@ -745,19 +758,28 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
     else:
         datasets = [synthetic(size, dim, bits, queries) for size in sizes]
     for data in datasets:
-        reporter.log(f"{len(data.points):,} points ({data.source})")
-        rows += bench_vectors(data, prefilter=prefilter, radius=radius, hnsw=hnsw, reporter=reporter)
+        reporter.log(f"{len(data):,} points ({data.source})")
+        rows += bench_vectors(data, prefilter=prefilter, radius=radius, hnsw=hnsw, reporter=reporter, load=load,
+                              batch_rows=batch_rows)
+    for size in large:
+        data = synthetic_arrays(size, dim, bits, queries)
+        reporter.log(f"{size:,} points ({data.source}; in-process engines only)")
+        rows += bench_vectors(data, prefilter=prefilter, radius=radius, reporter=reporter, load=load,
+                              in_process_only=True, batch_rows=batch_rows)
+        del data
     model_side = (bench_pipeline(backbone, image_size, n_images=pipeline_images, source_size=source_size,
-                                 reporter=reporter) if pipeline else None)
-    result = to_json(rows, model_side, {"n": n, "dim": dim, "bits": bits, "queries": queries,
-                                        "prefilter": prefilter, "radius": radius, "from_index": from_index})
+                                 serve_queries=serve_queries, load=load, reporter=reporter) if pipeline else None)
+    result = to_json(rows, model_side, {"n": n, "large_n": large_n, "dim": dim, "bits": bits, "queries": queries,
+                                        "prefilter": prefilter, "radius": radius, "from_index": from_index,
+                                        "load": load}, batch_rows)
     table = Table(title="cbir bench")
-    columns = ("engine", "method", "n", "filter", "p50_ms", "p99_ms", "recall_at_10", "ingest_points_per_s",
-               "build_s", "queries")
+    columns = ("engine", "method", "n", "filter", "load", "p50_ms", "p99_ms", "recall_at_10",
+               "ingest_points_per_s", "build_s", "queries")
     for column in columns:
         table.add_column(column, justify="left" if column in ("engine", "method", "filter") else "right")
     for row in result["rows"]:
-        table.add_row(*(f"{row[c]:,}" if isinstance(row[c], int) else str(row[c]) for c in columns))
+        table.add_row(*(f"{row[c]:,}" if isinstance(row[c], int) and not isinstance(row[c], bool) else str(row[c])
+                        for c in columns))
     out.print(table, width=max(out.width, 150))
     if model_side:
         out.print(f"pipeline ({model_side['backbone']} at {model_side['image_size']} px): "
@@ -815,6 +837,8 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
         from cbir.io import load_pseudonymizer
         from cbir.search.warm import WarmSearcher
         from cbir.serve import create_app
+        from cbir.threads import limit_process
+    limit_process(1)   # single queries from request threads: BLAS on one thread, set once (cbir/threads.py)
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     idx = _open(index)

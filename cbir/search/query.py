@@ -42,6 +42,7 @@ from cbir.index.files import FileMap, LocalFiles
 from cbir.index.schema import FILTER_ALIASES, check_model
 from cbir.io import Pseudonymizer, XrayImage, read_image
 from cbir.models import LoadedModel
+from cbir.threads import single_threaded
 
 NEIGHBOR_FIELDS = ("labels", "label", "path", "file", "dataset", "split", "view", "sex", "age_band", "boxes")
 #: A payload → the `path` its neighbour entry shows.
@@ -194,8 +195,9 @@ def answer(image: XrayImage, name: str | None, loaded: LoadedModel, meta: dict[s
     `name` as `query.path` and `path_of(payload)` as each neighbour's `path`. A detector embeds and finds its
     boxes in the same forward pass."""
     embedded, boxes = embed_and_detect(loaded, image)
-    embedded.code = collection_code(meta, embedded.embedding, embedded.code)
-    hits = search(embedded)
+    with single_threaded():   # one query's matrix-vector products: threads would only wait (cbir.threads)
+        embedded.code = collection_code(meta, embedded.embedding, embedded.code)
+        hits = search(embedded)
     target, negative = meta.get("target", loaded.config.target), meta.get("negative_label", "negative")
     probability = embedded.probability
     prediction = {"label": target if probability >= 0.5 else negative, "probability": round(probability, 6),
