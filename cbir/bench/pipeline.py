@@ -97,7 +97,7 @@ def bench_serve(index: Path, model: Path, paths: list[str], queries: int, load: 
         port = sock.getsockname()[1]
     env = {**os.environ, "CBIR_PSEUDONYM_KEY": "bench-key-bench-key-bench-key-00",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
-    server = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--index", str(index), "--collection",
+    server = subprocess.Popen([sys.executable, "-m", "cbir.cli.main", "serve", "--index", str(index), "--collection",
                                "bench", "--model", str(model), "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
