@@ -9,7 +9,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from cbir.bench.data import FILTER_20, exact_top, synthetic
-from cbir.bench.run import bench_vectors, recall
+from cbir.bench.run import bench_vectors, markdown, recall, to_json
 from cbir.cli.main import app
 
 ROW_KEYS = {"engine", "method", "n", "filter", "p50_ms", "p99_ms", "recall_at_10", "ingest_points_per_s"}
@@ -54,7 +54,8 @@ def test_bench_rows_schema_and_exact_methods_have_full_recall() -> None:
         assert 0 <= row.recall_at_10 <= 1 and row.p50_ms <= row.p99_ms and row.ingest_points_per_s > 0
         if row.method == "exact_knn":
             assert row.recall_at_10 == 1.0, row
-    memory = {(r.method, r.filter): r.recall_at_10 for r in rows if r.engine == "cbir-memory"}
+    memory = {(r.method, r.filter): r.recall_at_10 for r in rows
+              if r.engine == "cbir-memory" and r.method != "topn_codes_only"}
     edge = {(r.method, r.filter): r.recall_at_10 for r in rows if r.engine == "qdrant-edge" and r.method != "hnsw_knn"}
     assert memory == edge                                   # same answers, so the same recall
     assert {r.filter for r in rows} == {"none", "label=a (20%)"}
@@ -104,7 +105,8 @@ def test_bench_large_sizes_are_built_from_arrays_and_run_in_process() -> None:
     rows = bench_vectors(data, prefilter=200, batch_rows=batched)
     assert {r.engine for r in rows} <= {"cbir-memory", "numpy", "faiss"} and all(r.n == 2000 for r in rows)
     memory = [r for r in rows if r.engine == "cbir-memory"]
-    assert {r.method for r in memory} == {"exact_knn", "topn_prefilter_rerank", "radius_prefilter_rerank"}
+    assert {r.method for r in memory} == {"exact_knn", "topn_prefilter_rerank", "radius_prefilter_rerank",
+                                          "topn_codes_only"}
     assert all(r.resident_mib is not None and r.raw_mib == round(2000 * 16 * 4 / 2**20, 1) for r in memory)
     assert all(r.recall_at_10 == 1.0 for r in memory if r.method == "exact_knn")
     assert batched and all(b.queries_per_s > 0 and b.batch == 6 for b in batched)
@@ -145,3 +147,32 @@ def test_cli_bench_storage_measures_what_thumbnails_cost(tmp_path: Path) -> None
     assert "MiB per 1,000 points" in result.stdout
     code = CliRunner().invoke(app, ["bench", "--storage", "--storage-images", str(tmp_path / "none")])
     assert code.exit_code == 2 and "must be a folder of images" in code.stderr
+
+
+def test_bench_gives_a_row_per_prefilter_n_and_the_hamming_step_alone() -> None:
+    from cbir.bench.data import synthetic_arrays
+    data = synthetic_arrays(3000, 16, 64, 8)
+    rows = bench_vectors(data, prefilter=[50, 400])
+    memory = {(r.method, r.prefilter, r.filter): r for r in rows if r.engine == "cbir-memory"}
+    for n in (50, 400):
+        assert ("topn_prefilter_rerank", n, "none") in memory and ("topn_codes_only", n, "none") in memory
+    assert ("exact_knn", None, "none") in memory and ("exact_knn", 50, "none") not in memory
+    # the shortlist alone holds at least what its rerank finds, and a longer shortlist holds more
+    for n in (50, 400):
+        assert memory[("topn_codes_only", n, "none")].recall_at_10 >= memory[("topn_prefilter_rerank", n,
+                                                                               "none")].recall_at_10
+    assert memory[("topn_codes_only", 400, "none")].recall_at_10 >= memory[("topn_codes_only", 50, "none")].recall_at_10
+    faiss_rows = {(r.method, r.prefilter) for r in rows if r.engine == "faiss"}
+    if faiss_rows:
+        assert {("binary_flat_rerank", 50), ("binary_flat_only", 400)} <= faiss_rows
+        # the same codes, the same Hamming shortlist recall (ties aside)
+        ours = memory[("topn_codes_only", 400, "none")].recall_at_10
+        theirs = next(r.recall_at_10 for r in rows if r.engine == "faiss" and r.method == "binary_flat_only"
+                      and r.prefilter == 400)
+        assert abs(ours - theirs) <= 0.15
+    assert "topn_prefilter_rerank N=400" in markdown(to_json(rows, None, {}))
+
+
+def test_cli_bench_refuses_a_bad_prefilter_in_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "--n", "100", "--prefilter", "0,x", "--no-pipeline"])
+    assert result.exit_code != 0 and "--prefilter" in result.output and "Traceback" not in result.output

@@ -51,3 +51,14 @@ def test_edge_cases(loaded: tuple) -> None:
     with pytest.raises(ValueError, match="need the query's hash code"):
         memory.search(q, 5, prefilter=3)
     assert MemoryIndex([]).search(q, 5) == []
+
+
+def test_the_chunked_hamming_scan_equals_a_plain_popcount() -> None:
+    from cbir.index.hamming import SCAN_CHUNK, hamming, pack_words
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 2, (2 * SCAN_CHUNK + 17, 64), dtype=np.uint8)
+    query = pack_words(rng.integers(0, 2, (1, 64), dtype=np.uint8))[0]
+    words = pack_words(codes)
+    got = hamming(words, query)
+    assert got.dtype == np.uint8 and got.shape == (len(codes),)
+    assert np.array_equal(got, np.unpackbits((words ^ query).view(np.uint8), axis=1).sum(axis=1))

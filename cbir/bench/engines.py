@@ -2,7 +2,9 @@
 
 Methods: `exact_knn` (exact cosine), `hnsw_knn` (approximate), `topn_prefilter_rerank` (the N nearest codes by
 Hamming distance, then exact cosine), `radius_prefilter_rerank` (codes within Hamming R, then exact cosine),
-`binary_flat_rerank` (FAISS IndexBinaryFlat top N + NumPy rerank).
+`binary_flat_rerank` (FAISS IndexBinaryFlat top N + NumPy rerank). `topn_codes_only` and `binary_flat_only` are the
+Hamming step alone (the N nearest codes, no rerank; their recall@10 is the share of the true top 10 in the
+shortlist), so that the two halves of a prefilter plan can be compared apart.
 """
 
 from __future__ import annotations
@@ -159,7 +161,13 @@ class MemoryEngine(Engine):
         return len(data) / seconds, 0.0
 
     def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
-        return cbir_methods(self.memory.search, self.position, k, prefilter, radius)
+        from cbir.index.planner import Scope
+
+        def codes(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
+            shortlist = self.memory.nearest_by_code("", code, prefilter, Scope(flt=flt, code=code))
+            assert shortlist.rows is not None
+            return shortlist.rows.tolist()
+        return {**cbir_methods(self.memory.search, self.position, k, prefilter, radius), "topn_codes_only": codes}
 
 
 class NumpyEngine(Engine):
@@ -216,7 +224,9 @@ class FaissEngine(Engine):
             scores = self.emb[candidates] @ q
             top = np.argsort(-scores)[:k]
             return candidates[top].tolist()
-        return {"exact_knn": flat, "binary_flat_rerank": binary}
+        def codes(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
+            return self.binary.search(np.packbits(code)[None], prefilter)[1][0].tolist()
+        return {"exact_knn": flat, "binary_flat_rerank": binary, "binary_flat_only": codes}
 
     def batched(self, k: int) -> dict[str, Callable[[np.ndarray], object]]:
         return {"exact_knn": lambda queries: self.flat.search(queries, k)}

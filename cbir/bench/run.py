@@ -8,7 +8,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ class Row:
     threads: int = 1             # BLAS/OpenMP threads of the search (single queries: 1)
     resident_mib: float | None = None   # in-memory engines: resident memory the loaded index added
     raw_mib: float | None = None        # the float32 embeddings alone (n × dim × 4 bytes)
+    prefilter: int | None = None        # N of a top-N method (`PREFILTER_METHODS`); None for the others
 
 
 @dataclass
@@ -63,6 +64,9 @@ class BatchRow:
     threads: int
     load: bool = False
 
+
+#: Methods whose answer depends on the prefilter's N: one row per N of `--prefilter`.
+PREFILTER_METHODS = ("topn_prefilter_rerank", "binary_flat_rerank", "topn_codes_only", "binary_flat_only")
 
 #: Engines that run in this process, whose rows `--load` repeats with one core busy.
 IN_PROCESS = ("cbir-memory", "numpy", "faiss")
@@ -114,12 +118,26 @@ def recall(got: list[int], truth: np.ndarray) -> float:
     return len(set(got) & set(truth.tolist())) / max(1, len(truth))
 
 
-def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int, radius: int, truth: dict[str, list],
+def searches(engine: Engine, k: int, prefilters: Sequence[int], radius: int) -> list[tuple[str, int | None, Any]]:
+    """(method, N or None, search) for every method of `engine`; a top-N method once per N."""
+    found: list[tuple[str, int | None, Any]] = []
+    for i, n in enumerate(prefilters):
+        for method, search in engine.methods(k, n, radius).items():
+            if method in PREFILTER_METHODS:
+                found.append((method, n, search))
+            elif i == 0:
+                found.append((method, None, search))
+    return found
+
+
+def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int | Sequence[int], radius: int,
+               truth: dict[str, list],
                reporter: Reporter = QUIET, loads: tuple[bool, ...] = (False,),
                batch_rows: list[BatchRow] | None = None) -> list[Row]:
     """Load the data into `engine` and time each of its methods with and without the 20 % filter, one query at a
-    time on one thread, once per entry of `loads` (True: with one core busy); batched throughput rows (every
-    thread) go to `batch_rows`."""
+    time on one thread, once per entry of `loads` (True: with one core busy), a top-N method once per N of
+    `prefilter`; batched throughput rows (every thread) go to `batch_rows`."""
+    prefilters = [prefilter] if isinstance(prefilter, int) else list(prefilter)
     reporter.log(f"  {engine.name}: loading {len(data):,} points")
     import cbir.search.memory  # noqa: F401 - imported before the resident memory is measured
     before = resident_bytes()
@@ -134,7 +152,7 @@ def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int, radius: 
     try:
         for load in loads:
             with busy_core(load):
-                for method, search in engine.methods(k, prefilter, radius).items():
+                for method, n, search in searches(engine, k, prefilters, radius):
                     for label, flt in (("none", None), ("label=a (20%)", FILTER_20)):
                         if flt is not None and not engine.filters:
                             continue
@@ -144,8 +162,8 @@ def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int, radius: 
                                         round(float(np.percentile(times, 50)), 3),
                                         round(float(np.percentile(times, 99)), 3),
                                         round(float(np.mean(recalls)), 4), round(ingest, 1), round(build, 2),
-                                        len(times), load, 1, resident, raw))
-                        reporter.log(f"    {method:26s} filter {label:14s} {'load' if load else 'idle'} "
+                                        len(times), load, 1, resident, raw, n))
+                        reporter.log(f"    {method + ('' if n is None else f' N={n}'):26s} filter {label:14s} {'load' if load else 'idle'} "
                                      f"p50 {rows[-1].p50_ms:8.3f} ms  p99 {rows[-1].p99_ms:8.3f} ms  "
                                      f"recall@10 {rows[-1].recall_at_10:.3f}")
                 if batch_rows is not None:
@@ -184,7 +202,7 @@ def _threads(engine: Engine) -> int:
     return max(blas_threads(), default=1)
 
 
-def bench_vectors(data: BenchData, k: int = 10, prefilter: int = 1000, radius: int | None = None,
+def bench_vectors(data: BenchData, k: int = 10, prefilter: int | Sequence[int] = 1000, radius: int | None = None,
                   hnsw: bool = True, reporter: Reporter = QUIET, load: bool = False, in_process_only: bool = False,
                   batch_rows: list[BatchRow] | None = None) -> list[Row]:
     """All engines on one data set (`in_process_only`: cbir-memory, NumPy and FAISS, e.g. at 1M points, or for
@@ -242,7 +260,8 @@ def markdown(result: dict[str, Any]) -> str:
              "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         memory = f"{r['resident_mib']:,.0f} ({r['raw_mib']:,.0f})" if r.get("resident_mib") is not None else ""
-        lines.append(f"| {r['engine']} | {r['method']} | {r['n']:,} | {r['filter']} | "
+        method = r["method"] + (f" N={r['prefilter']:,}" if r.get("prefilter") else "")
+        lines.append(f"| {r['engine']} | {method} | {r['n']:,} | {r['filter']} | "
                      f"{'yes' if r.get('load') else 'no'} | {r['p50_ms']:.3f} | "
                      f"{r['p99_ms']:.3f} | {r['recall_at_10']:.3f} | {r['ingest_points_per_s']:,.0f} | "
                      f"{r['build_s']:.1f} | {r['queries']} | {memory} |")

@@ -700,8 +700,8 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
           dim: Annotated[int, typer.Option("--dim", min=2)] = 512,
           bits: Annotated[int, typer.Option("--bits", min=8)] = 64,
           queries: Annotated[int, typer.Option("--queries", min=5)] = 200,
-          prefilter: Annotated[int, typer.Option("--prefilter", min=10, help="N of the top-N Hamming prefilter")
-                               ] = 1000,
+          prefilter: Annotated[str, typer.Option("--prefilter", help="N of the top-N Hamming prefilter; several "
+                                                 "(e.g. 1000,4000) give a row each")] = "1000",
           radius: Annotated[int | None, typer.Option("--radius", min=0,
                                                      help="Hamming radius (default bits/4)")] = None,
           json_out: Annotated[Path | None, typer.Option("--json", help="write the results as JSON")] = None,
@@ -747,8 +747,12 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
     try:
         sizes = [int(x) for x in n.split(",") if x.strip()]
         large = [int(x) for x in large_n.split(",") if x.strip()]
+        prefilters = [int(x) for x in prefilter.split(",") if x.strip()]
     except ValueError:
-        raise CbirError(f"--n {n!r} / --large-n {large_n!r}: give sizes like 10000,100000") from None
+        raise CbirError(f"--n {n!r} / --large-n {large_n!r} / --prefilter {prefilter!r}: give whole numbers like "
+                        "10000,100000") from None
+    if not prefilters or min(prefilters) < 10:
+        raise CbirError(f"--prefilter {prefilter!r}: give one or more N of at least 10, like 1000,4000")
     if storage:
         _bench_storage(sizes, dim, bits, storage_images, json_out, markdown_out)
         return
@@ -759,18 +763,18 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
         datasets = [synthetic(size, dim, bits, queries) for size in sizes]
     for data in datasets:
         reporter.log(f"{len(data):,} points ({data.source})")
-        rows += bench_vectors(data, prefilter=prefilter, radius=radius, hnsw=hnsw, reporter=reporter, load=load,
+        rows += bench_vectors(data, prefilter=prefilters, radius=radius, hnsw=hnsw, reporter=reporter, load=load,
                               batch_rows=batch_rows)
     for size in large:
         data = synthetic_arrays(size, dim, bits, queries)
         reporter.log(f"{size:,} points ({data.source}; in-process engines only)")
-        rows += bench_vectors(data, prefilter=prefilter, radius=radius, reporter=reporter, load=load,
+        rows += bench_vectors(data, prefilter=prefilters, radius=radius, reporter=reporter, load=load,
                               in_process_only=True, batch_rows=batch_rows)
         del data
     model_side = (bench_pipeline(backbone, image_size, n_images=pipeline_images, source_size=source_size,
                                  serve_queries=serve_queries, load=load, reporter=reporter) if pipeline else None)
     result = to_json(rows, model_side, {"n": n, "large_n": large_n, "dim": dim, "bits": bits, "queries": queries,
-                                        "prefilter": prefilter, "radius": radius, "from_index": from_index,
+                                        "prefilter": prefilters, "radius": radius, "from_index": from_index,
                                         "load": load}, batch_rows)
     table = Table(title="cbir bench")
     columns = ("engine", "method", "n", "filter", "load", "p50_ms", "p99_ms", "recall_at_10",

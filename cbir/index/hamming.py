@@ -42,10 +42,25 @@ def pack_words(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed).view(np.uint64)
 
 
+#: Codes XOR-ed per step of a one-word scan: the scratch (512 KiB) stays in the core's L2 cache.
+SCAN_CHUNK = 65_536
+
+
 def hamming(words: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Hamming distance of each row of packed `words` to the packed `query` (one row of `pack_words`)."""
+    """Hamming distance of each row of packed `words` to the packed `query` (one row of `pack_words`); uint8
+    for one-word codes (≤ 64 bits), int64 otherwise."""
     if words.shape[1] == 1:
-        return np.bitwise_count(words[:, 0] ^ query[0])
+        column = words[:, 0]
+        if len(column) <= SCAN_CHUNK:
+            return np.bitwise_count(column ^ query[0])
+        # In cache-sized steps: no 8-byte-per-code temporary (1M codes: 8 MiB) is written to memory and read back.
+        out = np.empty(len(column), dtype=np.uint8)
+        scratch = np.empty(SCAN_CHUNK, dtype=np.uint64)
+        for start in range(0, len(column), SCAN_CHUNK):
+            part = scratch[:min(SCAN_CHUNK, len(column) - start)]
+            np.bitwise_xor(column[start:start + len(part)], query[0], out=part)
+            np.bitwise_count(part, out=out[start:start + len(part)])
+        return out
     return np.bitwise_count(words ^ query).sum(axis=1, dtype=np.int64)
 
 

@@ -55,13 +55,14 @@ class Costs:
 @dataclass(frozen=True)
 class Scope:
     """The points a primitive may look at: those passing `flt`, among `ids` (a Hamming shortlist; `rows` is the
-    engine's own handle for them), with at least one MIH substring in `mih`, and within Hamming distance
-    `radius` of `code`. With `code`, hits report their Hamming distance to it. `population` bounds the number
-    of points in the scope (a prefetch limit)."""
+    engine's own handle for them, `distances` their Hamming distances to `code` when already known), with at
+    least one MIH substring in `mih`, and within Hamming distance `radius` of `code`. With `code`, hits report
+    their Hamming distance to it. `population` bounds the number of points in the scope (a prefetch limit)."""
 
     flt: Filter | None = None
     ids: Sequence[str] | None = None
     rows: np.ndarray | None = None
+    distances: np.ndarray | None = None
     mih: list[list[int]] | None = None
     code: np.ndarray | None = None
     radius: int | None = None
@@ -159,7 +160,7 @@ class SearchPlanner:
             shortlist = self._nearest_codes(name, scope, r.prefilter)
             if not len(shortlist):
                 return []
-            scope = Scope(ids=shortlist.ids, rows=shortlist.rows, code=scope.code)
+            scope = Scope(ids=shortlist.ids, rows=shortlist.rows, distances=shortlist.distances, code=scope.code)
         elif r.radius is not None and engine.costs.prefetch_limit:
             population = engine.count(name, replace(scope, code=None, radius=None))
             if population == 0:

@@ -114,6 +114,10 @@ class MemoryIndex:
         if rows is not None and not len(rows):
             return []
         query = np.asarray(embedding, dtype=np.float32)
+        if rows is not None and len(rows) > 1:   # read the rows in memory order: fewer DRAM page misses
+            order = np.argsort(rows, kind="stable")
+            rows = rows[order]
+            distances = None if distances is None else distances[order]
         matrix = self.embeddings if rows is None else self.embeddings[rows]
         scores = matrix @ (query / np.linalg.norm(query))
         top = np.argpartition(-scores, limit - 1)[:limit] if limit < len(scores) else np.arange(len(scores))
@@ -125,7 +129,7 @@ class MemoryIndex:
     def rescore(self, name: str, embedding: np.ndarray, code: np.ndarray, limit: int, scope: Scope) -> list[Hit]:
         shortlist = self.nearest_by_code(name, code, limit, scope)
         return self.nearest_by_vector(name, embedding, limit, Scope(ids=shortlist.ids, rows=shortlist.rows,
-                                                                    code=code))
+                                                                    distances=shortlist.distances, code=code))
 
     # --- scopes --------------------------------------------------------------------------------------
 
@@ -139,6 +143,8 @@ class MemoryIndex:
             rows = self.candidates(scope.flt)
         if scope.code is None:
             return rows, None
+        if scope.rows is not None and scope.distances is not None:   # a shortlist's, already computed
+            return rows, np.asarray(scope.distances)
         words = self.words if rows is None else self.words[rows]
         distances = hamming(words, pack_words(np.asarray(scope.code)[None, :])[0])
         if scope.radius is not None and scope.ids is None:
