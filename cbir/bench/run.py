@@ -163,7 +163,8 @@ def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int | Sequenc
                                         round(float(np.percentile(times, 99)), 3),
                                         round(float(np.mean(recalls)), 4), round(ingest, 1), round(build, 2),
                                         len(times), load, 1, resident, raw, n))
-                        reporter.log(f"    {method + ('' if n is None else f' N={n}'):26s} filter {label:14s} {'load' if load else 'idle'} "
+                        shown = method + ("" if n is None else f" N={n}")
+                        reporter.log(f"    {shown:26s} filter {label:14s} {'load' if load else 'idle'} "
                                      f"p50 {rows[-1].p50_ms:8.3f} ms  p99 {rows[-1].p99_ms:8.3f} ms  "
                                      f"recall@10 {rows[-1].recall_at_10:.3f}")
                 if batch_rows is not None:
