@@ -176,3 +176,25 @@ def test_bench_gives_a_row_per_prefilter_n_and_the_hamming_step_alone() -> None:
 def test_cli_bench_refuses_a_bad_prefilter_in_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "--n", "100", "--prefilter", "0,x", "--no-pipeline"])
     assert result.exit_code != 0 and "--prefilter" in result.output and "Traceback" not in result.output
+
+
+def test_targets_are_read_off_one_run() -> None:
+    from cbir.bench.targets import targets
+    row = {"engine": "cbir-memory", "method": "topn_prefilter_rerank", "filter": "none", "recall_at_10": 0.995,
+           "resident_mib": 2500.0, "raw_mib": 2000.0, "ingest_points_per_s": 0.0}
+    rows = [{**row, "n": 100_000, "load": False, "prefilter": 1000, "p50_ms": 0.8, "p99_ms": 1.0},
+            {**row, "n": 100_000, "load": True, "prefilter": 1000, "p50_ms": 1.0, "p99_ms": 3.5},
+            {**row, "n": 1_000_000, "load": False, "prefilter": 1000, "p50_ms": 2.0, "p99_ms": 3.0,
+             "recall_at_10": 0.96},
+            {**row, "n": 1_000_000, "load": False, "prefilter": 4000, "p50_ms": 4.0, "p99_ms": 6.0},
+            {**row, "engine": "faiss", "method": "binary_flat_rerank", "n": 1_000_000, "load": False,
+             "prefilter": 4000, "p50_ms": 6.0, "p99_ms": 7.0}]
+    got = {t.name.split(" (")[0]: t for t in targets({"rows": rows, "pipeline": {}})}
+    assert got["100,000 idle p50 ≤ 1 ms"].met is True
+    assert got["100,000 with one core busy, p99 ≤ 3 ms"].met is False
+    # the 1M figures are those of the smallest N that reaches the recall target
+    assert got["1,000,000 p50 ≤ 5 ms"].met is True and "N = 4,000" in got["1,000,000 p50 ≤ 5 ms"].measured
+    assert got["memory ≤ 1.3× the float32 vectors"].met is True   # 1.25×
+    faiss = [t for t in targets({"rows": rows}) if "FAISS" in t.name]
+    assert [t.met for t in faiss] == [None, False] and "1.50×" in faiss[1].measured
+    assert all(t.met is None for t in targets({"rows": rows}) if "ingest" in t.name or "serve" in t.name)

@@ -24,6 +24,7 @@ from cbir.bench.engines import (
     NumpyEngine,
     faiss_available,
 )
+from cbir.bench.targets import targets_markdown
 from cbir.console import QUIET, Reporter
 from cbir.threads import single_threaded
 
@@ -283,4 +284,5 @@ def markdown(result: dict[str, Any]) -> str:
                       "| clients | load | requests | p50 ms | p99 ms |", "|---:|---|---:|---:|---:|"]
             lines += [f"| {s['clients']} | {'yes' if s['load'] else 'no'} | {s['requests']} | {s['p50_ms']:.1f} | "
                       f"{s['p99_ms']:.1f} |" for s in p["serve"]]
+    lines += ["", "Targets (issue 15), from this run:", "", targets_markdown(result).rstrip()]
     return "\n".join(lines) + "\n"
