@@ -198,3 +198,10 @@ def test_targets_are_read_off_one_run() -> None:
     faiss = [t for t in targets({"rows": rows}) if "FAISS" in t.name]
     assert [t.met for t in faiss] == [None, False] and "1.50×" in faiss[1].measured
     assert all(t.met is None for t in targets({"rows": rows}) if "ingest" in t.name or "serve" in t.name)
+
+
+def test_recall_interval_half_width() -> None:
+    from cbir.bench.run import ci95
+    assert ci95([1.0]) == 0.0 and ci95([1.0, 1.0, 1.0]) == 0.0
+    values = [0.9, 1.0] * 50
+    assert abs(ci95(values) - 1.96 * np.std(values, ddof=1) / 10) < 1e-4

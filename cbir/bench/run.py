@@ -52,6 +52,7 @@ class Row:
     resident_mib: float | None = None   # in-memory engines: resident memory the loaded index added
     raw_mib: float | None = None        # the float32 embeddings alone (n × dim × 4 bytes)
     prefilter: int | None = None        # N of a top-N method (`PREFILTER_METHODS`); None for the others
+    recall_ci95: float = 0.0            # half-width of recall@10's 95 % interval over the queries (normal approx.)
 
 
 @dataclass
@@ -163,7 +164,7 @@ def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int | Sequenc
                                         round(float(np.percentile(times, 50)), 3),
                                         round(float(np.percentile(times, 99)), 3),
                                         round(float(np.mean(recalls)), 4), round(ingest, 1), round(build, 2),
-                                        len(times), load, 1, resident, raw, n))
+                                        len(times), load, 1, resident, raw, n, ci95(recalls)))
                         shown = method + ("" if n is None else f" N={n}")
                         reporter.log(f"    {shown:26s} filter {label:14s} {'load' if load else 'idle'} "
                                      f"p50 {rows[-1].p50_ms:8.3f} ms  p99 {rows[-1].p99_ms:8.3f} ms  "
@@ -181,6 +182,13 @@ def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int | Sequenc
     finally:
         engine.close()
     return rows
+
+
+def ci95(values: list[float]) -> float:
+    """Half-width of the 95 % interval of the mean of `values` (1.96 standard errors; 0 for fewer than 2)."""
+    if len(values) < 2:
+        return 0.0
+    return round(1.96 * float(np.std(values, ddof=1)) / np.sqrt(len(values)), 4)
 
 
 def _time_queries(search: Any, data: BenchData, flt: Any, truth: list) -> tuple[list[float], list[float]]:
@@ -265,7 +273,8 @@ def markdown(result: dict[str, Any]) -> str:
         method = r["method"] + (f" N={r['prefilter']:,}" if r.get("prefilter") else "")
         lines.append(f"| {r['engine']} | {method} | {r['n']:,} | {r['filter']} | "
                      f"{'yes' if r.get('load') else 'no'} | {r['p50_ms']:.3f} | "
-                     f"{r['p99_ms']:.3f} | {r['recall_at_10']:.3f} | {r['ingest_points_per_s']:,.0f} | "
+                     f"{r['p99_ms']:.3f} | {r['recall_at_10']:.3f} ± {r.get('recall_ci95', 0):.3f} | "
+                     f"{r['ingest_points_per_s']:,.0f} | "
                      f"{r['build_s']:.1f} | {r['queries']} | {memory} |")
     if result.get("batched"):
         lines += ["", "Batched (the whole query set in one call, every thread):", "",
