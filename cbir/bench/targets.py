@@ -36,10 +36,18 @@ def _smallest_n(rows: list[dict[str, Any]], n: int) -> dict[str, Any] | None:
     return good[0] if good else max(topn, key=lambda r: r["recall_at_10"], default=None)
 
 
-def targets(result: dict[str, Any], base_n: int = 100_000, large_n: int = 1_000_000, base_prefilter: int = 1000
-            ) -> list[Target]:
-    """Every target with the figure this run measured (`met` None where the run lacks the row)."""
+def targets(result: dict[str, Any], base_n: int | None = None, large_n: int | None = None,
+            base_prefilter: int | None = None) -> list[Target]:
+    """Every target with the figure this run measured (`met` None where the run lacks the row). The sizes are the
+    issue's 100k (`--n`) and 1M (`--large-n`), or the largest of each that the run has; the base N is 1,000, or the
+    run's first."""
     rows = result.get("rows", [])
+    settings = result.get("settings", {})
+    base_n = base_n or max(_sizes(settings.get("n")) or [100_000])
+    large_n = large_n or max(_sizes(settings.get("large_n")) or [1_000_000])
+    ns = settings.get("prefilter") or [1000]
+    ns = ns if isinstance(ns, list) else [ns]
+    base_prefilter = base_prefilter or (1000 if 1000 in ns else ns[0])
     out: list[Target] = []
 
     def add(name: str, row: Any, show: Callable[[Any], str], ok: Callable[[Any], bool]) -> None:
@@ -84,6 +92,10 @@ def targets(result: dict[str, Any], base_n: int = 100_000, large_n: int = 1_000_
         lambda s: f"{s[1]['p99_ms'] / s[0]['p99_ms']:.2f}× ({s[1]['p99_ms']} against {s[0]['p99_ms']} ms)",
         lambda s: s[1]["p99_ms"] / s[0]["p99_ms"] <= 2)
     return out
+
+
+def _sizes(text: Any) -> list[int]:
+    return [int(x) for x in str(text or "").split(",") if x.strip().isdigit()]
 
 
 def targets_markdown(result: dict[str, Any]) -> str:
