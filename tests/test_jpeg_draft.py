@@ -22,7 +22,7 @@ from cbir.io.jpeg_draft import draft_scale
 from cbir.io.pixels import scale_unit
 from cbir.models import LoadedModel, ModelConfig, create_model, decode_size, load_checkpoint, save_checkpoint
 from cbir.serve.app import crop
-from tests.conftest import shared_path
+from tests.conftest import run_cli, shared_path
 from tests.dicom_corpus import dataset, encapsulated, save
 
 TINY = {"backbone": "test_resnet", "image_size": 32, "embed_dim": 8, "bits": 16}
@@ -181,3 +181,10 @@ def test_real_rsna_dicom_reduced_changes_the_model_input_only_slightly() -> None
 def test_draft_scale_is_the_largest_that_leaves_the_need() -> None:
     assert [draft_scale(1024, 1024, need) for need in (128, 129, 224, 256, 257, 512, 513)] == [8, 4, 4, 4, 2, 2, 1]
     assert draft_scale(1000, 37, 125) == 8 and draft_scale(37, 1000, 126) == 4
+
+
+def test_cbir_train_refuses_an_unknown_decode_and_a_reduced_detector_in_one_line(tmp_path: Path) -> None:
+    for extra, said in ((("--decode", "fast"), "unknown decode 'fast'"),
+                        (("--decode", "reduced", "--task", "detection"), "--decode: the detector decodes")):
+        code, _, err = run_cli("train", "--data", tmp_path, "--out", tmp_path / "run", *extra)
+        assert code != 0 and said in err and len(err.strip().splitlines()) == 1, err

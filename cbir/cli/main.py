@@ -788,10 +788,11 @@ def bench(n: Annotated[str, typer.Option("--n", help="collection sizes, comma-se
                         for c in columns))
     out.print(table, width=max(out.width, 150))
     if model_side:
-        out.print(f"pipeline ({model_side['backbone']} at {model_side['image_size']} px): "
-                  f"{model_side['images_per_s']} images/s with decoding vs {model_side['bare_forward_images_per_s']} "
-                  f"bare forward ({100 * model_side['pipeline_fraction_of_bare']:.0f} %); warm query "
-                  f"{model_side['warm_query_ms']} ms p50", markup=False)
+        for row in model_side["decodes"]:
+            out.print(f"pipeline ({model_side['backbone']} at {model_side['image_size']} px, decode {row['decode']}): "
+                      f"{row['images_per_s']} images/s with decoding vs {model_side['bare_forward_images_per_s']} "
+                      f"bare forward ({100 * row['pipeline_fraction_of_bare']:.0f} %); warm query "
+                      f"{row['warm_query_ms']} ms p50", markup=False)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
         out.print(f"wrote {json_out}", markup=False)
