@@ -73,6 +73,9 @@ def test_cli_bench_writes_json(tmp_path: Path) -> None:
     assert isinstance(report["rows"], list) and report["rows"]
     assert all(set(row) >= ROW_KEYS and row["load"] is False and row["threads"] == 1 for row in report["rows"])
     assert set(report["pipeline"]) >= PIPELINE_KEYS and report["pipeline"]["images_per_s"] > 0
+    assert [d["decode"] for d in report["pipeline"]["decodes"]] == ["full", "reduced"]
+    assert all(d["images_per_s"] > 0 and 0 < d["warm_query_ms"] <= d["warm_query_p99_ms"]
+               for d in report["pipeline"]["decodes"])
     assert "cbir bench" in result.stdout and "warm query" in result.stdout
     serve = report["pipeline"]["serve"]
     assert [(s["clients"], s["load"], s["requests"]) for s in serve] == [(1, False, 2), (2, False, 4)]
@@ -81,7 +84,7 @@ def test_cli_bench_writes_json(tmp_path: Path) -> None:
     table = (tmp_path / "bench.md").read_text()
     main = table.split("\n\n")[0]
     assert main.count("\n| ") == len(report["rows"]) and "images/s with decoding" in table
-    assert "| clients | load |" in table and "queries/s" in table
+    assert "| clients | load |" in table and "queries/s" in table and "| reduced |" in table
 
 
 def test_bench_load_marks_the_rows_and_repeats_the_in_process_engines() -> None:

@@ -14,13 +14,18 @@ import torch
 
 from cbir.console import QUIET, Reporter
 
+DECODES = ("full", "reduced")
+
 
 def bench_pipeline(backbone: str = "resnet18", image_size: int = 224, n_images: int = 96, batch_size: int = 16,
                    workers: int = 2, source_size: int = 1024, queries: int = 20, serve_queries: int = 0,
-                   load: bool = False, reporter: Reporter = QUIET) -> dict[str, Any]:
-    """Synthetic JPEG DICOMs of `source_size` px (RSNA's own size is 1024), a randomly initialised `backbone`.
-    `serve_queries` > 0 also times `cbir serve` (a separate process) with 1 and 2 parallel clients, each sending
-    that many queries (`load`: also with one core busy)."""
+                   load: bool = False, rounds: int = 2, reporter: Reporter = QUIET) -> dict[str, Any]:
+    """Synthetic JPEG DICOMs of `source_size` px (RSNA's own size is 1024), a randomly initialised `backbone`,
+    once per decode path (`ModelConfig.decode`: full, and reduced by DCT scaling), the paths interleaved (bare
+    forward, full, reduced; `rounds` times, the median kept; queries alternating) so that a shared machine's load
+    falls on both alike. The top-level figures are the full decode's; `decodes` has a row per path.
+    `serve_queries` > 0 also times `cbir serve` (a separate process, full decode) with 1 and 2 parallel clients,
+    each sending that many queries (`load`: also with one core busy)."""
     from cbir.data.layout import load_dataset
     from cbir.data.synth import synth_dataset
     from cbir.embed import embed_batches
@@ -34,49 +39,72 @@ def bench_pipeline(backbone: str = "resnet18", image_size: int = 224, n_images: 
         root = Path(tmp)
         reporter.log(f"  pipeline: writing {n_images} synthetic {source_size}-px DICOMs")
         synth_dataset("rsna", n_images, source_size, root / "data", seed=0)
-        save_checkpoint(create_model(ModelConfig(backbone=backbone, image_size=image_size, embed_dim=128, bits=64)),
-                        root / "model")
-        loaded = load_checkpoint(root / "model", "cpu")
+        model = create_model(ModelConfig(backbone=backbone, image_size=image_size, embed_dim=128, bits=64))
+        models = {}
+        for decode in DECODES:   # the same weights; only the recorded decode path differs
+            model.config.decode = decode
+            save_checkpoint(model, root / f"model-{decode}")
+            models[decode] = load_checkpoint(root / f"model-{decode}", "cpu")
         records = load_dataset(root / "data", "rsna")
         paths = records.meta["path"].tolist()
-
         pixels = torch.rand(n_images, 1, image_size, image_size)
-        with torch.inference_mode():
-            loaded.model(pixels[:batch_size])  # warm-up
-            started = time.perf_counter()
-            for start in range(0, n_images, batch_size):
-                loaded.model(pixels[start:start + batch_size])
-            bare = n_images / (time.perf_counter() - started)
-        reporter.log(f"  pipeline: bare forward {bare:.1f} images/s")
 
-        for _ in embed_batches(loaded, paths[:batch_size], batch_size, 0):  # warm-up
-            pass
-        started = time.perf_counter()
-        for _ in embed_batches(loaded, paths, batch_size, workers):
-            pass
-        full = n_images / (time.perf_counter() - started)
-        reporter.log(f"  pipeline: decode + preprocess + forward {full:.1f} images/s")
+        def bare() -> float:
+            with torch.inference_mode():
+                started = time.perf_counter()
+                for start in range(0, n_images, batch_size):
+                    models["full"].model(pixels[start:start + batch_size])
+                return n_images / (time.perf_counter() - started)
+
+        def embedded(decode: str) -> float:
+            started = time.perf_counter()
+            for _ in embed_batches(models[decode], paths, batch_size, workers):
+                pass
+            return n_images / (time.perf_counter() - started)
+
+        with torch.inference_mode():
+            models["full"].model(pixels[:batch_size])  # warm-up
+        for decode in DECODES:
+            for _ in embed_batches(models[decode], paths[:batch_size], batch_size, 0):  # warm-up
+                pass
+        speeds: dict[str, list[float]] = {"bare": [], **{d: [] for d in DECODES}}
+        for _ in range(rounds):
+            speeds["bare"].append(bare())
+            for decode in DECODES:
+                speeds[decode].append(embedded(decode))
+        rate = {name: float(np.median(values)) for name, values in speeds.items()}
+        reporter.log(f"  pipeline: bare forward {rate['bare']:.1f} images/s; with decoding "
+                     + ", ".join(f"{d} {rate[d]:.1f}" for d in DECODES))
 
         pseudonymize = Pseudonymizer(b"bench-key-bench-key-bench-key-00")
-        with open_index(str(root / "index"), writable=True, create=True) as index:
-            ingest_records(records, loaded, index, "bench", pseudonymize, batch_size, workers)
-            warm = WarmSearcher(index, "bench", loaded, pseudonymize)
+        times: dict[str, list[float]] = {d: [] for d in DECODES}
+        for decode in DECODES:
+            with open_index(str(root / f"index-{decode}"), writable=True, create=True) as index:
+                ingest_records(records, models[decode], index, "bench", pseudonymize, batch_size, workers)
+        with open_index(str(root / "index-full")) as full, open_index(str(root / "index-reduced")) as reduced:
+            warm = {"full": WarmSearcher(full, "bench", models["full"], pseudonymize),
+                    "reduced": WarmSearcher(reduced, "bench", models["reduced"], pseudonymize)}
             for path in paths[:3]:
-                warm.query(path, k=10, prefilter=100)
-            times = []
+                for searcher in warm.values():
+                    searcher.query(path, k=10, prefilter=100)
             for path in paths[3:3 + queries]:
-                started = time.perf_counter()
-                warm.query(path, k=10, prefilter=100)
-                times.append(1000 * (time.perf_counter() - started))
-        reporter.log(f"  pipeline: warm query p50 {np.percentile(times, 50):.1f} ms")
-        serve = (bench_serve(root / "index", root / "model", paths, serve_queries, load, reporter)
+                for decode, searcher in warm.items():
+                    started = time.perf_counter()
+                    searcher.query(path, k=10, prefilter=100)
+                    times[decode].append(1000 * (time.perf_counter() - started))
+        rows = [{"decode": d, "images_per_s": round(rate[d], 2),
+                 "pipeline_fraction_of_bare": round(rate[d] / rate["bare"], 3),
+                 "warm_query_ms": round(float(np.percentile(times[d], 50)), 1),
+                 "warm_query_p99_ms": round(float(np.percentile(times[d], 99)), 1)} for d in DECODES]
+        reporter.log("  pipeline: warm query p50 " + ", ".join(f"{r['decode']} {r['warm_query_ms']:.1f} ms"
+                                                                for r in rows))
+        serve = (bench_serve(root / "index-full", root / "model-full", paths, serve_queries, load, reporter)
                  if serve_queries else [])
+    full_row = {k: v for k, v in rows[0].items() if k != "decode"}
     return {"serve": serve, "backbone": backbone, "image_size": image_size, "source_size": source_size,
-            "n_images": n_images,
-            "batch_size": batch_size, "workers": workers, "images_per_s": round(full, 2),
-            "bare_forward_images_per_s": round(bare, 2), "pipeline_fraction_of_bare": round(full / bare, 3),
-            "warm_query_ms": round(float(np.percentile(times, 50)), 1),
-            "warm_query_p99_ms": round(float(np.percentile(times, 99)), 1), "warm_queries": len(times)}
+            "n_images": n_images, "batch_size": batch_size, "workers": workers, "rounds": rounds,
+            "bare_forward_images_per_s": round(rate["bare"], 2), **full_row, "warm_queries": len(times["full"]),
+            "decodes": rows}
 
 
 def bench_serve(index: Path, model: Path, paths: list[str], queries: int, load: bool = False,

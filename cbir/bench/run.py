@@ -288,6 +288,13 @@ def markdown(result: dict[str, Any]) -> str:
                       f"{p['images_per_s']} images/s with decoding vs {p['bare_forward_images_per_s']} for the bare "
                       f"forward pass ({100 * p['pipeline_fraction_of_bare']:.0f} %); warm query "
                       f"{p['warm_query_ms']} ms p50, {p['warm_query_p99_ms']} ms p99 ({p['warm_queries']} queries)."]
+        if p.get("decodes"):
+            lines += ["", f"By decode path (`ModelConfig.decode`; interleaved, median of {p['rounds']} rounds; "
+                          f"bare forward {p['bare_forward_images_per_s']} images/s):", "",
+                      "| decode | images/s | of bare forward | warm query p50 ms | p99 ms |",
+                      "|---|---:|---:|---:|---:|"]
+            lines += [f"| {d['decode']} | {d['images_per_s']} | {100 * d['pipeline_fraction_of_bare']:.0f} % | "
+                      f"{d['warm_query_ms']:.1f} | {d['warm_query_p99_ms']:.1f} |" for d in p["decodes"]]
         if p.get("serve"):
             lines += ["", "`cbir serve` (a separate process; POST /query with a DICOM, k=10, prefilter 100):", "",
                       "| clients | load | requests | p50 ms | p99 ms |", "|---:|---|---:|---:|---:|"]

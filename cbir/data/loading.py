@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cbir.data.transforms import Geometry, letterbox
 from cbir.errors import BadInputError
-from cbir.io import Pseudonymizer, SafeMeta, read_image
+from cbir.io import Pseudonymizer, SafeMeta, XrayImage, read_image
 from cbir.io.thumbnails import encode_thumbnail
 
 
@@ -37,15 +37,23 @@ class Failed:
     reason: str
 
 
+def model_view(image: XrayImage, size: int) -> tuple[np.ndarray, Geometry]:
+    """A read image as a model's S×S input, with its geometry in the stored image's pixels (also when it was
+    decoded at reduced resolution): the one place where an image becomes model input."""
+    return letterbox(image.pixels, size, image.full_shape)
+
+
 class ImageFiles(Dataset):
-    """Files → `Loaded` (or `Failed`, so that one bad file never stops a batch)."""
+    """Files → `Loaded` (or `Failed`, so that one bad file never stops a batch). `reduce_to`: see
+    `cbir.io.read_image` (a model's `cbir.models.decode_size`)."""
 
     def __init__(self, paths: Sequence[str], size: int, pseudonymize: Pseudonymizer | None = None,
-                 thumbnails: bool = False) -> None:
+                 thumbnails: bool = False, reduce_to: int | None = None) -> None:
         self.paths = list(paths)
         self.size = size
         self.pseudonymize = pseudonymize
         self.thumbnails = thumbnails
+        self.reduce_to = reduce_to
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -53,8 +61,8 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> Loaded | Failed:
         path = self.paths[index]
         try:
-            image = read_image(path, self.pseudonymize)
-            pixels, geometry = letterbox(image.pixels, self.size)
+            image = read_image(path, self.pseudonymize, self.reduce_to)
+            pixels, geometry = model_view(image, self.size)
             thumbnail = encode_thumbnail(image.pixels) if self.thumbnails else None
         except BadInputError as exc:
             return Failed(index, path, exc.reason)
@@ -80,10 +88,11 @@ def _collate(items: list[Any]) -> Batch:
 
 
 def iterate_batches(paths: Sequence[str], size: int, batch_size: int = 32, workers: int = 2,
-                    pseudonymize: Pseudonymizer | None = None, thumbnails: bool = False) -> Iterator[Batch]:
+                    pseudonymize: Pseudonymizer | None = None, thumbnails: bool = False,
+                    reduce_to: int | None = None) -> Iterator[Batch]:
     """Batches in input order; decoding overlaps with the consumer when workers > 0. `thumbnails` also makes
-    each image's thumbnail in the worker that decoded it."""
-    dataset = ImageFiles(paths, size, pseudonymize, thumbnails)
+    each image's thumbnail in the worker that decoded it; `reduce_to`: see `ImageFiles`."""
+    dataset = ImageFiles(paths, size, pseudonymize, thumbnails, reduce_to)
     workers = max(0, min(workers, len(dataset) // max(batch_size, 1)))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_collate, persistent_workers=False,

@@ -38,9 +38,10 @@ class Geometry:
         return boxes
 
 
-def letterbox(pixels: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
-    """Resize the longer side to `size` (antialiased) and centre-pad to a square with black."""
-    height, width = pixels.shape
+def letterbox(pixels: np.ndarray, size: int, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Resize the longer side to `size` (antialiased) and centre-pad to a square with black. `shape`: the
+    stored image's (height, width) when `pixels` were decoded smaller; the geometry is then that image's."""
+    height, width = shape or pixels.shape
     scale = size / max(height, width)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     resized = np.asarray(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")

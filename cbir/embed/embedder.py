@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cbir.data.loading import Failed, Loaded, iterate_batches
-from cbir.data.transforms import Geometry, letterbox
+from cbir.data.loading import Failed, Loaded, iterate_batches, model_view
+from cbir.data.transforms import Geometry
 from cbir.io import Pseudonymizer, SafeMeta, XrayImage
-from cbir.models import LoadedModel
+from cbir.models import LoadedModel, decode_size
 
 
 @dataclass
@@ -45,7 +45,8 @@ def embed_batches(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 3
                   ) -> Iterator[tuple[list[Embedded], list[Failed]]]:
     """Per batch: the embedded images (with their thumbnails when asked) and the files that could not be read."""
     size = loaded.config.image_size
-    for batch in iterate_batches(paths, size, batch_size, workers, pseudonymize, thumbnails):
+    for batch in iterate_batches(paths, size, batch_size, workers, pseudonymize, thumbnails,
+                                 decode_size(loaded.config)):
         if not batch.items:
             yield [], batch.failures
             continue
@@ -65,7 +66,7 @@ def embed_and_detect(loaded: LoadedModel, image: XrayImage
                      ) -> tuple[Embedded, list[dict[str, float | list[float]]]]:
     """One forward pass: the embedding, and for a detector its boxes, best first, as {"box": [x, y, w, h],
     "score"} in the original image's pixels (above the checkpoint's box threshold); [] for other models."""
-    pixels, geometry = letterbox(image.pixels, loaded.config.image_size)
+    pixels, geometry = model_view(image, loaded.config.image_size)
     x = torch.from_numpy(pixels)[None, None]
     out, detections = loaded.task.embed(loaded.model, loaded.config, x)
     emb, codes = out.embedding.cpu().numpy(), out.code.cpu().numpy()

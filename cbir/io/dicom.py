@@ -18,6 +18,7 @@ from cbir.errors import BadInputError
 from cbir.io.capture import captured_output
 from cbir.io.decoders import PIXEL_KEYWORDS, can_decode, decode_first_frame
 from cbir.io.header import MAX_PIXELS, check_modality, geometry, max_pixels
+from cbir.io.jpeg_draft import decode_dicom_reduced, reducible_dicom
 from cbir.io.phi import Pseudonymizer, SafeMeta, age_band, sex_of, view_of
 from cbir.io.pixels import BlankImage, process
 
@@ -48,9 +49,11 @@ def transfer_syntax(ds: Dataset, path: str | Path) -> pydicom.uid.UID:
     return syntax
 
 
-def decode(ds: Dataset, path: str | Path, limit: int | None = None) -> np.ndarray:
+def decode(ds: Dataset, path: str | Path, limit: int | None = None, reduce_to: int | None = None) -> np.ndarray:
     """Stored values of the first frame (no LUTs applied), with `ds.PhotometricInterpretation` set to the
-    decoded array's; more than `limit` pixels are refused before anything is allocated."""
+    decoded array's; more than `limit` pixels are refused before anything is allocated. With `reduce_to`, a
+    grey JPEG Baseline frame is decoded at the smallest DCT scale whose longer side is still ≥ `reduce_to`
+    (`cbir.io.jpeg_draft`); every other frame in full."""
     require_pixels(ds, path)
     shape = geometry(ds, path, max_pixels() if limit is None else limit)
     syntax = transfer_syntax(ds, path)
@@ -58,6 +61,13 @@ def decode(ds: Dataset, path: str | Path, limit: int | None = None) -> np.ndarra
         raise BadInputError(path, f"unsupported transfer syntax {syntax.name} ({syntax}): no decoder for it is "
                                   "installed")
     with captured_output() as said:
+        try:
+            reduced = (decode_dicom_reduced(ds, shape, reduce_to) if reduce_to and reducible_dicom(ds, syntax, shape)
+                       else None)
+        except Exception:  # noqa: BLE001 - a stream Pillow cannot read: the full decode below reports the file
+            reduced = None
+        if reduced is not None:
+            return reduced
         try:
             arr, photometric = decode_first_frame(ds, path, syntax, shape)
         except NotImplementedError as exc:
@@ -115,12 +125,13 @@ def peek_instance_key(path: str | Path) -> str | None:
         return None
 
 
-def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None,
-               limit: int | None = None) -> tuple[np.ndarray, SafeMeta, str | None]:
-    """(pixels float32 [0,1], safe metadata, instance key) of a DICOM file, or one BadInputError."""
+def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None, limit: int | None = None,
+               reduce_to: int | None = None) -> tuple[np.ndarray, SafeMeta, str | None, tuple[int, int]]:
+    """(pixels float32 [0,1], safe metadata, instance key, (Rows, Columns)) of a DICOM file, or one
+    BadInputError; `reduce_to`: see `decode` (the pixels are then smaller than Rows × Columns)."""
     try:
         with _quiet_pydicom():
-            return _read_dicom(path, pseudonymize, limit)
+            return _read_dicom(path, pseudonymize, limit, reduce_to)
     except BadInputError:
         raise
     except RecursionError:
@@ -129,12 +140,12 @@ def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None,
         raise BadInputError(path, f"unreadable DICOM ({describe(exc)})") from None
 
 
-def _read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None,
-                limit: int | None) -> tuple[np.ndarray, SafeMeta, str | None]:
+def _read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None, limit: int | None,
+                reduce_to: int | None) -> tuple[np.ndarray, SafeMeta, str | None, tuple[int, int]]:
     ds = read_header(path)
     require_pixels(ds, path)
     check_modality(ds, path)
-    arr = decode(ds, path, limit)
+    arr = decode(ds, path, limit, reduce_to)
     try:
         pixels = process(arr, ds)
     except BlankImage as exc:
@@ -143,7 +154,7 @@ def _read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None,
         raise BadInputError(path, f"cannot apply the header's LUTs ({describe(exc)})") from None
     if pixels.ndim != 2:
         raise BadInputError(path, f"unexpected pixel array shape {pixels.shape}")
-    return pixels, safe_meta(ds, pseudonymize), instance_key(ds)
+    return pixels, safe_meta(ds, pseudonymize), instance_key(ds), (int(ds.Rows), int(ds.Columns))
 
 
 @contextmanager

@@ -24,9 +24,15 @@ class XrayImage:
     kind: str                     # "dicom" or "raster"
     #: Mean chroma of a colour file (`cbir.io.raster.read_raster`); 0 for grey pixels and for DICOM.
     colour: float = 0.0
+    #: (height, width) of the stored image when `pixels` were decoded at reduced resolution
+    #: (`cbir.io.jpeg_draft`); None when `pixels` have the stored size.
+    full_shape: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(height, width) in the stored image's pixels (boxes and regions are given in these)."""
+        if self.full_shape is not None:
+            return self.full_shape
         return int(self.pixels.shape[0]), int(self.pixels.shape[1])
 
 
@@ -58,16 +64,23 @@ def sniff(path: str | Path) -> str:
     raise BadInputError(path, "not an image (expected DICOM, PNG or JPEG)")
 
 
-def read_image(path: str | Path, pseudonymize: Pseudonymizer | None = None) -> XrayImage:
-    """Read a DICOM, PNG or JPEG chest X-ray as grey float32 [0, 1] with safe metadata."""
+def read_image(path: str | Path, pseudonymize: Pseudonymizer | None = None,
+               reduce_to: int | None = None) -> XrayImage:
+    """Read a DICOM, PNG or JPEG chest X-ray as grey float32 [0, 1] with safe metadata. `reduce_to` (a model's
+    input size, `cbir.models.decode_size`): decode grey 8-bit JPEG pixels at reduced resolution, never below
+    that size (`cbir.io.jpeg_draft`; this changes the pixels)."""
     kind = sniff(path)
     try:
         if kind == "dicom":
-            pixels, meta, key = read_dicom(path, pseudonymize)
-            return XrayImage(pixels, meta, key, kind)
-        pixels, colour = read_raster(path)
-        return XrayImage(pixels, SafeMeta(), None, kind, colour)
+            pixels, meta, key, shape = read_dicom(path, pseudonymize, reduce_to=reduce_to)
+            return XrayImage(pixels, meta, key, kind, full_shape=_if_reduced(pixels, shape))
+        pixels, colour, shape = read_raster(path, reduce_to=reduce_to)
+        return XrayImage(pixels, SafeMeta(), None, kind, colour, _if_reduced(pixels, shape))
     except BadInputError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a third-party reader raises, one file is one line
         raise BadInputError(path, f"unreadable ({describe(exc)})") from None
+
+
+def _if_reduced(pixels: np.ndarray, shape: tuple[int, int]) -> tuple[int, int] | None:
+    return shape if tuple(pixels.shape) != tuple(shape) else None

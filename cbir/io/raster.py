@@ -9,13 +9,16 @@ from PIL import Image, UnidentifiedImageError
 
 from cbir.errors import BadInputError
 from cbir.io.header import max_pixels
+from cbir.io.jpeg_draft import draft_grey
 from cbir.io.pixels import BlankImage, refuse_blank, scale_unit
 
 
-def read_raster(path: str | Path, limit: int | None = None) -> tuple[np.ndarray, float]:
-    """Any Pillow-readable image → grey (16-bit PNGs keep their range before scaling), and the file's
-    colourfulness: the mean over pixels of max − min of R, G, B, in [0, 1]; 0 for a grey file, and for the many
-    radiographs stored as RGB with equal channels."""
+def read_raster(path: str | Path, limit: int | None = None, reduce_to: int | None = None
+                ) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Any Pillow-readable image → grey (16-bit PNGs keep their range before scaling), the file's colourfulness
+    (the mean over pixels of max − min of R, G, B, in [0, 1]; 0 for a grey file, and for the many radiographs
+    stored as RGB with equal channels) and its (height, width). With `reduce_to`, a grey 8-bit JPEG is decoded at
+    the smallest DCT scale whose longer side is still ≥ `reduce_to` (`cbir.io.jpeg_draft`)."""
     limit = max_pixels() if limit is None else limit
     try:
         with Image.open(path) as img:
@@ -24,6 +27,9 @@ def read_raster(path: str | Path, limit: int | None = None) -> tuple[np.ndarray,
                                           "see --max-pixels)")
             if img.width < 2 or img.height < 2:
                 raise BadInputError(path, f"image too small ({img.width}×{img.height} pixels)")
+            shape = img.height, img.width
+            if reduce_to:
+                draft_grey(img, reduce_to)
             img.load()
             arr = _grey_array(img)
             colour = _colourfulness(img)
@@ -34,7 +40,7 @@ def read_raster(path: str | Path, limit: int | None = None) -> tuple[np.ndarray,
         raise BadInputError(path, f"not a readable image ({type(exc).__name__}{': ' + detail if detail else ''})"
                             ) from None
     try:
-        return scale_unit(refuse_blank(arr)), colour
+        return scale_unit(refuse_blank(arr)), colour, shape
     except BlankImage as exc:
         raise BadInputError(path, f"blank image ({exc})") from None
 

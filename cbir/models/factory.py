@@ -22,6 +22,8 @@ HASH_FIELDS = ("hash_pair_weight", "hash_quant_weight", "hash_balance_weight")
 #: Config fields of the appearance part (`cbir.models.appearance`); left out of config.json when it is off, and
 #: off for a config.json without them (a checkpoint written before it existed keeps its embedding).
 APPEARANCE_FIELDS = ("appearance_size", "appearance_weight", "appearance_window")
+#: How images are decoded for the model (`ModelConfig.decode`): in full, or grey JPEGs at reduced resolution.
+DECODES = ("full", "reduced")
 
 
 @dataclass
@@ -50,6 +52,11 @@ class ModelConfig:
     appearance_weight: float = 0.5
     #: σ of its centre weighting, in half-widths (`cbir.models.appearance.centre_window`); 0 = flat.
     appearance_window: float = 1.0
+    #: "full", or "reduced": grey 8-bit JPEGs (files and JPEG Baseline DICOMs) decoded by DCT scaling at 1/2–1/8
+    #: of their size, never below `image_size` (`cbir.io.jpeg_draft`; other pixels differ slightly, faster). Part
+    #: of the input contract: training, ingest and queries all decode the same way. Left out of config.json when
+    #: "full", so checkpoints from before the field keep their fingerprint and their decoding.
+    decode: str = "full"
 
     @property
     def has_appearance(self) -> bool:
@@ -79,6 +86,8 @@ class ModelConfig:
                             f"{task.config_class.__name__})")
         if self.intensity not in INTENSITIES:
             raise CbirError(f"unknown intensity {self.intensity!r} (choose from {', '.join(INTENSITIES)})")
+        if self.decode not in DECODES:
+            raise CbirError(f"unknown decode {self.decode!r} (choose from {', '.join(DECODES)})")
         low, high = HASH_BITS
         if task.hash_layer and not low <= self.bits <= high:
             raise CbirError(f"--bits {self.bits} is outside {low}..{high} for the hash task")
@@ -98,16 +107,25 @@ class ModelConfig:
                 data.pop(name)
         if self.intensity == "standardize":
             data.pop("intensity")
+        if self.decode == "full":
+            data.pop("decode")
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """The config of a config.json; a field it lacks (older checkpoints: `intensity`) takes its default."""
+        """The config of a config.json; a field it lacks (older checkpoints: `intensity`, `decode`) takes its
+        default ("full" for `decode`)."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if "appearance_size" not in known:
             known |= {"appearance_size": 0, "appearance_weight": 0.0, "appearance_window": 0.0}
         known.setdefault("appearance_window", 0.0)
         return cls(**known)
+
+
+def decode_size(config: Any) -> int | None:
+    """What `cbir.io.read_image` takes as `reduce_to` for a model's inputs: its input size when its config says
+    `decode="reduced"`, else None (full decode; also every detector)."""
+    return config.image_size if getattr(config, "decode", "full") == "reduced" else None
 
 
 class ModelOutput(NamedTuple):

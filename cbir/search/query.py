@@ -41,7 +41,7 @@ from cbir.index.codes import collection_code
 from cbir.index.files import FileMap, LocalFiles
 from cbir.index.schema import FILTER_ALIASES, check_model
 from cbir.io import Pseudonymizer, XrayImage, read_image
-from cbir.models import LoadedModel
+from cbir.models import LoadedModel, decode_size
 from cbir.threads import single_threaded
 
 NEIGHBOR_FIELDS = ("labels", "label", "path", "file", "dataset", "split", "view", "sex", "age_band", "boxes")
@@ -174,7 +174,7 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
     """Read, embed and search one image file (`local_paths`: see the module docstring)."""
     meta = index.get_meta(collection)
     check_model(meta, loaded, collection)
-    image = read_image(path, pseudonymize)
+    image = read_image(path, pseudonymize, decode_size(loaded.config))
 
     def search(embedded: Embedded) -> list[Hit]:
         hits = search_embedding(index, collection, embedded, k, flt, prefilter, hamming_radius)

@@ -12,7 +12,7 @@ from cbir.index.base import Filter, Hit, Index
 from cbir.index.files import FileMap, LocalFiles
 from cbir.index.schema import check_model
 from cbir.io import Pseudonymizer, XrayImage, read_image
-from cbir.models import LoadedModel
+from cbir.models import LoadedModel, decode_size
 from cbir.search.memory import MemoryIndex
 from cbir.search.pictures import CasePictures, Picture
 from cbir.search.query import QueryResult, answer, query_name, stored_path
@@ -70,7 +70,11 @@ class WarmSearcher:
 
     def query(self, path: str | Path, k: int = 10, flt: Filter | None = None, prefilter: int | None = None,
               hamming_radius: int | None = None) -> QueryResult:
-        return self.query_image(read_image(path, self.pseudonymize), str(path), k, flt, prefilter, hamming_radius)
+        return self.query_image(self.read(path), str(path), k, flt, prefilter, hamming_radius)
+
+    def read(self, path: str | Path) -> XrayImage:
+        """An image file read as this model's inputs are (`cbir.models.decode_size`)."""
+        return read_image(path, self.pseudonymize, decode_size(self.loaded.config))
 
     def query_image(self, image: XrayImage, name: str, k: int = 10, flt: Filter | None = None,
                     prefilter: int | None = None, hamming_radius: int | None = None) -> QueryResult:

@@ -31,7 +31,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, Response
 
 from cbir.errors import BadInputError, CbirError, IndexError_, printable
-from cbir.io import XrayImage, read_image
+from cbir.io import XrayImage
 from cbir.report.montage import windowed_png
 from cbir.search import parse_filters
 from cbir.search.warm import WarmSearcher
@@ -101,7 +101,7 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
             with tempfile.TemporaryDirectory(prefix="cbir-upload-") as tmp:
                 path = Path(tmp) / (name or "upload")
                 path.write_bytes(data)
-                image = read_image(path, searcher.pseudonymize)
+                image = searcher.read(path)
             preview = windowed_png(image.pixels, PREVIEW_SIZE)
             shape = list(image.shape)
             box = parse_region(region) if region else None
@@ -145,4 +145,9 @@ def crop(image: XrayImage, box: tuple[int, int, int, int]) -> XrayImage:
     if x1 - x0 < MIN_REGION or y1 - y0 < MIN_REGION:
         raise CbirError(f"region {region!r}: at least {MIN_REGION}×{MIN_REGION} pixels inside the "
                         f"{width}×{height} image")
-    return XrayImage(image.pixels[y0:y1, x0:x1], image.meta, image.instance_key, image.kind, image.colour)
+    if image.full_shape is None:
+        return XrayImage(image.pixels[y0:y1, x0:x1], image.meta, image.instance_key, image.kind, image.colour)
+    rows, cols = image.pixels.shape   # decoded at reduced resolution: the box in its pixels, rounded outwards
+    r0, c0, r1, c1 = y0 * rows // height, x0 * cols // width, -(-y1 * rows // height), -(-x1 * cols // width)
+    return XrayImage(image.pixels[r0:r1, c0:c1], image.meta, image.instance_key, image.kind, image.colour,
+                     (y1 - y0, x1 - x0))

@@ -19,7 +19,7 @@ from cbir.data.records import Records
 from cbir.data.transforms import model_input
 from cbir.errors import DatasetError
 from cbir.metrics import per_class_auc, roc_auc
-from cbir.models import CbirNet, ModelConfig
+from cbir.models import CbirNet, ModelConfig, decode_size
 from cbir.models.losses import label_groups, positive_weights
 from cbir.models.registry import Batch, Task, get_task
 from cbir.train.preload import preload
@@ -37,8 +37,9 @@ class ClassifierData:
     def __init__(self, records: Records, train: Records, val: Records, config: ModelConfig, task: Task,
                  settings: TrainSettings, reporter: Reporter, device: torch.device) -> None:
         self.config, self.task, self.device = config, task, device
-        self.x_train, keep_train, fail_train = preload(train, config.image_size, settings, reporter, "train")
-        self.x_val, keep_val, fail_val = preload(val, config.image_size, settings, reporter, "val")
+        reduce_to = decode_size(config)
+        self.x_train, keep_train, fail_train = preload(train, config.image_size, settings, reporter, "train", reduce_to)
+        self.x_val, keep_val, fail_val = preload(val, config.image_size, settings, reporter, "val", reduce_to)
         y_train = task.targets(train)[keep_train]
         _check_train_targets(records, y_train, task)
         self.y_train = torch.from_numpy(y_train)

@@ -12,13 +12,14 @@ from cbir.errors import DatasetError
 from cbir.train.settings import TrainSettings
 
 
-def preload(records: Records, size: int, settings: TrainSettings, reporter: Reporter,
-            label: str) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """Decode every image once into memory (float16), so epochs cost only the forward/backward pass."""
+def preload(records: Records, size: int, settings: TrainSettings, reporter: Reporter, label: str,
+            reduce_to: int | None = None) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Decode every image once into memory (float16), so epochs cost only the forward/backward pass;
+    `reduce_to`: the model's `cbir.models.decode_size`."""
     images, keep, failures = [], [], []
     paths = records.meta["path"].tolist()
     with reporter.task(f"decode {label}", len(paths)) as bar:
-        for batch in iterate_batches(paths, size, batch_size=64, workers=settings.workers):
+        for batch in iterate_batches(paths, size, batch_size=64, workers=settings.workers, reduce_to=reduce_to):
             if batch.items:
                 images.append(batch.pixels.half())
                 keep.extend(item.index for item in batch.items)

@@ -47,7 +47,7 @@ def refit_appearance(model_dir: Path, records: Any, fields: dict[str, Any], work
 
     from cbir.console import QUIET
     from cbir.data.transforms import model_input
-    from cbir.models import CbirNet, ModelConfig, load_checkpoint
+    from cbir.models import CbirNet, ModelConfig, decode_size, load_checkpoint
     from cbir.models.checkpoint import save_checkpoint
     from cbir.train.loop import TrainSettings, preload
 
@@ -58,7 +58,7 @@ def refit_appearance(model_dir: Path, records: Any, fields: dict[str, Any], work
     state = {k: v for k, v in old.model.state_dict().items() if k != "code_projection"}
     model.load_state_dict(state, strict=False)
     x_train, _, _ = preload(records.split("train"), config.image_size, TrainSettings(workers=workers), QUIET,
-                            "train")
+                            "train", decode_size(config))
     if model.appearance is not None:
         model.appearance.fit(x_train, lambda batch: model_input(batch, config.intensity))
     save_checkpoint(model.eval(), model_dir)
