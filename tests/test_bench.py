@@ -201,6 +201,13 @@ def test_targets_are_read_off_one_run() -> None:
     faiss = [t for t in targets({"rows": rows}) if "FAISS" in t.name]
     assert [t.met for t in faiss] == [None, False] and "1.50×" in faiss[1].measured
     assert all(t.met is None for t in targets({"rows": rows}) if "ingest" in t.name or "serve" in t.name)
+    pipeline = {"backbone": "resnet18", "image_size": 224, "bare_forward_images_per_s": 20.0,
+                "decodes": [{"decode": "full", "images_per_s": 14.0, "pipeline_fraction_of_bare": 0.7,
+                             "warm_query_ms": 70.0, "warm_query_p99_ms": 80.0},
+                            {"decode": "reduced", "images_per_s": 18.0, "pipeline_fraction_of_bare": 0.9,
+                             "warm_query_ms": 50.0, "warm_query_p99_ms": 60.0}]}
+    model_side = [t for t in targets({"rows": rows, "pipeline": pipeline}) if "pipeline" in t.name or "warm" in t.name]
+    assert [t.met for t in model_side] == [False, False, True, True] and "opt-in" in model_side[2].name
 
 
 def test_recall_interval_half_width() -> None:
