@@ -21,7 +21,7 @@ Qdrant alias, on Qdrant Edge an entry of the index's `aliases.json` manifest. A 
 
 from __future__ import annotations
 
-import uuid
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -66,6 +66,9 @@ LEDGER_COLLECTION = "cbir_ledger"
 
 #: Payload fields that get a keyword index (created before the bulk load).
 INDEXED_FIELDS = ("labels", "dataset", "split", "view", "sex", "age_band", "pseudonym", "team")
+
+#: A point id as `str(uuid.UUID(...))` writes it.
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 #: Points sent to the engine per upsert request, and ids per retrieve request.
 UPSERT_BATCH = 256
@@ -304,10 +307,7 @@ def vector_lists(point: Point) -> dict[str, list[float]]:
 
 
 def check_point_id(where: str, point_id: str) -> None:
-    """Raise `IndexError_` unless the id is a canonical (lower-case, hyphenated) UUID string."""
-    try:
-        ok = str(uuid.UUID(point_id)) == point_id
-    except (ValueError, TypeError, AttributeError):
-        ok = False
-    if not ok:
+    """Raise `IndexError_` unless the id is a canonical (lower-case, hyphenated) UUID string, i.e. one that
+    `str(uuid.UUID(point_id))` gives back unchanged (a regex: 0.4 instead of 3 µs per point on ingest)."""
+    if not (isinstance(point_id, str) and CANONICAL_UUID.fullmatch(point_id)):
         raise IndexError_(f"{where}: point id {point_id!r} is not a canonical UUID string")
