@@ -40,6 +40,7 @@ from cbir.index.hamming import (  # noqa: F401 - re-exported: the codes' stored 
     mih_substrings,
     mih_widths,
     pack_code,
+    pack_codes,
     radius_threshold,
     unpack_code,
 )
@@ -266,10 +267,11 @@ def stored_payloads(points: Sequence[Point]) -> list[dict[str, Any]]:
     """The payloads as stored: each point's own fields, the packed code (`hash`) and the MIH substrings."""
     if not points:
         return []
-    subs = mih_matrix(np.stack([p.code for p in points])).tolist()
+    codes = np.stack([p.code for p in points])
+    subs = mih_matrix(codes).tolist()
     fields = [mih_field(i) for i in range(len(subs[0]))]
-    return [{**p.payload, HASH: pack_code(p.code), **dict(zip(fields, row, strict=True))}
-            for p, row in zip(points, subs, strict=True)]
+    return [{**p.payload, HASH: packed, **dict(zip(fields, row, strict=True))}
+            for p, packed, row in zip(points, pack_codes(codes), subs, strict=True)]
 
 
 def public_payload(payload: dict[str, Any] | None) -> dict[str, Any]:
@@ -300,8 +302,7 @@ def code_pairs(point_ids: Sequence[Any], scores: Sequence[float]) -> Candidates:
 
 
 def vector_lists(point: Point) -> dict[str, list[float]]:
-    """A point's named vectors as Python lists: qdrant-edge-py 0.9 converts a list about twice as fast as a
-    NumPy array (17 vs 40 µs for 512 + 64 values), which was half of the ingest time (docs/performance.md)."""
+    """A point's named vectors as Python lists (qdrant-client; Qdrant Edge takes memoryviews, `edge_convert`)."""
     return {EMBEDDING: np.asarray(point.embedding, dtype=np.float32).tolist(),
             HASH: np.asarray(point.code, dtype=np.float32).tolist()}
 

@@ -107,9 +107,10 @@ class FlushSchedule:
     log2(n / points) times, and a killed writer still loses at most the points of the last interval.
     """
 
-    def __init__(self, points: int, seconds: float) -> None:
+    def __init__(self, points: int, seconds: float, grow: bool = True) -> None:
         self.points = points
         self.seconds = seconds
+        self.grow = grow   # False: every `points` points, as before (`cbir.bench.ingest` compares the two)
         self._state: dict[str, tuple[int, float, int]] = {}   # collection → (unflushed, last flush, held then)
 
     def start(self, name: str, held: Callable[[], int]) -> None:
@@ -122,7 +123,7 @@ class FlushSchedule:
         pending, since, flushed = self._state[name]
         pending += added
         self._state[name] = (pending, since, flushed)
-        return pending >= max(self.points, flushed) or time.monotonic() - since >= self.seconds
+        return pending >= max(self.points, flushed if self.grow else 0) or time.monotonic() - since >= self.seconds
 
     def flushed(self, name: str) -> None:
         pending, _, flushed = self._state.get(name, (0, 0.0, 0))
