@@ -28,23 +28,18 @@ INDEXES = {*INDEXED_FIELDS, *(mih_field(i) for i in range(len(mih_widths(BITS)))
 DATA = make_data()
 
 
-def _load(root: Path, batch: int, monkeypatch: pytest.MonkeyPatch, points: int = 4096, seconds: float = 5.0,
-          upto: int = N) -> None:
-    """Create `cxr` and upsert the first `upto` points in batches of `batch` under the given flush schedule."""
+def _load(root: Path, batch: int, monkeypatch: pytest.MonkeyPatch, points: int = 4096, seconds: float = 5.0) -> None:
+    """Create `cxr` (unless it exists) and upsert the points it lacks in batches of `batch`, under the given
+    flush schedule (what a re-run of `cbir ingest` does)."""
     monkeypatch.setattr(edge, "FLUSH_POINTS", points)
     monkeypatch.setattr(edge, "FLUSH_SECONDS", seconds)
     with EdgeIndex(root, writable=True, create=True) as idx:
         if not idx.has_collection("cxr"):
             idx.create_collection("cxr", DIM, BITS, META)
-        _complete(idx, batch, upto)
-
-
-def _complete(idx: EdgeIndex, batch: int, upto: int = N) -> None:
-    """Upsert the points that the collection lacks (what a re-run of `cbir ingest` does)."""
-    present = idx.existing_ids("cxr", DATA.ids)
-    missing = [p for p in DATA.points[:upto] if p.id not in present]
-    for start in range(0, len(missing), batch):
-        idx.upsert("cxr", missing[start:start + batch])
+        present = idx.existing_ids("cxr", DATA.ids)
+        missing = [p for p in DATA.points if p.id not in present]
+        for start in range(0, len(missing), batch):
+            idx.upsert("cxr", missing[start:start + batch])
 
 
 def _indexes(idx: Index) -> dict[str, int]:

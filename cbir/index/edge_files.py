@@ -103,7 +103,7 @@ class FlushSchedule:
     `seconds`, or once the unflushed points reach `points` or as many as the collection held at its last flush.
 
     A flush waits for fsync, 0.1–0.5 s on a busy disk whatever its size, so flushing every 4,096 points took
-    more than half of a 100k-point load; doubling the interval makes a bulk load of n points flush about
+    about half of a 100k-point load; doubling the interval makes a bulk load of n points flush about
     log2(n / points) times, and a killed writer still loses at most the points of the last interval.
     """
 
