@@ -21,7 +21,7 @@ Qdrant alias, on Qdrant Edge an entry of the index's `aliases.json` manifest. A 
 
 from __future__ import annotations
 
-import uuid
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +40,7 @@ from cbir.index.hamming import (  # noqa: F401 - re-exported: the codes' stored 
     mih_substrings,
     mih_widths,
     pack_code,
+    pack_codes,
     radius_threshold,
     unpack_code,
 )
@@ -66,6 +67,9 @@ LEDGER_COLLECTION = "cbir_ledger"
 
 #: Payload fields that get a keyword index (created before the bulk load).
 INDEXED_FIELDS = ("labels", "dataset", "split", "view", "sex", "age_band", "pseudonym", "team")
+
+#: A point id as `str(uuid.UUID(...))` writes it.
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 #: Points sent to the engine per upsert request, and ids per retrieve request.
 UPSERT_BATCH = 256
@@ -263,10 +267,11 @@ def stored_payloads(points: Sequence[Point]) -> list[dict[str, Any]]:
     """The payloads as stored: each point's own fields, the packed code (`hash`) and the MIH substrings."""
     if not points:
         return []
-    subs = mih_matrix(np.stack([p.code for p in points])).tolist()
+    codes = np.stack([p.code for p in points])
+    subs = mih_matrix(codes).tolist()
     fields = [mih_field(i) for i in range(len(subs[0]))]
-    return [{**p.payload, HASH: pack_code(p.code), **dict(zip(fields, row, strict=True))}
-            for p, row in zip(points, subs, strict=True)]
+    return [{**p.payload, HASH: packed, **dict(zip(fields, row, strict=True))}
+            for p, packed, row in zip(points, pack_codes(codes), subs, strict=True)]
 
 
 def public_payload(payload: dict[str, Any] | None) -> dict[str, Any]:
@@ -297,17 +302,13 @@ def code_pairs(point_ids: Sequence[Any], scores: Sequence[float]) -> Candidates:
 
 
 def vector_lists(point: Point) -> dict[str, list[float]]:
-    """A point's named vectors as Python lists: qdrant-edge-py 0.9 converts a list about twice as fast as a
-    NumPy array (17 vs 40 µs for 512 + 64 values), which was half of the ingest time (docs/performance.md)."""
+    """A point's named vectors as Python lists (qdrant-client; Qdrant Edge takes memoryviews, `edge_convert`)."""
     return {EMBEDDING: np.asarray(point.embedding, dtype=np.float32).tolist(),
             HASH: np.asarray(point.code, dtype=np.float32).tolist()}
 
 
 def check_point_id(where: str, point_id: str) -> None:
-    """Raise `IndexError_` unless the id is a canonical (lower-case, hyphenated) UUID string."""
-    try:
-        ok = str(uuid.UUID(point_id)) == point_id
-    except (ValueError, TypeError, AttributeError):
-        ok = False
-    if not ok:
+    """Raise `IndexError_` unless the id is a canonical (lower-case, hyphenated) UUID string, i.e. one that
+    `str(uuid.UUID(point_id))` gives back unchanged (a regex: 0.4 instead of 3 µs per point on ingest)."""
+    if not (isinstance(point_id, str) and CANONICAL_UUID.fullmatch(point_id)):
         raise IndexError_(f"{where}: point id {point_id!r} is not a canonical UUID string")

@@ -29,6 +29,13 @@ def pack_code(code: np.ndarray) -> str:
     return np.packbits(np.asarray(code, dtype=np.uint8)).tobytes().hex()
 
 
+def pack_codes(codes: np.ndarray) -> list[str]:
+    """`pack_code` of every row of an (n, bits) 0/1 array, in one `packbits` (ingest: 0.3 instead of 3 µs a code)."""
+    packed = np.packbits(np.asarray(codes, dtype=np.uint8), axis=1)
+    text, width = packed.tobytes().hex(), 2 * packed.shape[1]
+    return [text[i:i + width] for i in range(0, len(text), width)]
+
+
 def unpack_code(hexstr: str, bits: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(hexstr), dtype=np.uint8))[:bits]
 
