@@ -13,17 +13,16 @@
 
 The model and an in-memory copy of the collection (`cbir.search.warm.WarmSearcher`) are loaded once at start;
 a query costs decoding, one forward pass and an in-memory search. The collection is reloaded when its alias
-moves or its point count changes (checked at most every `REFRESH_SECONDS`, by one request while the others go
-on). Errors are 4xx with a one-line `detail`, never a 500 for bad input.
+moves or its point count changes (checked at most every `REFRESH_SECONDS`, by one request at a time; searches
+wait for a reload). Errors are 4xx with a one-line `detail`, never a 500 for bad input.
 
 Concurrent queries (FastAPI runs each in a thread of its pool) overlap everywhere but in the in-memory search,
-which takes turns (about 1 ms). Each forward pass gets its share of the cores as PyTorch intra-op threads
-(`cbir.threads.CoreShare`): all of them for a lone request, one each for two requests on two cores. Two
-forwards of one thread each, side by side, finish sooner than one batched forward or two one after the other
-with two threads each, and a two-thread forward that shares its cores with another request's decoding waits
-on its descheduled thread (docs/performance.md, "`cbir serve` under two clients"). Requests are not batched:
-a batch changes the embeddings in their last bits, the thread count does not, so every answer stays
-bit-identical to `cbir query`'s for the same file.
+which takes turns (about 1 ms; `WarmSearcher`). Each forward pass gets its share of the cores as PyTorch
+intra-op threads (`cbir.threads.CoreShare`): all of them for a lone request, one each for two requests on two
+cores, so that the process does not run more compute threads than cores. Requests are not batched: a batch of
+two changes resnet18's embeddings by up to 2e-8 (no longer bit-identical to `cbir query`'s for the same file)
+and was no faster than two one-thread forwards side by side; the thread count leaves them bit-identical
+(docs/performance.md, "`cbir serve` under two clients").
 """
 
 from __future__ import annotations
