@@ -19,7 +19,7 @@ sets the limit once from its main thread with `limit_process(1)`; `cbir query` d
 
 PyTorch's intra-op threads are another pool: OpenMP keeps their count per calling thread, so `torch_threads(n)`
 sets it for one request's forward pass only, and `CoreShare` gives concurrent requests each their share of the
-cores (`cbir serve`): more compute threads than cores only wait on each other (docs/performance.md).
+cores (`cbir serve`), so that the process does not run more compute threads than cores (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def limit_process(threads: int = 1) -> None:
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """PyTorch's intra-op threads for forward passes the calling thread runs inside the block; its previous count
-    is restored after it. OpenMP keeps the count per thread, so other threads keep theirs. A model's outputs do
-    not depend on it (tests/test_serve_concurrent.py checks that they are bit-identical)."""
+    is restored after it. OpenMP keeps the count per thread, so other threads keep theirs. The outputs of the
+    models checked (resnet18; the tests' model, tests/test_serve_concurrent.py) are bit-identical whatever it is."""
     import torch
 
     previous = torch.get_num_threads()
