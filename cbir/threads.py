@@ -16,6 +16,10 @@ OpenBLAS built with pthreads (NumPy's wheels) has one thread pool for the whole 
 only one Python thread (the first that sets a limit) change it; calls from other threads do nothing. So a
 process that only answers queries from several threads (`cbir serve`, whose requests run in a thread pool)
 sets the limit once from its main thread with `limit_process(1)`; `cbir query` does the same.
+
+PyTorch's intra-op threads are another pool: OpenMP keeps their count per calling thread, so `torch_threads(n)`
+sets it for one request's forward pass only, and `CoreShare` gives concurrent requests each their share of the
+cores (`cbir serve`), so that the process does not run more compute threads than cores (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -79,3 +83,42 @@ def limit_process(threads: int = 1) -> None:
     """Set every BLAS library of this process to `threads` for good (a process that only answers queries)."""
     for lib in blas_libraries():
         lib.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """PyTorch's intra-op threads for forward passes the calling thread runs inside the block; its previous count
+    is restored after it. OpenMP keeps the count per thread, so other threads keep theirs. The outputs of the
+    models checked (resnet18; the tests' model, tests/test_serve_concurrent.py) are bit-identical whatever it is."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class CoreShare:
+    """Counts the requests in flight in a process and gives each its share of `cores` for its forward pass: all
+    of them to a lone request, one each when as many requests as cores are in flight."""
+
+    def __init__(self, cores: int) -> None:
+        self.cores, self.active = max(1, cores), 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Count one request in flight for the duration of the block."""
+        with self._lock:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def share(self) -> int:
+        """Intra-op threads for a forward pass now: the cores divided among the requests in flight, at least 1."""
+        return max(1, self.cores // max(1, self.active))

@@ -1,10 +1,17 @@
 """A warm searcher: the model loaded and the collection in memory, for processes that answer many queries
-(`cbir serve`, `cbir bench`). A query then costs decode + one forward pass + an in-memory search."""
+(`cbir serve`, `cbir bench`). A query then costs decode + one forward pass + an in-memory search.
+
+It answers from several threads at once: forward passes run in parallel (the model is only read), searches and
+reloads of the in-memory copy one at a time (its filter masks and thumbnail cache, and the index, are shared).
+A query reads one consistent copy (metadata, vectors and pictures together) even while a reload replaces it."""
 
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cbir.embed import Embedded
 from cbir.errors import CbirError, IndexError_
@@ -18,6 +25,15 @@ from cbir.search.pictures import CasePictures, Picture
 from cbir.search.query import QueryResult, answer, query_name, stored_path
 
 
+@dataclass(frozen=True)
+class _Copy:
+    """The collection as loaded: replaced as a whole, so that a query never mixes two loads."""
+
+    meta: dict[str, Any]
+    memory: MemoryIndex
+    pictures: CasePictures
+
+
 class WarmSearcher:
     """`query(path)` like `cbir query`, from memory; `refresh()` reloads when the collection changed.
     `local_paths` shows file names as `cbir query --local-paths` does."""
@@ -26,13 +42,26 @@ class WarmSearcher:
                  pseudonymize: Pseudonymizer | None = None, local_paths: bool = False) -> None:
         self.index, self.collection, self.loaded, self.pseudonymize = index, collection, loaded, pseudonymize
         self.local_paths = local_paths
-        self.meta = index.get_meta(collection)
-        check_model(self.meta, loaded, collection)
-        self.memory = MemoryIndex.load(index, collection)
+        self._lock = threading.Lock()   # one search or reload at a time (see the module docstring)
+        meta = index.get_meta(collection)
+        check_model(meta, loaded, collection)
         self.file_map = FileMap.local()
-        self.pictures = CasePictures(index, collection, LocalFiles(self.meta, self.file_map))
+        self._copy = _Copy(meta, MemoryIndex.load(index, collection),
+                           CasePictures(index, collection, LocalFiles(meta, self.file_map)))
         self._version = self._stamp()
         self.loaded_at = time.time()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self._copy.meta
+
+    @property
+    def memory(self) -> MemoryIndex:
+        return self._copy.memory
+
+    @property
+    def pictures(self) -> CasePictures:
+        return self._copy.pictures
 
     def _stamp(self) -> tuple[str, int]:
         """What tells a changed collection; the collection is released afterwards, so that an embedded index
@@ -44,29 +73,30 @@ class WarmSearcher:
 
     def refresh(self) -> bool:
         """Reload if the alias moved or the point count changed; returns whether it reloaded. While another
-        process writes the collection, the current copy keeps answering."""
-        try:
-            stamp = self._stamp()
-            if stamp == self._version:
+        process writes the collection, the current copy keeps answering; searches wait for a reload."""
+        with self._lock:
+            try:
+                stamp = self._stamp()
+                if stamp == self._version:
+                    return False
+                meta = self.index.get_meta(self.collection)
+                check_model(meta, self.loaded, self.collection)
+                memory = MemoryIndex.load(self.index, self.collection)
+                self.index.release(self.collection)
+            except IndexError_:
                 return False
-            meta = self.index.get_meta(self.collection)
-            check_model(meta, self.loaded, self.collection)
-            memory = MemoryIndex.load(self.index, self.collection)
-            self.index.release(self.collection)
-        except IndexError_:
-            return False
-        self.meta, self.memory = meta, memory
-        self.pictures = CasePictures(self.index, self.collection, LocalFiles(meta, self.file_map))
-        self._version, self.loaded_at = stamp, time.time()
-        return True
+            self._copy = _Copy(meta, memory, CasePictures(self.index, self.collection, LocalFiles(meta, self.file_map)))
+            self._version, self.loaded_at = stamp, time.time()
+            return True
 
     def picture(self, point_id: str) -> Picture | None:
         """A point's image file where this machine has it, else its stored thumbnail, else None (also for an
         unknown point)."""
-        position = self.memory.position.get(point_id)
+        copy = self._copy
+        position = copy.memory.position.get(point_id)
         if position is None:
             return None
-        return self.pictures.picture(point_id, self.memory.payloads[position])
+        return copy.pictures.picture(point_id, copy.memory.payloads[position])
 
     def query(self, path: str | Path, k: int = 10, flt: Filter | None = None, prefilter: int | None = None,
               hamming_radius: int | None = None) -> QueryResult:
@@ -79,20 +109,23 @@ class WarmSearcher:
     def query_image(self, image: XrayImage, name: str, k: int = 10, flt: Filter | None = None,
                     prefilter: int | None = None, hamming_radius: int | None = None) -> QueryResult:
         """Search for a read image; `name` (its file's name) shows as `query.path` only with `local_paths`, else
-        as its keyed pseudonym. The neighbours' stored thumbnails are fetched meanwhile, in one request."""
-        if not len(self.memory):
+        as its keyed pseudonym. The neighbours' stored thumbnails are fetched meanwhile, in one request. Safe to
+        call from several threads: their forward passes overlap, their searches take turns."""
+        copy = self._copy
+        if not len(copy.memory):
             raise CbirError(f"collection {self.collection!r} is empty: ingest images into it first (cbir ingest)")
 
         def search(embedded: Embedded) -> list[Hit]:
             use_code = prefilter is not None or hamming_radius is not None
-            hits = self.memory.search(embedded.embedding, k, flt, embedded.code if use_code else None, prefilter,
-                                      hamming_radius)
-            if self.meta.get("thumbnails"):
-                self.pictures.prefetch([(hit.id, hit.payload) for hit in hits])
+            with self._lock:
+                hits = copy.memory.search(embedded.embedding, k, flt, embedded.code if use_code else None,
+                                          prefilter, hamming_radius)
+                if copy.meta.get("thumbnails"):
+                    copy.pictures.prefetch([(hit.id, hit.payload) for hit in hits])
             return hits
 
-        path_of = self.pictures.files.relpath if self.local_paths else stored_path
-        return answer(image, query_name(name, self.pseudonymize, self.local_paths), self.loaded, self.meta,
+        path_of = copy.pictures.files.relpath if self.local_paths else stored_path
+        return answer(image, query_name(name, self.pseudonymize, self.local_paths), self.loaded, copy.meta,
                       self.collection, k, search, path_of)
 
     def close(self) -> None:

@@ -13,8 +13,16 @@
 
 The model and an in-memory copy of the collection (`cbir.search.warm.WarmSearcher`) are loaded once at start;
 a query costs decoding, one forward pass and an in-memory search. The collection is reloaded when its alias
-moves or its point count changes (checked at most every `REFRESH_SECONDS`). Errors are 4xx with a one-line
-`detail`, never a 500 for bad input.
+moves or its point count changes (checked at most every `REFRESH_SECONDS`, by one request at a time; searches
+wait for a reload). Errors are 4xx with a one-line `detail`, never a 500 for bad input.
+
+Concurrent queries (FastAPI runs each in a thread of its pool) overlap everywhere but in the in-memory search,
+which takes turns (about 1 ms; `WarmSearcher`). Each forward pass gets its share of the cores as PyTorch
+intra-op threads (`cbir.threads.CoreShare`): all of them for a lone request, one each for two requests on two
+cores, so that the process does not run more compute threads than cores. Requests are not batched: a batch of
+two changes resnet18's embeddings by up to 2e-8 (no longer bit-identical to `cbir query`'s for the same file)
+and was no faster than two one-thread forwards side by side; the thread count leaves them bit-identical
+(docs/performance.md, "`cbir serve` under two clients").
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from cbir.io import XrayImage
 from cbir.report.montage import windowed_png
 from cbir.search import parse_filters
 from cbir.search.warm import WarmSearcher
+from cbir.threads import CoreShare, torch_threads
 
 MAX_UPLOAD_BYTES = 64 * 2**20
 REFRESH_SECONDS = 5.0
@@ -43,16 +52,26 @@ MIN_REGION = 16
 PAGE = Path(__file__).with_name("page.html")
 
 
-def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, cores: int | None = None
+               ) -> FastAPI:
+    """The app over a warm searcher; `cores` (default: PyTorch's thread count) are shared among the forward passes
+    of the requests in flight."""
+    import torch
+
     app = FastAPI(title="cbir", summary="Similar chest X-rays with their confirmed diagnoses",
                   version="1")
-    lock = threading.Lock()   # one query at a time through the model and the in-memory copy
+    share = CoreShare(cores or torch.get_num_threads())
+    refreshing = threading.Lock()
     state = {"checked": time.monotonic()}
 
     def maybe_refresh() -> None:
-        if time.monotonic() - state["checked"] >= REFRESH_SECONDS:
-            state["checked"] = time.monotonic()
-            searcher.refresh()
+        """At most every REFRESH_SECONDS, by one request; the others meanwhile answer from the current copy."""
+        if time.monotonic() - state["checked"] >= REFRESH_SECONDS and refreshing.acquire(blocking=False):
+            try:
+                state["checked"] = time.monotonic()
+                searcher.refresh()
+            finally:
+                refreshing.release()
 
     thumbnails: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
@@ -63,17 +82,18 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
     @app.get("/thumbnail/{point_id}", responses={200: {"content": {"image/png": {}}}})
     def thumbnail(point_id: str, size: Annotated[int, Query(ge=32, le=1024)] = 256) -> Response:
         key = (point_id, size)
-        if key not in thumbnails:
+        png = thumbnails.get(key)   # read once: another request's thread may evict it meanwhile
+        if png is None:
             try:
                 picture = searcher.picture(point_id)
             except IndexError_ as exc:
                 raise HTTPException(503, printable(str(exc))) from None
             if picture is None:
                 raise HTTPException(404, f"no archived image or stored thumbnail for point {point_id!r}")
-            thumbnails[key] = windowed_png(picture.pixels, size, picture.boxes)
+            png = thumbnails[key] = windowed_png(picture.pixels, size, picture.boxes)
             if len(thumbnails) > 1024:
                 thumbnails.popitem(last=False)
-        return Response(thumbnails[key], media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -89,6 +109,11 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
               hamming_radius: Annotated[int | None, Form(ge=0)] = None,
               region: Annotated[str | None, Form(description="x,y,w,h in the image's pixels")] = None
               ) -> dict[str, Any]:
+        with share.request():
+            return answer_query(file, k, filter, prefilter, hamming_radius, region)
+
+    def answer_query(file: UploadFile, k: int, filter: list[str] | None, prefilter: int | None,  # noqa: A002
+                     hamming_radius: int | None, region: str | None) -> dict[str, Any]:
         started = time.perf_counter()
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -107,8 +132,8 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES)
             box = parse_region(region) if region else None
             if box:
                 image = crop(image, box)
-            with lock:
-                maybe_refresh()
+            maybe_refresh()
+            with torch_threads(share.share()):
                 result = searcher.query_image(image, name, k, flt or None, prefilter, hamming_radius)
         except BadInputError as exc:
             raise HTTPException(400, printable(f"{name}: {exc.reason}")) from None
