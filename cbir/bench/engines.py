@@ -233,8 +233,5 @@ class FaissEngine(Engine):
 
 
 def faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from cbir.extras import missing
+    return missing("bench") is None

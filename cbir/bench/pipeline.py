@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cbir.console import QUIET, Reporter
+from cbir.extras import MissingExtraError, missing
 
 DECODES = ("full", "reduced")
 
@@ -98,8 +99,11 @@ def bench_pipeline(backbone: str = "resnet18", image_size: int = 224, n_images: 
                  "warm_query_p99_ms": round(float(np.percentile(times[d], 99)), 1)} for d in DECODES]
         reporter.log("  pipeline: warm query p50 " + ", ".join(f"{r['decode']} {r['warm_query_ms']:.1f} ms"
                                                                 for r in rows))
-        serve = (bench_serve(root / "index-full", root / "model-full", paths, serve_queries, load, reporter)
-                 if serve_queries else [])
+        serve = []
+        if serve_queries and missing("serve") is not None:
+            reporter.warn(str(MissingExtraError("the serve rows", "serve", str(missing("serve")))))
+        elif serve_queries:
+            serve = bench_serve(root / "index-full", root / "model-full", paths, serve_queries, load, reporter)
     full_row = {k: v for k, v in rows[0].items() if k != "decode"}
     return {"serve": serve, "backbone": backbone, "image_size": image_size, "source_size": source_size,
             "n_images": n_images, "batch_size": batch_size, "workers": workers, "rounds": rounds,

@@ -841,6 +841,8 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
     """Keep the model and the collection warm and answer queries over HTTP (POST /query, GET /health,
     API docs at /docs). Cases show as their image files where this machine has them, else as the thumbnails
     stored with them (cbir ingest --thumbnails)."""
+    from cbir.extras import require
+    require("serve", "cbir serve")
     with _heavy_imports():
         import uvicorn
 
