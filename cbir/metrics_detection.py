@@ -1,4 +1,4 @@
-"""Box metrics (numpy only): IoU and the RSNA Pneumonia Detection Challenge mean average precision.
+"""Box metrics: IoU (torchvision.ops) and the RSNA Pneumonia Detection Challenge mean average precision.
 
 Boxes are [x, y, w, h] (the `Records.meta["boxes"]` convention) unless `xyxy=True`.
 """
@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+from torchvision.ops import box_convert
+from torchvision.ops import box_iou as _torchvision_box_iou
 
 __all__ = ["RSNA_THRESHOLDS", "box_iou", "box_map", "image_precision"]
 
@@ -19,18 +22,17 @@ def _as_xyxy(boxes: np.ndarray | Sequence, xyxy: bool) -> np.ndarray:
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if not np.isfinite(b).all():
         raise ValueError("boxes contain NaN or infinite values")
-    return b.copy() if xyxy else np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
+    return b.copy() if xyxy else box_convert(torch.from_numpy(b), "xywh", "xyxy").numpy()
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU (len(a) × len(b)) of xyxy boxes; empty or inverted boxes have IoU 0."""
+    """Pairwise IoU (len(a) × len(b)) of xyxy boxes (torchvision's, in float64); empty or inverted boxes have
+    IoU 0, where torchvision gives NaN or a meaningless value."""
     a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    wh = np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    iou = _torchvision_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    proper_a = (a[:, 2] > a[:, 0]) & (a[:, 3] > a[:, 1])
+    proper_b = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+    return np.where(proper_a[:, None] & proper_b[None, :], np.nan_to_num(iou), 0.0)
 
 
 def image_precision(pred_boxes: np.ndarray, pred_scores: np.ndarray | None, gt_boxes: np.ndarray,

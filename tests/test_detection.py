@@ -345,3 +345,16 @@ def test_a_detector_query_runs_the_network_once():
     assert len(passes) == 1
     assert result.prediction["boxes"] == expected_boxes and len(expected_boxes) > 0
     assert np.allclose(embed_image(loaded, image).embedding, expected_embedding)
+
+
+def test_box_iou_from_torchvision_keeps_degenerate_boxes_at_zero() -> None:
+    from cbir.models.detection import xywh_to_xyxy, xyxy_to_xywh
+    a = np.array([[0, 0, 10, 10], [5, 5, 5, 9], [8, 8, 2, 2]], dtype=float)   # normal, empty, inverted
+    b = np.array([[5, 0, 15, 10], [0, 0, 10, 10]], dtype=float)
+    iou = box_iou(a, b)
+    assert iou.shape == (3, 2) and np.isfinite(iou).all()
+    assert iou[0, 0] == pytest.approx(50 / 150) and iou[0, 1] == pytest.approx(1.0)
+    assert (iou[1:] == 0).all()
+    xywh = np.array([[1, 2, 3, 4], [10, 20, 0, 5]], dtype=np.float32)
+    assert np.array_equal(xywh_to_xyxy(xywh), [[1, 2, 4, 6], [10, 20, 10, 25]])
+    assert np.array_equal(xyxy_to_xywh(xywh_to_xyxy(xywh)), xywh)

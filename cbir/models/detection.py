@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, box_convert
 
 from cbir.data.transforms import Geometry
 from cbir.errors import CbirError
@@ -244,12 +244,12 @@ def image_score(detection: dict[str, Any]) -> float:
 
 def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+    return box_convert(torch.from_numpy(boxes), "xywh", "xyxy").numpy()
 
 
 def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    return box_convert(torch.from_numpy(boxes), "xyxy", "xywh").numpy()
 
 
 def boxes_to_input(boxes: np.ndarray | list, geometry: Geometry, min_side: float = 1.0) -> np.ndarray:
