@@ -304,6 +304,13 @@ def test_team_token_is_a_signed_collection_scoped_jwt() -> None:
     expected = hmac.new(b"secret", f"{header}.{body}".encode(), hashlib.sha256).digest()
     assert base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)) == expected
     assert decode(make_token("secret", ["a"], write=True).split(".")[1])["access"][0]["access"] == "rw"
+    import jwt  # and a JWT library reads it back, checking the signature and the expiry
+    claims = jwt.decode(make_token("a-longer-secret-of-32-bytes-or-more", ["t.c"], days=1),
+                        "a-longer-secret-of-32-bytes-or-more", algorithms=["HS256"])
+    assert claims["access"] == [{"collection": "t.c", "access": "r"}]
+    with pytest.raises(jwt.ExpiredSignatureError):
+        jwt.decode(make_token("a-longer-secret-of-32-bytes-or-more", ["t.c"], days=1, now=1_000_000),
+                   "a-longer-secret-of-32-bytes-or-more", algorithms=["HS256"])
     with pytest.raises(CbirError, match="signed with the server's API key"):
         make_token("", ["a"])
 
