@@ -53,3 +53,18 @@ def test_allowed_skips_pass(pytester: pytest.Pytester, monkeypatch: pytest.Monke
     result = _run(pytester, monkeypatch, ALLOWED, strict=True)
     assert result.ret == pytest.ExitCode.OK
     result.assert_outcomes(passed=1, skipped=2)
+
+
+def test_ci_runs_the_readme_test_command_from_the_lock() -> None:
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = re.search(r"Run the tests:\s*```bash\n(.+?)\n```", readme, re.S)
+    assert block, "the README's quick start has no test command"
+    command = block.group(1).strip()
+    assert command in (root / ".ci" / "run").read_text()
+    assert "-c requirements-lock.txt" in command and (root / "requirements-lock.txt").is_file()
+    locked = {line.split("==")[0].lower() for line in (root / "requirements-lock.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    assert {"torch", "numpy", "qdrant-edge-py", "fastapi", "pytest", "faiss-cpu"} <= locked
