@@ -68,8 +68,8 @@ def test_the_variables_are_the_ones_the_suite_reads() -> None:
 
 def test_install_is_the_readmes_command(workflow: dict[str, Any]) -> None:
     readme = (REPO / "README.md").read_text()
-    command = re.search(r"python3 -m venv \.venv && \.venv/bin/pip install -q -c constraints\.txt -e '\.\[test\]'",
-                        readme)
+    command = re.search(r"python3 -m venv \.venv && \.venv/bin/pip install -q -c constraints\.txt "
+                        r"-c requirements-lock\.txt -e '\.\[test\]'", readme)
     assert command is not None
     for job in workflow["jobs"].values():
         assert command.group(0) in _runs(job)
