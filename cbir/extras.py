@@ -12,6 +12,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn", "python_multipart"),   # cbir serve
     "bench": ("faiss",),                                   # cbir bench's FAISS rows
     "browser": ("playwright",),                            # the viewer's browser tests
+    "onnx": ("onnxruntime",),                              # cbir train --encoder FILE.onnx
 }
 
 

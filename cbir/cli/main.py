@@ -195,8 +195,24 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
                                             "(one output per label; RSNA has only Pneumonia) or detection "
                                             "(FCOS on the RSNA boxes)")] = "binary",
           backbone: Annotated[str, typer.Option("--backbone", help="any timm model name")] = "resnet18",
-          image_size: Annotated[int, typer.Option(
-              "--image-size", min=16, help="model input size (128 suits a CPU; 224 or more on a GPU)")] = 128,
+          encoder: Annotated[Path | None, typer.Option(
+              "--encoder", help="a frozen encoder file instead of a trained backbone: TorchScript, torch.export "
+              "(.pt2), ONNX (.onnx, the 'onnx' extra), or timm weights with --encoder-arch; only the head trains")
+          ] = None,
+          encoder_arch: Annotated[str | None, typer.Option(
+              "--encoder-arch", help="the timm model that --encoder's weights (safetensors/.pth) belong to")] = None,
+          encoder_input: Annotated[str | None, typer.Option(
+              "--encoder-input", help="the encoder's input: CHANNELSxSIZE, e.g. 3x224 (else FILE.json, the ONNX "
+              "shape or timm's config)")] = None,
+          encoder_norm: Annotated[str | None, typer.Option(
+              "--encoder-norm", help="its normalisation of [0, 1] pixels: unit, symmetric ([-1, 1]), imagenet, xrv "
+              "([-1024, 1024]) or MEAN/STD")] = None,
+          encoder_output: Annotated[str | None, typer.Option(
+              "--encoder-output", help="how its output becomes a vector: auto ((B, F), or a map averaged), cls or "
+              "mean (tokens)")] = None,
+          image_size: Annotated[int | None, typer.Option(
+              "--image-size", min=16, help="model input size (128 suits a CPU; 224 or more on a GPU; an encoder's "
+              "is its contract's) [default: 128]")] = None,
           epochs: Annotated[int, typer.Option(
               "--epochs", min=0, help="0: no training, the frozen untrained network (a baseline to compare with)")
           ] = 15,
@@ -247,6 +263,11 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     from cbir.train import TrainSettings, train_model
     from cbir.train.selection import SELECT_RULES
     finds_boxes = get_task(task).boxes  # a bad --task/--bits/--intensity fails before the dataset is read
+    frozen = _frozen_encoder(encoder, encoder_arch, encoder_input, encoder_norm, encoder_output, finds_boxes,
+                             image_size, intensity, backbone, pretrained, weights)
+    if frozen is not None:
+        backbone, image_size, intensity = frozen.name, frozen.contract.size, "unit"
+    image_size = image_size or 128
     if not finds_boxes:
         ModelConfig(task=task, bits=bits, intensity=intensity, decode=decode).validate()
     elif intensity != "standardize":
@@ -287,11 +308,38 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         config: Any = DetectorConfig(backbone=backbone, image_size=image_size, bits=bits, **labels)
     else:
         config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
-                             intensity=intensity, decode=decode, **labels, **appearance)
+                             intensity=intensity, decode=decode, **labels, **appearance,
+                             encoder=frozen.to_dict() if frozen else None)
     result = train_model(records, config, settings, out_dir, reporter)
     auc = "n/a" if math.isnan(result.best_val_auc) else f"{result.best_val_auc:.4f}"
     out.print(f"model {result.fingerprint} saved to {out_dir} (best epoch {result.best_epoch}, "
               f"val AUC {auc}, {result.seconds:.0f} s)", markup=False)
+
+
+def _frozen_encoder(file: Path | None, arch: str | None, input_shape: str | None, norm: str | None,
+                    output: str | None, finds_boxes: bool, image_size: int | None, intensity: str, backbone: str,
+                    pretrained: bool, weights: Path | None) -> Any:
+    """The `EncoderSpec` of `cbir train --encoder` (None without one), after its options are checked."""
+    if file is None:
+        if arch or input_shape or norm or output:
+            raise CbirError("--encoder-arch/-input/-norm/-output describe an --encoder FILE, and none was given")
+        return None
+    if finds_boxes:
+        raise CbirError("--encoder: the detector trains its own backbone; a frozen encoder is for binary, hash "
+                        "and multilabel")
+    if pretrained or weights is not None:
+        raise CbirError("--encoder brings its own weights: drop --pretrained/--weights")
+    if backbone != "resnet18":
+        raise CbirError("--encoder replaces --backbone: give one of them (a timm name for weights goes in "
+                        "--encoder-arch)")
+    if intensity != "standardize":
+        raise CbirError("--intensity: a frozen encoder's input is set by its contract (--encoder-norm)")
+    from cbir.models.encoder import describe_encoder
+
+    spec = describe_encoder(file, arch, input_shape, norm, output)
+    if image_size is not None and image_size != spec.contract.size:
+        raise CbirError(f"--image-size {image_size}: {file} takes {spec.contract.size} px (its input contract)")
+    return spec
 
 
 @app.command()

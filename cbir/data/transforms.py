@@ -200,6 +200,7 @@ def clahe(batch: torch.Tensor, tiles: int = 8, clip_limit: float = 2.0, bins: in
 
 #: How a CbirNet's input intensities are prepared (`ModelConfig.intensity`): name → (B, 1, H, W) → (B, 1, H, W).
 INTENSITIES = {"standardize": standardize,
+               "unit": lambda batch: batch,   # [0, 1] as read: a frozen encoder's contract normalises
                "equalize": lambda batch: standardize(equalize(batch)),
                "clahe": lambda batch: standardize(clahe(batch))}
 

@@ -133,7 +133,7 @@ def _assigned_without_init(config: Any, state: dict[str, torch.Tensor]) -> nn.Mo
     ordinary build, for a detector, a state that does not fit, or a backbone that keeps a tensor outside its state
     dict (a non-persistent buffer such as a relative-position index, or a tensor attribute), which would be left
     without values."""
-    if not isinstance(config, ModelConfig):
+    if not isinstance(config, ModelConfig) or config.encoder is not None:   # an encoder reads its own file
         return None
     try:
         with torch.device("meta"):

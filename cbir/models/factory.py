@@ -57,6 +57,10 @@ class ModelConfig:
     #: of the input contract: training, ingest and queries all decode the same way. Left out of config.json when
     #: "full", so checkpoints from before the field keep their fingerprint and their decoding.
     decode: str = "full"
+    #: A frozen encoder from a local file (`cbir.models.encoder.EncoderSpec.to_dict`: file, sha256, format, input
+    #: contract), used as the backbone instead of a timm model; None: a trained timm backbone. With one, the
+    #: intensity is "unit" (the contract normalises) and `image_size` is the contract's. Left out when None.
+    encoder: dict[str, Any] | None = None
 
     @property
     def has_appearance(self) -> bool:
@@ -93,6 +97,8 @@ class ModelConfig:
             raise CbirError(f"--bits {self.bits} is outside {low}..{high} for the hash task")
         if task.per_label and self.target not in self.label_names:
             raise CbirError(f"target {self.target!r} is not one of the labels {self.label_names}")
+        if self.encoder is not None:
+            _validate_encoder(self)
         if self.appearance_size < 0 or not 0 <= self.appearance_weight < 1 or self.appearance_window < 0:
             raise CbirError(f"appearance size {self.appearance_size} / weight {self.appearance_weight} / window "
                             f"{self.appearance_window}: the size and window must be ≥ 0 and the weight in [0, 1)")
@@ -109,6 +115,8 @@ class ModelConfig:
             data.pop("intensity")
         if self.decode == "full":
             data.pop("decode")
+        if self.encoder is None:
+            data.pop("encoder")
         return data
 
     @classmethod
@@ -120,6 +128,17 @@ class ModelConfig:
             known |= {"appearance_size": 0, "appearance_weight": 0.0, "appearance_window": 0.0}
         known.setdefault("appearance_window", 0.0)
         return cls(**known)
+
+
+def _validate_encoder(config: ModelConfig) -> None:
+    from cbir.models.encoder import EncoderSpec
+
+    contract = EncoderSpec.from_dict(config.encoder or {}).contract
+    if config.intensity != "unit":
+        raise CbirError(f"intensity {config.intensity!r}: a frozen encoder takes unit pixels (its contract "
+                        "normalises them)")
+    if config.image_size != contract.size:
+        raise CbirError(f"image size {config.image_size}: the encoder's input contract says {contract.size}")
 
 
 def decode_size(config: Any) -> int | None:
@@ -209,6 +228,12 @@ def create_model(config: ModelConfig, pretrained: bool = False, weights: Path | 
 
 
 def _create_backbone(config: ModelConfig, pretrained: bool, weights: Path | None) -> nn.Module:
+    if config.encoder is not None:
+        if pretrained or weights is not None:
+            raise CbirError("--encoder: the frozen encoder brings its own weights (no --pretrained or --weights)")
+        from cbir.models.encoder import EncoderSpec, FrozenEncoder
+
+        return FrozenEncoder(EncoderSpec.from_dict(config.encoder))
     if not timm.is_model(config.backbone) and config.backbone not in timm.list_models():  # is_model: no sorting
         raise CbirError(f"unknown timm backbone {config.backbone!r} (see `timm.list_models()`)")
     kwargs: dict[str, Any] = {"in_chans": 1, "num_classes": 0, "drop_rate": config.drop_rate}
