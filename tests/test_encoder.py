@@ -222,3 +222,27 @@ def test_onnx_without_the_extra_names_it(encoders: dict[str, Path], monkeypatch:
     code, _, stderr = run_cli("train", "--data", encoders["data"], "--out", "unused", "--encoder", encoders["onnx"],
                               "--encoder-norm", "unit")
     assert code == 2 and "pip install 'cbir[onnx]'" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_retrieval_by_the_encoders_own_features(encoders: dict[str, Path], tmp_path: Path) -> None:
+    """`--retrieval encoder`: the stored embedding is the encoder's own output, L2-normalised."""
+    run = tmp_path / "run"
+    code, _, stderr = run_cli("train", "--data", encoders["data"], "--out", run, "--encoder", encoders["onnx"],
+                              "--encoder-norm", "imagenet", "--retrieval", "encoder", "--appearance-size", "0",
+                              "--epochs", "1", "--batch-size", "8", "--workers", "0")
+    assert code == 0, stderr
+    loaded = load_checkpoint(run)
+    assert loaded.config.vector_dim == _eager(encoders).num_features
+    file = _first_image(encoders["data"])
+    pixels = _pixels(file, SIZE)
+    with torch.no_grad():
+        own = torch.nn.functional.normalize(_eager(encoders)(loaded.model.backbone.contract.prepare(pixels)))
+    from cbir.embed.embedder import embed_image
+
+    assert np.allclose(embed_image(loaded, read_image(file)).embedding, own[0].numpy(), atol=1e-5)
+    index = tmp_path / "index"
+    assert run_cli("ingest", "--data", encoders["data"], "--model", run, "--index", index, "--workers", "0")[0] == 0
+    code, stdout, stderr = run_cli("query", file, "--model", run, "--index", index, "--k", "3")
+    assert code == 0 and "1.0000" in stdout, stderr   # the image finds itself first
+    code, _, stderr = run_cli("train", "--data", encoders["data"], "--out", tmp_path / "x", "--retrieval", "encoder")
+    assert code == 2 and "--encoder FILE" in stderr

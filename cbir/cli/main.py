@@ -210,6 +210,9 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           encoder_output: Annotated[str | None, typer.Option(
               "--encoder-output", help="how its output becomes a vector: auto ((B, F), or a map averaged), cls or "
               "mean (tokens)")] = None,
+          retrieval: Annotated[str, typer.Option(
+              "--retrieval", help="what neighbours are found by: head (the trained projection) or encoder (the "
+              "frozen --encoder's own features; only the classifier and codes learn)")] = "head",
           image_size: Annotated[int | None, typer.Option(
               "--image-size", min=16, help="model input size (128 suits a CPU; 224 or more on a GPU; an encoder's "
               "is its contract's) [default: 128]")] = None,
@@ -263,13 +266,16 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     from cbir.train import TrainSettings, train_model
     from cbir.train.selection import SELECT_RULES
     finds_boxes = get_task(task).boxes  # a bad --task/--bits/--intensity fails before the dataset is read
+    if retrieval == "encoder" and encoder is None:
+        raise CbirError("--retrieval encoder: retrieves by a frozen encoder's features; give --encoder FILE")
     frozen = _frozen_encoder(encoder, encoder_arch, encoder_input, encoder_norm, encoder_output, finds_boxes,
                              image_size, intensity, backbone, pretrained, weights)
     if frozen is not None:
         backbone, image_size, intensity = frozen.name, frozen.contract.size, "unit"
     image_size = image_size or 128
     if not finds_boxes:
-        ModelConfig(task=task, bits=bits, intensity=intensity, decode=decode).validate()
+        ModelConfig(task=task, bits=bits, intensity=intensity, decode=decode, retrieval=retrieval,
+                    encoder=frozen.to_dict() if frozen else None, image_size=image_size).validate()
     elif intensity != "standardize":
         raise CbirError("--intensity: the detector takes standardised inputs only")
     elif decode != "full":
@@ -309,7 +315,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     else:
         config = ModelConfig(backbone=backbone, task=task, image_size=image_size, embed_dim=embed_dim, bits=bits,
                              intensity=intensity, decode=decode, **labels, **appearance,
-                             encoder=frozen.to_dict() if frozen else None)
+                             encoder=frozen.to_dict() if frozen else None, retrieval=retrieval)
     result = train_model(records, config, settings, out_dir, reporter)
     auc = "n/a" if math.isnan(result.best_val_auc) else f"{result.best_val_auc:.4f}"
     out.print(f"model {result.fingerprint} saved to {out_dir} (best epoch {result.best_epoch}, "

@@ -24,6 +24,8 @@ HASH_FIELDS = ("hash_pair_weight", "hash_quant_weight", "hash_balance_weight")
 APPEARANCE_FIELDS = ("appearance_size", "appearance_weight", "appearance_window")
 #: How images are decoded for the model (`ModelConfig.decode`): in full, or grey JPEGs at reduced resolution.
 DECODES = ("full", "reduced")
+#: What the retrieval embedding's semantic part is (`ModelConfig.retrieval`).
+RETRIEVALS = ("head", "encoder")
 
 
 @dataclass
@@ -61,15 +63,23 @@ class ModelConfig:
     #: contract), used as the backbone instead of a timm model; None: a trained timm backbone. With one, the
     #: intensity is "unit" (the contract normalises) and `image_size` is the contract's. Left out when None.
     encoder: dict[str, Any] | None = None
+    #: What the neighbours are found by: "head" (the trained projection, L2-normalised) or "encoder" (a frozen
+    #: encoder's own pooled features, L2-normalised; only the classifier and codes learn). Left out when "head".
+    retrieval: str = "head"
 
     @property
     def has_appearance(self) -> bool:
         return self.appearance_size > 0 and self.appearance_weight > 0
 
     @property
+    def semantic_dim(self) -> int:
+        """Length of the embedding's semantic part: the projection's, or the frozen encoder's features'."""
+        return int((self.encoder or {})["num_features"]) if self.retrieval == "encoder" else self.embed_dim
+
+    @property
     def vector_dim(self) -> int:
-        """Length of the retrieval embedding: the projection, plus the appearance part when it is on."""
-        return self.embed_dim + (self.appearance_size ** 2 if self.has_appearance else 0)
+        """Length of the retrieval embedding: the semantic part, plus the appearance part when it is on."""
+        return self.semantic_dim + (self.appearance_size ** 2 if self.has_appearance else 0)
 
     @property
     def num_outputs(self) -> int:
@@ -97,6 +107,10 @@ class ModelConfig:
             raise CbirError(f"--bits {self.bits} is outside {low}..{high} for the hash task")
         if task.per_label and self.target not in self.label_names:
             raise CbirError(f"target {self.target!r} is not one of the labels {self.label_names}")
+        if self.retrieval not in RETRIEVALS:
+            raise CbirError(f"unknown retrieval {self.retrieval!r} (choose from {', '.join(RETRIEVALS)})")
+        if self.retrieval == "encoder" and self.encoder is None:
+            raise CbirError("retrieval by the encoder's features needs a frozen encoder (--encoder FILE)")
         if self.encoder is not None:
             _validate_encoder(self)
         if self.appearance_size < 0 or not 0 <= self.appearance_weight < 1 or self.appearance_window < 0:
@@ -117,6 +131,8 @@ class ModelConfig:
             data.pop("decode")
         if self.encoder is None:
             data.pop("encoder")
+        if self.retrieval == "head":
+            data.pop("retrieval")
         return data
 
     @classmethod
@@ -190,10 +206,11 @@ class CbirNet(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> ModelOutput:
         """The semantic outputs of a feature map (the embedding without an appearance part)."""
-        z = self.projection(features)
-        embedding = F.normalize(z, dim=1)
+        pooled = self.backbone.forward_head(features, pre_logits=True)
+        z = self.embed(pooled)
+        embedding = F.normalize(pooled if self.config.retrieval == "encoder" else z, dim=1)
         if self.hash_head is None:
-            code = (embedding @ self.code_projection[:self.config.embed_dim] > 0).to(torch.uint8)
+            code = (embedding @ self.code_projection[:self.config.semantic_dim] > 0).to(torch.uint8)
             return ModelOutput(embedding, self.classifier(z), code, semantic=embedding)
         relaxed = torch.tanh(self.hash_head(z))
         return ModelOutput(embedding, self.classifier(z), (relaxed > 0).to(torch.uint8), relaxed, embedding)
