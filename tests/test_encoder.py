@@ -246,3 +246,21 @@ def test_retrieval_by_the_encoders_own_features(encoders: dict[str, Path], tmp_p
     assert code == 0 and "1.0000" in stdout, stderr   # the image finds itself first
     code, _, stderr = run_cli("train", "--data", encoders["data"], "--out", tmp_path / "x", "--retrieval", "encoder")
     assert code == 2 and "--encoder FILE" in stderr
+
+
+def test_features_are_encoded_once_per_input(encoders: dict[str, Path]) -> None:
+    """A frozen encoder's features are cached by input: `--augment none` encodes each training image once."""
+    from cbir.models.encoder import FrozenEncoder
+
+    encoder = FrozenEncoder(describe_encoder(encoders["ts"], input_shape=f"3x{SIZE}", norm="imagenet"))
+    encoded: list[int] = []
+    plain = encoder.encode
+    encoder.encode = lambda prepared: (encoded.append(len(prepared)), plain(prepared))[1]  # type: ignore[method-assign]
+    x = torch.rand(4, 1, SIZE, SIZE)
+    new = torch.rand(1, 1, SIZE, SIZE)
+    first = encoder.forward_features(x)
+    again = encoder.forward_features(x)
+    mixed = encoder.forward_features(torch.cat([x[2:], new]))
+    assert encoded == [4, 1]   # the second batch came from the cache; of the third, only the new image
+    assert torch.equal(first, again) and torch.equal(mixed[:2], first[2:])
+    assert torch.allclose(mixed[2:], plain(encoder.contract.prepare(new)), atol=1e-6)

@@ -245,7 +245,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           ema: Annotated[bool | None, typer.Option(
               "--ema/--no-ema", help="keep an exponential moving average of the weights")] = None,
           augment: Annotated[str | None, typer.Option(
-              "--augment", help="basic, or strong (also window, resolution, blur, noise, JPEG)")] = None,
+              "--augment", help="basic, strong (also window, resolution, blur, noise, JPEG) or none (with "
+              "--encoder: each image is encoded once)")] = None,
           metric_loss: Annotated[str | None, typer.Option(
               "--metric-loss", help="none, or supcon (supervised contrastive loss on the embedding)")] = None,
           balanced: Annotated[bool | None, typer.Option(

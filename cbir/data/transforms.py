@@ -137,7 +137,12 @@ def augment_with_boxes(x: torch.Tensor, boxes: list[torch.Tensor], generator: to
     return ((x - mean) * contrast + mean).clamp(0, 1), out
 
 
-AUGMENTATIONS = {"basic": augment, "strong": augment_strong}
+def no_augment(batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The images as they are: with a frozen encoder, its features are then computed once per image (cached)."""
+    return batch
+
+
+AUGMENTATIONS = {"basic": augment, "strong": augment_strong, "none": no_augment}
 
 
 def equalize(batch: torch.Tensor) -> torch.Tensor:

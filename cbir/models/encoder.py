@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,9 +76,10 @@ class FrozenEncoder(nn.Module):
         self.contract = spec.contract
         self.num_features = spec.num_features
         self._runtime: Runtime = load_runtime(spec.format, Path(spec.file), spec.arch, spec.contract.channels)
+        self._cache = FeatureCache(spec.num_features)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "_runtime":   # not a registered submodule: its weights stay out of the state dict
+        if name in ("_runtime", "_cache"):   # not registered: the encoder's weights stay out of the state dict
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -92,10 +95,38 @@ class FrozenEncoder(nn.Module):
         return reduce_output(self._runtime(prepared), self.spec.output, self.spec.file).float()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode(self.contract.prepare(x))
+        """(B, num_features) for (B, 1, S, S) pixels in [0, 1]; an input seen before is not encoded again
+        (training with `--augment none` encodes every image once)."""
+        return self._cache.features(x, lambda rows: self.encode(self.contract.prepare(rows)))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
         return features
+
+
+class FeatureCache:
+    """Features of inputs already encoded, by a digest of the input's bytes, up to `limit_bytes` in all (oldest
+    dropped first). A frozen encoder gives the same features for the same input, so nothing is approximated."""
+
+    def __init__(self, num_features: int, limit_bytes: int = 256 << 20) -> None:
+        self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.capacity = max(1, limit_bytes // (4 * num_features))
+
+    def features(self, x: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        rows = x.detach().to("cpu", torch.float32).contiguous()
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in rows]
+        missing = [i for i, key in enumerate(keys) if key not in self.store]
+        if missing:
+            fresh = encode(x[missing]).detach()
+            for i, row in zip(missing, fresh.cpu(), strict=True):
+                self.store[keys[i]] = row
+            while len(self.store) > self.capacity:
+                self.store.popitem(last=False)
+        if not missing or len(missing) < len(keys):
+            found = [self.store.get(key) for key in keys]
+            if any(f is None for f in found):   # evicted within this batch (a tiny cache): encode all
+                return encode(x).detach()
+            return torch.stack([f for f in found if f is not None]).to(x.device)
+        return fresh.to(x.device)
 
 
 def describe_encoder(file: Path, arch: str | None = None, input_shape: str | None = None, norm: str | None = None,
