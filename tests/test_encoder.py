@@ -264,3 +264,19 @@ def test_features_are_encoded_once_per_input(encoders: dict[str, Path]) -> None:
     assert encoded == [4, 1]   # the second batch came from the cache; of the third, only the new image
     assert torch.equal(first, again) and torch.equal(mixed[:2], first[2:])
     assert torch.allclose(mixed[2:], plain(encoder.contract.prepare(new)), atol=1e-6)
+
+
+def test_a_pth_state_dict_with_its_timm_architecture(encoders: dict[str, Path], tmp_path: Path) -> None:
+    model = _eager(encoders)
+    file = tmp_path / "enc.pth"
+    torch.save(model.state_dict(), file)
+    spec = describe_encoder(file, arch=ARCH, input_shape=f"3x{SIZE}", norm="imagenet")
+    assert spec.format == "timm" and spec.name == f"timm:{ARCH}"
+    from cbir.models.encoder import FrozenEncoder
+
+    pixels = _pixels(_first_image(encoders["data"]), SIZE)
+    with torch.no_grad():
+        assert torch.allclose(FrozenEncoder(spec).forward_features(pixels), model(spec.contract.prepare(pixels)),
+                              atol=1e-5)
+    with pytest.raises(CbirError, match="cannot load its weights into timm's resnet18"):
+        describe_encoder(file, arch="resnet18", input_shape=f"3x{SIZE}", norm="imagenet")
