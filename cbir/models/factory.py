@@ -146,6 +146,9 @@ class CbirNet(nn.Module):
     projection (`semantic`) and the input's centred tiny image; `forward_head` alone gives the semantic part.
     """
 
+    backbone: Any  # a timm model: num_features, forward_features, forward_head
+    code_projection: torch.Tensor  # a buffer
+
     def __init__(self, config: ModelConfig, pretrained: bool = False, weights: Path | None = None) -> None:
         super().__init__()
         config.validate()

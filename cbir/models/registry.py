@@ -19,9 +19,12 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from cbir.models.detector_config import DetectorConfig
+    from cbir.models.factory import ModelConfig
+
 #: (model, config, pixels) → (a `cbir.models.factory.ModelOutput`, the detections or None): `pixels` is a
 #: (B, 1, S, S) batch in [0, 1], letterboxed; `config` is the loaded model's (its input intensities).
-Embed = Callable[["nn.Module", Any, "torch.Tensor"], "tuple[Any, list[dict[str, torch.Tensor]] | None]"]
+Embed = Callable[[Any, Any, "torch.Tensor"], "tuple[Any, list[dict[str, torch.Tensor]] | None]"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Task:
 
     name: str
     #: The config dataclass of its models (`ModelConfig` or `DetectorConfig`), with `from_dict`/`to_dict`.
-    config_class: type
+    config_class: type[ModelConfig | DetectorConfig]
     #: The model factory: (config, pretrained=False, weights=None) → a freshly initialised model.
     create: Callable[..., nn.Module]
     #: How labels become targets: `Records` → (N, outputs) float32 for a classifier, (N,) 0/1 for a detector.
