@@ -195,7 +195,7 @@ class CbirNet(nn.Module):
         return torch.sigmoid(logits)
 
 
-def _hash_head(config: ModelConfig) -> nn.Module:
+def _hash_head(config: ModelConfig) -> nn.Sequential:
     """Linear(embed_dim → bits), then BatchNorm1d so that each bit's pre-activation is centred over the images.
 
     Without the centring, `z`'s common offset pushes most bits to one sign for every image and tanh saturates
