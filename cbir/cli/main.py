@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -91,7 +91,7 @@ def guarded(func: F) -> F:
             err.print(f"internal error: {type(exc).__name__}: {detail} (set CBIR_DEBUG=1 for the traceback)",
                       markup=False)
             raise typer.Exit(3) from None
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)  # functools.wraps keeps the signature typer reads
 
 
 @contextlib.contextmanager

@@ -89,7 +89,7 @@ def vector_request(embedding: np.ndarray, limit: int, scope: Scope) -> qe.QueryR
         prefetches = [qe.Prefetch(limit=scope.population, query=code_query(scope.code), filter=condition,
                                   score_threshold=radius_threshold(scope.radius), params=EXACT)]
         condition = None
-    query = qe.Query.Nearest(np.asarray(embedding, dtype=np.float32), using=EMBEDDING)  # type: ignore[arg-type]  # stub
+    query = qe.Query.Nearest(np.asarray(embedding, dtype=np.float32), using=EMBEDDING)  # type: ignore[arg-type]  # stub: lists only
     return qe.QueryRequest(limit=limit, query=query, prefetches=prefetches, filter=condition,
                            with_payload=NO_THUMBNAIL, params=EXACT)
 
@@ -105,7 +105,7 @@ def rescore_request(embedding: np.ndarray, code: np.ndarray, limit: int, scope: 
     threshold = None if scope.radius is None else radius_threshold(scope.radius)
     prefetch = qe.Prefetch(limit=limit, query=code_query(code), filter=scope_filter(scope),
                            score_threshold=threshold, params=EXACT)
-    query = qe.Query.Nearest(np.asarray(embedding, dtype=np.float32), using=EMBEDDING)  # type: ignore[arg-type]  # stub
+    query = qe.Query.Nearest(np.asarray(embedding, dtype=np.float32), using=EMBEDDING)  # type: ignore[arg-type]  # stub: lists only
     return qe.QueryRequest(limit=limit, query=query, prefetches=[prefetch], with_payload=NO_THUMBNAIL, params=EXACT)
 
 

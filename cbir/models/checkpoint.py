@@ -44,7 +44,7 @@ class LoadedModel:
         return get_task(self.config.task)
 
 
-def fingerprint_of(config: ModelConfig, weights_file: Path) -> str:
+def fingerprint_of(config: ModelConfig | DetectorConfig, weights_file: Path) -> str:
     """sha256 over the config and the weight bytes: equal fingerprints mean identical outputs."""
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
     with open(weights_file, "rb") as fh:
@@ -53,7 +53,7 @@ def fingerprint_of(config: ModelConfig, weights_file: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_checkpoint(model: CbirNet, out: Path) -> str:
+def save_checkpoint(model: CbirNet | CbirDetector, out: Path) -> str:
     """Write the checkpoint directory and return its fingerprint."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
