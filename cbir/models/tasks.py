@@ -98,7 +98,7 @@ def detection_embed(model: CbirDetector, config: DetectorConfig, pixels: torch.T
 
 
 _CLASSIFIER: dict[str, Any] = {"config_class": ModelConfig, "create": create_model, "loss": classification_loss,
-               "step": classification_step, "embed": classification_embed}
+                               "step": classification_step, "embed": classification_embed}
 register_task(Task("binary", targets=target_column, **_CLASSIFIER))
 register_task(Task("hash", targets=target_column, hash_layer=True, **_CLASSIFIER))
 register_task(Task("multilabel", targets=label_columns, per_label=True, **_CLASSIFIER))
