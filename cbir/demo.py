@@ -124,6 +124,7 @@ def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone:
         result.query = answer.to_json()
         (out / "query.json").write_text(json.dumps(result.query, indent=2) + "\n")
         pictures = neighbor_pictures(idx, COLLECTION, idx.get_meta(COLLECTION), result.query["neighbors"])
+        assert answer.pixels is not None  # `query_image` keeps the decoded query
         write_montage(result.query, answer.pixels, pictures, out / "montage.png")
         result.query_file = query_file
         lap("query")

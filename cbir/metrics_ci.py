@@ -24,7 +24,7 @@ class Bootstrap:
     weights: np.ndarray
 
     @classmethod
-    def by_group(cls, groups: Sequence[object], n_boot: int = N_BOOT, seed: int = 0) -> Bootstrap:
+    def by_group(cls, groups: Sequence[object] | np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> Bootstrap:
         keys = np.asarray([str(g) for g in groups], dtype=object)
         uniques, inverse = np.unique(keys, return_inverse=True)
         rng = np.random.default_rng(seed)

@@ -36,7 +36,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def image_precision(pred_boxes: np.ndarray, pred_scores: np.ndarray | None, gt_boxes: np.ndarray,
-                    thresholds: Sequence[float] = RSNA_THRESHOLDS, xyxy: bool = False) -> float:
+                    thresholds: Sequence[float] | np.ndarray = RSNA_THRESHOLDS, xyxy: bool = False) -> float:
     """One image's RSNA score: the mean over IoU thresholds t of TP / (TP + FP + FN).
 
     Predictions are taken by descending score; each is a hit when its IoU with a still unmatched ground-truth
@@ -72,7 +72,7 @@ def image_precision(pred_boxes: np.ndarray, pred_scores: np.ndarray | None, gt_b
 
 
 def box_map(pred_boxes: Sequence[np.ndarray], pred_scores: Sequence[np.ndarray] | None,
-            gt_boxes: Sequence[np.ndarray], thresholds: Sequence[float] = RSNA_THRESHOLDS,
+            gt_boxes: Sequence[np.ndarray], thresholds: Sequence[float] | np.ndarray = RSNA_THRESHOLDS,
             xyxy: bool = False) -> float:
     """The RSNA challenge metric over images: the mean of `image_precision` over the images that count
     (NaN when none does). `pred_scores` may be None when each image's boxes are already best first."""

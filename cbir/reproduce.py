@@ -124,7 +124,7 @@ def applicable_tasks(records: Records, nih: Records | None) -> list[str]:
 
 def _train(task: str, records: Records, settings: TrainSettings, out: Path, options: ReproduceOptions,
            image_size: int, reporter: Reporter) -> None:
-    common = {"backbone": options.backbone, "image_size": image_size, "bits": options.bits,
+    common: dict[str, Any] = {"backbone": options.backbone, "image_size": image_size, "bits": options.bits,
               "label_names": list(records.label_names), "target": records.target}
     if get_task(task).boxes:
         from cbir.models.detector_config import DetectorConfig

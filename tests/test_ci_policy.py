@@ -68,3 +68,26 @@ def test_ci_runs_the_readme_test_command_from_the_lock() -> None:
     locked = {line.split("==")[0].lower() for line in (root / "requirements-lock.txt").read_text().splitlines()
               if "==" in line and not line.startswith("#")}
     assert {"torch", "numpy", "qdrant-edge-py", "fastapi", "pytest", "faiss-cpu"} <= locked
+
+
+def test_ci_type_checks_cbir_with_mypy() -> None:
+    """After pytest and ruff, .ci/run runs the test extra's mypy on pyproject.toml's [tool.mypy] files (cbir, with
+    unneeded `type: ignore` comments reported); a mypy failure fails a run whose tests passed."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / ".ci" / "run").read_text().splitlines()
+
+    def line_of(text: str) -> int:
+        found = [i for i, line in enumerate(lines) if text in line and not line.lstrip().startswith("#")]
+        assert found, f".ci/run has no {text!r}"
+        return found[0]
+
+    mypy = line_of(".venv/bin/mypy ||")
+    assert line_of("-m pytest") < line_of(".venv/bin/ruff check") < mypy
+    assert '[ "$status" -eq 0 ] && status=1' in lines[mypy]
+    pyproject = (root / "pyproject.toml").read_text()
+    section = re.search(r"^\[tool\.mypy\]\n(.*?)(?=^\[)", pyproject, re.S | re.M)
+    assert section, "pyproject.toml has no [tool.mypy] section"
+    assert 'files = ["cbir"]' in section.group(1) and "warn_unused_ignores = true" in section.group(1)
+    test_extra = re.search(r"^test = \[(.*?)\]$", pyproject, re.S | re.M)
+    assert test_extra and '"mypy>=' in test_extra.group(1) and '"pandas-stubs' in test_extra.group(1)

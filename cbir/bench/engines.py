@@ -118,7 +118,8 @@ class EdgeHnswEngine(Engine):
         self.shard.update(qe.UpdateOperation.create_field_index("label", qe.PayloadSchemaType.Keyword))
         started = time.perf_counter()
         for start in range(0, len(data.points), 2048):
-            batch = [qe.Point(p.id, {"embedding": p.embedding}, p.payload) for p in data.points[start:start + 2048]]
+            batch = [qe.Point(p.id, {"embedding": p.embedding}, p.payload)  # type: ignore[dict-item]  # stub: lists only
+                     for p in data.points[start:start + 2048]]
             self.shard.update(qe.UpdateOperation.upsert_points(batch))
         self.shard.flush()
         ingest = len(data.points) / (time.perf_counter() - started)
@@ -133,7 +134,8 @@ class EdgeHnswEngine(Engine):
         import qdrant_edge as qe
 
         def search(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
-            request = qe.QueryRequest(limit=k, query=qe.Query.Nearest(q, using="embedding"), filter=self._filter(flt),
+            query = qe.Query.Nearest(q, using="embedding")  # type: ignore[arg-type]  # stub: lists only
+            request = qe.QueryRequest(limit=k, query=query, filter=self._filter(flt),
                                       with_payload=False, params=self._params)
             return [self.position[str(p.id)] for p in self.shard.query(request)]
         return {"hnsw_knn": search}

@@ -79,10 +79,12 @@ def radius_query(shard: qe.EdgeShard, code: np.ndarray, radius: int, n: int, mih
     if mih is not None:
         width = len(code) // mih
         sub = substrings(code[None, :], mih)[0]
-        keys = [qe.FieldCondition(f"mih{j}", match=qe.MatchAny(neighbourhood(int(sub[j]), width, radius // mih)))
-                for j in range(mih)]
+        keys: list[qe.ConditionType] = [
+            qe.FieldCondition(f"mih{j}", match=qe.MatchAny(neighbourhood(int(sub[j]), width, radius // mih)))
+            for j in range(mih)]
         flt = qe.Filter(should=keys)
-    request = qe.QueryRequest(limit=n, query=qe.Query.Nearest(code.astype(np.float32), using=HASH), filter=flt,
+    query = qe.Query.Nearest(code.astype(np.float32), using=HASH)  # type: ignore[arg-type]  # stub: lists only
+    request = qe.QueryRequest(limit=n, query=query, filter=flt,
                               score_threshold=radius + 0.5, with_payload=False, params=EXACT)
     return {str(p.id) for p in shard.query(request)}
 

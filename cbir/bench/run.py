@@ -146,7 +146,8 @@ def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int | Sequenc
     ingest, build = engine.load(data)
     resident = raw = None
     if engine.name == "cbir-memory":
-        memory = engine.memory   # type: ignore[attr-defined]
+        assert isinstance(engine, MemoryEngine)
+        memory = engine.memory
         shared = memory.embeddings.nbytes if np.shares_memory(memory.embeddings, data.embeddings) else 0
         resident = round((resident_bytes() - before + shared) / 2**20, 1)
         raw = round(data.embeddings.nbytes / 2**20, 1)

@@ -53,6 +53,7 @@ def bench_storage(sizes: Sequence[int], dim: int, bits: int, pictures: list[str]
     rows = []
     for n in sizes:
         data = synthetic(n, dim, bits, 1)
+        assert data.points is not None  # `synthetic` makes Points
         for with_thumbnails in (False, True):
             points = [Point(p.id, p.embedding, p.code, _payload(i, p, pseudonymize,
                                                                   pictures[i % len(pictures)] if with_thumbnails

@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -91,7 +91,7 @@ def guarded(func: F) -> F:
             err.print(f"internal error: {type(exc).__name__}: {detail} (set CBIR_DEBUG=1 for the traceback)",
                       markup=False)
             raise typer.Exit(3) from None
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)  # functools.wraps keeps the signature typer reads
 
 
 @contextlib.contextmanager
@@ -298,8 +298,9 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     reporter = _reporter()
     for note in records.notes:
         reporter.log(f"note: {note}")
-    appearance = {k: v for k, v in (("appearance_size", appearance_size), ("appearance_weight", appearance_weight),
-                                    ("appearance_window", appearance_window)) if v is not None}
+    appearance: dict[str, Any] = {
+        k: v for k, v in (("appearance_size", appearance_size), ("appearance_weight", appearance_weight),
+                          ("appearance_window", appearance_window)) if v is not None}
     defaults = TrainSettings()
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, device=device, workers=workers,
                              seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
@@ -309,7 +310,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     counts = records.meta["split"].value_counts().to_dict()
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}; split {spec.describe()}), target "
                  f"{records.target!r}, {int(records.y.sum())} positive")
-    labels = {"label_names": list(records.label_names), "target": records.target}
+    labels: dict[str, Any] = {"label_names": list(records.label_names), "target": records.target}
     if finds_boxes:
         from cbir.models.detector_config import DetectorConfig
         config: Any = DetectorConfig(backbone=backbone, image_size=image_size, bits=bits, **labels)
@@ -463,6 +464,7 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
             from cbir.report.montage import write_montage
             from cbir.search.pictures import neighbor_pictures
             pictures = neighbor_pictures(idx, collection, idx.get_meta(collection), payload["neighbors"])
+            assert result.pixels is not None  # `query_image` keeps the decoded query
             write_montage(payload, result.pixels, pictures, montage)
             payload["montage"] = str(montage)
     if as_json:

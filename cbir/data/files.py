@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -60,7 +61,7 @@ def has_image(folder: Path) -> bool:
     return next(iter_files(folder, folder), None) is not None
 
 
-def read_csv_checked(path: Path, required: Sequence[str], **kwargs: object) -> pd.DataFrame:
+def read_csv_checked(path: Path, required: Sequence[str], **kwargs: Any) -> pd.DataFrame:
     """Read a label CSV; DatasetError (one line, naming the file) if unreadable, empty or missing columns."""
     try:
         frame = pd.read_csv(path, index_col=False, **kwargs)
@@ -114,16 +115,16 @@ def make_meta(
     path: Sequence[str],
     relpath: Sequence[str],
     patient: Sequence[str],
-    split: Sequence[str],
+    split: Sequence[str] | np.ndarray,
     boxes: Sequence[list] | None = None,
-    view: Sequence[object] | None = None,
-    sex: Sequence[object] | None = None,
-    age: Sequence[object] | None = None,
+    view: Sequence[object] | pd.Series | None = None,
+    sex: Sequence[object] | pd.Series | None = None,
+    age: Sequence[object] | pd.Series | None = None,
 ) -> pd.DataFrame:
     """A `Records.meta` frame with exactly `META_COLUMNS`; a column left as None is all-None."""
     n = len(path)
 
-    def column(values: Sequence[object] | None) -> list:
+    def column(values: Sequence[object] | pd.Series | np.ndarray | None) -> list:
         if values is None:
             return [None] * n
         return values.tolist() if isinstance(values, pd.Series | np.ndarray) else list(values)

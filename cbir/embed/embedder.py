@@ -12,6 +12,7 @@ from cbir.data.loading import Failed, Loaded, iterate_batches, model_view
 from cbir.data.transforms import Geometry
 from cbir.io import Pseudonymizer, SafeMeta, XrayImage
 from cbir.models import LoadedModel, decode_size
+from cbir.models.detector_config import DetectorConfig
 
 
 @dataclass
@@ -75,7 +76,8 @@ def embed_and_detect(loaded: LoadedModel, image: XrayImage
     if detections is not None:
         from cbir.models.detection import boxes_to_original, filter_detections  # torchvision's detection models
 
-        found = filter_detections(detections[0], loaded.model.config.box_threshold)
+        assert isinstance(loaded.config, DetectorConfig)  # detections: a detector's
+        found = filter_detections(detections[0], loaded.config.box_threshold)
         boxes = [{"box": [round(float(v), 1) for v in box], "score": round(float(score), 4)}
                  for box, score in zip(boxes_to_original(found["boxes"].cpu().numpy(), geometry),
                                        found["scores"].cpu().numpy(), strict=True)]

@@ -41,12 +41,13 @@ def detection_scores(records: Records, loaded: LoadedModel, batch_size: int = 32
                      reporter: Reporter = QUIET) -> dict[str, Any]:
     """Box mAP (the RSNA metric, IoU 0.40–0.75, boxes compared in original pixels) at the checkpoint's box
     threshold, and the image-score ROC-AUC, over `records`' images."""
-    from cbir.models.detection import boxes_to_original, filter_detections
+    from cbir.models.detection import CbirDetector, DetectorConfig, boxes_to_original, filter_detections
     from cbir.train.detection import predict, prepare_split
     from cbir.train.loop import TrainSettings
 
     split = prepare_split(records, loaded.config.image_size, TrainSettings(batch_size=batch_size, workers=workers),
                           reporter, "held-out")
+    assert isinstance(loaded.model, CbirDetector) and isinstance(loaded.config, DetectorConfig)  # task.boxes
     device = next(loaded.model.parameters()).device
     probs, detections = predict(loaded.model, split.x, torch.device(device), batch_size)
     threshold = float(loaded.config.box_threshold)

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from cbir.index.base import HASH as HASH_FIELD
 from cbir.index.base import UNKNOWN_TARGET, Filter, Index, unpack_code
 from cbir.index.codes import itq_from_meta
 from cbir.index.ingest import payload_labels
+from cbir.index.records import FilterValue
 from cbir.index.schema import check_model, dataset_roots, negative_label, recorded_split
 from cbir.io import Pseudonymizer
 from cbir.metrics import average_precisions_at_k, knn_vote, majority_baseline, map_at_k, per_class_auc
@@ -102,7 +103,8 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
                      files: dict[int, Path] | None = None) -> tuple[list[Query], list[str]]:
     """Embed every image of `records` as a query, coded as the collection (`meta`) codes its points; `files`
     (row → file) embeds other files in place of those rows' images, with the rows' labels and patients."""
-    queries, failures = [], []
+    queries: list[Query] = []
+    failures: list[str] = []
     itq = itq_from_meta(meta or {})
     rows = list(files) if files is not None else list(range(len(records)))
     paths = [str(files[r]) for r in rows] if files is not None else records.meta["path"].tolist()
@@ -154,7 +156,7 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     robust_records = _robustness_records(meta, collection, queries_from, pseudonymize) if robustness else None
     failures: list[str] = []
     left_out = 0
-    labelled = {"target": UNKNOWN_TARGET}  # as must_not: only points whose label is known
+    labelled: dict[str, FilterValue] = {"target": UNKNOWN_TARGET}  # as must_not: only points whose label is known
     if queries_from is None:
         queries = stored_queries(index, collection, bits)
         archive_filter = Filter(must={"split": ARCHIVE_SPLITS}, must_not=labelled)
@@ -203,6 +205,7 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
                "short_neighbour_lists": int((neighbours.found < k).sum()),
                "seconds": round(time.perf_counter() - started, 2)}
     if robustness:
+        assert robust_records is not None and pseudonymize is not None  # `_robustness_records` checked both
         report["robustness"] = to_json_safe(_robustness(index, collection, loaded, meta, archive, archive_filter,
                                                         robust_records, pseudonymize, k, reporter))
         context["seconds"] = round(time.perf_counter() - started, 2)
@@ -238,6 +241,7 @@ def _robustness(index: Index, collection: str, loaded: LoadedModel, meta: dict[s
     """Re-encode every query image, embed the copies and the originals afresh, and compare (module
     `cbir.evaluate.robustness`)."""
     from cbir.evaluate import robustness as rb
+    assert archive.embeddings is not None  # scrolled with vectors
 
     def figures(queries: list[Query]) -> dict[str, Any]:
         found = _search(index, collection, archive_filter, archive, queries, k, QUIET)
@@ -347,7 +351,8 @@ def scroll_archive(index: Index, collection: str, flt: Filter, bits: int,
     for i, row in enumerate(rows):
         if row[3]:
             packed[i] = np.frombuffer(bytes.fromhex(row[3]), dtype=np.uint8)[:width]
-    embeddings = np.stack([r[4] for r in rows]).astype(np.float32) if with_embeddings and rows else None
+    embeddings = (np.stack([cast(np.ndarray, r[4]) for r in rows]).astype(np.float32) if with_embeddings and rows
+                  else None)
     return Archive(ids=[r[0] for r in rows], targets=np.array([r[1] for r in rows], dtype=np.int64),
                    pseudonyms=np.array([r[2] or "" for r in rows], dtype=object), packed=packed,
                    embeddings=embeddings, labels=[r[5] for r in rows])
@@ -393,6 +398,7 @@ def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive:
     from cbir.search.vote import VoteCalibration, decide
     body = meta.get("calibration") or calibrate(index, collection, k, reporter, store=False) or {}
     calibration = VoteCalibration.from_dict(body.get("vote"))
+    assert neighbours.scores is not None  # `_search` fills them
     label, probability, _ = decide(neighbours.scores, neighbours.targets, calibration,
                                    prior=float(archive.targets.mean()) if archive.targets.size else None)
     y = np.array([q.target for q in queries])
@@ -424,10 +430,12 @@ def _extra_metrics(loaded: LoadedModel, archive: Archive, queries: list[Query], 
 def _hamming_map(archive: Archive, queries: list[Query], y_query: np.ndarray, k: int) -> float:
     """mAP@k of the Hamming ranking (ties by id), each query's own patient left out."""
     relevant = np.zeros((len(queries), k), dtype=bool)
-    codes = np.unpackbits(archive.packed, axis=1)[:, :len(queries[0].code)] if queries else archive.packed
+    codes = (np.unpackbits(archive.packed, axis=1)[:, :len(cast(np.ndarray, queries[0].code))] if queries
+             else archive.packed)
     engine = archive_engine(np.ones((len(archive.ids), 1), np.float32), codes, archive.pseudonyms)
     for row, query in enumerate(queries):
         flt = other_groups(query.pseudonym) if query.pseudonym else None
+        assert query.code is not None  # the caller checked every query has one
         nearest = hamming_ranking(engine, query.code, k, flt)
         relevant[row, :len(nearest)] = archive.targets[nearest] == y_query[row]
     return map_at_k(relevant, k, archive.n_relevant(queries))
@@ -441,7 +449,7 @@ def _box_metrics(meta: dict[str, Any], loaded: LoadedModel, queries_from: Record
     from cbir.evaluate.heldout import detection_scores
     source = queries_from if queries_from is not None else collection_test_records(meta)
     has_boxes = source is not None and "boxes" in source.meta and any(len(b) for b in source.meta["boxes"])
-    if not has_boxes:
+    if source is None or not has_boxes:
         reporter.warn("box mAP not computed: the query images' boxes are not available")
         return {}
     scores = detection_scores(source, loaded, reporter=reporter)
@@ -466,11 +474,13 @@ def collection_test_records(meta: dict[str, Any]) -> Records | None:
 
 def _code_comparison(archive: Archive, queries: list[Query], y_query: np.ndarray, k: int) -> dict[str, Any]:
     """The model's codes against LSH and archive-fitted ITQ codes (`cbir.evaluate.codes`)."""
-    bits = len(queries[0].code)
+    assert archive.embeddings is not None  # the caller checked
+    bits = len(cast(np.ndarray, queries[0].code))
     archive_codes = np.unpackbits(archive.packed, axis=1)[:, :bits]
     groups = np.array([q.pseudonym or f"\0query {i}" for i, q in enumerate(queries)], dtype=object)
     return compare_codes(archive.embeddings, archive_codes, archive.targets, archive.pseudonyms,
-                         np.stack([q.embedding for q in queries]), np.stack([q.code for q in queries]),
+                         np.stack([q.embedding for q in queries]),
+                         np.stack([cast(np.ndarray, q.code) for q in queries]),
                          y_query, groups, k, prefilter_size(archive.targets.size))
 
 
@@ -489,7 +499,7 @@ def _per_class_auc(queries: list[Query], names: list[str]) -> dict[str, float] |
     if not all(q.probabilities for q in queries):
         return None
     truth = np.array([[name in q.labels for name in names] for q in queries], dtype=np.int64)
-    scores = np.array([[float(q.probabilities.get(name, 0.0)) for name in names] for q in queries])
+    scores = np.array([[float((q.probabilities or {}).get(name, 0.0)) for name in names] for q in queries])
     return dict(zip(names, per_class_auc(truth, scores), strict=True))
 
 

@@ -25,9 +25,12 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is Python 3.11's
 
 from cbir.errors import CbirError, IndexError_
 from cbir.index.hamming import (  # noqa: F401 - re-exported: the codes' stored forms belong to the schema
@@ -84,7 +87,10 @@ class Index(ABC):
     """
 
     location: str
-    costs: Costs
+    if TYPE_CHECKING:
+        @property
+        def costs(self) -> Costs:
+            """The planner's constants: a class attribute, or a property (a server's, measured on first use)."""
 
     # --- collections, metadata, aliases and the migration ledger -------------------------------------
 
@@ -224,7 +230,7 @@ class Index(ABC):
     def close(self) -> None:  # noqa: B027 - a no-op unless the backend holds resources
         """Release files and connections."""
 
-    def __enter__(self) -> Index:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

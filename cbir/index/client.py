@@ -130,7 +130,7 @@ class ClientIndex(Index):
             self._client.update_collection(name, metadata=_meta_record(meta, version))
 
     def _record(self, name: str) -> dict[str, Any]:
-        record = self._config(name).metadata[META_KEY]
+        record = (self._config(name).metadata or {})[META_KEY]  # `_config` checked it is there
         if record.get("schema_version") not in base.READABLE_SCHEMAS:
             raise IndexError_(f"{self._where(name)}: schema version {record.get('schema_version')!r}, this "
                               f"cbir reads versions {', '.join(map(str, base.READABLE_SCHEMAS))}; upgrade cbir")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from qdrant_client import models as qm
@@ -40,9 +40,10 @@ def client_filter(flt: Filter | None, mih: list[list[int]] | None = None) -> qm.
     if not flt and not mih:
         return None
     flt = flt or Filter()
-    must = [qm.FieldCondition(key=key, match=_match(v)) for key, v in flt.must.items()]
-    must_not = [qm.FieldCondition(key=key, match=_match(v)) for key, v in flt.must_not.items()]
-    should = [qm.FieldCondition(key=mih_field(i), match=qm.MatchAny(any=keys)) for i, keys in enumerate(mih or [])]
+    must: list[qm.Condition] = [qm.FieldCondition(key=key, match=_match(v)) for key, v in flt.must.items()]
+    must_not: list[qm.Condition] = [qm.FieldCondition(key=key, match=_match(v)) for key, v in flt.must_not.items()]
+    should: list[qm.Condition] = [qm.FieldCondition(key=mih_field(i), match=qm.MatchAny(any=keys))
+                                  for i, keys in enumerate(mih or [])]
     return qm.Filter(must=must or None, must_not=must_not or None, should=should or None)
 
 
@@ -66,6 +67,7 @@ def vector_query(embedding: np.ndarray, limit: int, scope: Scope, params: qm.Sea
     args: dict[str, Any] = {"query": floats(embedding), "using": EMBEDDING, "limit": limit,
                             "with_payload": NO_THUMBNAIL, "search_params": params}
     if scope.radius is not None and scope.ids is None:
+        assert scope.code is not None  # the planner's radius scope has the code
         args["prefetch"] = qm.Prefetch(query=floats(scope.code), using=HASH, filter=scope_filter(scope),
                                        limit=scope.population, score_threshold=threshold(scope), params=params)
     else:
@@ -88,7 +90,7 @@ def rescore_query(embedding: np.ndarray, code: np.ndarray, limit: int, scope: Sc
 
 
 def point_struct(point: Point, payload: dict[str, Any]) -> qm.PointStruct:
-    return qm.PointStruct(id=point.id, vector=vector_lists(point), payload=payload)
+    return qm.PointStruct(id=point.id, vector=cast("qm.VectorStruct", vector_lists(point)), payload=payload)
 
 
 def batch_size(points: Sequence[Point]) -> int:

@@ -17,7 +17,7 @@ import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import qdrant_edge as qe
@@ -229,7 +229,8 @@ class EdgeIndex(EdgeSnapshots, Index):
         with self._mutex:
             name = self.resolve(name)
             with self._errors(name, "retrieve"):
-                records = self._shard(name).retrieve(ids, with_payload=with_payload, with_vector=with_vectors)
+                records = self._shard(name).retrieve(cast("list[qe.PointId]", ids), with_payload=with_payload,
+                                                     with_vector=with_vectors)
         return [to_point(r.id, r.vector, r.payload, with_vectors) for r in records]
 
     def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = True,

@@ -2,7 +2,8 @@
 
 Quirks handled here: `MatchValue(True)` would become the integer 1, so bool filter values are passed as
 `numpy.bool_`; Manhattan scores are positive distances and `score_threshold` keeps the ones strictly below it
-(`radius_threshold`).
+(`radius_threshold`). The package's stubs list Python lists for vectors, but the engine reads any float sequence:
+numpy arrays and memoryviews, which skip building the lists, carry a `type: ignore[arg-type]`.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _match(value: Any) -> qe.MatchValue | qe.MatchAny:
     if isinstance(value, (list, tuple, set, frozenset)):
         return qe.MatchAny(list(value))
     if isinstance(value, bool):
-        return qe.MatchValue(np.bool_(value))  # a Python bool would become the integer 0/1
+        # a Python bool would become the integer 0/1; the stub does not list numpy.bool_, which the engine reads
+        return qe.MatchValue(np.bool_(value))  # type: ignore[arg-type]  # stub: no numpy.bool_
     return qe.MatchValue(value)
 
 
@@ -61,9 +63,10 @@ def edge_filter(flt: Filter | None, mih: list[list[int]] | None = None) -> qe.Fi
     if not flt and not mih:
         return None
     flt = flt or Filter()
-    must = [qe.FieldCondition(key, match=_match(v)) for key, v in flt.must.items()]
-    must_not = [qe.FieldCondition(key, match=_match(v)) for key, v in flt.must_not.items()]
-    should = [qe.FieldCondition(mih_field(i), match=qe.MatchAny(keys)) for i, keys in enumerate(mih or [])]
+    must: list[qe.ConditionType] = [qe.FieldCondition(key, match=_match(v)) for key, v in flt.must.items()]
+    must_not: list[qe.ConditionType] = [qe.FieldCondition(key, match=_match(v)) for key, v in flt.must_not.items()]
+    should: list[qe.ConditionType] = [qe.FieldCondition(mih_field(i), match=qe.MatchAny(keys))
+                                      for i, keys in enumerate(mih or [])]
     return qe.Filter(must=must or None, must_not=must_not or None, should=should or None)
 
 
@@ -75,17 +78,18 @@ def scope_filter(scope: Scope) -> qe.Filter | None:
 
 
 def code_query(code: np.ndarray) -> qe.Query:
-    return qe.Query.Nearest(np.asarray(code, dtype=np.float32), using=HASH)
+    return qe.Query.Nearest(np.asarray(code, dtype=np.float32), using=HASH)  # type: ignore[arg-type]  # stub: lists only
 
 
 def vector_request(embedding: np.ndarray, limit: int, scope: Scope) -> qe.QueryRequest:
     """Exact cosine, inside the scope's Hamming ball (a thresholded prefetch on `hash`) when it has one."""
     condition, prefetches = scope_filter(scope), None
     if scope.radius is not None and scope.ids is None:
+        assert scope.code is not None and scope.population is not None  # the planner's radius scope on Edge
         prefetches = [qe.Prefetch(limit=scope.population, query=code_query(scope.code), filter=condition,
                                   score_threshold=radius_threshold(scope.radius), params=EXACT)]
         condition = None
-    query = qe.Query.Nearest(np.asarray(embedding, dtype=np.float32), using=EMBEDDING)
+    query = qe.Query.Nearest(np.asarray(embedding, dtype=np.float32), using=EMBEDDING)  # type: ignore[arg-type]  # stub: lists only
     return qe.QueryRequest(limit=limit, query=query, prefetches=prefetches, filter=condition,
                            with_payload=NO_THUMBNAIL, params=EXACT)
 
@@ -101,13 +105,14 @@ def rescore_request(embedding: np.ndarray, code: np.ndarray, limit: int, scope: 
     threshold = None if scope.radius is None else radius_threshold(scope.radius)
     prefetch = qe.Prefetch(limit=limit, query=code_query(code), filter=scope_filter(scope),
                            score_threshold=threshold, params=EXACT)
-    query = qe.Query.Nearest(np.asarray(embedding, dtype=np.float32), using=EMBEDDING)
+    query = qe.Query.Nearest(np.asarray(embedding, dtype=np.float32), using=EMBEDDING)  # type: ignore[arg-type]  # stub: lists only
     return qe.QueryRequest(limit=limit, query=query, prefetches=[prefetch], with_payload=NO_THUMBNAIL, params=EXACT)
 
 
 def edge_point(point: Point, payload: dict[str, Any]) -> qe.Point:
     """The vectors as memoryviews of float32 arrays: qdrant-edge-py reads any sequence, and these skip the
     Python lists (13 instead of 16.5 µs a point for 512 + 64 values; the stored values are the same)."""
-    vectors = {EMBEDDING: memoryview(np.ascontiguousarray(point.embedding, dtype=np.float32)),
-               HASH: memoryview(np.ascontiguousarray(point.code, dtype=np.float32))}
-    return qe.Point(point.id, vectors, payload)
+    # numpy's stubs give arrays the buffer protocol from Python 3.12 on only (the runtime has it on every version)
+    vectors = {EMBEDDING: memoryview(np.ascontiguousarray(point.embedding, dtype=np.float32)),  # type: ignore[arg-type]
+               HASH: memoryview(np.ascontiguousarray(point.code, dtype=np.float32))}  # type: ignore[arg-type]
+    return qe.Point(point.id, vectors, payload)  # type: ignore[arg-type]  # stub: lists only

@@ -80,6 +80,7 @@ class FileMap:
         """The relative path of a pseudonym ingested on this machine, else None."""
         if not pseudonym or not self._open_to_read():
             return None
+        assert self._db is not None  # `_open_to_read` connected
         with self._lock:
             try:
                 row = self._db.execute("SELECT path FROM files WHERE file = ?", (pseudonym,)).fetchone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import numpy as np
 
@@ -263,8 +264,8 @@ class _FileNames:
     def remember(self, positions: list[int]) -> None:
         """Record in the local file map which file each pseudonym of the images at `positions` names."""
         if self.pseudonyms:
-            assert self.file_map is not None, "remember() runs inside `with`"
-            self.file_map.add((self.file(i), self.dataset, self.relpaths[i]) for i in positions)
+            assert self.file_map is not None, "remember() runs inside `with`"  # and `file` gives pseudonyms
+            self.file_map.add((cast(str, self.file(i)), self.dataset, self.relpaths[i]) for i in positions)
 
     def __enter__(self) -> _FileNames:
         if self.pseudonyms:

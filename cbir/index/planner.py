@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -95,7 +95,8 @@ class Candidates:
 class Engine(Protocol):
     """The search primitives every engine translates (see `cbir.index.base.Index` for storage)."""
 
-    costs: Costs
+    @property
+    def costs(self) -> Costs: ...
 
     def schema(self, name: str) -> Schema: ...
 
@@ -151,6 +152,7 @@ class SearchPlanner:
             return []
         scope = Scope(flt=r.flt or None, code=None if r.code is None else np.asarray(r.code, dtype=np.uint8))
         if r.radius is not None:
+            assert scope.code is not None  # checked above: a radius needs the code
             use_mih = engine.costs.mih and schema.version >= 2
             scope = replace(scope, radius=r.radius, mih=mih_keys(scope.code, r.radius) if use_mih else None)
         limit = r.k + TIE_SLACK
@@ -184,6 +186,7 @@ class SearchPlanner:
     def _nearest_codes(self, name: str, scope: Scope, n: int) -> Candidates:
         """The n nearest codes in scope, ties by id. Engines order equal distances arbitrarily unless
         `ordered_codes`, so the search widens until every point tied with the n-th is seen."""
+        assert scope.code is not None  # a prefilter needs the code (`search` checks)
         if self.engine.costs.ordered_codes:
             return self.engine.nearest_by_code(name, scope.code, n, scope).nearest(n)
         limit = 2 * n + 16
@@ -195,9 +198,11 @@ class SearchPlanner:
 
     def _one_request(self, name: str, r: Request, scope: Scope) -> list[Hit]:
         """Prefetch 2N+16 codes and rescore them in one request; pick the N nearest (ties by id) from them."""
+        assert r.prefilter is not None and scope.code is not None  # the one-request plan is for a prefilter
+        engine = cast(Rescoring, self.engine)  # the one-request plan is for an engine with `rescore`
         limit = 2 * r.prefilter + 16
         while True:
-            hits = self.engine.rescore(name, r.embedding, scope.code, limit, scope)  # type: ignore[attr-defined]
+            hits = engine.rescore(name, r.embedding, scope.code, limit, scope)
             distances = np.sort(np.array([h.hamming for h in hits], dtype=np.int64))
             if _complete(distances, limit, r.prefilter):
                 break

@@ -140,8 +140,8 @@ def check_key(meta: dict[str, Any], pseudonymize: Pseudonymizer, collection: str
             f"{pseudonymize.fingerprint}; set $CBIR_PSEUDONYM_KEY to the shared key")
 
 
-def payload(*, dataset: str, split: str, relpath: str | None, file: str | None, labels: list[str], primary: str,
-            target: int, meta: dict[str, Any], boxes: list, probability: float, code: Any,
+def payload(*, dataset: str, split: str, relpath: str | None, file: str | None, labels: list[str],
+            primary: str | None, target: int, meta: dict[str, Any], boxes: list, probability: float, code: Any,
             probabilities: dict[str, float] | None = None, team: str | None = None,
             thumbnail: str | None = None, shape: tuple[int, int] | None = None) -> dict[str, Any]:
     """The stored payload: labels and coarse metadata only, never a raw identifier.

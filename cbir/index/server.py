@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qdrant_client import QdrantClient
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -48,7 +48,7 @@ def connect(location: str, settings: ServerSettings, create: bool) -> QdrantClie
             extra["verify"] = settings.ca_cert  # passed on to httpx
         client = QdrantClient(url=location, api_key=settings.api_key, timeout=settings.timeout,
                               check_compatibility=False, **extra)
-        return RetryingClient(client, location, settings.retries)  # type: ignore[return-value]
+        return cast(QdrantClient, RetryingClient(client, location, settings.retries))  # a proxy with its methods
     if location == ":memory:":
         return QdrantClient(location=":memory:")
     if not location.startswith("local:"):

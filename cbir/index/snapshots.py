@@ -105,7 +105,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     try:
         with tarfile.open(path) as tar:
             member = tar.getmember(MANIFEST)
-            manifest = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+            extracted = tar.extractfile(member)
+            if extracted is None:
+                raise ValueError(f"{MANIFEST} is not a file")
+            manifest = json.loads(extracted.read())
             tar.getmember(SHARD)
     except FileNotFoundError:
         raise CbirError(f"{path}: no such file") from None

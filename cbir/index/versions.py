@@ -32,6 +32,13 @@ def split_version(collection: str) -> tuple[str, int] | None:
     return (match.group("alias"), int(match.group("number"))) if match else None
 
 
+def version_number(collection: str) -> int:
+    """The number of a versioned collection name (one that `versions` lists)."""
+    parsed = split_version(collection)
+    assert parsed is not None, f"{collection!r} is not a versioned name"
+    return parsed[1]
+
+
 def check_alias_name(alias: str) -> None:
     if split_version(alias) is not None:
         raise CbirError(f"collection name {alias!r} ends like a version (__vN), which cbir reserves; pick another")
@@ -45,7 +52,7 @@ def versions(index: Index, alias: str) -> list[str]:
 
 def next_version(index: Index, alias: str) -> str:
     """The name of a new version, numbered after every existing one (and after a legacy plain collection)."""
-    numbers = [split_version(name)[1] for name in versions(index, alias)]  # type: ignore[index]
+    numbers = [version_number(name) for name in versions(index, alias)]
     return version_name(alias, max(numbers, default=0) + 1)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import uid
@@ -75,14 +76,15 @@ def decode_first_frame(ds: Dataset, path: str | Path, syntax: uid.UID, shape: Ge
     into RGB, and a JPEG 2000 decoder ICT/RCT into RGB). Only that frame's bytes are read when the pixel
     data was left in the file (the header reader defers it), so a 1 GB multi-frame file costs one frame."""
     keyword = next(k for k in PIXEL_KEYWORDS if k in ds)
-    options = {"rows": shape.rows, "columns": shape.columns, "number_of_frames": shape.frames,
+    options: dict[str, Any] = {"rows": shape.rows, "columns": shape.columns, "number_of_frames": shape.frames,
                "samples_per_pixel": shape.samples}
     decoder = get_decoder(syntax)
     plugin = plugin_for(syntax)
     element = ds.get_item(keyword, keep_deferred=True)
     in_file = isinstance(element, RawDataElement) and element.value is None and element.value_tell is not None
     if in_file and syntax != uid.DeflatedExplicitVRLittleEndian:   # deflated data is only read inflated
-        opts = as_pixel_options(ds, transfer_syntax_uid=syntax, pixel_keyword=keyword, **options)
+        assert isinstance(element, RawDataElement)  # `in_file`
+        opts: dict[str, Any] = as_pixel_options(ds, transfer_syntax_uid=syntax, pixel_keyword=keyword, **options)
         if element.VR and not syntax.is_implicit_VR:
             opts["pixel_vr"] = str(element.VR)
         with open(path, "rb") as fh:

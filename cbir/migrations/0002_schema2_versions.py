@@ -11,7 +11,14 @@ and a version whose alias was never made gets it.
 from __future__ import annotations
 
 from cbir.errors import CbirError
-from cbir.index.versions import DELETE_WAIT, copy_collection, next_version, split_version, versions
+from cbir.index.versions import (
+    DELETE_WAIT,
+    copy_collection,
+    next_version,
+    split_version,
+    version_number,
+    versions,
+)
 
 
 def up(ctx) -> None:
@@ -23,7 +30,7 @@ def up(ctx) -> None:
         parsed = split_version(name)
         alias = by_collection.get(name) or (parsed[0] if parsed else name)
         for leftover in versions(index, alias):     # an earlier, interrupted run of this migration
-            number = split_version(leftover)[1]
+            number = version_number(leftover)
             if leftover not in by_collection and (parsed is None or number > parsed[1]):
                 index.delete_collection(leftover)
         target = next_version(index, alias)
@@ -47,6 +54,6 @@ def _repair_missing_aliases(index) -> None:
     for name in index.list_collections():
         parsed = split_version(name)
         if parsed and parsed[0] not in aliases and not index.has_collection(parsed[0]):
-            newest[parsed[0]] = max(newest.get(parsed[0], name), name, key=lambda n: split_version(n)[1])
+            newest[parsed[0]] = max(newest.get(parsed[0], name), name, key=version_number)
     for alias, name in newest.items():
         index.set_alias(alias, name)

@@ -43,6 +43,8 @@ class Appearance(nn.Module):
     """Tiny image minus the training mean, weighted towards the centre, L2-normalised; `fit` sets the mean from
     training inputs."""
 
+    mean: torch.Tensor  # a buffer
+
     def __init__(self, size: int, window: float = 0.0) -> None:
         super().__init__()
         self.size = size

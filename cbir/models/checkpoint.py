@@ -6,15 +6,19 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cbir.errors import CbirError
+from cbir.models.detector_config import DetectorConfig
 from cbir.models.factory import CbirNet, ModelConfig, create_model
 from cbir.models.registry import Task, get_task
+
+if TYPE_CHECKING:
+    from cbir.models.detection import CbirDetector  # loads torchvision's detection models
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -27,8 +31,8 @@ SPLIT = "split.json"
 class LoadedModel:
     """A checkpoint's model in eval mode; `task` says what it does (`cbir.models.registry.Task`)."""
 
-    model: CbirNet  # or a CbirDetector, which has the same forward() → ModelOutput and probabilities()
-    config: ModelConfig
+    model: CbirNet | CbirDetector  # the same forward() → ModelOutput and probabilities()
+    config: ModelConfig | DetectorConfig
     fingerprint: str
     path: Path
     #: The training data's split record (None for a checkpoint written before splits were recorded).
@@ -40,7 +44,7 @@ class LoadedModel:
         return get_task(self.config.task)
 
 
-def fingerprint_of(config: ModelConfig, weights_file: Path) -> str:
+def fingerprint_of(config: ModelConfig | DetectorConfig, weights_file: Path) -> str:
     """sha256 over the config and the weight bytes: equal fingerprints mean identical outputs."""
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
     with open(weights_file, "rb") as fh:
@@ -49,7 +53,7 @@ def fingerprint_of(config: ModelConfig, weights_file: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_checkpoint(model: CbirNet, out: Path) -> str:
+def save_checkpoint(model: CbirNet | CbirDetector, out: Path) -> str:
     """Write the checkpoint directory and return its fingerprint."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -109,7 +113,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         except RuntimeError as exc:
             raise CbirError(f"{path / WEIGHTS}: cannot load weights ({str(exc).splitlines()[0][:140]})") from None
     model.to(device).eval()
-    return LoadedModel(model, config, fingerprint, path.resolve(), read_split(path))
+    return LoadedModel(cast("CbirNet | CbirDetector", model), config, fingerprint, path.resolve(), read_split(path))
 
 
 def _config(data: dict) -> Any:

@@ -61,6 +61,8 @@ __all__ = ["DETECTION_TASK", "DETECTORS", "EPS", "POOLINGS", "CbirDetector", "De
 class _Backbone(nn.Module):
     """timm feature maps → FPN maps (an OrderedDict, as torchvision detectors expect)."""
 
+    body: Any  # a timm features_only model, whose class depends on the backbone; each has `feature_info`
+
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__()
         if config.backbone not in timm.list_models() and not timm.is_model(config.backbone):
@@ -87,6 +89,8 @@ class _Backbone(nn.Module):
 
 class CbirDetector(nn.Module):
     """FCOS on a timm backbone + FPN, with `CbirNet`'s retrieval outputs (see the module docstring)."""
+
+    code_projection: torch.Tensor  # a buffer
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__()
@@ -171,11 +175,13 @@ class CbirDetector(nn.Module):
                                                                              device=t["boxes"].device))}
                 for t in targets]
         _, losses, _ = self._run(x, full)
+        assert isinstance(losses, dict)  # with targets: the losses
         return losses
 
     def detect_all(self, x: torch.Tensor) -> tuple[ModelOutput, list[dict[str, torch.Tensor]]]:
         """Retrieval outputs and every detection above `score_thresh`, from one pass."""
         pyramid, detections, logits = self._run(x)
+        assert isinstance(detections, list)  # without targets: the detections
         return self._output(pyramid, logits), [{"boxes": d["boxes"], "scores": d["scores"]} for d in detections]
 
     def detect(self, x: torch.Tensor, threshold: float | None = None) -> list[dict[str, torch.Tensor]]:

@@ -181,6 +181,9 @@ class CbirNet(nn.Module):
     projection (`semantic`) and the input's centred tiny image; `forward_head` alone gives the semantic part.
     """
 
+    backbone: Any  # a timm model: num_features, forward_features, forward_head
+    code_projection: torch.Tensor  # a buffer
+
     def __init__(self, config: ModelConfig, pretrained: bool = False, weights: Path | None = None) -> None:
         super().__init__()
         config.validate()
@@ -228,7 +231,7 @@ class CbirNet(nn.Module):
         return torch.sigmoid(logits)
 
 
-def _hash_head(config: ModelConfig) -> nn.Module:
+def _hash_head(config: ModelConfig) -> nn.Sequential:
     """Linear(embed_dim → bits), then BatchNorm1d so that each bit's pre-activation is centred over the images.
 
     Without the centring, `z`'s common offset pushes most bits to one sign for every image and tanh saturates

@@ -123,6 +123,7 @@ def classification_loss(model: CbirNet, out: ModelOutput, target: torch.Tensor, 
     on the semantic embedding, plus (a hash layer) the hash losses weighted by the config's `hash_*` fields."""
     loss = F.binary_cross_entropy_with_logits(out.logits, target, pos_weight=pos_weight)
     if settings is not None and settings.metric_loss == "supcon" and patients is not None:
+        assert out.semantic is not None  # a CbirNet's outputs always have it
         loss = loss + settings.metric_weight * supervised_contrastive_loss(
             out.semantic, label_groups(target), patients, settings.metric_temperature)
     if out.hash is None:

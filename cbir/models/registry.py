@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cbir.errors import CbirError
 
@@ -21,7 +21,18 @@ if TYPE_CHECKING:
 
 #: (model, config, pixels) → (a `cbir.models.factory.ModelOutput`, the detections or None): `pixels` is a
 #: (B, 1, S, S) batch in [0, 1], letterboxed; `config` is the loaded model's (its input intensities).
-Embed = Callable[["nn.Module", Any, "torch.Tensor"], "tuple[Any, list[dict[str, torch.Tensor]] | None]"]
+Embed = Callable[[Any, Any, "torch.Tensor"], "tuple[Any, list[dict[str, torch.Tensor]] | None]"]
+
+
+class TaskConfig(Protocol):
+    """What a task's config class (`ModelConfig`, `DetectorConfig`) has."""
+
+    task: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,7 @@ class Task:
 
     name: str
     #: The config dataclass of its models (`ModelConfig` or `DetectorConfig`), with `from_dict`/`to_dict`.
-    config_class: type
+    config_class: type[TaskConfig]
     #: The model factory: (config, pretrained=False, weights=None) → a freshly initialised model.
     create: Callable[..., nn.Module]
     #: How labels become targets: `Records` → (N, outputs) float32 for a classifier, (N,) 0/1 for a detector.

@@ -9,7 +9,7 @@ trained, since it loads torchvision's detection models).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from cbir.models.registry import TASKS, Batch, Task, get_task, register_task
 
 if TYPE_CHECKING:
     from cbir.data.records import Records
+    from cbir.models.detection import CbirDetector
 
 __all__ = ["TASKS", "Batch", "Task", "get_task", "register_task"]
 
@@ -74,30 +75,30 @@ def image_target(records: Records) -> np.ndarray:
     return records.y
 
 
-def detection_loss(model: nn.Module, x: torch.Tensor, targets: list[dict[str, torch.Tensor]]
+def detection_loss(model: CbirDetector, x: torch.Tensor, targets: list[dict[str, torch.Tensor]]
                    ) -> dict[str, torch.Tensor]:
     """The detector's own losses (classification, bbox_regression, bbox_ctrness) for xyxy input-pixel boxes."""
     return model.loss(x, targets)
 
 
-def detection_step(model: nn.Module, batch: Batch, generator: torch.Generator, settings: Any
+def detection_step(model: CbirDetector, batch: Batch, generator: torch.Generator, settings: Any
                    ) -> dict[str, torch.Tensor]:
     """Flip and jitter (boxes follow), standardise, `detection_loss`; "loss" is the sum of its parts."""
     assert batch.boxes is not None
     x, boxes = augment_with_boxes(batch.x, batch.boxes, generator)
     parts = detection_loss(model, standardize(x).to(batch.device), [{"boxes": b.to(batch.device)} for b in boxes])
-    return {**parts, "loss": sum(parts.values())}
+    return {**parts, "loss": cast(torch.Tensor, sum(parts.values()))}  # a tensor: there are parts
 
 
-def detection_embed(model: nn.Module, config: DetectorConfig, pixels: torch.Tensor
+def detection_embed(model: CbirDetector, config: DetectorConfig, pixels: torch.Tensor
                     ) -> tuple[ModelOutput, list[dict[str, torch.Tensor]]]:
     """The outputs and every detection above `score_thresh`, from one pass on standardised inputs."""
     device = next(model.parameters()).device
     return model.detect_all(standardize(pixels.float()).to(device))
 
 
-_CLASSIFIER = {"config_class": ModelConfig, "create": create_model, "loss": classification_loss,
-               "step": classification_step, "embed": classification_embed}
+_CLASSIFIER: dict[str, Any] = {"config_class": ModelConfig, "create": create_model, "loss": classification_loss,
+                               "step": classification_step, "embed": classification_embed}
 register_task(Task("binary", targets=target_column, **_CLASSIFIER))
 register_task(Task("hash", targets=target_column, hash_layer=True, **_CLASSIFIER))
 register_task(Task("multilabel", targets=label_columns, per_label=True, **_CLASSIFIER))

@@ -13,6 +13,9 @@ from cbir.data.transforms import letterbox
 from cbir.io.thumbnails import windowed
 from cbir.search.query import describe_vote
 
+#: Pillow's default font: a FreeType font, or the bitmap one before Pillow 10.1
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
 if TYPE_CHECKING:
     from cbir.search.pictures import Picture
 
@@ -49,10 +52,10 @@ def finding_colour(name: str) -> tuple[int, int, int]:
     return (96 + digest[0] % 160, 96 + digest[1] % 160, 96 + digest[2] % 160)
 
 
-def _draw_labels(draw: ImageDraw.ImageDraw, x: int, y: int, labels: list[str], font: ImageFont.ImageFont,
+def _draw_labels(draw: ImageDraw.ImageDraw, x: int, y: int, labels: list[str], font: Font,
                  width: int) -> None:
     """Each label in its finding's colour, left to right; what does not fit becomes "+N"."""
-    cursor = x
+    cursor: float = x
     for i, label in enumerate(labels):
         rest = f" +{len(labels) - i}"
         text = label + (", " if i < len(labels) - 1 else "")
@@ -69,14 +72,14 @@ def _draw_labels(draw: ImageDraw.ImageDraw, x: int, y: int, labels: list[str], f
         cursor += draw.textlength(text, font=font)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> Font:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
         return ImageFont.load_default()
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: Font, width: int) -> str:
     while text and draw.textlength(text, font=font) > width:
         text = text[:-2] + "…" if len(text) > 2 else ""
     return text
@@ -124,7 +127,7 @@ def _demographics(entry: dict[str, Any]) -> str:
 
 
 def _paste(canvas: Image.Image, draw: ImageDraw.ImageDraw, tile: tuple[Image.Image, float, float, float],
-           x: int, y: int, lines: list[str], font: ImageFont.ImageFont, colour: tuple[int, int, int] | None,
+           x: int, y: int, lines: list[str], font: Font, colour: tuple[int, int, int] | None,
            boxes: list, box_colour: tuple[int, int, int] = (255, 200, 0)) -> None:
     image, scale, pad_x, pad_y = tile
     canvas.paste(image, (x, y))

@@ -50,10 +50,11 @@ def calibrate(index: Index, collection: str, k: int = 10, reporter: Reporter = Q
     y = np.array([int(p.payload["target"]) for p in val])
     fitted = vote.fit(scores, targets, y, prior)
     nearest = scores[:, 0][np.isfinite(scores[:, 0])]
-    body = {"k": k, "vote": fitted.to_dict(),
-            "nearest": {"threshold": float(np.quantile(nearest, NEAR_QUANTILE)), "quantile": NEAR_QUANTILE,
-                        "median": float(np.median(nearest)), "n": int(nearest.size)},
-            "from": "validation images queried against training images"}
+    body: dict[str, Any] = {
+        "k": k, "vote": fitted.to_dict(),
+        "nearest": {"threshold": float(np.quantile(nearest, NEAR_QUANTILE)), "quantile": NEAR_QUANTILE,
+                    "median": float(np.median(nearest)), "n": int(nearest.size)},
+        "from": "validation images queried against training images"}
     if store:
         meta = index.get_meta(collection)
         meta["calibration"] = body

@@ -39,6 +39,7 @@ from cbir.errors import CbirError
 from cbir.index.base import Filter, Hit, Index, has_label
 from cbir.index.codes import collection_code
 from cbir.index.files import FileMap, LocalFiles
+from cbir.index.records import FilterValue
 from cbir.index.schema import FILTER_ALIASES, check_model
 from cbir.io import Pseudonymizer, XrayImage, read_image
 from cbir.models import LoadedModel, decode_size
@@ -73,8 +74,9 @@ def parse_filters(items: list[str] | None) -> Filter:
             raise CbirError(f"bad filter {item!r}: use key=value or key!=value (e.g. label=Pneumonia)")
         field_name = FILTER_ALIASES.get(key, key)
         (must_not if negate else must).setdefault(field_name, []).append(value)
-    unwrap = {k: v[0] if len(v) == 1 else v for k, v in must.items()}
-    return Filter(must=unwrap, must_not={k: v[0] if len(v) == 1 else v for k, v in must_not.items()})
+    unwrap: dict[str, FilterValue] = {k: v[0] if len(v) == 1 else v for k, v in must.items()}
+    unwrap_not: dict[str, FilterValue] = {k: v[0] if len(v) == 1 else v for k, v in must_not.items()}
+    return Filter(must=unwrap, must_not=unwrap_not)
 
 
 @dataclass

@@ -34,8 +34,9 @@ def _trained(options: StudyOptions, records: Any, detector: str, out: Path, repo
     """A detector trained on the fold's training patients (kept if `out` already holds one of these settings)."""
     model_dir = out / "model"
     if (model_dir / "model.safetensors").is_file() and (model_dir / "train.json").is_file():
-        config = load_checkpoint(model_dir).config
-        if (config.detector, config.backbone, config.image_size) == (detector, options.backbone, options.image_size):
+        saved = load_checkpoint(model_dir).config
+        assert isinstance(saved, DetectorConfig)  # a detector study's model
+        if (saved.detector, saved.backbone, saved.image_size) == (detector, options.backbone, options.image_size):
             return model_dir
     config = DetectorConfig(backbone=options.backbone, image_size=options.image_size, detector=detector,
                             label_names=list(records.label_names), target=records.target)
@@ -78,6 +79,7 @@ def run_pooling(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, 
         model_dir = _trained(options, records, "fcos", options.out / f"fold{fold}" / "fcos", reporter)
         for pooling in POOLINGS:
             loaded = load_checkpoint(model_dir, resolve_device(options.device))
+            assert isinstance(loaded.config, DetectorConfig)  # `_trained` made a detector
             loaded.config.pooling = pooling  # the model's config object: its forward pass pools this way
             loaded.fingerprint = f"{loaded.fingerprint}-{pooling}"
             reporter.log(f"== pooling {pooling}, fold {fold}")
@@ -88,10 +90,10 @@ def run_pooling(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, 
     return finish("pooling", options, result, _render(result, options, "pooling", _POOLING_TEXT))
 
 
-_DETECTOR_TEXT = ("### Detection: FCOS against RetinaNet (`cbir study detector`)",
+_DETECTOR_TEXT: tuple[str, str] = ("### Detection: FCOS against RetinaNet (`cbir study detector`)",
                   "Both on the same timm backbone + FPN (P3–P5, 64 channels), same schedule and augmentation; "
                   "RetinaNet with 3 scales × 3 ratios per level.")
-_POOLING_TEXT = ("### Detection: pooling the FPN maps into the embedding (`cbir study pooling`)",
+_POOLING_TEXT: tuple[str, str] = ("### Detection: pooling the FPN maps into the embedding (`cbir study pooling`)",
                  "The same trained FCOS model per fold; only the pooling of its FPN maps changes.")
 
 

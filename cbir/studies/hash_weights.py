@@ -49,11 +49,11 @@ def run_hash_weights(options: StudyOptions, reporter: Reporter = QUIET) -> dict[
             config = ModelConfig(backbone=options.backbone, task="hash", image_size=options.image_size, bits=64,
                                  label_names=list(records.label_names), target=records.target,
                                  hash_pair_weight=pair, hash_quant_weight=quant, hash_balance_weight=balance)
-            result = train_model(records, config, settings, out / "model", reporter)
+            trained = train_model(records, config, settings, out / "model", reporter)
             loaded = load_checkpoint(out / "model", resolve_device(options.device))
             report = score_on_validation(records, loaded, out / "val-report", reporter=reporter)
             s2 = report["stage2"]
-            ones = result.history[-1].get("val_bit_ones") or {}
+            ones = trained.history[-1].get("val_bit_ones") or {}
             runs.append({"fold": fold, "weights": [pair, quant, balance], "name": name,
                          "hamming_map_at_k": s2["codes"]["model"]["hamming_map_at_k"],
                          "lsh_hamming_map_at_k": s2["codes"]["lsh"]["hamming_map_at_k"],

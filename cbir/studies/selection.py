@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from cbir.console import QUIET, Reporter
 from cbir.data.transforms import model_input
 from cbir.metrics import roc_auc
-from cbir.models import ModelConfig
+from cbir.models import CbirNet, ModelConfig
 from cbir.models.device import resolve_device
 from cbir.studies.common import (
     VERDICT_RULE,
@@ -44,7 +44,7 @@ RULE_NAMES = {"best-raw": "best epoch by validation AUC", "last-raw": "last epoc
 
 
 @torch.no_grad()
-def _probabilities(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 128) -> np.ndarray:
+def _probabilities(model: CbirNet, x: torch.Tensor, device: torch.device, batch_size: int = 128) -> np.ndarray:
     model.eval()
     intensity = model.config.intensity
     out = [torch.sigmoid(model(model_input(x[i:i + batch_size].float(), intensity).to(device)).logits[:, 0])
@@ -77,8 +77,9 @@ def run_selection(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str
 
         def hook(epoch: int, raw: nn.Module, ema: nn.Module | None, x=x_val, half=half, y=y,
                  curves=curves) -> None:
+            assert ema is not None  # settings.ema
             for name, model in (("raw", raw), ("ema", ema)):
-                prob = _probabilities(model, x, device)
+                prob = _probabilities(cast(CbirNet, model), x, device)
                 for h, part in (("a", 0), ("b", 1)):
                     curves[f"{name}_{h}"].append(roc_auc(y[half == part], prob[half == part]))
 
@@ -120,7 +121,7 @@ def render(result: dict[str, Any], options: StudyOptions) -> str:
     lines += ["", "Paired against the last epoch (the same fold's B patients), B AUC difference, mean ± sd over folds:",
               ""]
     paired, verdict = paired_verdict({r: {f["fold"]: f["rules"][r]["auc_b"] for f in folds} for r in RULES},
-                                     "last-raw", RULE_NAMES.get)
+                                     "last-raw", RULE_NAMES.__getitem__)
     lines += paired
     lines += ["", f"Kept as the default: **{RULE_NAMES[verdict]}**. {VERDICT_RULE} The last epoch is the default "
               "because it needs no validation set to pick it and its validation AUC is an honest estimate (its "

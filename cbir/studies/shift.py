@@ -66,7 +66,7 @@ def _views(records: Records) -> np.ndarray:
     return np.array([str(read_header(p).get("ViewPosition", "") or "").upper() for p in records.meta["path"]])
 
 
-def _by_class(records: Records, counts: tuple[int, int], salt: str) -> Records:
+def _by_class(records: Records, counts: tuple[int, ...], salt: str) -> Records:
     """About counts[c] images of class c, whole patients, by a seeded hash of the patient."""
     parts = [_sample(records.subset(records.y == c), n, f"{salt}-{c}") for c, n in enumerate(counts)]
     keep = records.meta["relpath"].isin(set().union(*(set(p.meta["relpath"]) for p in parts))).to_numpy()
@@ -77,6 +77,7 @@ def build_sets(options: StudyOptions) -> dict[str, Records]:
     """The training sets and query sets of the proxies (a 10 % validation split inside each training set)."""
     spec = SplitSpec(seed=options.seed, val_fraction=0.1, test_fraction=0.0)
     rsna = load_dataset(options.data, options.layout, split=spec)
+    assert options.other is not None  # `cbir study shift` requires --other
     kermany = load_dataset(options.other, "auto", split=spec)
     normal2 = kermany.meta["relpath"].str.contains("NORMAL2-").to_numpy()
     first = kermany.subset(~normal2)
@@ -104,13 +105,15 @@ def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], o
     """Train (or reuse) one recipe's model in `out`; `base`: a folder whose trained weights `out` may start from
     (a recipe that differs only in the appearance part, `SAME_TRAINING`)."""
     from cbir.models import ModelConfig, load_checkpoint
+    from cbir.models.device import resolve_device
     from cbir.train import TrainSettings, train_model
     model_overrides = {k: v for k, v in overrides.items() if k in MODEL_KEYS}
     config = ModelConfig(backbone=options.backbone, image_size=options.image_size,
                          label_names=list(records.label_names), target=records.target, **model_overrides)
     config.validate()
-    settings = TrainSettings(**({"epochs": options.epochs, "batch_size": options.batch_size, "device": options.device,
-                                 "seed": options.seed} | {k: v for k, v in overrides.items() if k not in MODEL_KEYS}))
+    fields: dict[str, Any] = {"epochs": options.epochs, "batch_size": options.batch_size, "device": options.device,
+                              "seed": options.seed}
+    settings = TrainSettings(**(fields | {k: v for k, v in overrides.items() if k not in MODEL_KEYS}))
     started = time.perf_counter()
     from dataclasses import asdict
 
@@ -125,9 +128,9 @@ def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], o
     previous = reusable_run(out, wanted, asdict(settings), records)
     if previous is not None:
         reporter.log(f"reusing {out} (trained with these settings on these images)")
-        return load_checkpoint(out, device=settings.device if settings.device != "auto" else None), previous
+        return load_checkpoint(out, device=resolve_device(settings.device)), previous
     train_model(records, config, settings, out, reporter)
-    return load_checkpoint(out, device=settings.device if settings.device != "auto" else None), \
+    return load_checkpoint(out, device=resolve_device(settings.device)), \
         round(time.perf_counter() - started, 1)
 
 

@@ -9,6 +9,7 @@ per-class validation AUC.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,6 +134,8 @@ def calibrate_hash_centre(model: CbirNet, x: torch.Tensor, device: torch.device,
     saved model then come out nearly constant.
     """
     model.eval()
+    assert model.hash_head is not None  # a hash model's
+    norm: Any  # the BatchNorm1d, whose running statistics are tensors
     linear, norm = model.hash_head
     intensity = model.config.intensity
     outputs = [linear(model.projection(model.forward_features(model_input(x[i:i + batch_size].float(), intensity)

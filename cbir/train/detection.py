@@ -142,7 +142,8 @@ def predict(model: CbirDetector, x: torch.Tensor, device: torch.device, batch_si
             ) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
     """Image scores (sigmoid of the image logit) and every detection above the model's `score_thresh`."""
     model.eval()
-    probs, detections = [], []
+    probs: list[np.ndarray] = []
+    detections: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(x), batch_size):
         output, dets = model.detect_all(standardize(x[start:start + batch_size].float()).to(device))
         probs.append(torch.sigmoid(output.logits[:, 0]).cpu().numpy())

@@ -16,7 +16,9 @@ def preload(records: Records, size: int, settings: TrainSettings, reporter: Repo
             reduce_to: int | None = None) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """Decode every image once into memory (float16), so epochs cost only the forward/backward pass;
     `reduce_to`: the model's `cbir.models.decode_size`."""
-    images, keep, failures = [], [], []
+    images: list[torch.Tensor] = []
+    keep: list[int] = []
+    failures: list[str] = []
     paths = records.meta["path"].tolist()
     with reporter.task(f"decode {label}", len(paths)) as bar:
         for batch in iterate_batches(paths, size, batch_size=64, workers=settings.workers, reduce_to=reduce_to):

@@ -12,12 +12,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cbir.models.checkpoint import save_checkpoint
+
+if TYPE_CHECKING:
+    from cbir.models.detection import CbirDetector
+    from cbir.models.factory import CbirNet
 
 SELECT_RULES = ("best", "last")
 
@@ -63,5 +68,5 @@ class Keeper:
             self.best_score = score
         if chosen:
             self.best_epoch = epoch
-            self.fingerprint = save_checkpoint(self.kept, self.out)  # type: ignore[arg-type]
+            self.fingerprint = save_checkpoint(cast("CbirNet | CbirDetector", self.kept), self.out)
         return chosen

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -246,6 +247,7 @@ def rsna_cases_from_csv(path: Path, n: int, rng: np.random.Generator) -> list[Rs
         raise ValueError(f"{path}: not an RSNA label CSV (missing columns {sorted(missing)})")
     cases: dict[str, list[tuple[float, float, float, float]]] = {}
     targets: dict[str, int] = {}
+    row: Any  # pandas-stubs gives a row's fields every scalar type, None and NaT included
     for row in rows.itertuples(index=False):
         pid = str(row.patientId)
         if pid not in cases:
@@ -255,7 +257,7 @@ def rsna_cases_from_csv(path: Path, n: int, rng: np.random.Generator) -> list[Rs
         targets[pid] = max(targets[pid], int(row.Target))
         box = (row.x, row.y, row.width, row.height)
         if not any(math.isnan(float(v)) for v in box):
-            cases[pid].append(tuple(float(v) for v in box))  # type: ignore[arg-type]
+            cases[pid].append(cast("tuple[float, float, float, float]", tuple(float(v) for v in box)))
     out = []
     for pid, boxes in cases.items():
         if targets[pid] and not boxes:
@@ -325,7 +327,7 @@ def nih_cases_from_csv(path: Path, n: int) -> list[NihCase]:
         findings = () if labels == NO_FINDING else tuple(labels.split("|"))
         geometry = tuple(values[7:11]) if len(values) >= 11 else ("2500", "2048", "0.168", "0.168")
         cases.append(NihCase(int(row["Patient ID"]), int(row["Follow-up #"]), findings, int(row["Patient Age"]),
-                             row["Patient Gender"], row["View Position"], geometry,  # type: ignore[arg-type]
+                             row["Patient Gender"], row["View Position"], geometry,
                              image_index=row["Image Index"]))
     return cases
 
