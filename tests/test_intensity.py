@@ -82,8 +82,9 @@ def test_clahe_adapts_to_the_local_histogram() -> None:
 
 def test_model_input_registry_and_unknown_value() -> None:
     x = _images()
-    assert set(INTENSITIES) == {"standardize", "equalize", "clahe"}
+    assert set(INTENSITIES) == {"standardize", "equalize", "clahe", "unit"}
     assert torch.equal(model_input(x), standardize(x))
+    assert model_input(x, "unit") is x   # a frozen encoder's: its input contract normalises
     with pytest.raises(ValueError, match="intensity"):
         model_input(x, "gamma")
 

@@ -113,6 +113,8 @@ class ModelConfig:
             raise CbirError("retrieval by the encoder's features needs a frozen encoder (--encoder FILE)")
         if self.encoder is not None:
             _validate_encoder(self)
+        elif self.intensity == "unit":
+            raise CbirError("intensity 'unit' (pixels as read) is a frozen encoder's; its contract normalises them")
         if self.appearance_size < 0 or not 0 <= self.appearance_weight < 1 or self.appearance_window < 0:
             raise CbirError(f"appearance size {self.appearance_size} / weight {self.appearance_weight} / window "
                             f"{self.appearance_window}: the size and window must be ≥ 0 and the weight in [0, 1)")
