@@ -190,7 +190,9 @@ def test_sidecar_contract_and_token_outputs(encoders: dict[str, Path], tmp_path:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.vit.forward_features(x)
 
-    torch.jit.trace(Tokens().eval(), torch.rand(2, 1, 32, 32)).save(str(file))
+    with warnings.catch_warnings():   # timm's position-embedding check, traced as a constant
+        warnings.simplefilter("ignore")
+        torch.jit.trace(Tokens().eval(), torch.rand(2, 1, 32, 32)).save(str(file))
     with pytest.raises(CbirError, match="returns tokens"):
         describe_encoder(file, input_shape="1x32", norm="symmetric")
     file.with_name("vit.ts.json").write_text(json.dumps({"channels": 1, "size": 32, "norm": "symmetric",
