@@ -282,3 +282,19 @@ def test_a_pth_state_dict_with_its_timm_architecture(encoders: dict[str, Path], 
                               atol=1e-5)
     with pytest.raises(CbirError, match="cannot load its weights into timm's resnet18"):
         describe_encoder(file, arch="resnet18", input_shape=f"3x{SIZE}", norm="imagenet")
+
+
+def test_norm_presets_and_values() -> None:
+    from cbir.data.transforms import standardize
+    from cbir.models.encoder_contract import parse_norm
+
+    pixels = torch.rand(2, 1, 32, 32)
+    per_image = InputContract(3, 32, *parse_norm("standardize"))
+    assert torch.allclose(per_image.prepare(pixels), standardize(pixels).expand(-1, 3, -1, -1))
+    xrv = InputContract(1, 32, *parse_norm("xrv"))
+    assert torch.allclose(xrv.prepare(pixels), pixels * 2048 - 1024, atol=1e-3)   # torchxrayvision's range
+    given = InputContract(3, 32, *parse_norm("0.485,0.456,0.406/0.229,0.224,0.225"))
+    assert given == InputContract(3, 32, *NORMS["imagenet"])
+    assert InputContract.from_dict(per_image.to_dict()) == per_image
+    with pytest.raises(CbirError, match="2 mean values for 3 channel"):
+        InputContract(3, 32, (0.1, 0.2), (1.0,))

@@ -206,7 +206,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
               "shape or timm's config)")] = None,
           encoder_norm: Annotated[str | None, typer.Option(
               "--encoder-norm", help="its normalisation of [0, 1] pixels: unit, symmetric ([-1, 1]), imagenet, xrv "
-              "([-1024, 1024]) or MEAN/STD")] = None,
+              "([-1024, 1024]), standardize (per image, as cbir's own backbones) or MEAN/STD")] = None,
           encoder_output: Annotated[str | None, typer.Option(
               "--encoder-output", help="how its output becomes a vector: auto ((B, F), or a map averaged), cls or "
               "mean (tokens)")] = None,

@@ -24,7 +24,7 @@ from torch import nn
 
 from cbir.errors import CbirError
 from cbir.extras import require
-from cbir.models.encoder_contract import InputContract, parse_input, parse_norm
+from cbir.models.encoder_contract import InputContract, Norm, parse_input, parse_norm
 from cbir.models.encoder_runtime import OUTPUTS, Runtime, load_runtime, reduce_output
 
 #: Encoder file formats: how `describe_encoder` reads a file.
@@ -144,7 +144,7 @@ def describe_encoder(file: Path, arch: str | None = None, input_shape: str | Non
     fmt = encoder_format(file, arch)
     sidecar = _sidecar(file)
     channels, size = parse_input(input_shape) if input_shape else (sidecar.get("channels"), sidecar.get("size"))
-    mean_std = parse_norm(norm) if norm else _sidecar_norm(sidecar, file)
+    scaling = parse_norm(norm) if norm else _sidecar_norm(sidecar, file)
     output = output or sidecar.get("output", "auto")
     if output not in OUTPUTS:
         raise CbirError(f"--encoder-output {output!r}: choose from {', '.join(OUTPUTS)}")
@@ -152,15 +152,15 @@ def describe_encoder(file: Path, arch: str | None = None, input_shape: str | Non
     stated = runtime.stated_input()   # (channels, size, mean, std), each None where the file says nothing
     channels = channels or stated[0]
     size = size or stated[1]
-    if mean_std is None and stated[2] is not None and stated[3] is not None:
-        mean_std = (stated[2], stated[3])
+    if scaling is None and stated[2] is not None and stated[3] is not None:
+        scaling = Norm(stated[2], stated[3])
     if channels is None or size is None:
         raise CbirError(f"{file}: the input shape is not stated: pass --encoder-input CHANNELSxSIZE (e.g. 3x224) "
                         f"or write {file.name}.json")
-    if mean_std is None:
+    if scaling is None:
         raise CbirError(f"{file}: the input normalisation is not stated: pass --encoder-norm (unit, symmetric, "
-                        f"imagenet, xrv or MEAN/STD) or write {file.name}.json")
-    contract = InputContract(int(channels), int(size), *mean_std)
+                        f"imagenet, xrv, standardize or MEAN/STD) or write {file.name}.json")
+    contract = InputContract(int(channels), int(size), scaling.mean, scaling.std, scaling.per_image)
     if runtime.binding and (stated[0] not in (None, contract.channels) or stated[1] not in (None, size)):
         raise CbirError(f"{file}: the encoder expects {stated[0]}×{stated[1]}×{stated[1]} input, the contract says "
                         f"{contract.channels}×{size}×{size}")
@@ -219,12 +219,12 @@ def _sidecar(file: Path) -> dict[str, Any]:
     return data
 
 
-def _sidecar_norm(sidecar: dict[str, Any], file: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+def _sidecar_norm(sidecar: dict[str, Any], file: Path) -> Norm | None:
     if "norm" in sidecar:
         return parse_norm(str(sidecar["norm"]))
     if "mean" in sidecar and "std" in sidecar:
         try:
-            return tuple(float(v) for v in sidecar["mean"]), tuple(float(v) for v in sidecar["std"])
+            return Norm(tuple(float(v) for v in sidecar["mean"]), tuple(float(v) for v in sidecar["std"]))
         except (TypeError, ValueError):
             raise CbirError(f"{file}.json: mean and std must be lists of numbers") from None
     return None

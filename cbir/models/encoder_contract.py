@@ -3,27 +3,38 @@
 cbir reads every image the same way (`cbir.io.read_image`: DICOM VOI window or PNG/JPEG grey levels, scaled to
 [0, 1], MONOCHROME1 inverted), letterboxes it to `size` × `size` (aspect kept, zero padding), then the contract
 repeats the grey channel `channels` times and normalises each channel: `(x − mean) / std`. The presets name the
-usual conventions; torchxrayvision's [−1024, 1024] range is `xrv`.
+usual conventions; torchxrayvision's [−1024, 1024] range is `xrv`, and `standardize` is cbir's own per-image
+zero mean and unit variance (a `cbir pretrain` backbone's).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from cbir.data.transforms import standardize
 from cbir.errors import CbirError
 
 #: What happens to a file's pixels before the contract's own steps (recorded in the checkpoint).
 PIPELINE = "cbir.io.read_image grey [0,1] -> letterbox (aspect kept, zero padding) -> repeat grey -> (x-mean)/std"
 
-#: --encoder-norm presets: name → (mean, std), per channel or one value for all.
-NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "unit": ((0.0,), (1.0,)),                                              # [0, 1] as read
-    "symmetric": ((0.5,), (0.5,)),                                         # [−1, 1]
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),            # timm/torchvision ImageNet weights
-    "xrv": ((0.5,), (1.0 / 2048,)),                                        # torchxrayvision: [−1024, 1024]
+class Norm(NamedTuple):
+    """`(x − mean) / std` per channel (one value: all channels), after per-image standardisation if `per_image`."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    per_image: bool = False
+
+
+#: --encoder-norm presets.
+NORMS: dict[str, Norm] = {
+    "unit": Norm((0.0,), (1.0,)),                                          # [0, 1] as read
+    "symmetric": Norm((0.5,), (0.5,)),                                     # [−1, 1]
+    "imagenet": Norm((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),        # timm/torchvision ImageNet weights
+    "xrv": Norm((0.5,), (1.0 / 2048,)),                                    # torchxrayvision: [−1024, 1024]
+    "standardize": Norm((0.0,), (1.0,), per_image=True),                   # cbir's own: per-image mean 0, sd 1
 }
 
 
@@ -35,6 +46,7 @@ class InputContract:
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    per_image: bool = False   # standardise each image (zero mean, unit variance) before mean/std
     pipeline: str = PIPELINE
 
     def __post_init__(self) -> None:
@@ -52,13 +64,14 @@ class InputContract:
         """(B, 1, S, S) grey in [0, 1] → (B, channels, S, S), normalised: what the encoder itself is given."""
         if pixels.shape[1] != 1 or pixels.shape[-1] != self.size or pixels.shape[-2] != self.size:
             raise CbirError(f"encoder input: got {tuple(pixels.shape[1:])}, expected (1, {self.size}, {self.size})")
-        x = pixels.float().expand(-1, self.channels, -1, -1)
+        x = (standardize(pixels.float()) if self.per_image else pixels.float()).expand(-1, self.channels, -1, -1)
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return ((x - mean) / std).contiguous()
 
     def describe(self) -> str:
-        return f"{self.channels}×{self.size}×{self.size}, (x − {list(self.mean)}) / {list(self.std)}"
+        scaled = "per-image standardised, then " if self.per_image else ""
+        return f"{self.channels}×{self.size}×{self.size}, {scaled}(x − {list(self.mean)}) / {list(self.std)}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -66,17 +79,18 @@ class InputContract:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InputContract:
         return cls(int(data["channels"]), int(data["size"]), tuple(float(v) for v in data["mean"]),
-                   tuple(float(v) for v in data["std"]), str(data.get("pipeline", PIPELINE)))
+                   tuple(float(v) for v in data["std"]), bool(data.get("per_image", False)),
+                   str(data.get("pipeline", PIPELINE)))
 
 
-def parse_norm(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def parse_norm(text: str) -> Norm:
     """A --encoder-norm value: a preset name (`NORMS`), or `MEAN/STD` with comma-separated values per channel,
     e.g. `0.5/0.25` or `0.485,0.456,0.406/0.229,0.224,0.225`."""
     if text in NORMS:
         return NORMS[text]
     try:
         mean, std = text.split("/")
-        return tuple(float(v) for v in mean.split(",")), tuple(float(v) for v in std.split(","))
+        return Norm(tuple(float(v) for v in mean.split(",")), tuple(float(v) for v in std.split(",")))
     except ValueError:
         raise CbirError(f"--encoder-norm {text!r}: give one of {', '.join(NORMS)}, or MEAN/STD such as "
                         "0.5/0.25 or 0.485,0.456,0.406/0.229,0.224,0.225") from None
