@@ -967,13 +967,17 @@ def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder
 @app.command()
 @guarded
 def study(name: Annotated[str, typer.Argument(
-              help="selection, hash-weights, detector, pooling, shift or appearance")],
+              help="selection, hash-weights, detector, pooling, shift, appearance, ssl-method or "
+              "label-efficiency")],
           out_dir: Annotated[Path, typer.Option("--out", help="study folder")],
           data: Annotated[Path | None, typer.Option("--data", help="dataset folder")] = None,
           other: Annotated[Path | None, typer.Option("--other", help="shift: the second dataset (Kermany)")] = None,
           models: Annotated[Path | None, typer.Option(
               "--models", help="appearance: take each fold's binary model from this `cbir reproduce` models folder "
               "(its split must be the study's)")] = None,
+          init: Annotated[list[Path] | None, typer.Option(
+              "--init", help="ssl-method: the `cbir pretrain` runs to compare (repeatable); label-efficiency: the "
+              "pretrained run")] = None,
           layout: LayoutOpt = "auto",
           folds: Annotated[int, typer.Option("--folds", min=2)] = 5,
           use_folds: Annotated[list[int] | None, typer.Option("--use-fold", help="only these folds (repeatable)")
@@ -1017,7 +1021,7 @@ def study(name: Annotated[str, typer.Argument(
     options = StudyOptions(data=data, out=out_dir, layout=layout, folds=folds, use_folds=list(use_folds or []),
                            val_fraction=val_fraction, seed=seed, backbone=backbone, image_size=image_size,
                            epochs=epochs, batch_size=batch_size, device=device, doc=doc, other=other,
-                           models=models, recipes=chosen)
+                           models=models, recipes=chosen, init=list(init or []))
     result = STUDIES[name](options, _reporter())
     out.print(result["markdown"], markup=False)
 
