@@ -59,7 +59,7 @@ def test_pretrain_writes_the_run_folder_and_names_the_bad_file(run_dir: tuple[Pa
     assert "broken.png" in text and "1 files skipped" in text
     assert sum("broken.png" in line for line in text.splitlines() if line.startswith("warning")) == 1
     record = json.loads((out / RECORD).read_text())
-    assert record["backbone"] == BACKBONE and record["image_size"] == 32 and record["method"] == "simclr"
+    assert record["backbone"] == BACKBONE and record["image_size"] == 32 and record["method"] == "vicreg"
     assert record["intensity"] == "standardize" and record["epochs"] == 2
     assert record["n_images"] == 40 + 6 and record["n_failed"] == 1 and "broken.png" in record["failures"][0]
     assert record["sha256"] == file_sha256(out / WEIGHTS) and record["seconds"] > 0
@@ -170,7 +170,7 @@ def test_ssl_method_study_probes_on_validation_patients(run_dir: tuple[Path, str
                                 "--init", out, "--backbone", BACKBONE, "--image-size", 32, "--doc", doc)
     assert code == 0, err
     result = json.loads((tmp_path / "s" / "ssl-method.json").read_text())
-    assert result["winner"] == "simclr" and {r["method"] for r in result["rows"]} == {"none", "simclr"}
+    assert result["winner"] == "vicreg" and {r["method"] for r in result["rows"]} == {"none", "vicreg"}
     records = load_dataset(folders["kermany"], "folder", split=SplitSpec(val_fraction=0.2, test_fraction=0.25))
     assert all(r["n_queries"] == (records.meta["split"] == "val").sum() for r in result["rows"])
     assert "<!-- cbir:study-ssl-method -->" in doc.read_text()

@@ -314,7 +314,8 @@ def pretrain(data: Annotated[list[Path], typer.Option(
                               ] = None,
              backbone: Annotated[str, typer.Option("--backbone", help="any timm model name")] = "resnet18",
              image_size: Annotated[int, typer.Option("--image-size", min=16)] = 64,
-             method: Annotated[str, typer.Option("--method", help="simclr (NT-Xent) or vicreg")] = "simclr",
+             method: Annotated[str, typer.Option(
+                 "--method", help="vicreg or simclr (NT-Xent); vicreg won on validation patients")] = "vicreg",
              epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
              minutes: Annotated[float | None, typer.Option(
                  "--minutes", help="stop after this many minutes of training (the schedule ends there)")] = None,

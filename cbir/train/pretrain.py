@@ -42,8 +42,9 @@ class PretrainSettings:
     backbone: str = "resnet18"
     image_size: int = 64
     intensity: str = "standardize"
-    #: "simclr" (NT-Xent) or "vicreg"; simclr won the comparison on validation patients (docs/results.md).
-    method: str = "simclr"
+    #: "vicreg" or "simclr" (NT-Xent): VICReg had the higher mean kNN balanced accuracy on validation patients at
+    #: an equal step budget (`cbir study ssl-method`, docs/results.md), by less than the noise.
+    method: str = "vicreg"
     epochs: int = 10
     #: Stop (and finish the learning-rate schedule) after this many minutes; None: run all epochs.
     minutes: float | None = None
