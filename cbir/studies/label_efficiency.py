@@ -353,7 +353,7 @@ def plot_efficiency(result: dict[str, Any], options: StudyOptions) -> Path | Non
 def render_efficiency(result: dict[str, Any], options: StudyOptions) -> str:
     p = result["pretrain"]
     rows = result["rows"]
-    sources = ", ".join(f"`{s['root']}` {s['images']}" for s in p.get("sources") or [])
+    sources = ", ".join(f"`{_shown(s['root'])}` {s['images']}" for s in p.get("sources") or [])
     lines = [
         "### Label efficiency: from scratch against self-supervised pretraining (`cbir study label-efficiency`)", "",
         f"Pretraining: `cbir pretrain` ({p['method']}, {options.backbone}, {p['image_size']} px) on every image in "
@@ -402,6 +402,12 @@ def verdict(result: dict[str, Any]) -> str:
             (better if d["ci"][0] > 0 else worse if d["ci"][1] < 0 else level).append(name)
     return (f"Paired intervals above 0 (pretraining better): {', '.join(better) or 'none'}; below 0 (worse): "
             f"{', '.join(worse) or 'none'}; spanning 0: {len(level)} of {len(better) + len(worse) + len(level)}.")
+
+
+def _shown(root: str) -> str:
+    """A source folder as the docs name it: `../shared/…` for the project's shared data."""
+    parts = Path(root).parts
+    return str(Path("..", *parts[parts.index("shared"):])) if "shared" in parts else root
 
 
 def _delta(d: dict[str, Any] | None) -> str:
