@@ -234,6 +234,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
                                             help="code bits (task hash: 16..256)")] = 64,
           weights: Annotated[Path | None, typer.Option("--weights", help="local backbone weights file")] = None,
           pretrained: Annotated[bool, typer.Option("--pretrained", help="download timm weights")] = False,
+          init: Annotated[Path | None, typer.Option(
+              "--init", help="start the backbone from a `cbir pretrain` run folder")] = None,
           device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
           workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
           seed: Annotated[int, typer.Option("--seed", help="split (and initialisation) seed")] = 0,
@@ -291,6 +293,13 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         TrainSettings(augment=augment or "basic", metric_loss=metric_loss or "none").validate()
     except ValueError as exc:
         raise CbirError(str(exc)) from None
+    if init is not None:  # a missing, corrupt or mismatched run fails before the dataset is read
+        from cbir.train.pretrain import read_run
+        if finds_boxes:
+            raise CbirError("--init: the detector trains from scratch; --init is for binary, hash and multilabel")
+        if pretrained or weights:
+            raise CbirError("--init replaces --pretrained/--weights: give one of them")
+        read_run(init, backbone)
     given = {k: v for k, v in _split_options(seed, val_fraction, test_fraction, folds, fold).items() if v is not None}
     spec = SplitSpec().replace(**given)
     records = load_dataset(data, layout, split=spec, patient_regex=patient_regex)
@@ -306,7 +315,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
                              seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
                              select=select or defaults.select, ema=defaults.ema if ema is None else ema,
                              augment=augment or defaults.augment, metric_loss=metric_loss or defaults.metric_loss,
-                             balanced=defaults.balanced if balanced is None else balanced)
+                             balanced=defaults.balanced if balanced is None else balanced,
+                             init=str(init) if init else None)
     counts = records.meta["split"].value_counts().to_dict()
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}; split {spec.describe()}), target "
                  f"{records.target!r}, {int(records.y.sum())} positive")
@@ -348,6 +358,51 @@ def _frozen_encoder(file: Path | None, arch: str | None, input_shape: str | None
     if image_size is not None and image_size != spec.contract.size:
         raise CbirError(f"--image-size {image_size}: {file} takes {spec.contract.size} px (its input contract)")
     return spec
+
+
+@app.command()
+@guarded
+def pretrain(data: Annotated[list[Path], typer.Option(
+                 "--data", help="image folders (rsna, nih, folder layout or plain images); repeat, or list several "
+                 "after one --data")],
+             out_dir: Annotated[Path, typer.Option("--out", help="run folder for the backbone")],
+             extra: Annotated[list[Path] | None, typer.Argument(help="more image folders", show_default=False)
+                              ] = None,
+             backbone: Annotated[str, typer.Option("--backbone", help="any timm model name")] = "resnet18",
+             image_size: Annotated[int, typer.Option("--image-size", min=16)] = 64,
+             method: Annotated[str, typer.Option(
+                 "--method", help="vicreg or simclr (NT-Xent); vicreg won on validation patients")] = "vicreg",
+             epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+             minutes: Annotated[float | None, typer.Option(
+                 "--minutes", help="stop after this many minutes of training (the schedule ends there)")] = None,
+             batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 128,
+             lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+             patient_p: Annotated[float, typer.Option(
+                 "--patient-p", help="probability that the second view is another image of the same patient")
+             ] = 0.5,
+             intensity: Annotated[str, typer.Option("--intensity", help="standardize, equalize or clahe")
+                                  ] = "standardize",
+             device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
+             workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
+             seed: Annotated[int, typer.Option("--seed")] = 0) -> None:
+    """Learn a backbone from images without labels (SimCLR or VICReg; two images of one patient are positives
+    where the layout names patients); `cbir train --init RUN` fine-tunes from it. Unreadable files are named and
+    skipped."""
+    with _heavy_imports():
+        from cbir.train.pretrain import PretrainSettings
+        from cbir.train.pretrain import pretrain as run_pretrain
+    settings = PretrainSettings(backbone=backbone, image_size=image_size, intensity=intensity, method=method,
+                                epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, patient_p=patient_p,
+                                seed=seed, workers=workers, device=device)
+    settings.validate()
+    roots = [*data, *(extra or [])]
+    result = run_pretrain(roots, out_dir, settings, _reporter())
+    last = f", last epoch's loss {result.history[-1]['loss']:.4f}" if result.history else ""
+    out.print(f"backbone {backbone} ({method}, {result.epochs:g} epochs, {result.n_images} images{last}) saved to "
+              f"{out_dir} in {result.seconds:.0f} s; sha256 {result.sha256[:16]}", markup=False)
+    if result.failures:
+        out.print(f"{len(result.failures)} files skipped (named above)", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -970,13 +1025,17 @@ def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder
 @app.command()
 @guarded
 def study(name: Annotated[str, typer.Argument(
-              help="selection, hash-weights, detector, pooling, shift or appearance")],
+              help="selection, hash-weights, detector, pooling, shift, appearance, ssl-method or "
+              "label-efficiency")],
           out_dir: Annotated[Path, typer.Option("--out", help="study folder")],
           data: Annotated[Path | None, typer.Option("--data", help="dataset folder")] = None,
           other: Annotated[Path | None, typer.Option("--other", help="shift: the second dataset (Kermany)")] = None,
           models: Annotated[Path | None, typer.Option(
               "--models", help="appearance: take each fold's binary model from this `cbir reproduce` models folder "
               "(its split must be the study's)")] = None,
+          init: Annotated[list[Path] | None, typer.Option(
+              "--init", help="ssl-method: the `cbir pretrain` runs to compare (repeatable); label-efficiency: the "
+              "pretrained run")] = None,
           layout: LayoutOpt = "auto",
           folds: Annotated[int, typer.Option("--folds", min=2)] = 5,
           use_folds: Annotated[list[int] | None, typer.Option("--use-fold", help="only these folds (repeatable)")
@@ -1020,7 +1079,7 @@ def study(name: Annotated[str, typer.Argument(
     options = StudyOptions(data=data, out=out_dir, layout=layout, folds=folds, use_folds=list(use_folds or []),
                            val_fraction=val_fraction, seed=seed, backbone=backbone, image_size=image_size,
                            epochs=epochs, batch_size=batch_size, device=device, doc=doc, other=other,
-                           models=models, recipes=chosen)
+                           models=models, recipes=chosen, init=list(init or []))
     result = STUDIES[name](options, _reporter())
     out.print(result["markdown"], markup=False)
 

@@ -6,7 +6,14 @@ Each study writes NAME.json and NAME.md to its output folder, and its section of
 (`--doc`) as it finishes.
 """
 
-from cbir.studies import appearance, detector, hash_weights, selection, shift  # noqa: F401  (they register the studies)
+from cbir.studies import (  # noqa: F401  (they register the studies)
+    appearance,
+    detector,
+    hash_weights,
+    label_efficiency,
+    selection,
+    shift,
+)
 from cbir.studies.common import STUDIES, StudyOptions
 
 __all__ = ["STUDIES", "StudyOptions"]

@@ -40,6 +40,7 @@ class StudyOptions:
     other: Path | None = None   # a second dataset (study shift)
     models: Path | None = None  # a `cbir reproduce` run's models folder to take the folds' models from (appearance)
     recipes: list[str] = field(default_factory=list)  # study shift: only these recipes (empty: all)
+    init: list[Path] = field(default_factory=list)  # ssl-method, label-efficiency: `cbir pretrain` run folders
 
     @property
     def fold_numbers(self) -> list[int]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from cbir.console import QUIET, Reporter
 from cbir.data.records import Records
-from cbir.errors import DatasetError
+from cbir.errors import CbirError, DatasetError
 from cbir.models.checkpoint import write_split
 from cbir.models.device import resolve_device
 from cbir.models.registry import Batch, Task, get_task
@@ -82,6 +82,7 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
 
     model = task.create(config, pretrained=settings.pretrained,
                         weights=Path(settings.weights) if settings.weights else None).to(device)
+    initialised = _init_from(model, task, config, settings, reporter)
     data.fit(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(data.n_train / settings.batch_size)
@@ -121,9 +122,24 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
     summary = {k: v for k, v in asdict(result).items() if k != "out"} | {
         **{k: _finite(v) for k, v in best.items() if k.startswith("best_")},
         "dataset": records.dataset, "layout": records.layout, "root": str(records.root), "task": config.task,
-        "settings": asdict(settings), "device": str(device)}
+        "settings": asdict(settings), "device": str(device), **({"init": initialised} if initialised else {})}
     (out / "train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return result
+
+
+def _init_from(model: nn.Module, task: Task, config: Any, settings: TrainSettings, reporter: Reporter
+               ) -> dict[str, Any] | None:
+    """`settings.init`: load a `cbir pretrain` run's backbone into `model`; what train.json records of it."""
+    if not settings.init:
+        return None
+    if task.boxes:
+        raise CbirError("--init: the detector trains from scratch; --init is for binary, hash and multilabel")
+    if settings.pretrained or settings.weights:
+        raise CbirError("--init replaces --pretrained/--weights: give one of them")
+    from cbir.train.pretrain import init_backbone
+    record = init_backbone(model, Path(settings.init), config.backbone)
+    reporter.log(f"backbone initialised from {settings.init} ({record['method']}, sha256 {record['sha256'][:16]})")
+    return record
 
 
 def train_epoch(model: nn.Module, task: Task, data: TaskData, optimizer: torch.optim.Optimizer,

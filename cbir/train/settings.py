@@ -38,6 +38,8 @@ class TrainSettings:
     metric_temperature: float = 0.1
     #: Draw every batch with equally many images of each class (the minority repeated), instead of a shuffle.
     balanced: bool = False
+    #: A `cbir pretrain` run folder whose backbone weights start the training (`cbir.train.pretrain`).
+    init: str | None = None
 
     def validate(self) -> None:
         if self.augment not in AUGMENTATIONS:
