@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from cbir.data.layout import load_dataset
 from cbir.data.splits import SplitSpec
 from cbir.data.views import PatientPairs, ssl_augment
+from cbir.io.digest import sha256_of
 from cbir.models import load_checkpoint
 from cbir.models.ssl import SSLModel, nt_xent
 from cbir.studies.label_efficiency import label_subset
-from cbir.train.pretrain import RECORD, WEIGHTS, file_sha256
+from cbir.train.pretrain import RECORD, WEIGHTS
 from tests.conftest import run_cli
 
 BACKBONE = "test_resnet"
@@ -62,7 +63,7 @@ def test_pretrain_writes_the_run_folder_and_names_the_bad_file(run_dir: tuple[Pa
     assert record["backbone"] == BACKBONE and record["image_size"] == 32 and record["method"] == "vicreg"
     assert record["intensity"] == "standardize" and record["epochs"] == 2
     assert record["n_images"] == 40 + 6 and record["n_failed"] == 1 and "broken.png" in record["failures"][0]
-    assert record["sha256"] == file_sha256(out / WEIGHTS) and record["seconds"] > 0
+    assert record["sha256"] == sha256_of(out / WEIGHTS) and record["seconds"] > 0
     assert record["patients_with_pairs"] == 40  # every Kermany image has a second of its patient; plain: none
 
 
@@ -81,6 +82,35 @@ def test_train_init_starts_from_the_pretrained_backbone(run_dir: tuple[Path, str
     record = json.loads((out / RECORD).read_text())
     assert summary["init"]["sha256"] == record["sha256"] and summary["settings"]["init"] == str(out)
     assert "init" not in json.loads((model / "config.json").read_text())  # config (and fingerprints) unchanged
+
+
+def test_a_pretraining_run_as_a_frozen_encoder(run_dir: tuple[Path, str, str], folders: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    """`cbir train --encoder RUN`: the run's backbone, frozen, on standardised grey input, as it was pretrained."""
+    from cbir.data.transforms import standardize
+    from cbir.models.ssl import create_backbone
+
+    out, _, _ = run_dir
+    model = tmp_path / "model"
+    code, _, stderr = run_cli("train", "--data", folders["kermany"], "--out", model, "--encoder", out,
+                              "--epochs", 1, "--augment", "none", "--workers", 0)
+    assert code == 0, stderr
+    config = json.loads((model / "config.json").read_text())
+    assert config["image_size"] == 32 and config["encoder"]["arch"] == BACKBONE
+    assert config["encoder"]["sha256"] == json.loads((out / RECORD).read_text())["sha256"]
+    assert config["encoder"]["contract"]["channels"] == 1 and config["encoder"]["contract"]["per_image"]
+    reference = create_backbone(BACKBONE)
+    reference.load_state_dict(load_file(str(out / WEIGHTS)))
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(load_checkpoint(model).model.forward_features(x), reference.eval()(standardize(x)),
+                              atol=1e-5)
+    code, _, stderr = run_cli("train", "--data", folders["kermany"], "--out", tmp_path / "x", "--encoder", out,
+                              "--init", out)
+    assert code == 2 and "give one of them" in stderr
+    code, _, stderr = run_cli("train", "--data", folders["kermany"], "--out", tmp_path / "x", "--encoder",
+                              tmp_path, "--epochs", 0)
+    assert code == 2 and stderr.startswith("error: --encoder") and "not a `cbir pretrain` run" in stderr
 
 
 def test_init_errors_are_one_line_with_exit_2(run_dir: tuple[Path, str, str], folders: dict[str, Path],

@@ -197,7 +197,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           backbone: Annotated[str, typer.Option("--backbone", help="any timm model name")] = "resnet18",
           encoder: Annotated[Path | None, typer.Option(
               "--encoder", help="a frozen encoder file instead of a trained backbone: TorchScript, torch.export "
-              "(.pt2), ONNX (.onnx, the 'onnx' extra), or timm weights with --encoder-arch; only the head trains")
+              "(.pt2), ONNX (.onnx, the 'onnx' extra), timm weights with --encoder-arch, or a `cbir pretrain` run "
+              "folder; only the head trains")
           ] = None,
           encoder_arch: Annotated[str | None, typer.Option(
               "--encoder-arch", help="the timm model that --encoder's weights (safetensors/.pth) belong to")] = None,
@@ -271,6 +272,9 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     finds_boxes = get_task(task).boxes  # a bad --task/--bits/--intensity fails before the dataset is read
     if retrieval == "encoder" and encoder is None:
         raise CbirError("--retrieval encoder: retrieves by a frozen encoder's features; give --encoder FILE")
+    if init is not None and encoder is not None:
+        raise CbirError("--init fine-tunes a pretrained backbone, --encoder keeps one frozen: give one of them "
+                        "(--encoder RUN uses a `cbir pretrain` run frozen)")
     frozen = _frozen_encoder(encoder, encoder_arch, encoder_input, encoder_norm, encoder_output, finds_boxes,
                              image_size, intensity, backbone, pretrained, weights)
     if frozen is not None:
@@ -354,6 +358,17 @@ def _frozen_encoder(file: Path | None, arch: str | None, input_shape: str | None
         raise CbirError("--intensity: a frozen encoder's input is set by its contract (--encoder-norm)")
     from cbir.models.encoder import describe_encoder
 
+    if file.is_dir():   # a `cbir pretrain` run: its backbone, as it was trained (one grey channel, standardised)
+        if arch or input_shape or norm:
+            raise CbirError(f"--encoder {file}: a pretraining run states its own architecture and input")
+        from cbir.train.pretrain import WEIGHTS, read_run
+
+        record = read_run(file, option="--encoder")
+        if record.get("intensity", "standardize") != "standardize":
+            raise CbirError(f"--encoder {file}: pretrained with intensity {record['intensity']!r}, which an input "
+                            "contract cannot state; fine-tune it with --init instead")
+        file, arch = file / WEIGHTS, str(record["backbone"])
+        input_shape, norm = f"1x{record['image_size']}", "standardize"
     spec = describe_encoder(file, arch, input_shape, norm, output)
     if image_size is not None and image_size != spec.contract.size:
         raise CbirError(f"--image-size {image_size}: {file} takes {spec.contract.size} px (its input contract)")

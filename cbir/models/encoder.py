@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch import nn
 
 from cbir.errors import CbirError
 from cbir.extras import require
+from cbir.io.digest import sha256_of
 from cbir.models.encoder_contract import InputContract, Norm, parse_input, parse_norm
 from cbir.models.encoder_runtime import OUTPUTS, Runtime, load_runtime, reduce_output
 
@@ -188,22 +188,6 @@ def check_file(spec: EncoderSpec) -> None:
     if digest != spec.sha256:
         raise CbirError(f"{file}: the encoder file changed since the model was trained (sha256 {digest[:12]}… ≠ "
                         f"recorded {spec.sha256[:12]}…); restore it, or train again")
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def sha256_of(file: Path) -> str:
-    """The file's sha256, remembered per (path, size, mtime) so a reload does not read a large encoder again."""
-    stat = os.stat(file)
-    key = (str(file), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-        _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
 
 
 def _sidecar(file: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ The projector exists only during pretraining; what is kept is the backbone (`cbi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,7 @@ class SSLModel(nn.Module):
         super().__init__()
         self.method, self.temperature = method, temperature
         self.backbone = create_backbone(backbone)
-        self.projector = projector(self.backbone.num_features, method)
+        self.projector = projector(cast(int, self.backbone.num_features), method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))

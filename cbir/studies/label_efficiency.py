@@ -20,6 +20,7 @@ import json
 import math
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ def _ssl_method(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, 
     for _, record in runs:
         vals = [r["knn_bal_acc"] for r in rows if r["method"] == record["method"]]
         means[record["method"]] = float(np.mean(vals))
-    winner = max((m for m in means if m != "none"), key=means.get) if len(means) > 1 else None
+    winner = max((m for m in means if m != "none"), key=lambda method: means[method]) if len(means) > 1 else None
     result = {"study": "ssl-method", "options": {k: str(v) for k, v in asdict(options).items()}, "rows": rows,
               "means": means, "winner": winner}
     return finish("ssl-method", options, result, render_method(result, options))
@@ -268,7 +269,7 @@ def _label_efficiency(options: StudyOptions, reporter: Reporter = QUIET) -> dict
                        "n_train_images": n_train, "n_labelled": len(subset), "train_seconds": round(seconds, 1),
                        "fingerprint": loaded.fingerprint,
                        "auc": weighted_auc(y_test, prob, np.ones(len(y_test))),
-                       "auc_ci": boot.interval(lambda w, p=prob, y=y_test: weighted_auc(y, p, w)),
+                       "auc_ci": boot.interval(partial(weighted_auc, y_test, prob)),
                        **{k: v for k, v in scores.items() if not k.startswith("_")}}
                 keep = {"prob": prob, "pred": scores["_pred"], "ap": scores["_ap"]}
                 if init == "scratch":
@@ -392,7 +393,9 @@ def render_efficiency(result: dict[str, Any], options: StudyOptions) -> str:
 
 def verdict(result: dict[str, Any]) -> str:
     """Whether pretraining helped: a Δ whose paired interval lies above 0 counts, one that spans 0 does not."""
-    better, worse, level = [], [], []
+    better: list[str] = []
+    worse: list[str] = []
+    level: list[str] = []
     for r in result["rows"]:
         for metric in ("auc", "knn_bal_acc"):
             d = (r.get("diff") or {}).get(metric)

@@ -8,13 +8,12 @@ run folder keeps the backbone only (backbone.safetensors) and a record (pretrain
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -26,6 +25,7 @@ from cbir.data.records import Records
 from cbir.data.transforms import INTENSITIES, model_input
 from cbir.data.views import PatientPairs, ssl_augment
 from cbir.errors import CbirError, DatasetError
+from cbir.io.digest import sha256_of
 from cbir.models.device import resolve_device
 from cbir.models.ssl import METHODS, SSLModel
 from cbir.train.preload import preload
@@ -195,39 +195,31 @@ def save_run(out: Path, model: SSLModel, settings: PretrainSettings, extra: dict
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     save_file(state, str(out / WEIGHTS))
-    sha = file_sha256(out / WEIGHTS)
+    sha = sha256_of(out / WEIGHTS)
     record = {"backbone": settings.backbone, "image_size": settings.image_size, "intensity": settings.intensity,
               "method": settings.method, "sha256": sha, **extra, "settings": asdict(settings)}
     (out / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return sha
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_run(run: Path, backbone: str | None = None) -> dict[str, Any]:
+def read_run(run: Path, backbone: str | None = None, option: str = "--init") -> dict[str, Any]:
     """The record of a pretraining run, checked: the folder, its record and weights exist, the weights' sha256 is
-    the recorded one, and (given `backbone`) it is that backbone. One-line CbirError otherwise."""
+    the recorded one, and (given `backbone`) it is that backbone. One-line CbirError (naming `option`) otherwise."""
     record_path, weights = Path(run) / RECORD, Path(run) / WEIGHTS
     if not Path(run).is_dir():
-        raise CbirError(f"--init {run}: no such pretraining run folder")
+        raise CbirError(f"{option} {run}: no such pretraining run folder")
     try:
         record = json.loads(record_path.read_text())
         recorded_sha, name = str(record["sha256"]), str(record["backbone"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CbirError(f"--init {run}: not a `cbir pretrain` run ({RECORD} unreadable: "
+        raise CbirError(f"{option} {run}: not a `cbir pretrain` run ({RECORD} unreadable: "
                         f"{type(exc).__name__})") from None
     if not weights.is_file():
-        raise CbirError(f"--init {run}: {WEIGHTS} is missing")
-    if file_sha256(weights) != recorded_sha:
-        raise CbirError(f"--init {run}: {WEIGHTS} is corrupt (its sha256 differs from the one in {RECORD})")
+        raise CbirError(f"{option} {run}: {WEIGHTS} is missing")
+    if sha256_of(weights) != recorded_sha:
+        raise CbirError(f"{option} {run}: {WEIGHTS} is corrupt (its sha256 differs from the one in {RECORD})")
     if backbone is not None and name != backbone:
-        raise CbirError(f"--init {run}: it pretrained {name!r}, but this model's backbone is {backbone!r} "
+        raise CbirError(f"{option} {run}: it pretrained {name!r}, but this model's backbone is {backbone!r} "
                         f"(pass --backbone {name})")
     return record
 
@@ -238,7 +230,7 @@ def init_backbone(model: torch.nn.Module, run: Path, backbone: str) -> dict[str,
     record = read_run(run, backbone)
     try:
         state = load_file(str(Path(run) / WEIGHTS))
-        model.backbone.load_state_dict(state, strict=True)
+        cast(torch.nn.Module, model.backbone).load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise CbirError(f"--init {run}: cannot load its weights into {backbone} "
                         f"({str(exc).strip().splitlines()[0][:140] if str(exc).strip() else type(exc).__name__})"
