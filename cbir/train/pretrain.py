@@ -61,8 +61,9 @@ class PretrainSettings:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise CbirError(f"--method {self.method!r}: choose from {', '.join(METHODS)}")
-        if self.intensity not in INTENSITIES:
-            raise CbirError(f"--intensity {self.intensity!r}: choose from {', '.join(INTENSITIES)}")
+        learnt = [name for name in INTENSITIES if name != "unit"]   # "unit" is a frozen encoder's
+        if self.intensity not in learnt:
+            raise CbirError(f"--intensity {self.intensity!r}: choose from {', '.join(learnt)}")
         if not 0 <= self.patient_p <= 1:
             raise CbirError(f"--patient-p {self.patient_p}: must be in [0, 1]")
         if self.minutes is not None and self.minutes <= 0:
