@@ -131,3 +131,30 @@ def test_thumbnails_travel_with_a_snapshot(shared: dict, tmp_path: Path) -> None
     with open_index(f"local:{tmp_path / 'copy'}") as idx:
         points = list(idx.scroll(COLLECTION, with_thumbnails=True))
     assert len(points) == N and all(p.payload.get("thumbnail") for p in points)
+
+
+def test_a_stored_thumbnail_read_takes_turns_with_searches_and_reloads(shared: dict,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """/thumbnail reads the index and the thumbnail cache under the searcher's lock, as searches and reloads do;
+    a search's own prefetch takes it again in the same thread (reentrant)."""
+    import threading
+
+    from cbir.io import load_pseudonymizer
+    from cbir.models import load_checkpoint
+    from cbir.search.pictures import Picture
+    from cbir.search.warm import WarmSearcher
+    _as_team(monkeypatch, shared["root"], "b")
+    with open_index(shared["edge"]) as idx:
+        searcher = WarmSearcher(idx, COLLECTION, load_checkpoint(shared["root"] / "model"), load_pseudonymizer())
+        point = next(iter(searcher.memory.position))
+        got: list[Picture | None] = []
+        reader = threading.Thread(target=lambda: got.append(searcher.picture(point)))
+        with searcher._lock:   # what a search or a reload holds
+            reader.start()
+            reader.join(0.5)
+            assert reader.is_alive() and not got   # waits: no index read beside the search
+        reader.join(10)
+        assert not reader.is_alive() and got and got[0] is not None and got[0].source == "thumbnail"
+        result = searcher.query(shared["query"], k=3)   # prefetch under the lock it already holds
+        assert len(result.neighbors) == 3
+        searcher.close()

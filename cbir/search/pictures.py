@@ -5,6 +5,7 @@ team that ingested, `cbir.index.files.LocalFiles`), else the thumbnail stored wi
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,9 +33,13 @@ class Picture:
 class CasePictures:
     """Pictures of one collection's points; stored thumbnails are fetched in one request per batch and cached."""
 
-    def __init__(self, index: Index, collection: str, files: LocalFiles, cache_size: int = CACHE_SIZE) -> None:
+    def __init__(self, index: Index, collection: str, files: LocalFiles, cache_size: int = CACHE_SIZE,
+                 guard: contextlib.AbstractContextManager[Any] | None = None) -> None:
         self.index, self.collection, self.files = index, collection, files
         self.cache_size = cache_size
+        #: Held while the index is read and the cache changes: a warm searcher's lock, so that reads from
+        #: several threads take turns with its searches and reloads (image files are read outside it).
+        self._guard = guard if guard is not None else threading.Lock()
         self._stored: OrderedDict[str, dict[str, Any] | None] = OrderedDict()  # id → payload with a thumbnail
 
     def picture(self, point_id: str, payload: dict[str, Any]) -> Picture | None:
@@ -64,18 +69,19 @@ class CasePictures:
             self._thumbnail_payloads([point_id for point_id, payload in hits if self.files.find(payload) is None])
 
     def _thumbnail_payloads(self, ids: Sequence[str]) -> dict[str, dict[str, Any] | None]:
-        missing = [i for i in dict.fromkeys(ids) if i not in self._stored]
-        if missing:
-            try:
-                found = {p.id: p.payload for p in self.index.retrieve(self.collection, missing)}
-            finally:
-                self.index.release(self.collection)   # an embedded index stays writable by `cbir ingest`
-            for point_id in missing:
-                payload = found.get(point_id)
-                self._stored[point_id] = payload if payload and payload.get(THUMBNAIL) else None
-            while len(self._stored) > self.cache_size:
-                self._stored.popitem(last=False)
-        return {i: self._stored.get(i) for i in ids}
+        with self._guard:
+            missing = [i for i in dict.fromkeys(ids) if i not in self._stored]
+            if missing:
+                try:
+                    found = {p.id: p.payload for p in self.index.retrieve(self.collection, missing)}
+                finally:
+                    self.index.release(self.collection)   # an embedded index stays writable by `cbir ingest`
+                for point_id in missing:
+                    payload = found.get(point_id)
+                    self._stored[point_id] = payload if payload and payload.get(THUMBNAIL) else None
+                while len(self._stored) > self.cache_size:
+                    self._stored.popitem(last=False)
+            return {i: self._stored.get(i) for i in ids}
 
 
 def neighbor_pictures(index: Index, collection: str, meta: dict[str, Any],

@@ -2,7 +2,8 @@
 (`cbir serve`, `cbir bench`). A query then costs decode + one forward pass + an in-memory search.
 
 It answers from several threads at once: forward passes run in parallel (the model is only read), searches and
-reloads of the in-memory copy one at a time (its filter masks and thumbnail cache, and the index, are shared).
+reloads of the in-memory copy one at a time, and so do reads of stored thumbnails (`cbir serve`'s /thumbnail): the
+filter masks, the thumbnail cache and the index are shared.
 A query reads one consistent copy (metadata, vectors and pictures together) even while a reload replaces it."""
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ class WarmSearcher:
                  pseudonymize: Pseudonymizer | None = None, local_paths: bool = False) -> None:
         self.index, self.collection, self.loaded, self.pseudonymize = index, collection, loaded, pseudonymize
         self.local_paths = local_paths
-        self._lock = threading.Lock()   # one search or reload at a time (see the module docstring)
+        # one search, reload or stored-thumbnail read at a time (see the module docstring); reentrant, since a
+        # search's thumbnail prefetch takes it again
+        self._lock = threading.RLock()
         meta = index.get_meta(collection)
         check_model(meta, loaded, collection)
         self.file_map = FileMap.local()
         self._copy = _Copy(meta, MemoryIndex.load(index, collection),
-                           CasePictures(index, collection, LocalFiles(meta, self.file_map)))
+                           CasePictures(index, collection, LocalFiles(meta, self.file_map), guard=self._lock))
         self._version = self._stamp()
         self.loaded_at = time.time()
 
@@ -85,7 +88,8 @@ class WarmSearcher:
                 self.index.release(self.collection)
             except IndexError_:
                 return False
-            self._copy = _Copy(meta, memory, CasePictures(self.index, self.collection, LocalFiles(meta, self.file_map)))
+            self._copy = _Copy(meta, memory, CasePictures(self.index, self.collection, LocalFiles(meta, self.file_map),
+                                                          guard=self._lock))
             self._version, self.loaded_at = stamp, time.time()
             return True
 
