@@ -260,6 +260,11 @@ def test_features_are_encoded_once_per_input(encoders: dict[str, Path]) -> None:
     encoder.encode = lambda prepared: (encoded.append(len(prepared)), plain(prepared))[1]  # type: ignore[method-assign]
     x = torch.rand(4, 1, SIZE, SIZE)
     new = torch.rand(1, 1, SIZE, SIZE)
+    encoder.eval()
+    encoder.forward_features(x)   # eval mode (ingest, queries): encoded, nothing kept
+    assert encoded == [4] and not encoder._cache.store
+    encoded.clear()
+    encoder.train()   # what the training loop sets: the runtime itself stays in eval mode
     first = encoder.forward_features(x)
     again = encoder.forward_features(x)
     mixed = encoder.forward_features(torch.cat([x[2:], new]))

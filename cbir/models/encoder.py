@@ -95,8 +95,11 @@ class FrozenEncoder(nn.Module):
         return reduce_output(self._runtime(prepared), self.spec.output, self.spec.file).float()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, num_features) for (B, 1, S, S) pixels in [0, 1]; an input seen before is not encoded again
-        (training with `--augment none` encodes every image once)."""
+        """(B, num_features) for (B, 1, S, S) pixels in [0, 1]. In training mode an input seen before is not
+        encoded again (`--augment none` encodes each training image once); in eval mode (validation, ingest,
+        queries) nothing is cached, so serving and ingesting hold no features."""
+        if not self.training:
+            return self.encode(self.contract.prepare(x))
         return self._cache.features(x, lambda rows: self.encode(self.contract.prepare(rows)))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:

@@ -7,6 +7,7 @@ H and W, and a (B, T, D) token sequence by its first (class) token or its mean, 
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,20 @@ OUTPUTS = ("auto", "cls", "mean")
 Stated = tuple[int | None, int | None, tuple[float, ...] | None, tuple[float, ...] | None]
 
 
-class Runtime:
+class Runtime(ABC):
     """A loaded encoder file. Subclasses run it; `stated_input` is what the file itself says of its input, a
     requirement where `binding` (an ONNX graph's static shape), else a default (timm's pretrained config)."""
 
     binding = False
 
+    @abstractmethod
     def __call__(self, x: torch.Tensor) -> Any:
-        raise NotImplementedError
+        """The encoder's raw output for a contract-prepared (B, C, S, S) batch."""
 
     def apply(self, fn: Any) -> None:
-        """Apply a `nn.Module._apply` function (a device move) to the encoder's tensors, if it has any."""
+        """Apply a `nn.Module._apply` function (a device move) to the encoder's tensors, if it has any (an ONNX
+        session has none: it stays on the CPU)."""
+        return None
 
     def stated_input(self) -> Stated:
         return None, None, None, None
