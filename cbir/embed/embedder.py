@@ -27,6 +27,8 @@ class Embedded:
     target_index: int = 0       # column of the target in `probabilities`
     digest: str = ""            # hash of the decoded pixels (see `cbir.data.loading.Loaded`)
     thumbnail: str | None = None  # base64 WebP, when asked for (see `cbir.io.thumbnails`)
+    domain_distance: float | None = None  # `cbir.models.domain` distance of the pooled features (queries only)
+    in_domain: bool | None = None         # at or below the model's domain threshold; None: no domain model
 
     @property
     def probability(self) -> float:
@@ -65,8 +67,9 @@ def embed_image(loaded: LoadedModel, image: XrayImage) -> Embedded:
 @torch.inference_mode()
 def embed_and_detect(loaded: LoadedModel, image: XrayImage
                      ) -> tuple[Embedded, list[dict[str, float | list[float]]]]:
-    """One forward pass: the embedding, and for a detector its boxes, best first, as {"box": [x, y, w, h],
-    "score"} in the original image's pixels (above the checkpoint's box threshold); [] for other models."""
+    """One forward pass: the embedding (with its domain distance when the model has a domain model), and for a
+    detector its boxes, best first, as {"box": [x, y, w, h], "score"} in the original image's pixels (above the
+    checkpoint's box threshold); [] for other models."""
     pixels, geometry = model_view(image, loaded.config.image_size)
     x = torch.from_numpy(pixels)[None, None]
     out, detections = loaded.task.embed(loaded.model, loaded.config, x)
@@ -83,6 +86,10 @@ def embed_and_detect(loaded: LoadedModel, image: XrayImage
                                        found["scores"].cpu().numpy(), strict=True)]
     embedded = Embedded(0, emb[0], codes[0], probs[0], image.meta, image.instance_key, geometry,
                         loaded.config.target_index)
+    domain = loaded.domain
+    if domain is not None and out.pooled is not None:
+        embedded.domain_distance = float(domain.score(out.pooled.float().cpu().numpy())[0])
+        embedded.in_domain = embedded.domain_distance <= domain.threshold
     return embedded, boxes
 
 

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cbir.errors import CbirError
 from cbir.models.detector_config import DetectorConfig
+from cbir.models.domain import DOMAIN, DomainModel
 from cbir.models.factory import CbirNet, ModelConfig, create_model
 from cbir.models.registry import Task, get_task
 
@@ -37,6 +39,9 @@ class LoadedModel:
     path: Path
     #: The training data's split record (None for a checkpoint written before splits were recorded).
     split: dict[str, Any] | None = None
+    #: Whether a query is like the training images (`cbir.models.domain`); None: no domain.safetensors (older
+    #: checkpoints, detectors) or one fitted for other weights.
+    domain: DomainModel | None = None
 
     @property
     def task(self) -> Task:
@@ -113,7 +118,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         except RuntimeError as exc:
             raise CbirError(f"{path / WEIGHTS}: cannot load weights ({str(exc).splitlines()[0][:140]})") from None
     model.to(device).eval()
-    return LoadedModel(cast("CbirNet | CbirDetector", model), config, fingerprint, path.resolve(), read_split(path))
+    return LoadedModel(cast("CbirNet | CbirDetector", model), config, fingerprint, path.resolve(), read_split(path),
+                       read_domain(path, fingerprint))
+
+
+def read_domain(path: Path, fingerprint: str) -> DomainModel | None:
+    """The checkpoint's domain model; None without one, or when it was fitted for other weights (a stale file)."""
+    try:
+        domain = DomainModel.load(path)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise CbirError(f"{path / DOMAIN}: unreadable domain model ({str(exc).splitlines()[0][:140]})") from None
+    return domain if domain is not None and domain.fingerprint == fingerprint else None
 
 
 def _config(data: dict) -> Any:

@@ -171,6 +171,7 @@ class ModelOutput(NamedTuple):
     code: torch.Tensor        # (B, bits) of 0/1 (uint8)
     hash: torch.Tensor | None = None  # (B, bits) tanh-relaxed hash layer (task hash only), in (-1, 1)
     semantic: torch.Tensor | None = None  # (B, embed_dim), L2-normalised projection (what the losses train)
+    pooled: torch.Tensor | None = None    # (B, num_features) the backbone's pooled features (`cbir.models.domain`)
 
 
 class CbirNet(nn.Module):
@@ -216,9 +217,9 @@ class CbirNet(nn.Module):
         embedding = F.normalize(pooled if self.config.retrieval == "encoder" else z, dim=1)
         if self.hash_head is None:
             code = (embedding @ self.code_projection[:self.config.semantic_dim] > 0).to(torch.uint8)
-            return ModelOutput(embedding, self.classifier(z), code, semantic=embedding)
+            return ModelOutput(embedding, self.classifier(z), code, semantic=embedding, pooled=pooled)
         relaxed = torch.tanh(self.hash_head(z))
-        return ModelOutput(embedding, self.classifier(z), (relaxed > 0).to(torch.uint8), relaxed, embedding)
+        return ModelOutput(embedding, self.classifier(z), (relaxed > 0).to(torch.uint8), relaxed, embedding, pooled)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = self.forward_head(self.forward_features(x))

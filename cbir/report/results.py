@@ -41,8 +41,8 @@ def _command(options: dict[str, Any]) -> str:
         parts.append(f"--nih {options['nih']}")
         if options.get("nih_image_size"):
             parts.append(f"--nih-image-size {options['nih_image_size']}")
-    parts += [f"--folds {options['folds']}", f"--backbone {options['backbone']}",
-              f"--image-size {options['image_size']}", f"--epochs {options['epochs']}"]
+    parts += [f"--folds {options['folds']}"] + [f"--{flag.replace('_', '-')} {options[flag]}"
+                                                for flag in ("backbone", "image_size", "epochs") if options.get(flag)]
     if options.get("tasks"):
         parts += [f"--task {t}" for t in options["tasks"]]
     return " ".join(parts)
@@ -59,9 +59,7 @@ def render_results(results: dict[str, Any]) -> tuple[str, str]:
     first = next((r for r in results["folds"]), None)
     status = "" if results.get("complete") else f" **Partial: {len(folds_done)} of {n_folds or 1} folds so far.**"
     if first:
-        epochs = f"{options['epochs']} epoch{'s' if options['epochs'] != 1 else ''}"
-        lines += [f"{options['backbone']} from random initialisation at {options['image_size']} px, "
-                  f"{epochs} per model, on {results['device']}; each fold's model trains on the "
+        lines += [f"{_recipes(results)}, on {results['device']}; each fold's model trains on the "
                   f"other folds (validation {options['val_fraction']:g} of all patients, inside them) and its "
                   f"{first['n_queries']} or so test patients query the other folds' {first['n_archive']} images "
                   f"(k = {k}, same-patient neighbours excluded). Wall time of the whole command: "
@@ -161,6 +159,24 @@ def _times(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _binary_recipe(results: dict[str, Any]) -> str:
+    recipe = (results.get("recipes") or {}).get("binary")
+    if recipe:
+        return str(recipe["description"])
+    options = results["options"]
+    return f"{options['backbone']} trained from scratch at {options['image_size']} px"
+
+
+def _recipes(results: dict[str, Any]) -> str:
+    """How the models were trained, per approach (results.json before `recipes` existed: one recipe)."""
+    recipes = results.get("recipes")
+    if not recipes:
+        options = results["options"]
+        return (f"{options['backbone']} from random initialisation at {options['image_size']} px, "
+                f"{options['epochs']} epochs per model")
+    return "; ".join(f"{task}: {r['description']}" for task, r in recipes.items())
+
+
 def _headline(results: dict[str, Any]) -> str:
     options = results["options"]
     p = (results.get("pooled") or {}).get("binary")
@@ -171,7 +187,7 @@ def _headline(results: dict[str, Any]) -> str:
     trained = next((r["trained_on"] for r in results["folds"] if r["task"] == "binary"), "")
     name = {"rsna": "RSNA pneumonia X-rays", "nih": "NIH ChestX-ray14 images"}.get(trained, f"{trained} images")
     return (f"On {name} ({p['n_patients']} patients of `{options['data']}`, {scheme}, "
-            f"{options['backbone']} trained from scratch at {options['image_size']} px on {results['device']}), "
+            f"{_binary_recipe(results)} on {results['device']}), "
             f"the binary model's stage-1 ROC-AUC is **{_ci(p['roc_auc'], p['roc_auc_ci'])} %** and the kNN vote "
             f"over the Qdrant index reaches **{_ci(p['balanced_accuracy'], p['balanced_accuracy_ci'])} % balanced "
             f"accuracy** and {_ci(p['knn_accuracy'], p['knn_accuracy_ci'])} % accuracy, against "

@@ -6,7 +6,8 @@ The JSON form (`QueryResult.to_json`) is a stable interface:
    "neighbors": [{"rank", "id", "score", "hamming", "labels", "label", "path", "file", "dataset", "split",
                   "view", "sex", "age_band", "boxes"}],
    "vote": {"label", "fraction", "positive_fraction", "probability", "corrected_share", "weights",
-            "calibrated", "close_case", "reliable", "warnings", "labelled", "skipped_unknown"},
+            "calibrated", "close_case", "in_domain", "domain_distance", "reliable", "warnings", "labelled",
+            "skipped_unknown"},
    "prediction": {"label", "probability", "target", "boxes"}}
 
 File names can carry identifiers (RSNA's and many hospital exports' are the PatientID or MRN), so by default
@@ -107,18 +108,28 @@ def search_embedding(index: Index, collection: str, embedded: Embedded, k: int, 
 COLOUR_LIMIT = 0.05
 
 
-def warnings_for(close: bool | None, colour: float) -> list[str]:
+def warnings_for(close: bool | None, colour: float, domain_distance: float | None = None,
+                 domain_threshold: float | None = None) -> list[str]:
     """Why the vote is unreliable, one short sentence each ([] when nothing is known against it)."""
     out = []
     if close is False:
         out.append("the archive holds no close case: the nearest is less similar than 99 % of validation "
                    "queries' nearest cases")
+    if in_domain(domain_distance, domain_threshold) is False:
+        out.append(f"unlike the model's training images (feature distance {domain_distance:.2f} above the threshold "
+                   f"{domain_threshold:.2f} set on validation images): no close case is likely")
     if colour > COLOUR_LIMIT:
         out.append(f"a colour picture (mean chroma {colour:.2f}), not a radiograph")
     return out
 
 
-def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None, colour: float = 0.0) -> dict[str, Any]:
+def in_domain(distance: float | None, threshold: float | None) -> bool | None:
+    """Whether a query's domain distance (`cbir.models.domain`) is at or below the threshold; None: unknown."""
+    return None if distance is None or threshold is None else bool(distance <= threshold)
+
+
+def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None, colour: float = 0.0,
+         domain_distance: float | None = None, domain_threshold: float | None = None) -> dict[str, Any]:
     """The neighbours' vote (`cbir.search.vote`): similarity-weighted, corrected for the archive's class
     frequencies, with the probability calibrated on the collection's validation images. Neighbours whose label
     is unknown do not vote: `labelled` did, `skipped_unknown` were left out.
@@ -128,7 +139,9 @@ def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None, colou
     unweighted); `probability` the calibrated probability of the target; `weights` each neighbour's share of
     the vote, in rank order (0 for an unknown label); `calibrated` whether the collection holds a calibration;
     `close_case` whether the nearest neighbour is at least as similar as the validation queries' nearest
-    usually are (`None` uncalibrated); `warnings` says why the vote is unreliable (no close case, or a colour
+    usually are (`None` uncalibrated); `in_domain` whether the query's backbone features are like the model's
+    training images (`domain_distance` at or below `domain_threshold`, `cbir.models.domain`; `None` for a model
+    without a domain model); `warnings` says why the vote is unreliable (no close case, out of domain, or a colour
     query: `colour`, its mean chroma, above `COLOUR_LIMIT`), and `reliable` is False when there is any.
     """
     meta = meta or {}
@@ -138,11 +151,14 @@ def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None, colou
     counted = {"labelled": sum(known), "skipped_unknown": len(hits) - sum(known)}
     nearest = body.get("nearest") or {}
     close = None if "threshold" not in nearest or not hits else bool(float(hits[0].score) >= nearest["threshold"])
+    domain = {"in_domain": in_domain(domain_distance, domain_threshold),
+              "domain_distance": None if domain_distance is None else round(float(domain_distance), 4)}
     if not any(known):
         close = close if hits else (False if body else None)
         return {"label": None, "fraction": 0.0, "positive_fraction": 0.0, "probability": None,
-                "weights": [0.0] * len(hits), "calibrated": bool(body), "close_case": close, "reliable": False,
-                "warnings": warnings_for(close, colour), **counted}
+                "weights": [0.0] * len(hits), "calibrated": bool(body), "close_case": close, **domain,
+                "reliable": False, "warnings": warnings_for(close, colour, domain_distance, domain_threshold),
+                **counted}
     from cbir.search.vote import VoteCalibration, decide, weights
     calibration = VoteCalibration.from_dict(body.get("vote"))
     scores = np.array([[float(hit.score) if ok else np.nan for hit, ok in zip(hits, known, strict=True)]])
@@ -150,13 +166,14 @@ def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None, colou
     decision, probability, share = decide(scores, targets, calibration)
     w = weights(scores, calibration.temperature)[0]
     positive = float((targets[0] == 1).sum() / max(sum(known), 1))
+    warned = warnings_for(close, colour, domain_distance, domain_threshold)
     return {"label": target if decision[0] == 1 else negative,
             "fraction": positive if decision[0] == 1 else 1.0 - positive,
             "positive_fraction": positive, "probability": round(float(probability[0]), 6),
             "corrected_share": round(float(share[0]), 6),
             "weights": [round(float(x), 6) for x in w / max(float(w.sum()), 1e-12)],
-            "calibrated": bool(body), "close_case": close, "reliable": not warnings_for(close, colour),
-            "warnings": warnings_for(close, colour), **counted}
+            "calibrated": bool(body), "close_case": close, **domain, "reliable": not warned, "warnings": warned,
+            **counted}
 
 
 def describe_vote(vote: dict[str, Any], n_neighbours: int) -> str:
@@ -209,7 +226,8 @@ def answer(image: XrayImage, name: str | None, loaded: LoadedModel, meta: dict[s
     return QueryResult(
         collection=collection, model_fingerprint=loaded.fingerprint, k=k,
         neighbors=[_neighbor(rank, hit, path_of) for rank, hit in enumerate(hits, start=1)],
-        vote=vote(hits, target, meta, image.colour),
+        vote=vote(hits, target, meta, image.colour, embedded.domain_distance,
+                  loaded.domain.threshold if loaded.domain is not None else None),
         prediction=prediction,
         query={"path": name, "view": image.meta.view, "sex": image.meta.sex,
                "age_band": image.meta.age_band, "shape": list(image.shape)},

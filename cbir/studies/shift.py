@@ -33,6 +33,14 @@ from cbir.studies.common import StudyOptions, finish, register
 
 #: No appearance part (`cbir.models.appearance`): the recipes as they were before it.
 PLAIN = {"appearance_size": 0}
+#: Issue 24's recipes: transfer from packaged ImageNet weights (EfficientNet-Lite0, `cbir.models.packaged`).
+IMAGENET: dict[str, dict[str, Any]] = {
+    "last 3 groups + head (BN frozen) 224 px": {"image_size": 224, "unfreeze": 3, "freeze_bn": True,
+                                                "layer_decay": 0.7, "epochs": 6},
+    "frozen backbone + head 224 px": {"image_size": 224, "unfreeze": 0, "epochs": 6},
+    "frozen features with no training (floor)": {"image_size": 224, "epochs": 0},
+    "full fine-tune (layer decay 0.7) 128 px": {"image_size": 128, "layer_decay": 0.7, "epochs": 10},
+}
 RECIPES: dict[str, dict[str, Any]] = {
     "classifier (old default)": PLAIN,
     "retrieval: supcon + balanced + strong augmentation": {"augment": "strong", "metric_loss": "supcon",
@@ -41,12 +49,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "classifier + CLAHE": {"intensity": "clahe", **PLAIN},
     "classifier + appearance (new default)": {},
     "frozen untrained network + appearance (baseline)": {"epochs": 0},
+    # issue 24: transfer from packaged ImageNet weights (EfficientNet-Lite0, `cbir.models.packaged`)
+    **{f"ImageNet: {name}": {"backbone": "tf_efficientnet_lite0", **recipe} for name, recipe in IMAGENET.items()},
 }
 #: Recipe → the recipe whose trained weights it reuses: it differs only in the appearance part, which does not
 #: change training (`cbir.train.reuse.reusable_run` fits it on the same training images).
 SAME_TRAINING = {"classifier + appearance (new default)": "classifier (old default)"}
 #: Recipe keys that go to `ModelConfig` (the rest are `TrainSettings` fields).
-MODEL_KEYS = ("intensity", "appearance_size", "appearance_weight")
+MODEL_KEYS = ("intensity", "appearance_size", "appearance_weight", "backbone", "image_size")
 #: Kermany samples (normal, pneumonia): NORMAL2 left out, few normals remain (597 of 1,341), so both samples
 #: are drawn per class.
 KERMANY_QUERIES, KERMANY_TRAIN_TOTAL, NORMAL2_QUERIES = (150, 350), 1000, 300
@@ -107,9 +117,9 @@ def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], o
     from cbir.models import ModelConfig, load_checkpoint
     from cbir.models.device import resolve_device
     from cbir.train import TrainSettings, train_model
-    model_overrides = {k: v for k, v in overrides.items() if k in MODEL_KEYS}
-    config = ModelConfig(backbone=options.backbone, image_size=options.image_size,
-                         label_names=list(records.label_names), target=records.target, **model_overrides)
+    model_overrides: dict[str, Any] = {"backbone": options.backbone, "image_size": options.image_size} | {
+        k: v for k, v in overrides.items() if k in MODEL_KEYS}
+    config = ModelConfig(label_names=list(records.label_names), target=records.target, **model_overrides)
     config.validate()
     fields: dict[str, Any] = {"epochs": options.epochs, "batch_size": options.batch_size, "device": options.device,
                               "seed": options.seed}
@@ -118,7 +128,7 @@ def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], o
     from dataclasses import asdict
 
     from cbir.train.reuse import reusable_run
-    wanted = {"backbone": options.backbone, "image_size": options.image_size, "intensity": config.intensity}
+    wanted = {"backbone": config.backbone, "image_size": config.image_size, "intensity": config.intensity}
     if config.has_appearance:
         wanted |= {k: v for k, v in asdict(config).items() if k.startswith("appearance_")}
     else:

@@ -28,9 +28,11 @@ from cbir.models.device import resolve_device
 from cbir.models.registry import Batch, Task, get_task
 from cbir.train.classifier import ClassifierData
 from cbir.train.detection import DetectorData
+from cbir.train.domain_fit import fit_domain
 from cbir.train.preload import preload
 from cbir.train.selection import EpochHook, Keeper
 from cbir.train.settings import TrainResult, TrainSettings, Validation
+from cbir.train.transfer import from_scratch, hold_frozen, optimiser_groups
 
 __all__ = ["TrainResult", "TrainSettings", "cosine_with_warmup", "preload", "train_epoch", "train_model"]
 
@@ -82,9 +84,14 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
 
     model = task.create(config, pretrained=settings.pretrained,
                         weights=Path(settings.weights) if settings.weights else None).to(device)
-    initialised = _init_from(model, task, config, settings, reporter)
+    initialised = _init_from(model, task, config, settings, reporter) or _packaged_init(model, config, settings,
+                                                                                        reporter)
+    requested = settings
+    if not (initialised or settings.pretrained or settings.weights or getattr(config, "encoder", None)):
+        settings = from_scratch(settings, reporter)
     data.fit(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    groups = optimiser_groups(model, settings.lr, settings.layer_decay, settings.unfreeze)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(data.n_train / settings.batch_size)
     schedule = cosine_with_warmup(optimizer, steps_per_epoch * settings.epochs, warmup=steps_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -107,7 +114,7 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
             epoch_hook(epoch, model, keeper.ema_model)
         scores = data.validate(scored)
         row = {"epoch": epoch, **{f"train_{k}": _finite(v) for k, v in losses.items()}, **scores.row,
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2), **scores.extra}
+               "lr": optimizer.param_groups[-1]["lr"], "seconds": round(time.perf_counter() - t0, 2), **scores.extra}
         history.append(row)
         with log_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -122,7 +129,9 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
     summary = {k: v for k, v in asdict(result).items() if k != "out"} | {
         **{k: _finite(v) for k, v in best.items() if k.startswith("best_")},
         "dataset": records.dataset, "layout": records.layout, "root": str(records.root), "task": config.task,
-        "settings": asdict(settings), "device": str(device), **({"init": initialised} if initialised else {})}
+        "settings": asdict(requested), "device": str(device), **({"init": initialised} if initialised else {}),
+        **({"effective_settings": asdict(settings)} if settings != requested else {})}
+    fit_domain(out, data, device, reporter)   # domain.safetensors: the query's out-of-domain warning
     (out / "train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return result
 
@@ -142,6 +151,26 @@ def _init_from(model: nn.Module, task: Task, config: Any, settings: TrainSetting
     return record
 
 
+def _packaged_init(model: nn.Module, config: Any, settings: TrainSettings, reporter: Reporter
+                   ) -> dict[str, Any] | None:
+    """With no weight option: the packaged ImageNet weights that fit the backbone (`cbir.models.packaged`), if
+    any; what train.json records of them. A detector and a frozen encoder keep their own weights."""
+    if (settings.random_init or settings.pretrained or settings.weights or settings.init
+            or getattr(config, "encoder", None) is not None or get_task(config.task).boxes):
+        return None
+    from cbir.models.packaged import load_packaged, packaged_for
+    source = packaged_for(config.backbone)
+    if source is None:
+        reporter.log(f"note: no packaged weights fit {config.backbone}: random init (--pretrained downloads timm's, "
+                     "--weights FILE loads a local file)")
+        return None
+    backbone: Any = model.backbone
+    record = load_packaged(backbone, source)
+    reporter.log(f"backbone initialised from packaged ImageNet weights: {source.package} {record['version']} "
+                 f"(sha256 {source.sha256[:16]}, {source.licence})")
+    return record
+
+
 def train_epoch(model: nn.Module, task: Task, data: TaskData, optimizer: torch.optim.Optimizer,
                 schedule: torch.optim.lr_scheduler.LRScheduler | None, settings: TrainSettings,
                 generator: torch.Generator, reporter: Reporter = QUIET, epoch: int = 1,
@@ -149,6 +178,7 @@ def train_epoch(model: nn.Module, task: Task, data: TaskData, optimizer: torch.o
     """One pass over `data.order(generator)` in batches of `settings.batch_size` with the task's training step;
     returns the mean of each loss part and of their sum ("loss")."""
     model.train()
+    hold_frozen(model, settings.unfreeze, settings.freeze_bn)
     order = data.order(generator)
     totals: dict[str, float] = {}
     seen = 0

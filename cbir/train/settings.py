@@ -8,10 +8,20 @@ from typing import Any
 
 from cbir.data.transforms import AUGMENTATIONS
 
+#: The default backbone and input size of `cbir train` (with `TrainSettings`' defaults, the default recipe):
+#: EfficientNet-Lite0 from packaged ImageNet weights (`cbir.models.packaged`), its last 3 groups fine-tuned at
+#: 224 px. Chosen on the shift proxies and validation patients, never on test patients (docs/results.md,
+#: "Transfer from ImageNet").
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+DEFAULT_IMAGE_SIZE = 224
+#: The recipe before issue 24: resnet18 from random weights at 128 px, all layers, 15 epochs.
+SCRATCH_RECIPE: dict[str, Any] = {"backbone": "resnet18", "image_size": 128, "random_init": True, "unfreeze": -1,
+                                  "freeze_bn": False, "layer_decay": 1.0, "epochs": 15}
+
 
 @dataclass
 class TrainSettings:
-    epochs: int = 15
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -40,12 +50,25 @@ class TrainSettings:
     balanced: bool = False
     #: A `cbir pretrain` run folder whose backbone weights start the training (`cbir.train.pretrain`).
     init: str | None = None
+    #: Start from random weights even where packaged ImageNet weights fit the backbone (`cbir.models.packaged`).
+    random_init: bool = False
+    #: How many of the backbone's last coarse groups train (-1: all; 0: a frozen backbone), their learning rates
+    #: (`layer_decay` per group towards the stem) and whether its BatchNorm statistics stay (`cbir.train.transfer`).
+    unfreeze: int = 3
+    layer_decay: float = 0.7
+    freeze_bn: bool = True
 
     def validate(self) -> None:
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {sorted(AUGMENTATIONS)}, not {self.augment!r}")
         if self.metric_loss not in ("none", "supcon"):
             raise ValueError(f"metric_loss must be 'none' or 'supcon', not {self.metric_loss!r}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], not {self.layer_decay}")
+        if self.unfreeze < -1:
+            raise ValueError(f"unfreeze must be -1 (all), 0 (none) or a number of groups, not {self.unfreeze}")
+        if self.random_init and (self.pretrained or self.weights or self.init):
+            raise ValueError("random_init excludes pretrained, weights and init")
 
 
 @dataclass

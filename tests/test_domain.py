@@ -1,0 +1,131 @@
+"""The out-of-domain warning: a regularised Mahalanobis distance on the backbone's pooled features
+(`cbir.models.domain`), fitted at the end of training and checked by `cbir query`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbir.models.domain import DOMAIN, DomainModel
+from tests.conftest import run_cli
+
+
+def _features(rng: np.random.Generator, n: int, mixing: np.ndarray) -> np.ndarray:
+    return (rng.normal(size=(n, mixing.shape[0])) @ mixing + 3.0).astype(np.float32)
+
+
+def test_domain_model_fires_at_the_quantile_rate_and_on_far_points(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    p = 96
+    mixing = rng.normal(size=(p, p)) * np.linspace(2.0, 0.05, p)[:, None]   # correlated, uneven variances
+    model = DomainModel.fit(_features(rng, 3000, mixing), _features(rng, 4000, mixing), quantile=0.99, dims=32)
+    assert model.components.shape == (32, p) and model.n_train == 3000 and model.n_val == 4000
+    fresh = model.score(_features(rng, 20000, mixing))
+    assert 0.005 < float((~model.in_domain(fresh)).mean()) < 0.02          # ≈ 1 − quantile of new in-domain points
+    train_std = _features(rng, 3000, mixing).std(axis=0)
+    shift = 3 * train_std * rng.choice([-1.0, 1.0], size=p)                  # another hospital: shifted features
+    shifted = _features(rng, 200, mixing) + shift
+    assert not model.in_domain(model.score(shifted)).any()
+    assert not model.in_domain(model.score(rng.normal(size=(50, p)) * 30)).any()   # far away, any direction
+    model.save(tmp_path)
+    back = DomainModel.load(tmp_path)
+    assert back is not None and back.threshold == model.threshold and back.quantile == 0.99
+    assert all(np.array_equal(getattr(back, f), getattr(model, f)) for f in ("mean", "components", "variances"))
+    assert (back.residual_variance, back.shrinkage, back.n_val) == (model.residual_variance, model.shrinkage, 4000)
+    assert np.array_equal(back.score(shifted), model.score(shifted))
+    assert DomainModel.load(tmp_path / "none") is None
+
+
+def test_domain_model_with_fewer_images_than_features() -> None:
+    rng = np.random.default_rng(1)
+    mixing = rng.normal(size=(256, 256))
+    model = DomainModel.fit(_features(rng, 40, mixing), _features(rng, 10, mixing))
+    assert 0 < model.shrinkage <= 1 and np.isfinite(model.threshold)
+    assert model.components.shape == (64, 256)
+    assert np.isfinite(model.score(_features(rng, 5, mixing))).all()
+    with pytest.raises(ValueError):
+        model.score(np.zeros((1, 255)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("domain")
+    data, model, index = tmp / "data", tmp / "model", tmp / "index"
+    assert run_cli("synth", "--layout", "rsna", "--n", 60, "--size", 64, "--out", data, "--seed", 3)[0] == 0
+    code, out, err = run_cli("train", "--data", data, "--backbone", "test_resnet", "--random-init", "--image-size", 32,
+                             "--epochs", 1, "--embed-dim", 16, "--bits", 32, "--out", model, "--workers", 0)
+    assert code == 0, err
+    assert "domain model: threshold" in out + err and "quantile of" in out + err
+    code, _, err = run_cli("ingest", "--data", data, "--model", model, "--index", index, "--workers", 0)
+    assert code == 0, err
+    grey = tmp / "grey.png"
+    noise = np.random.default_rng(0).integers(-2, 3, (64, 64))   # a uniform grey is refused as blank
+    Image.fromarray((128 + noise).astype(np.uint8)).save(grey)
+    import matplotlib.cbook
+    photo = Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    return {"data": data, "model": model, "index": index, "grey": grey, "photo": photo}
+
+
+def _vote(run: dict[str, Path], image: Path) -> dict:
+    code, out, err = run_cli("query", image, "--index", run["index"], "--k", 5, "--json")
+    assert code == 0, err
+    return json.loads(out)["vote"]
+
+
+def _a_training_image(run: dict[str, Path]) -> Path:
+    from cbir.data.layout import load_dataset
+    from cbir.data.splits import SplitSpec
+    from cbir.models import load_checkpoint
+    split = load_checkpoint(run["model"]).split
+    assert split is not None
+    records = load_dataset(run["data"], "rsna", SplitSpec.from_dict(split["spec"]))
+    return Path(records.split("train").meta["path"].iloc[0])
+
+
+def test_training_writes_a_domain_model_that_the_checkpoint_loads(run: dict[str, Path]) -> None:
+    from cbir.models import load_checkpoint
+    assert (run["model"] / DOMAIN).is_file()
+    loaded = load_checkpoint(run["model"])
+    assert loaded.domain is not None and loaded.domain.fingerprint == loaded.fingerprint
+    assert loaded.domain.dim == loaded.model.backbone.num_features and np.isfinite(loaded.domain.threshold)
+    assert loaded.domain.n_train > loaded.domain.n_val > 0 and loaded.domain.quantile == 0.995
+
+
+def test_query_warns_on_images_unlike_the_training_images(run: dict[str, Path]) -> None:
+    for image in (run["grey"], run["photo"]):
+        v = _vote(run, image)
+        assert v["in_domain"] is False and v["domain_distance"] > 0 and v["reliable"] is False, image
+        assert any(w.startswith("unlike the model's training images") for w in v["warnings"]), v["warnings"]
+        assert "close_case" in v
+    v = _vote(run, _a_training_image(run))
+    assert v["in_domain"] is True and isinstance(v["domain_distance"], float)
+    assert not any(w.startswith("unlike") for w in v["warnings"])
+    code, out, _ = run_cli("query", run["grey"], "--index", run["index"], "--k", 5)
+    assert code == 0 and "warning: unlike the model's training images" in out
+
+
+def test_a_checkpoint_without_a_domain_model_gives_no_verdict(run: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from cbir.models import load_checkpoint
+    old = tmp_path / "old"
+    shutil.copytree(run["model"], old)
+    domain = DomainModel.load(old)
+    assert domain is not None
+    domain.fingerprint = "0" * 16          # fitted for other weights: stale, ignored
+    domain.save(old)
+    assert load_checkpoint(old).domain is None
+    (old / DOMAIN).unlink()                # a checkpoint from before domain models
+    assert load_checkpoint(old).domain is None
+    code, out, err = run_cli("query", run["grey"], "--index", run["index"], "--model", old, "--k", 5, "--json")
+    assert code == 0, err
+    v = json.loads(out)["vote"]
+    assert (v["in_domain"], v["domain_distance"]) == (None, None) and not any("unlike" in w for w in v["warnings"])
+    (old / DOMAIN).write_bytes(b"not a safetensors file")
+    from cbir.errors import CbirError
+    with pytest.raises(CbirError, match="unreadable domain model"):
+        load_checkpoint(old)
