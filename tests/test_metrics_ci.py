@@ -90,3 +90,33 @@ def test_pooling_folds_concatenates_queries_and_keeps_patients_apart() -> None:
         low, high = pooled[f"{key}_ci"]
         assert low <= pooled[key] <= high
     assert pool_queries([], 10) == {}
+
+
+def test_vote_minus_model_is_paired_and_pooled() -> None:
+    """Stage 2 against stage 1 on the same queries: the difference of balanced accuracies, with an interval from
+    one bootstrap of patients for both (so a vote equal to the model has a zero-width interval)."""
+    from cbir.evaluate.pooled import pool_queries
+    from cbir.evaluate.summary import vote_summary
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    prob = np.clip(y * 0.3 + rng.random(400) * 0.7, 0, 1)
+    model = (prob >= 0.5).astype(int)
+    vote = np.where(rng.random(400) < 0.8, y, 1 - y)
+    groups = np.arange(400) // 2
+    s = vote_summary(y, prob, vote, vote.astype(float), groups)
+    expect = metrics.balanced_accuracy(y, vote) - metrics.balanced_accuracy(y, model)
+    assert s["minus_model_balanced_accuracy"] == pytest.approx(expect)
+    low, high = s["minus_model_balanced_accuracy_ci"]
+    assert low < expect < high and high - low < 0.2
+    same = vote_summary(y, prob, model, prob, groups)
+    assert same["minus_model_balanced_accuracy"] == 0 and same["minus_model_balanced_accuracy_ci"] == [0.0, 0.0]
+    def fold(part: slice) -> dict:
+        return {"target": y[part].tolist(), "probability": prob[part].tolist(), "vote": vote[part].tolist(),
+                "ap": [0.5] * 200, "group": groups[part].tolist(), "majority_label": 0,
+                "weighted_vote": vote[part].tolist()}
+
+    half, other = fold(slice(0, 200)), fold(slice(200, 400))
+    pooled = pool_queries([half, other], 10)
+    assert pooled["vote_balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy(y, vote))
+    assert pooled["vote_minus_model_balanced_accuracy"] == pytest.approx(expect)
+    assert "vote_balanced_accuracy" not in pool_queries([{k: v for k, v in half.items() if k != "weighted_vote"}], 10)

@@ -41,4 +41,22 @@ def pool_queries(per_query: list[dict[str, Any]], k: int) -> dict[str, Any]:
         "majority_accuracy": float(base.mean()),
         "majority_accuracy_ci": boot.interval(lambda w: weighted_mean(base, w)),
         "knn": metrics.recalls(y, vote), "model": metrics.recalls(y, model_pred),
+        **_weighted(per_query, y, model_pred, boot),
     }
+
+
+def _weighted(per_query: list[dict[str, Any]], y: np.ndarray, model_pred: np.ndarray, boot: Bootstrap
+              ) -> dict[str, Any]:
+    """The calibrated vote's pooled balanced accuracy and its paired difference from the model's (per_query.json
+    files written before they held the vote: nothing)."""
+    if not all("weighted_vote" in p for p in per_query):
+        return {}
+    vote = np.concatenate([np.asarray(p["weighted_vote"], dtype=np.int64) for p in per_query])
+
+    def gain(w: np.ndarray) -> float:
+        return weighted_balanced_accuracy(y, vote, w) - weighted_balanced_accuracy(y, model_pred, w)
+
+    return {"vote_balanced_accuracy": metrics.balanced_accuracy(y, vote),
+            "vote_balanced_accuracy_ci": boot.interval(lambda w: weighted_balanced_accuracy(y, vote, w)),
+            "vote_minus_model_balanced_accuracy": gain(np.ones(y.size)),
+            "vote_minus_model_balanced_accuracy_ci": boot.interval(gain), "vote": metrics.recalls(y, vote)}

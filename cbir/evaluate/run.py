@@ -190,7 +190,7 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     n_relevant = archive.n_relevant(queries)
     groups = _patient_groups(queries)
     extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k) | {"unknown_labels": unknown}
-    extra["stage2"]["weighted_vote"], extra["vote_calibration"] = _weighted_vote(
+    extra["stage2"]["weighted_vote"], extra["vote_calibration"], weighted = _weighted_vote(
         index, collection, meta, archive, neighbours, queries, k, groups, reporter)
     if loaded.task.boxes:
         extra["stage1"].update(_box_metrics(meta, loaded, queries_from, reporter))
@@ -214,7 +214,8 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     vote, _ = knn_vote(neighbours.targets, k)
     per_query = {"target": y_query.tolist(), "probability": prob_query.tolist(), "vote": vote.tolist(),
                  "ap": [None if np.isnan(a) else float(a) for a in average_precisions_at_k(relevant, k, n_relevant)],
-                 "group": groups.tolist(), "majority_label": int(report["baseline"]["majority_label"])}
+                 "group": groups.tolist(), "majority_label": int(report["baseline"]["majority_label"]),
+                 "weighted_vote": weighted.tolist()}
     (Path(out_dir) / "per_query.json").write_text(json.dumps(per_query) + "\n")
     report["context"] = context
     report["files"] = {name: str(path) for name, path in files.items()} | {"per_query": str(Path(out_dir) /
@@ -391,9 +392,9 @@ def _search(index: Index, collection: str, archive_filter: Filter, archive: Arch
 
 def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive: Archive, neighbours: Neighbours,
                    queries: list[Query], k: int, groups: np.ndarray, reporter: Reporter
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+                   ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
     """The calibrated vote's figures, with the collection's stored calibration (fitted on its validation images
-    now, not stored, when it has none)."""
+    now, not stored, when it has none), the calibration, and each query's vote (0/1)."""
     from cbir.search.calibrate import calibrate
     from cbir.search.vote import VoteCalibration, decide
     body = meta.get("calibration") or calibrate(index, collection, k, reporter, store=False) or {}
@@ -403,7 +404,7 @@ def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive:
                                    prior=float(archive.targets.mean()) if archive.targets.size else None)
     y = np.array([q.target for q in queries])
     figures = vote_summary(y, np.array([q.probability for q in queries]), label, probability, groups)
-    return figures, {**calibration.to_dict(), "stored": bool(meta.get("calibration"))}
+    return figures, {**calibration.to_dict(), "stored": bool(meta.get("calibration"))}, np.asarray(label, int)
 
 
 def _extra_metrics(loaded: LoadedModel, archive: Archive, queries: list[Query], neighbours: Neighbours,

@@ -146,17 +146,27 @@ def _stage2(y: np.ndarray, nbr: np.ndarray, rel: np.ndarray, k: int, n_relevant:
 def vote_summary(y: np.ndarray, prob_query: np.ndarray, vote: np.ndarray, vote_probability: np.ndarray,
                  groups: np.ndarray | None = None, n_boot: int = N_BOOT) -> dict[str, Any]:
     """The weighted, prior-corrected vote (`cbir.search.vote`) beside the model: its balanced accuracy (CI),
-    sensitivity, specificity, the ROC-AUC of its calibrated probability, its Brier score, and `agreement`, the
-    share of queries where the vote's label is the model's prediction (threshold 0.5)."""
+    sensitivity, specificity, the ROC-AUC of its calibrated probability, its Brier score, `agreement`, the
+    share of queries where the vote's label is the model's prediction (threshold 0.5), and its balanced accuracy
+    minus the model's, with a paired interval."""
     y, vote = np.asarray(y).astype(int), np.asarray(vote).astype(int)
     p = np.asarray(vote_probability, dtype=np.float64)
     boot = Bootstrap.by_group(np.arange(y.size) if groups is None else groups, n_boot)
-    agree = (vote == (np.asarray(prob_query) >= 0.5)).astype(np.float64)
+    model = (np.asarray(prob_query) >= 0.5).astype(int)
+    agree = (vote == model).astype(np.float64)
     has = bool(y.size)
+
+    def gain(w: np.ndarray) -> float:
+        return weighted_balanced_accuracy(y, vote, w) - weighted_balanced_accuracy(y, model, w)
+
     return {
         "accuracy": float(np.mean(vote == y)) if has else math.nan,
         "balanced_accuracy": metrics.balanced_accuracy(y, vote),
         "balanced_accuracy_ci": boot.interval(lambda w: weighted_balanced_accuracy(y, vote, w)) if has else None,
+        # stage 2 against stage 1 on the same queries: the vote's balanced accuracy minus the model's (at 0.5),
+        # with a paired interval (one bootstrap of patients for both)
+        "minus_model_balanced_accuracy": metrics.balanced_accuracy(y, vote) - metrics.balanced_accuracy(y, model),
+        "minus_model_balanced_accuracy_ci": boot.interval(gain) if has else None,
         **metrics.recalls(y, vote),
         "probability_auc": metrics.roc_auc(y, p),
         "brier": float(np.mean((p - y) ** 2)) if has else math.nan,

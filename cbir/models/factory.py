@@ -270,8 +270,9 @@ def _create_backbone(config: ModelConfig, pretrained: bool, weights: Path | None
     except (OSError, RuntimeError, ValueError) as exc:
         if pretrained and weights is None:
             raise CbirError(
-                f"cannot download pretrained weights for {config.backbone!r} (offline? {_brief(exc)}); "
-                "train from scratch without --pretrained, or pass a local file with --weights"
+                f"--pretrained downloads timm's weights for {config.backbone!r} and could not ({_brief(exc)}); "
+                "offline, drop --pretrained to start from the packaged ImageNet weights (tf_efficientnet_lite0/1/2) "
+                "or pass a local file with --weights FILE"
             ) from None
         if weights is not None:
             raise CbirError(f"{weights}: cannot load weights into {config.backbone} ({_brief(exc)})") from None

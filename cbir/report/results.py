@@ -95,8 +95,23 @@ def render_results(results: dict[str, Any]) -> tuple[str, str]:
         _pct(p["model"]["sensitivity"]), _pct(p["model"]["specificity"]),
         _ci(p["model_balanced_accuracy"], p["model_balanced_accuracy_ci"]), _pct(p["knn"]["sensitivity"]),
         _pct(p["knn"]["specificity"])])
+    lines += _vote(tasks, approaches, pooled)
     lines += _codes(results, k) + _detection(results) + _multilabel(results) + _times(results)
     return "\n".join(lines) + "\n", _headline(results)
+
+
+def _vote(tasks: list[str], approaches: dict[str, str], pooled: dict[str, Any]) -> list[str]:
+    """The calibrated vote (what query, montage and serve show), pooled, beside the model: stage 2 − stage 1."""
+    if not any(p.get("vote_balanced_accuracy") is not None for p in pooled.values()):
+        return []
+    return ["", "The calibrated vote (weighted, prior-corrected: what `cbir query` shows), pooled, and its balanced "
+            "accuracy minus the model's on the same queries (paired 95 % interval).", "",
+            "| Approach | vote sensitivity | vote specificity | vote balanced accuracy | vote − model |",
+            "|---|---:|---:|---:|---:|"] + _pooled_rows(
+        [t for t in tasks if (pooled.get(t) or {}).get("vote")], approaches, pooled, lambda p: [
+            _pct(p["vote"]["sensitivity"]), _pct(p["vote"]["specificity"]),
+            _ci(p["vote_balanced_accuracy"], p["vote_balanced_accuracy_ci"]),
+            _ci(p["vote_minus_model_balanced_accuracy"], p["vote_minus_model_balanced_accuracy_ci"])])
 
 
 def _pooled_rows(tasks: list[str], approaches: dict[str, str], pooled: dict[str, Any],
@@ -177,6 +192,13 @@ def _recipes(results: dict[str, Any]) -> str:
     return "; ".join(f"{task}: {r['description']}" for task, r in recipes.items())
 
 
+def _vote_clause(p: dict[str, Any]) -> str:
+    if p.get("vote_balanced_accuracy") is None:
+        return ""
+    return (" (the calibrated vote that `cbir query` shows: "
+            f"{_ci(p['vote_balanced_accuracy'], p['vote_balanced_accuracy_ci'])} % balanced accuracy)")
+
+
 def _headline(results: dict[str, Any]) -> str:
     options = results["options"]
     p = (results.get("pooled") or {}).get("binary")
@@ -190,7 +212,8 @@ def _headline(results: dict[str, Any]) -> str:
             f"{_binary_recipe(results)} on {results['device']}), "
             f"the binary model's stage-1 ROC-AUC is **{_ci(p['roc_auc'], p['roc_auc_ci'])} %** and the kNN vote "
             f"over the Qdrant index reaches **{_ci(p['balanced_accuracy'], p['balanced_accuracy_ci'])} % balanced "
-            f"accuracy** and {_ci(p['knn_accuracy'], p['knn_accuracy_ci'])} % accuracy, against "
+            f"accuracy** and {_ci(p['knn_accuracy'], p['knn_accuracy_ci'])} % accuracy"
+            + _vote_clause(p) + ", against "
             f"{_pct(p['majority_accuracy'])} % for always predicting the majority class (95 % bootstrap intervals "
             "by patient, folds pooled). Per-fold means ± sd and the other approaches: "
             "[docs/results.md](docs/results.md).")

@@ -154,6 +154,8 @@ def _scores(report: dict[str, Any]) -> dict[str, Any]:
            "map": s2.get("map_at_k"), "map_ci": s2.get("map_at_k_ci"),
            "vote_accuracy": wv.get("accuracy"), "vote_balanced": wv.get("balanced_accuracy"),
            "vote_balanced_ci": wv.get("balanced_accuracy_ci"), "vote_specificity": wv.get("specificity"),
+           "vote_minus_model": wv.get("minus_model_balanced_accuracy"),
+           "vote_minus_model_ci": wv.get("minus_model_balanced_accuracy_ci"),
            "agreement": wv.get("agreement_with_model")}
     robust = report.get("robustness")
     if robust:
@@ -252,22 +254,25 @@ def render_shift(result: dict[str, Any], options: StudyOptions) -> str:
     sizes = result.get("sizes", {})
     lines = ["### Recipes against shift proxies (`cbir study shift`)", "",
              f"{saved.get('backbone')} from scratch at {saved.get('image_size')} px, {saved.get('epochs')} epochs, "
+             "unless the recipe says otherwise (the ImageNet recipes: `IMAGENET` in cbir/studies/shift.py), "
              f"seed {saved.get('seed')}. Training sets: RSNA {sizes.get('rsna')} images, RSNA PA "
              f"{sizes.get('rsna-pa')}, Kermany sample {sizes.get('kermany-train')} (10 % of each for validation "
              f"and the vote's calibration). Queries: Kermany sample {sizes.get('kermany-queries')}, RSNA "
              f"{sizes.get('rsna')}, NORMAL2 {sizes.get('normal2')}, RSNA AP {sizes.get('rsna-ap')}. 95 % "
              "patient-bootstrap intervals; k = 10. *Vote* is the weighted, prior-corrected, calibrated vote "
-             "(docs/metrics.md); *kNN* the plain majority of 10. On NORMAL2 every query is normal: the "
-             "balanced accuracies are the specificities.", "",
-             "| proxy | recipe | stage-1 AUC | stage-1 bal. acc. | kNN bal. acc. | vote bal. acc. | "
+             "(docs/metrics.md); *kNN* the plain majority of 10; *vote − model* the vote's balanced accuracy "
+             "minus the model's on the same queries, with a paired interval (n/a: rows measured before it). On "
+             "NORMAL2 every query is normal: the balanced accuracies are the specificities.", "",
+             "| proxy | recipe | stage-1 AUC | stage-1 bal. acc. | kNN bal. acc. | vote bal. acc. | vote − model | "
              "vote spec. | mAP@10 | agreement | rank-1 (min) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for proxy, by_recipe in result["rows"].items():
         for recipe, r in by_recipe.items():
             rank1 = min(r["rank1"].values()) if r.get("rank1") else None
             cells = [_ci(r["auc"], r.get("auc_ci")), _ci(r["stage1_balanced"], None),
                      _ci(r["knn_balanced"], r.get("knn_balanced_ci")),
                      _ci(r["vote_balanced"], r.get("vote_balanced_ci")),
+                     _ci(r.get("vote_minus_model"), r.get("vote_minus_model_ci")),
                      _ci(r["vote_specificity"], None), _ci(r["map"], r.get("map_ci")), _ci(r["agreement"], None),
                      _ci(rank1, None)]
             lines.append(f"| {proxy} | {recipe} | " + " | ".join(cells) + " |")
