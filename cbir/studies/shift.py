@@ -40,6 +40,9 @@ IMAGENET: dict[str, dict[str, Any]] = {
     "frozen backbone + head 224 px": {"image_size": 224, "unfreeze": 0, "epochs": 6},
     "frozen features with no training (floor)": {"image_size": 224, "epochs": 0},
     "full fine-tune (layer decay 0.7) 128 px": {"image_size": 128, "layer_decay": 0.7, "epochs": 10},
+    "last 3 groups + supcon + balanced + strong augmentation 224 px": {
+        "image_size": 224, "unfreeze": 3, "freeze_bn": True, "layer_decay": 0.7, "epochs": 6, "augment": "strong",
+        "metric_loss": "supcon", "balanced": True},
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "classifier (old default)": PLAIN,
