@@ -1,4 +1,4 @@
-"""The out-of-domain warning: a regularised Mahalanobis distance on the backbone's pooled features
+"""The out-of-domain warning: the k-th nearest training image's cosine distance on the backbone's pooled features
 (`cbir.models.domain`), fitted at the end of training and checked by `cbir query`."""
 
 from __future__ import annotations
@@ -15,40 +15,39 @@ from tests.conftest import run_cli
 
 
 def _features(rng: np.random.Generator, n: int, mixing: np.ndarray) -> np.ndarray:
-    return (rng.normal(size=(n, mixing.shape[0])) @ mixing + 3.0).astype(np.float32)
+    return (rng.normal(size=(n, mixing.shape[0])) @ mixing + 40.0).astype(np.float32)  # common mean: as features
 
 
 def test_domain_model_fires_at_the_quantile_rate_and_on_far_points(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     p = 96
     mixing = rng.normal(size=(p, p)) * np.linspace(2.0, 0.05, p)[:, None]   # correlated, uneven variances
-    model = DomainModel.fit(_features(rng, 3000, mixing), _features(rng, 4000, mixing), quantile=0.99, dims=32)
-    assert model.components.shape == (32, p) and model.n_train == 3000 and model.n_val == 4000
+    model = DomainModel.fit(_features(rng, 3000, mixing), _features(rng, 4000, mixing), quantile=0.99, k=5)
+    assert model.reference.shape == (3000, p) and model.n_train == 3000 and model.n_val == 4000
     fresh = model.score(_features(rng, 20000, mixing))
     assert 0.005 < float((~model.in_domain(fresh)).mean()) < 0.02          # ≈ 1 − quantile of new in-domain points
-    train_std = _features(rng, 3000, mixing).std(axis=0)
-    shift = 3 * train_std * rng.choice([-1.0, 1.0], size=p)                  # another hospital: shifted features
-    shifted = _features(rng, 200, mixing) + shift
+    shifted = _features(rng, 200, mixing) * rng.choice([-1.0, 1.0], size=p)   # another source: other mean
     assert not model.in_domain(model.score(shifted)).any()
-    assert not model.in_domain(model.score(rng.normal(size=(50, p)) * 30)).any()   # far away, any direction
+    assert not model.in_domain(model.score(-_features(rng, 50, mixing))).any()   # far away in angle
     model.save(tmp_path)
     back = DomainModel.load(tmp_path)
-    assert back is not None and back.threshold == model.threshold and back.quantile == 0.99
-    assert all(np.array_equal(getattr(back, f), getattr(model, f)) for f in ("mean", "components", "variances"))
-    assert (back.residual_variance, back.shrinkage, back.n_val) == (model.residual_variance, model.shrinkage, 4000)
-    assert np.array_equal(back.score(shifted), model.score(shifted))
+    assert back is not None and back.threshold == model.threshold and back.quantile == 0.99 and back.k == 5
+    assert np.array_equal(back.reference, model.reference.astype(np.float16)) and back.n_val == 4000
+    assert np.allclose(back.score(shifted), model.score(shifted), atol=2e-3)   # float16 storage
     assert DomainModel.load(tmp_path / "none") is None
 
 
-def test_domain_model_with_fewer_images_than_features() -> None:
+def test_domain_model_by_hand_and_its_reference_cap() -> None:
+    train = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    model = DomainModel.fit(train, np.array([[1.0, 0.1]]), quantile=1.0, k=2)
+    # the query's second-nearest training image is (0.8, 0.6): cosine 0.8
+    assert model.score(np.array([[2.0, 0.0]]))[0] == pytest.approx(0.2, abs=1e-3)
+    assert model.threshold == pytest.approx(float(model.score(np.array([[1.0, 0.1]]))[0]))
     rng = np.random.default_rng(1)
-    mixing = rng.normal(size=(256, 256))
-    model = DomainModel.fit(_features(rng, 40, mixing), _features(rng, 10, mixing))
-    assert 0 < model.shrinkage <= 1 and np.isfinite(model.threshold)
-    assert model.components.shape == (64, 256)
-    assert np.isfinite(model.score(_features(rng, 5, mixing))).all()
+    capped = DomainModel.fit(rng.normal(size=(50, 8)), rng.normal(size=(5, 8)), max_reference=20)
+    assert capped.reference.shape == (20, 8) and capped.n_train == 50 and np.isfinite(capped.threshold)
     with pytest.raises(ValueError):
-        model.score(np.zeros((1, 255)))
+        capped.score(np.zeros((1, 7)))
 
 
 @pytest.fixture(scope="module")
