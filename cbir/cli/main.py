@@ -386,14 +386,14 @@ def _check_weight_options(backbone: str, random_init: bool, pretrained: bool,
     """One weight source at most; with none, the packaged weights must be installed and intact (checked before
     the dataset is read)."""
     from cbir.models import get_task
-    from cbir.models.packaged import packaged_for, packaged_state_dict
+    from cbir.models.packaged import checked_path, packaged_for
     if random_init and (pretrained or weights or init or encoder):
         raise CbirError("--random-init starts from random weights: drop --pretrained/--weights/--init/--encoder")
     if random_init or pretrained or weights or init or encoder or get_task(task).boxes:
         return
     source = packaged_for(backbone)
     if source is not None:
-        packaged_state_dict(source)   # installed, and its sha256 the one cbir was checked against
+        checked_path(source)   # installed, and its sha256 the one cbir was checked against
 
 
 def _frozen_encoder(file: Path | None, arch: str | None, input_shape: str | None, norm: str | None,

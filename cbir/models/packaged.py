@@ -75,14 +75,21 @@ def packaged_for(backbone: str) -> PackagedWeights | None:
     return next((w for w in PACKAGED.values() if backbone in w.architectures), None)
 
 
-def packaged_state_dict(source: PackagedWeights, path: Path | None = None) -> dict[str, torch.Tensor]:
-    """The package's state dict, after its sha256 is checked (`path`: another copy of the file, for tests)."""
+def checked_path(source: PackagedWeights, path: Path | None = None) -> Path:
+    """The weights file, after its sha256 is checked (`path`: another copy of the file, for tests); the digest is
+    remembered per file version, so a later load does not read it again."""
     file = path or source.path()
     digest = sha256_of(file)
     if digest != source.sha256:
         raise CbirError(f"{file}: the packaged weights changed (sha256 {digest[:16]}… ≠ expected "
                         f"{source.sha256[:16]}… of {source.package} {source.version}); reinstall it "
                         f"({source.install_hint()})")
+    return file
+
+
+def packaged_state_dict(source: PackagedWeights, path: Path | None = None) -> dict[str, torch.Tensor]:
+    """The package's state dict, after its sha256 is checked (`checked_path`)."""
+    file = checked_path(source, path)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt file is one line, whatever torch raises
