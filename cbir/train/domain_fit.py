@@ -10,21 +10,21 @@ import numpy as np
 import torch
 
 from cbir.console import QUIET, Reporter
-from cbir.models.checkpoint import LoadedModel, load_checkpoint
+from cbir.models.checkpoint import LoadedModel, domain_features_of, load_checkpoint
 from cbir.models.domain import DOMAIN, QUANTILE, DomainModel
 from cbir.train.classifier import ClassifierData
 
 
 @torch.inference_mode()
-def pooled_features(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int = 64) -> np.ndarray | None:
-    """(N, p) pooled backbone features of (N, 1, S, S) pixels in [0, 1], prepared exactly as `task.embed` prepares a
-    query; None for a model without them (a detector)."""
+def domain_features(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int = 64) -> np.ndarray | None:
+    """(N, p) the domain model's features (`ModelOutput.domain`) of (N, 1, S, S) pixels in [0, 1], prepared exactly
+    as `task.embed` prepares a query; None for a model without them (a detector)."""
     chunks = []
     for start in range(0, len(pixels), batch_size):
         out, _ = loaded.task.embed(loaded.model, loaded.config, pixels[start:start + batch_size])
-        if out.pooled is None:
+        if out.domain is None:
             return None
-        chunks.append(out.pooled.float().cpu().numpy())
+        chunks.append(out.domain.float().cpu().numpy())
     return np.concatenate(chunks) if chunks else None
 
 
@@ -37,11 +37,12 @@ def fit_domain(out: Path, data: Any, device: torch.device | str = "cpu", reporte
     if not isinstance(data, ClassifierData):
         return None
     loaded = load_checkpoint(out, device)   # the kept weights, as saved (not the last epoch's under --select best)
-    train = pooled_features(loaded, data.x_train)
-    val = pooled_features(loaded, data.x_val)
+    train = domain_features(loaded, data.x_train)
+    val = domain_features(loaded, data.x_val)
     if train is None or val is None or len(train) < 2 or len(val) == 0:
         return None
-    domain = DomainModel.fit(train, val, quantile, fingerprint=loaded.fingerprint)
+    domain = DomainModel.fit(train, val, quantile, fingerprint=loaded.fingerprint,
+                             features=domain_features_of(loaded.model))
     domain.save(out)
     reporter.log(f"domain model: threshold {domain.threshold:.3f} at the {100 * quantile:g} % quantile of "
                  f"{domain.n_val} validation images")

@@ -27,6 +27,7 @@ from cbir.data.views import PatientPairs, ssl_augment
 from cbir.errors import CbirError, DatasetError
 from cbir.io.digest import sha256_of
 from cbir.models.device import resolve_device
+from cbir.models.packaged import load_packaged, packaged_for
 from cbir.models.ssl import METHODS, SSLModel
 from cbir.train.preload import preload
 from cbir.train.settings import TrainSettings
@@ -57,6 +58,9 @@ class PretrainSettings:
     seed: int = 0
     workers: int = 2
     device: str = "auto"
+    #: Start from random weights even when the backbone has packaged ImageNet weights (`cbir.models.packaged`),
+    #: from which it starts otherwise: ImageNet continued on the user's X-rays.
+    random_init: bool = False
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -108,7 +112,12 @@ def pretrain(roots: list[Path], out: Path, settings: PretrainSettings, reporter:
     settings.validate()
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
-    model = SSLModel(settings.backbone, settings.method, settings.temperature).to(device)  # a bad name fails early
+    model = SSLModel(settings.backbone, settings.method, settings.temperature)   # a bad name fails early
+    source = None if settings.random_init else packaged_for(settings.backbone)
+    init = load_packaged(model.backbone, source) if source is not None else {"source": "random"}
+    reporter.log(f"starting from packaged ImageNet weights ({source.package})" if source is not None
+                 else "starting from random weights")
+    model.to(device)
     sources, all_keys = load_sources(roots, reporter)
     images, keys, failures, offset = [], [], [], 0
     for records in sources:
@@ -165,7 +174,7 @@ def pretrain(roots: list[Path], out: Path, settings: PretrainSettings, reporter:
             break
     seconds = round(time.perf_counter() - started, 1)
     sha = save_run(out, model, settings, {
-        "n_images": n, "n_failed": len(failures), "failures": failures, "steps": step,
+        "init": init, "n_images": n, "n_failed": len(failures), "failures": failures, "steps": step,
         "epochs": round(step / steps_per_epoch, 2), "seconds": seconds,
         "train_seconds": round(time.perf_counter() - t_train, 1), "device": str(device), "history": history,
         "patients_with_pairs": pairs.images_with_partner,
