@@ -167,5 +167,10 @@ def test_domain_features_are_the_last_two_stages_averaged_and_unit_joined() -> N
     layer4 = b.layer4(layer3)
     by_hand = torch.cat([F.normalize(layer3.mean((2, 3)), dim=1), F.normalize(layer4.mean((2, 3)), dim=1)], 1)
     assert out.domain is not None and torch.allclose(out.domain, by_hand, atol=1e-5)
-    assert model.stage_tap.describe == "stages:layer3,layer4"
-    assert model.train()(x).domain is None          # training passes keep nothing
+    assert model.domain_features == "stages:layer3,layer4"
+    plain = model.forward_head(model.forward_features(x))   # the pass without the stages: the same features
+    assert out.pooled is not None and plain.pooled is not None and torch.equal(out.pooled, plain.pooled)
+    import copy
+    twin = copy.deepcopy(model)                       # EMA averaging copies the model
+    assert twin(x).domain is not None and torch.allclose(twin(x).domain, by_hand, atol=1e-5)
+    assert model.train()(x).domain is None            # training passes compute none

@@ -115,3 +115,9 @@ def test_the_appearance_recipe_reuses_the_old_defaults_training(tmp_path: Path) 
     assert [row["epoch"] for row in summary["history"]] == [0] and summary["settings"]["epochs"] == 0
     rows = json.loads((tmp_path / "s" / "shift.json").read_text())["rows"]
     assert all(len(by_recipe) == 3 for by_recipe in rows.values())
+
+
+def test_every_recipe_can_be_named_on_the_command_line_and_gets_its_own_folder() -> None:
+    from cbir.studies.shift import RECIPES, _slug
+    assert not [name for name in RECIPES if "," in name]   # --recipes splits on commas
+    assert len({_slug(name) for name in RECIPES}) == len(RECIPES)

@@ -123,9 +123,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
 
 def domain_features_of(model: nn.Module) -> str:
-    """Which features `model` gives its domain model (`cbir.models.stages.StageTap.describe`)."""
-    tap = getattr(model, "stage_tap", None)
-    return str(tap.describe) if tap is not None else "pooled"
+    """Which features `model` gives its domain model (`cbir.models.stages.describe`)."""
+    return str(getattr(model, "domain_features", "pooled"))
 
 
 def read_domain(path: Path, fingerprint: str, features: str = "pooled") -> DomainModel | None:

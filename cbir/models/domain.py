@@ -60,7 +60,7 @@ class DomainModel:
     n_train: int = 0
     n_val: int = 0
     fingerprint: str = ""       # the model's (`cbir.models.checkpoint.fingerprint_of`) it was fitted for
-    features: str = "pooled"    # which features (`cbir.models.stages.StageTap.describe`)
+    features: str = "pooled"    # which features (`cbir.models.stages.describe`)
 
     @classmethod
     def fit(cls, features_train: np.ndarray, features_val: np.ndarray, quantile: float = QUANTILE, k: int = K,

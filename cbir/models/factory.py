@@ -15,7 +15,7 @@ from cbir.data.transforms import INTENSITIES
 from cbir.errors import CbirError
 from cbir.models.appearance import Appearance, join
 from cbir.models.registry import get_task
-from cbir.models.stages import StageTap, stage_names
+from cbir.models.stages import describe, features_and_stages, stage_names
 
 HASH_BITS = (16, 256)
 #: Config fields that only the hash task uses; left out of other tasks' config.json (and so fingerprints).
@@ -173,7 +173,7 @@ class ModelOutput(NamedTuple):
     hash: torch.Tensor | None = None  # (B, bits) tanh-relaxed hash layer (task hash only), in (-1, 1)
     semantic: torch.Tensor | None = None  # (B, embed_dim), L2-normalised projection (what the losses train)
     pooled: torch.Tensor | None = None    # (B, num_features) the backbone's pooled features
-    #: (B, p) what the out-of-domain warning measures (`cbir.models.stages`); None in training mode and for detectors
+    #: (B, p) what the out-of-domain warning measures (`cbir.models.stages`); None in training and for detectors
     domain: torch.Tensor | None = None
 
 
@@ -204,7 +204,8 @@ class CbirNet(nn.Module):
         self.hash_head = _hash_head(config) if get_task(config.task).hash_layer else None
         self.appearance = (Appearance(config.appearance_size, config.appearance_window) if config.has_appearance
                            else None)
-        self.stage_tap = StageTap(self.backbone, stage_names(self.backbone))
+        #: The feature stages whose averages the out-of-domain warning measures (`cbir.models.stages`).
+        self.domain_stages = stage_names(self.backbone)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's unpooled feature map."""
@@ -221,14 +222,23 @@ class CbirNet(nn.Module):
         embedding = F.normalize(pooled if self.config.retrieval == "encoder" else z, dim=1)
         if self.hash_head is None:
             code = (embedding @ self.code_projection[:self.config.semantic_dim] > 0).to(torch.uint8)
-            return ModelOutput(embedding, self.classifier(z), code, semantic=embedding, pooled=pooled,
-                               domain=self.stage_tap.features(pooled))
+            return ModelOutput(embedding, self.classifier(z), code, semantic=embedding, pooled=pooled)
         relaxed = torch.tanh(self.hash_head(z))
-        return ModelOutput(embedding, self.classifier(z), (relaxed > 0).to(torch.uint8), relaxed, embedding, pooled,
-                           self.stage_tap.features(pooled))
+        return ModelOutput(embedding, self.classifier(z), (relaxed > 0).to(torch.uint8), relaxed, embedding, pooled)
+
+    @property
+    def domain_features(self) -> str:
+        """Which features `ModelOutput.domain` holds (`cbir.models.stages.describe`)."""
+        return describe(self.domain_stages)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        out = self.forward_head(self.forward_features(x))
+        if self.training:
+            out = self.forward_head(self.forward_features(x))
+        else:   # the same pass also gives the out-of-domain warning's features
+            features, stages = features_and_stages(self.backbone, x, self.domain_stages)
+            out = self.forward_head(features)
+            assert out.pooled is not None
+            out = out._replace(domain=stages if stages is not None else F.normalize(out.pooled.float(), dim=1))
         if self.appearance is None:
             return out
         embedding = join(out.embedding, self.appearance(x), self.config.appearance_weight)
