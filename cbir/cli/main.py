@@ -386,14 +386,20 @@ def _check_weight_options(backbone: str, random_init: bool, pretrained: bool,
     """One weight source at most; with none, the packaged weights must be installed and intact (checked before
     the dataset is read)."""
     from cbir.models import get_task
-    from cbir.models.packaged import checked_path, packaged_for
     if random_init and (pretrained or weights or init or encoder):
         raise CbirError("--random-init starts from random weights: drop --pretrained/--weights/--init/--encoder")
     if random_init or pretrained or weights or init or encoder or get_task(task).boxes:
         return
+    _check_packaged(backbone)
+
+
+def _check_packaged(backbone: str) -> None:
+    """The backbone's packaged weights, if it has any, are installed and their sha256 the one cbir was checked
+    against (before any dataset is read)."""
+    from cbir.models.packaged import checked_path, packaged_for
     source = packaged_for(backbone)
     if source is not None:
-        checked_path(source)   # installed, and its sha256 the one cbir was checked against
+        checked_path(source)
 
 
 def _frozen_encoder(file: Path | None, arch: str | None, input_shape: str | None, norm: str | None,
@@ -473,7 +479,7 @@ def pretrain(data: Annotated[list[Path], typer.Option(
                                 seed=seed, workers=workers, device=device, random_init=random_init)
     settings.validate()
     if not random_init:
-        _check_weight_options(backbone, False, False, None, None, None, "binary")   # packaged weights intact
+        _check_packaged(backbone)
     roots = [*data, *(extra or [])]
     result = run_pretrain(roots, out_dir, settings, _reporter())
     last = f", last epoch's loss {result.history[-1]['loss']:.4f}" if result.history else ""

@@ -17,6 +17,7 @@ early-layer style statistics, an intensity histogram and a power spectrum.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +116,9 @@ class DomainModel:
         meta = {"format": FORMAT, "threshold": repr(self.threshold), "quantile": repr(self.quantile),
                 "k": str(self.k), "n_train": str(self.n_train), "n_val": str(self.n_val),
                 "fingerprint": self.fingerprint, "features": self.features}
-        save_file({"reference": np.ascontiguousarray(self.reference, dtype=np.float16)}, str(path), meta)
+        partial = path.with_name(path.name + ".partial")   # a killed write leaves no half file behind
+        save_file({"reference": np.ascontiguousarray(self.reference, dtype=np.float16)}, str(partial), meta)
+        os.replace(partial, path)
         return path
 
     @classmethod

@@ -44,6 +44,6 @@ def fit_domain(out: Path, data: Any, device: torch.device | str = "cpu", reporte
     domain = DomainModel.fit(train, val, quantile, fingerprint=loaded.fingerprint,
                              features=domain_features_of(loaded.model))
     domain.save(out)
-    reporter.log(f"domain model: threshold {domain.threshold:.3f} at the {100 * quantile:g} % quantile of "
-                 f"{domain.n_val} validation images")
+    reporter.log(f"domain model: threshold {domain.threshold:.3f}, the conformal rank for the {100 * quantile:g} % "
+                 f"quantile of {domain.n_val} validation images")
     return domain
