@@ -23,6 +23,7 @@ from cbir.report.montage import write_montage
 from cbir.search import query_image
 from cbir.search.calibrate import calibrate
 from cbir.search.pictures import neighbor_pictures
+from cbir.search.query import describe_vote
 from cbir.train import TrainSettings, train_model
 
 MARKER = ".cbir-demo"
@@ -48,13 +49,16 @@ class DemoResult:
             f"  model     {self.out / 'model'}",
             f"  index     {self.index}  (Qdrant Edge, collection {COLLECTION!r})",
             f"  query     {self.query_file}  (held out; searched against the train/val archive)",
-            f"            model P(Pneumonia) = {pred['probability']:.2f}; kNN vote {vote['label']} "
-            f"({vote['fraction']:.0%}); query JSON {self.out / 'query.json'}",
+            f"            its own label: {self.query['query'].get('label')}; model P(Pneumonia) = "
+            f"{pred['probability']:.2f} → {pred['label']}",
+            f"            vote: {describe_vote(vote, len(self.query['neighbors']))}",
+            f"            query JSON {self.out / 'query.json'}",
             f"  montage   {self.out / 'montage.png'}",
             f"  report    {self.out / 'report' / 'report.md'}",
-            f"            ROC-AUC {_pct(s1['roc_auc'], s1.get('roc_auc_ci'))}, kNN accuracy "
-            f"{_pct(s2['knn_accuracy'], s2.get('knn_accuracy_ci'))}, balanced accuracy "
-            f"{_pct(s2['balanced_accuracy'], s2.get('balanced_accuracy_ci'))}, mAP@{self.report['k']} "
+            f"            ROC-AUC {_pct(s1['roc_auc'], s1.get('roc_auc_ci'))}; the vote: balanced accuracy "
+            f"{_pct(s2['weighted_vote']['balanced_accuracy'], s2['weighted_vote'].get('balanced_accuracy_ci'))}; "
+            f"majority of {self.report['k']}: accuracy {_pct(s2['knn_accuracy'], s2.get('knn_accuracy_ci'))}, "
+            f"balanced {_pct(s2['balanced_accuracy'], s2.get('balanced_accuracy_ci'))}; mAP@{self.report['k']} "
             f"{_pct(s2['map_at_k'])}, majority baseline {_pct(base['majority_accuracy'])} "
             f"({self.report['n_queries']} test images; 95 % intervals by patient)",
             f"try:      cbir query {self.query_file} --index {self.index} --collection {COLLECTION} "
@@ -120,7 +124,9 @@ def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone:
     query_file = str((positives if len(positives) else test.meta)["path"].iloc[0])
     with open_index(location) as idx:
         archive = Filter(must={"split": ["train", "val"]})  # the held-out case is not its own neighbour
-        answer = query_image(query_file, loaded, idx, COLLECTION, k=8, flt=archive, pseudonymize=pseudonymize)
+        known = records.target if len(positives) else str(idx.get_meta(COLLECTION).get("negative_label"))
+        answer = query_image(query_file, loaded, idx, COLLECTION, k=10, flt=archive, pseudonymize=pseudonymize,
+                             known_label=known)
         result.query = answer.to_json()
         (out / "query.json").write_text(json.dumps(result.query, indent=2) + "\n")
         pictures = neighbor_pictures(idx, COLLECTION, idx.get_meta(COLLECTION), result.query["neighbors"])

@@ -8,9 +8,12 @@ patient is queried exactly once), 95 % bootstrap intervals by patient. `--folds 
 
 With `--nih`, the multilabel approach is trained on the NIH data (14 findings, split into the same folds by
 NIH patient), then ingests and is evaluated on the same RSNA archive through its Pneumonia output; its own NIH
-archive is evaluated as well. Without `--nih`, the RSNA layout has one label only, so there is no honest
-multilabel row and it is left out. Detection needs boxes, so it runs only on the rsna layout. On a folder
-layout only binary and hash apply (multilabel with three or more classes).
+archive is evaluated as well. The RSNA images were drawn from NIH, so the NIH images that have a near-duplicate
+among the RSNA images (`cbir.evaluate.audit`) are left out of its training data, and results.md says so. Every
+evaluation leaves out queries with a near-duplicate of another patient in the archive (`cbir.evaluate.run`).
+Without `--nih`, the RSNA layout has one label only, so there is no honest multilabel row and it is left out.
+Detection needs boxes, so it runs only on the rsna layout. On a folder layout only binary and hash apply
+(multilabel with three or more classes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from cbir.data.layout import load_dataset
 from cbir.data.records import Records
 from cbir.data.splits import SplitSpec
 from cbir.errors import CbirError
+from cbir.evaluate.audit import leaked_files
 from cbir.evaluate.heldout import multilabel_auc
 from cbir.evaluate.pooled import pool_queries
 from cbir.evaluate.run import evaluate_collection
@@ -184,18 +188,35 @@ def run_reproduce(options: ReproduceOptions, reporter: Reporter = QUIET) -> dict
                         f"(this one has {probe.label_names})")
     options.out.mkdir(parents=True, exist_ok=True)
     pseudonymize = load_pseudonymizer()
+    leaked, audit = (_nih_audit(probe_nih, probe, pseudonymize, reporter)
+                     if probe_nih is not None and "multilabel" in chosen else (set(), None))
     settings = TrainSettings(batch_size=options.batch_size, device=options.device, seed=options.seed)
     rows: list[FoldRow] = []
     for fold in options.fold_numbers:
         spec = options.spec(fold)
         records = load_dataset(options.data, options.layout, split=spec, patient_regex=options.patient_regex)
         nih = load_dataset(options.nih, "nih", split=spec) if options.nih else None
+        if nih is not None and leaked:   # NIH images that are RSNA images never train the multilabel model
+            nih = nih.subset(~nih.meta["path"].isin(leaked).to_numpy())
         tag = f"fold{fold}" if fold else "holdout"
         reporter.log(f"=== {spec.describe()}: {_counts(records)}")
         for task in chosen:
             rows.append(_run_task(task, fold, tag, records, nih, settings, options, pseudonymize, reporter))
-            _write(options, rows, chosen, started, final=False)
-    return _write(options, rows, chosen, started, final=True)
+            _write(options, rows, chosen, started, final=False, audit=audit)
+    return _write(options, rows, chosen, started, final=True, audit=audit)
+
+
+def _nih_audit(nih: Records, records: Records, pseudonymize: Any, reporter: Reporter) -> tuple[set[str], dict]:
+    """The NIH images that have a near-duplicate among the evaluated dataset's images (`cbir audit`: the RSNA
+    challenge images were drawn from NIH), which the multilabel model must not train on, and what to report."""
+    leaked, result = leaked_files(nih, records, pseudonymize, reporter=reporter)
+    kept = len(nih) - len(leaked)
+    summary = {"dataset": nih.dataset, "images": len(nih), "left_out": len(leaked), "against": records.dataset,
+               "threshold": result.threshold, "method": result.method,
+               "description": f"{nih.dataset}: {kept} of {len(nih)} images, without the {len(leaked)} that duplicate "
+                              f"{records.dataset} images (cbir audit, tiny-image cosine ≥ {result.threshold:g})"}
+    reporter.log(f"leakage audit: the multilabel model trains on {summary['description']}")
+    return leaked, summary
 
 
 def _run_task(task: str, fold: int, tag: str, records: Records, nih: Records | None, settings: TrainSettings,
@@ -279,13 +300,15 @@ def _fold_json(row: FoldRow) -> dict[str, Any]:
     return {"task": row.task, "fold": row.fold, "trained_on": row.trained_on, **values,
             "n_queries": row.metrics.get("n_queries"), "n_archive": row.metrics.get("n_archive"),
             "codes": row.metrics.get("stage2", {}).get("codes") or {}, "heldout": row.heldout,
-            "bits": row.bits, "embed_dim": row.embed_dim, "seconds": row.seconds}
+            "bits": row.bits, "embed_dim": row.embed_dim, "seconds": row.seconds,
+            "duplicates": (row.metrics.get("context") or {}).get("duplicates")}
 
 
-def _write(options: ReproduceOptions, rows: list[FoldRow], tasks: list[str], started: float, final: bool
-           ) -> dict[str, Any]:
+def _write(options: ReproduceOptions, rows: list[FoldRow], tasks: list[str], started: float, final: bool,
+           audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.json and results.md (after every fold's task, so a long run shows its progress); on the final
-    call also the document sections (`--doc`, `--readme`)."""
+    call also the document sections (`--doc`, `--readme`). `audit`: what the multilabel model's NIH training
+    data left out (`_nih_audit`)."""
     per_fold = [_fold_json(r) for r in rows]
     pooled = {task: pool_queries([r.metrics["per_query"] for r in rows if r.task == task], options.k)
               for task in tasks if any(r.task == task for r in rows)}
@@ -293,7 +316,7 @@ def _write(options: ReproduceOptions, rows: list[FoldRow], tasks: list[str], sta
                "device": str(resolve_device(options.device)), "tasks": tasks, "approaches": APPROACHES,
                "seed_table": SEED_TABLE, "folds": per_fold, "pooled": pooled, "complete": final,
                "recipes": {task: recipe(task, options) | {"description": describe(task, options)} for task in tasks},
-               "seconds": round(time.perf_counter() - started, 1)}
+               "seconds": round(time.perf_counter() - started, 1), "audit": {"multilabel_training": audit}}
     (options.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown, headline = render_results(results)
     (options.out / "results.md").write_text(markdown)

@@ -77,10 +77,13 @@ def test_query_json_contract(pipeline: dict[str, Path]) -> None:
     code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--k", 5, "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert len(result["neighbors"]) == 5
+    # an archived image finds itself: listed (flagged), not voting, and k others still vote
+    selves = sum(n["self_match"] for n in result["neighbors"])
+    assert selves == result["vote"]["self_matches"] == 1 and result["neighbors"][0]["self_match"]
+    assert len(result["neighbors"]) == 5 + selves
     first = result["neighbors"][0]
     assert {"rank", "id", "score", "labels", "path"} <= set(first)
-    assert [n["rank"] for n in result["neighbors"]] == [1, 2, 3, 4, 5]
+    assert [n["rank"] for n in result["neighbors"]] == [1, 2, 3, 4, 5, 6]
     scores = [n["score"] for n in result["neighbors"]]
     assert scores == sorted(scores, reverse=True)
     assert first["score"] == pytest.approx(1.0, abs=1e-4)  # the image itself is in the archive
@@ -146,6 +149,19 @@ def test_query_table_filter_prefilter_and_montage(pipeline: dict[str, Path], tmp
                          "--filter", "label=Pneumonia", "--json")
     labels = [n["labels"] for n in json.loads(out)["neighbors"]]
     assert labels and all("Pneumonia" in lab for lab in labels)
+
+
+def test_a_filter_typo_is_an_error_never_an_empty_answer(pipeline: dict[str, Path]) -> None:
+    """An unknown key, or a value no image holds, is a one-line error (exit 2) that suggests the value matching
+    it ignoring case; before, `view=pa` returned no neighbours, exit 0, and a false "no close case" warning."""
+    dicom = _dicoms(pipeline["data"])[1]
+    for item, expected in (("view=pa", "did you mean view=PA?"), ("foo=bar", "unknown filter key 'foo'"),
+                           ("label=pneumonia", "did you mean label=Pneumonia?"), ("split!=tset", "it holds")):
+        code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--filter", item)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (item, err)
+    code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--filter", "view=PA",
+                         "--json")
+    assert code == 0 and json.loads(out)["neighbors"], err
 
 
 def test_evaluate_writes_reports(pipeline: dict[str, Path]) -> None:
@@ -279,6 +295,11 @@ def test_demo_runs_end_to_end_small(tmp_path: Path) -> None:
     query = json.loads((out_dir / "query.json").read_text())
     assert all(n["split"] in ("train", "val") for n in query["neighbors"])
     assert "ROC-AUC" in out
+    # the query's own label is shown beside the vote (before, nothing said when the vote was wrong), and the
+    # vote is the calibrated one, described by what decided it
+    own = query["query"]["label"]
+    assert own in ("Pneumonia", "No Pneumonia") and f"its own label: {own}" in out
+    assert "vote: " in out and "P(Pneumonia) = " in out and query["vote"]["operating_point"] > 0
     code, _, err = run("demo", "--out", out_dir, "--n", 60, "--size", 32, "--epochs", 1, "--backbone", "test_resnet")
     assert code == 0, err  # a demo folder can be rerun
     (tmp_path / "precious").mkdir()
@@ -302,7 +323,8 @@ def test_detection_task_through_the_cli(pipeline: dict[str, Path], tmp_path: Pat
                          "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert len(result["neighbors"]) == 3 and 0.0 <= result["prediction"]["probability"] <= 1.0
+    assert len(result["neighbors"]) == 3 + result["vote"]["self_matches"] and result["neighbors"][0]["self_match"]
+    assert 0.0 <= result["prediction"]["probability"] <= 1.0
     height, width = result["query"]["shape"]
     for found in result["prediction"]["boxes"]:
         x, y, w, h = found["box"]
@@ -402,7 +424,7 @@ def test_reindex_with_a_new_model(pipeline: dict[str, Path], tmp_path: Path) -> 
     dicom = _dicoms(pipeline["data"])[0]
     code, out, err = run("query", dicom, "--index", index, "--collection", "re", "--k", 3, "--json")
     assert code == 0, err
-    assert len(json.loads(out)["neighbors"]) == 3
+    assert len(json.loads(out)["neighbors"]) == 3 + 1     # the archived query itself, flagged, plus 3 voters
     code, out, err = run("query", dicom, "--index", index, "--collection", "re", "--model", pipeline["model"])
     assert code == 2 and "was built with model" in err
     code, out, err = run("ingest", *base[:4], "--collection", "nothing", "--model", new_model, "--reindex")

@@ -325,7 +325,7 @@ def test_a_detector_query_runs_the_network_once():
     from cbir.embed import detect_image, embed_image
     from cbir.io import SafeMeta, XrayImage
     from cbir.models.checkpoint import LoadedModel
-    from cbir.search.query import answer
+    from cbir.search.query import Search, answer
 
     torch.manual_seed(0)
     config = tiny_config(score_thresh=0.0, box_threshold=0.0)
@@ -341,7 +341,7 @@ def test_a_detector_query_runs_the_network_once():
         return run(*args, **kwargs)
 
     model._run = counted
-    result = answer(image, "q.png", loaded, {"target": "Pneumonia"}, "c", 3, lambda embedded: [])
+    result = answer(image, "q.png", loaded, {"target": "Pneumonia"}, "c", Search(k=3), lambda embedded: [])
     assert len(passes) == 1
     assert result.prediction["boxes"] == expected_boxes and len(expected_boxes) > 0
     assert np.allclose(embed_image(loaded, image).embedding, expected_embedding)

@@ -228,7 +228,8 @@ def test_cbir_ingest_of_the_corpus_counts_every_file_and_says_one_line_per_bad_o
     root, entries = corpus
     done = subprocess.run([sys.executable, "-m", "cbir.cli.main", "ingest", "--data", str(root), "--layout", "folder",
                            "--model", str(index["model"]), "--index", str(tmp_path / "index"), "--collection",
-                           "corpus", "--workers", "2", "--batch-size", "4"], cwd=ROOT, capture_output=True,
+                           "corpus", "--workers", "2", "--batch-size", "4", "--label-map", "pydicom=normal",
+                           "--label-map", "written=pneumonia"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stdout + done.stderr and "internal error" not in done.stderr

@@ -67,9 +67,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_the_checkpoint_records_its_split(runs: dict[str, Path]) -> None:
     record = json.loads((runs["seed1"] / "split.json").read_text())
-    assert record["spec"]["seed"] == 1 and record["dataset"] == "rsna" and record["images"] == 60
+    assert record["spec"]["seed"] == 1 and record["images"] == 60
     records = load_dataset(runs["data"], "rsna", split=SplitSpec(seed=1))
-    assert record == records.split_record()
+    assert record == records.split_record() and record["dataset"] == records.dataset_id  # the id, not "rsna"
+    assert record["dataset"].startswith("d-")
     assert record["splits"]["val"]["patients"] == records.split("val").meta["patient"].nunique()
     text = json.dumps(record)
     assert not any(p in text for p in records.meta["patient"])  # digests only, never a patient key
@@ -99,10 +100,11 @@ def test_ingest_and_evaluate_use_the_models_split(runs: dict[str, Path], tmp_pat
     assert report["n_queries"] == int((expected["split"] == "test").sum())
     assert "seed 1" in report["context"]["split"]
     from cbir.index import open_index
+    record = json.loads((runs["seed1"] / "split.json").read_text())
     with open_index(str(index)) as idx:
-        assert idx.get_meta("c")["splits"]["rsna"] == json.loads((runs["seed1"] / "split.json").read_text())
+        assert idx.get_meta("c")["splits"] == {record["dataset"]: record}   # by the dataset's id
     code, out, err = run_cli("index", "info", "--index", index, "--json")
-    assert json.loads(out)["collections"][0]["splits"] == {"rsna": "seed 1, val 0.1, test 0.2"}
+    assert json.loads(out)["collections"][0]["splits"] == {record["dataset"]: "seed 1, val 0.1, test 0.2"}
 
 
 def test_another_patient_rule_on_the_same_data_is_refused(tmp_path: Path) -> None:
@@ -152,7 +154,8 @@ def test_a_collection_keeps_one_split_per_dataset(runs: dict[str, Path], tmp_pat
     base = ("--data", runs["data"], "--index", index, "--collection", "c", "--workers", 0)
     assert run_cli("ingest", *base, "--model", runs["seed1"])[0] == 0
     code, out, err = run_cli("ingest", *base, "--model", runs["seed1"], "--seed", 2, "--other-split")
-    assert code == 2 and "holds rsna images split as seed 1" in err and "new collection" in err
+    dataset = load_dataset(runs["data"], "rsna").dataset_id
+    assert code == 2 and f"holds dataset {dataset} split as seed 1" in err and "new collection" in err
     assert len([line for line in err.splitlines() if line.startswith("error")]) == 1
 
 

@@ -65,8 +65,10 @@ def test_payloads_say_the_label_is_unknown(setup: dict[str, Path]) -> None:
         splits = {p.payload["split"] for p in points}
     assert mixed_unknown == N_PLAIN
     assert all((p.payload["label"], p.payload["labels"], p.payload["target"]) == (None, [], -1) for p in points)
-    assert all(p.payload["dataset"] == "archive" and p.payload["path"] is None and p.payload["file"].startswith("f-")
-               for p in points)   # file names are pseudonymised (patient_NN folders are not in the payload)
+    assert all(p.payload["dataset"].startswith("d-") and p.payload["path"] is None
+               and p.payload["file"].startswith("f-")
+               for p in points)   # the dataset's keyed id, never its folder's name; file names are pseudonymised
+    assert len({p.payload["dataset"] for p in points}) == 1 and "archive" not in str([p.payload for p in points])
     assert splits <= {"train", "val", "test"} and len(splits) > 1
     by_patient: dict[str, set[str]] = {}
     for p in points:   # two images per patient folder, grouped by --patient-regex: one split per patient
@@ -78,7 +80,9 @@ def test_query_of_an_unlabelled_archive_says_the_vote_has_no_voters(setup: dict[
     image = next(setup["plain"].rglob("*.png"))
     result = json.loads(ok("query", image, "--index", setup["index"], "--collection", "unlabelled", "--k", K,
                            "--json"))
-    assert len(result["neighbors"]) == K and result["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # the archived query finds itself (flagged, not voting), then K others
+    assert len(result["neighbors"]) == K + 1 and result["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert result["neighbors"][0]["self_match"] and result["vote"]["self_matches"] == 1
     assert all(n["label"] is None and n["labels"] == [] for n in result["neighbors"])
     expected = {"label": None, "fraction": 0.0, "positive_fraction": 0.0, "labelled": 0, "skipped_unknown": K,
                 "probability": None, "reliable": False}
@@ -93,7 +97,9 @@ def test_query_of_a_mixed_collection_votes_with_the_labelled_neighbours(setup: d
     for query in (dicom, image):
         result = json.loads(ok("query", query, "--index", setup["index"], "--collection", "mixed", "--k", 70,
                                "--json"))
-        neighbours, vote = result["neighbors"], result["vote"]
+        vote = result["vote"]
+        neighbours = [n for n in result["neighbors"] if not n["self_match"]]   # the query itself does not vote
+        assert len(neighbours) == 70 and vote["self_matches"] == len(result["neighbors"]) - 70
         known = [n for n in neighbours if n["label"] is not None]
         assert vote["labelled"] == len(known) and vote["skipped_unknown"] == len(neighbours) - len(known)
         assert vote["skipped_unknown"] >= 10 and len(known) >= 46  # 70 of 60 labelled + 24 unknown: both kinds
@@ -101,7 +107,9 @@ def test_query_of_a_mixed_collection_votes_with_the_labelled_neighbours(setup: d
         assert vote["fraction"] == pytest.approx(sum(n["label"] == vote["label"] for n in known) / len(known))
         assert sum(n["label"] == vote["label"] for n in known) == sum(n["label"] == winner for n in known)
     text = ok("query", image, "--index", setup["index"], "--collection", "mixed", "--k", 70)
-    assert f"of {vote['labelled']} labelled neighbours; {vote['skipped_unknown']} with unknown labels skipped" in text
+    flat = " ".join(text.split())
+    assert f"{vote['labelled']} labelled neighbours" in flat
+    assert f"{vote['skipped_unknown']} with unknown labels skipped" in flat
 
 
 def test_evaluate_skips_unknown_labels_and_counts_them(setup: dict[str, Path]) -> None:

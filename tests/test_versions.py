@@ -71,6 +71,11 @@ def test_migration_from_schema_1(kind: str, tmp_path: Path) -> None:
         assert index.schema_version("rsna") == 2 and index.count("rsna") == 60
         meta = index.get_meta("rsna")
         assert meta["schema_version"] == 2 and meta["model_fingerprint"] == old_meta["model_fingerprint"]
+        # migration 3: the typed record (`cbir.index.record`), derived from what the old one said
+        assert "record_version" not in old_meta and meta["record_version"] == 1 and meta["revision"] >= 1
+        assert meta["probability"] == {"calibrated": False, "operating_point": 0.5}   # raw scores were stored
+        assert meta["label_space"]["target"] == old_meta["target"]
+        assert meta["label_space"]["negative"] == old_meta["negative_label"]
         points = {p.id: p for p in index.retrieve("rsna", ids, with_vectors=True)}
         assert len(points) == 60
         for i, point_id in enumerate(ids):

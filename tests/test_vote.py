@@ -74,12 +74,46 @@ def test_ingest_calibrates_and_query_reports_the_vote(tmp_path: Path) -> None:
         body = idx.get_meta("cbir")["calibration"]
     assert body["vote"]["n_validation"] >= 20 and -1 <= body["nearest"]["threshold"] <= body["nearest"]["median"]
     query = sorted((data / "stage_2_train_images").glob("*.dcm"))[0]
-    code, out, err = run_cli("query", query, "--index", index, "--k", 5, "--json")
+    code, out, err = run_cli("query", query, "--index", index, "--json")   # k = 10, as calibrated
+    assert code == 0, err
+    result = json.loads(out)
+    v = result["vote"]
+    assert {"label", "fraction", "positive_fraction"} <= set(v)          # the stable fields stay
+    assert v["calibrated"] is True and v["uncalibrated_because"] is None
+    assert 0 <= v["probability"] <= 1 and isinstance(v["close_case"], bool)
+    # one meaning: the label is the calibrated probability read at the stated operating point
+    assert (v["label"] == v["target"]) == (v["probability"] >= v["operating_point"])
+    assert math.isclose(v["operating_point"], body["vote"]["prior"], abs_tol=1e-6)
+    # the query is an archived training image: it finds itself, which is flagged and does not vote
+    assert result["neighbors"][0]["self_match"] is True and v["self_matches"] == 1 and not v["included_self"]
+    assert len(result["neighbors"]) == 11 and not any(n["self_match"] for n in result["neighbors"][1:])
+    assert len(v["weights"]) == 10 and math.isclose(sum(v["weights"]), 1.0, abs_tol=1e-4)
+    assert 1.0 <= v["effective_neighbours"] <= 10.0
+    # the model's own probability is calibrated on validation (class-weighted BCE made its sigmoid a score)
+    from cbir.models.calibration import ProbabilityCalibration
+    calibration = ProbabilityCalibration.load(model, (model / "fingerprint").read_text().strip())
+    pred = result["prediction"]
+    assert calibration is not None and pred["calibrated"] is True
+    assert math.isclose(pred["operating_point"], calibration.operating_point, abs_tol=1e-6)
+    assert math.isclose(pred["probability"], float(calibration.apply(pred["raw_score"])), abs_tol=1e-5)
+    assert (pred["label"] == pred["target"]) == (pred["probability"] >= pred["operating_point"])
+    code, out, err = run_cli("query", query, "--index", index, "--json", "--include-self")
+    assert code == 0, err
+    both = json.loads(out)
+    assert len(both["neighbors"]) == 10 and both["vote"]["included_self"] and both["neighbors"][0]["self_match"]
+    code, out, err = run_cli("query", query, "--index", index, "--k", 5, "--json")   # not the calibrated k
     assert code == 0, err
     v = json.loads(out)["vote"]
-    assert {"label", "fraction", "positive_fraction"} <= set(v)          # the stable fields stay
-    assert v["calibrated"] is True and 0 <= v["probability"] <= 1 and isinstance(v["close_case"], bool)
-    assert len(v["weights"]) == 5 and math.isclose(sum(v["weights"]), 1.0, abs_tol=1e-4)
+    assert v["calibrated"] is False and "k = 5 (calibrated at k = 10)" in v["uncalibrated_because"]
+    assert any("not calibrated" in w for w in v["warnings"]) and v["reliable"] is False
+    code, out, err = run_cli("query", query, "--index", index, "--filter", "view=PA", "--json")
+    assert code == 0, err
+    assert "a filter on view" in json.loads(out)["vote"]["uncalibrated_because"]
+    code, out, err = run_cli("query", query, "--index", index)
+    flat = " ".join(out.split())
+    assert code == 0 and "already in the archive" in flat and "│ 1 self │" in out, out
+    code, out, err = run_cli("query", query, "--index", index, "--json", "--k", 10)
+    v = json.loads(out)["vote"]
     assert v["reliable"] == (v["warnings"] == []) and isinstance(v["in_domain"], bool)
     assert v["reliable"] == (v["close_case"] and v["in_domain"])
     photo, grey_rgb = _colour_photo(tmp_path / "photo.png"), _grey_as_rgb(query, tmp_path / "grey.png")
@@ -94,8 +128,12 @@ def test_ingest_calibrates_and_query_reports_the_vote(tmp_path: Path) -> None:
     assert not any(w.startswith("a colour picture") for w in json.loads(out)["vote"]["warnings"])
     code, out, err = run_cli("evaluate", "--index", index, "--k", 5, "--out", tmp_path / "rep", "--json")
     assert code == 0, err
-    wv = json.loads(out)["stage2"]["weighted_vote"]
+    report = json.loads(out)
+    wv = report["stage2"]["weighted_vote"]
     assert 0 <= wv["agreement_with_model"] <= 1 and wv["balanced_accuracy_ci"] is not None
+    assert math.isclose(report["stage1"]["operating_point"], calibration.operating_point, abs_tol=1e-9)
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "Vote balanced accuracy (what cbir query shows)" in text and "Majority of 5 accuracy (baseline)" in text
 
 
 def test_index_calibrate_refits_and_refuses_an_unknown_collection(tmp_path: Path) -> None:
@@ -147,3 +185,19 @@ def _grey_as_rgb(dicom: Path, path: Path) -> Path:
     grey = (read_image(dicom).pixels * 255).astype(np.uint8)
     Image.fromarray(np.stack([grey] * 3, -1)).save(path)
     return path
+
+
+def test_a_sharp_temperature_is_called_a_nearest_case_label() -> None:
+    """τ = 0.01 (the demo's) gives the nearest of 8 neighbours ~99.99 % of the weight: before, the text read
+    "No Pneumonia (88 % of 8 neighbours)", like an 8-way vote."""
+    from cbir.index.base import Hit
+    from cbir.search.query import describe_vote, vote
+    hits = [Hit(str(i), 0.95 - 0.1 * i, {"target": int(i == 0), "label": "x", "labels": ["x"]}) for i in range(8)]
+    meta = {"negative_label": "No Pneumonia",
+            "calibration": {"k": 8, "vote": VoteCalibration(0.01, 1.0, 0.0, 0.25, 50, 0.5).to_dict()}}
+    v = vote(hits, "Pneumonia", meta)
+    assert v["effective_neighbours"] < 1.01 and v["nearest_case"] is True and v["weights"][0] > 0.999
+    assert "a nearest-case label: the nearest of 8 neighbours carries 100% of the weight" in describe_vote(v, 8)
+    flat = vote(hits, "Pneumonia", {**meta, "calibration": {"k": 8, "vote": VoteCalibration(prior=0.25).to_dict()}})
+    assert math.isclose(flat["effective_neighbours"], 8.0) and not flat["nearest_case"]
+    assert "8 neighbours, weighted like 8.0" in describe_vote(flat, 8)

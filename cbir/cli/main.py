@@ -68,6 +68,14 @@ LocalPathsOpt = Annotated[bool, typer.Option(
     "they may identify patients")]
 OtherSplitOpt = Annotated[bool, typer.Option(
     "--other-split", help="experts: allow a split that differs from the one the model was trained with")]
+DatasetIdOpt = Annotated[str | None, typer.Option(
+    "--dataset-id", help="name the dataset in the index by this id (1-48 letters, digits, '.', '_', '-'; default: "
+    "a keyed hash of its files' names and sizes, or the id the collection records for this folder)")]
+
+
+LabelMapOpt = Annotated[list[str] | None, typer.Option(
+    "--label-map", help="FROM=TO: call the data's label FROM by the collection's name TO (repeatable), e.g. "
+    "COVID='No Pneumonia'; labels the collection does not know are refused otherwise")]
 
 
 def guarded(func: F) -> F:
@@ -524,11 +532,13 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
            thumbnails: Annotated[bool, typer.Option(
                "--thumbnails", help="store a small de-identified picture (192 px WebP) with each point, so that "
                "other teams see the cases in the viewer and in montages")] = False,
+           label_map: LabelMapOpt = None, dataset_id: DatasetIdOpt = None,
            ) -> None:
     """Embed every image of a dataset and upsert it into the index, split as the model's training data was
     (each point's payload `split`; the collection records the split). Payloads name files by keyed pseudonyms
     unless --keep-paths."""
     with _heavy_imports():
+        from cbir.data.labels import parse_label_map
         from cbir.data.layout import load_dataset_for_model
         from cbir.index.ingest import ingest_records
         from cbir.index.teams import team_collection
@@ -543,7 +553,7 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
     reporter = _reporter()
     records, notes = load_dataset_for_model(data, layout, loaded.split,
                                             _split_options(seed, val_fraction, test_fraction, folds, fold),
-                                            other_split, str(model), patient_regex)
+                                            other_split, str(model), patient_regex, dataset_id)
     for note in notes:
         reporter.warn(note)
     split = records.split_record()
@@ -562,7 +572,8 @@ def ingest(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
         summary = ingest_records(records, loaded, idx, collection, pseudonymize, batch_size, workers, strict,
                                  reporter, codes=codes, may_fit_itq=first_part, shards=shards, replicas=replicas,
                                  team=team, reindex=reindex, allow_count_change=allow_count_change,
-                                 split=split, keep_paths=keep_paths, thumbnails=thumbnails)
+                                 split=split, keep_paths=keep_paths, thumbnails=thumbnails,
+                                 label_map=parse_label_map(label_map))
         from cbir.search.calibrate import calibrate
         calibrate(idx, collection, reporter=reporter)
     out.print(summary.line, markup=False)
@@ -584,7 +595,10 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
           montage: Annotated[Path | None, typer.Option("--montage", help="write a PNG montage")] = None,
           device: Annotated[str, typer.Option("--device")] = "auto", team: TeamOpt = None,
           max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False,
-          local_paths: LocalPathsOpt = False) -> None:
+          local_paths: LocalPathsOpt = False,
+          include_self: Annotated[bool, typer.Option(
+              "--include-self", help="let an archived copy of the query itself vote (left out by default)")] = False
+          ) -> None:
     """Find the k most similar archived cases to one image. File names are not printed unless --local-paths."""
     with _heavy_imports():
         from cbir.index.teams import team_collection
@@ -598,7 +612,7 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
     with _open(index) as idx:
         loaded = _load_model(model, idx, collection, device)
         result = query_image(image, loaded, idx, collection, k, flt, prefilter, hamming_radius,
-                             load_pseudonymizer(), local_paths)
+                             load_pseudonymizer(), local_paths, include_self)
         payload = result.to_json()
         if montage is not None:
             from cbir.report.montage import write_montage
@@ -613,22 +627,37 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
     _print_query(payload)
 
 
+def _describe_prediction(pred: dict[str, Any]) -> str:
+    """The model's own answer in words: its probability, whether calibrated, and the point it is read at."""
+    if "operating_point" not in pred:
+        return f"P({pred['target']}) = {pred['probability']:.3f} → {pred['label']}"
+    how = "calibrated" if pred.get("calibrated") else "a raw score, not calibrated"
+    return (f"P({pred['target']}) = {pred['probability']:.3f}, {how} → {pred['label']} ({pred['target']} from "
+            f"{pred['operating_point']:.2f} on)")
+
+
 def _print_query(result: dict[str, Any]) -> None:
     from cbir.search.query import describe_vote
     table = Table(title=f"{result['k']} nearest cases in {result['collection']!r}")
     for column in ("rank", "score", "hamming", "labels", "view", "sex", "age", "file"):
         table.add_column(column, justify="right" if column in ("rank", "score", "hamming") else "left")
+    vote, pred = result["vote"], result["prediction"]
     for n in result["neighbors"]:
-        table.add_row(str(n["rank"]), f"{n['score']:.4f}", "" if n["hamming"] is None else str(n["hamming"]),
+        own = " self" if n.get("self_match") and not vote.get("included_self") else ""
+        table.add_row(f"{n['rank']}{own}", f"{n['score']:.4f}", "" if n["hamming"] is None else str(n["hamming"]),
                       ", ".join(n["labels"] or []) or ("unknown" if n.get("label") is None else ""),
                       n["view"] or "", n["sex"] or "", n["age_band"] or "",
                       n["path"] or n.get("file") or "")
     out.print(table)
-    vote, pred = result["vote"], result["prediction"]
+    if (result.get("query") or {}).get("label"):
+        out.print(f"query's own label: {result['query']['label']}", markup=False)
+    if vote.get("self_matches") and not vote.get("included_self"):
+        out.print("the query is already in the archive (rank marked self, similarity ≥ 0.9999): left out of the "
+                  "vote (--include-self keeps it)", markup=False)
     out.print(f"kNN vote: {describe_vote(vote, len(result['neighbors']))}", markup=False)
     for warning in vote.get("warnings") or []:
         out.print(f"warning: {warning}; the vote is unreliable", markup=False)
-    out.print(f"model: P({pred['target']}) = {pred['probability']:.3f} → {pred['label']}", markup=False)
+    out.print(f"model: {_describe_prediction(pred)}", markup=False)
     for found in pred.get("boxes") or []:
         x, y, w, h = found["box"]
         out.print(f"model box: x {x:.0f}, y {y:.0f}, w {w:.0f}, h {h:.0f} (score {found['score']:.2f})", markup=False)
@@ -649,12 +678,13 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
              robustness: Annotated[bool, typer.Option(
                  "--robustness", help="also re-encode every query (JPEG q60, cropped 12-bit MONOCHROME1 DICOM, "
                                       "blur + gamma, 5° rotation): rank of the original and the metrics' change"
-             )] = False) -> None:
+             )] = False, label_map: LabelMapOpt = None, dataset_id: DatasetIdOpt = None) -> None:
     """Stage-1 ROC-AUC and stage-2 kNN metrics with 95 % CIs and the majority baseline; writes report.md/json.
 
     The queries are the test split the model was trained with (from the collection), or --queries: another
     dataset's images (only its test split when it is the model's own training data)."""
     with _heavy_imports():
+        from cbir.data.labels import parse_label_map
         from cbir.evaluate.run import evaluate_collection
         from cbir.index.teams import team_collection
         from cbir.io import load_pseudonymizer
@@ -662,9 +692,11 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
     reporter = _reporter(quiet=as_json)
     with _open(index) as idx:
         loaded = _load_model(model, idx, collection, device)
-        records = _query_records(queries, layout, loaded, patient_regex, other_split, reporter) if queries else None
+        records = _query_records(queries, layout, loaded, patient_regex, other_split, reporter,
+                                 dataset_id) if queries else None
         report = evaluate_collection(idx, collection, loaded, out_dir, k, records, load_pseudonymizer(), reporter,
-                                     allow_other_split=other_split, robustness=robustness)
+                                     allow_other_split=other_split, robustness=robustness,
+                                     label_map=parse_label_map(label_map))
     report.pop("per_query", None)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
@@ -673,12 +705,12 @@ def evaluate(model: Annotated[Path | None, typer.Option("--model")] = None, inde
 
 
 def _query_records(root: Path, layout: str, loaded: Any, patient_regex: str | None, other_split: bool,
-                   reporter: Any) -> Any:
+                   reporter: Any, dataset_id: str | None = None) -> Any:
     """`--queries`: the dataset split by the model's rule; only its test split if the model was trained on it."""
     from cbir.data.layout import load_dataset_for_model
     from cbir.data.splits import same_data
     records, notes = load_dataset_for_model(root, layout, loaded.split, {}, other_split, str(loaded.path),
-                                            patient_regex)
+                                            patient_regex, dataset_id)
     for note in notes:
         reporter.warn(note)
     if loaded.split is not None and same_data(loaded.split, records.split_record()):
@@ -691,28 +723,36 @@ def _query_records(root: Path, layout: str, loaded: Any, patient_regex: str | No
 
 
 def _print_report(report: dict[str, Any], out_dir: Path) -> None:
+    """The console table: stage 1, then the vote that `cbir query` shows, then the plain majority of k and the
+    other retrieval figures as baselines (docs/metrics.md)."""
     s1, s2, base, k = report["stage1"], report["stage2"], report["baseline"], report["k"]
+    vote = s2.get("weighted_vote") or {}
     table = Table(title=f"evaluation: {report['n_queries']} queries, k = {k}")
     for column in ("metric", "value", "95 % CI"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     rows = [("stage 1 ROC-AUC", s1["roc_auc"], s1.get("roc_auc_ci")),
             *([("box mAP (IoU 0.40–0.75)", s1["box_map"], None)] if "box_map" in s1 else []),
-            ("kNN accuracy", s2["knn_accuracy"], s2.get("knn_accuracy_ci")),
-            ("kNN balanced accuracy", s2["balanced_accuracy"], s2.get("balanced_accuracy_ci")),
-            ("kNN sensitivity / specificity", None, None),
+            *([("vote balanced accuracy (what cbir query shows)", vote["balanced_accuracy"],
+                vote.get("balanced_accuracy_ci")),
+               ("vote minus model, balanced accuracy", vote["minus_model_balanced_accuracy"],
+                vote.get("minus_model_balanced_accuracy_ci")),
+               ("vote sensitivity / specificity", None, None)] if vote else []),
+            (f"majority of {k}: accuracy (baseline)", s2["knn_accuracy"], s2.get("knn_accuracy_ci")),
+            (f"majority of {k}: balanced accuracy (baseline)", s2["balanced_accuracy"],
+             s2.get("balanced_accuracy_ci")),
             (f"precision@{k}", s2["precision_at_k"], None), (f"mAP@{k}", s2["map_at_k"], s2.get("map_at_k_ci")),
             *[(name, s2[key], None) for key, name in (("map_at_k_any_finding", "mAP, any shared finding"),
                                                       ("hamming_map_at_k", "mAP, Hamming ranking"),
                                                       ("prefilter_knn_accuracy", "kNN accuracy, Hamming prefilter"))
               if key in s2],
             (f"majority baseline (always {_majority_name(report)})", base["majority_accuracy"], None)]
+
+    def pair(block: dict[str, Any]) -> str:
+        return " / ".join("n/a" if block.get(key) is None else f"{100 * block[key]:.1f} %"
+                          for key in ("sensitivity", "specificity"))
     for name, value, ci in rows:
-        if name.startswith("kNN sensitivity"):
-            text = " / ".join("n/a" if v is None else f"{100 * v:.1f} %" for v in (s2.get("sensitivity"),
-                                                                                  s2.get("specificity")))
-            model = " / ".join("n/a" if v is None else f"{100 * v:.1f} %" for v in (s1.get("sensitivity"),
-                                                                                   s1.get("specificity")))
-            table.add_row(name, text, f"model: {model}")
+        if name.startswith("vote sensitivity"):
+            table.add_row(name, pair(vote), f"model: {pair(s1)}")
             continue
         interval = "" if not ci else f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}"
         table.add_row(name, "n/a" if value is None else f"{100 * value:.2f} %", interval)
@@ -1170,6 +1210,92 @@ def study(name: Annotated[str, typer.Argument(
     result = STUDIES[name](options, _reporter())
     out.print(result["markdown"], markup=False)
 
+
+@app.command()
+@guarded
+def audit(data: Annotated[Path, typer.Option("--data", help="the dataset to audit (the queries)")],
+          layout: LayoutOpt = "auto",
+          against: Annotated[Path | None, typer.Option(
+              "--against", help="a second dataset: near-duplicates between the two (default: across the splits of "
+              "--data)")] = None,
+          against_layout: Annotated[str, typer.Option("--against-layout", help="layout of --against")] = "auto",
+          collection: Annotated[str | None, typer.Option(
+              "--collection", help="an ingested collection: near-duplicates between --data and its points")] = None,
+          index: IndexOpt = None,
+          model: Annotated[Path | None, typer.Option(
+              "--model", help="with --collection: its model (default: the one it records)")] = None,
+          threshold: Annotated[float | None, typer.Option(
+              "--threshold", min=0.0, max=1.0, help="cosine of the tiny images from which two images are "
+              "near-duplicates (default 0.96: docs/results.md, \"Leakage audit\")")] = None,
+          seed: SeedOpt = None, val_fraction: ValFractionOpt = None, test_fraction: TestFractionOpt = None,
+          folds: FoldsOpt = None, fold: FoldOpt = None, patient_regex: RegexOpt = None,
+          csv_out: Annotated[Path, typer.Option(
+              "--csv", help="write the pairs here (keyed pseudonyms only)")] = Path("cbir-audit.csv"),
+          pixel: Annotated[bool, typer.Option(
+              "--pixel-check", help="also compare each pair's pixels at 256 px (linear-fit residual)")] = False,
+          show: Annotated[int, typer.Option("--show", min=0, help="print at most this many pairs")] = 20,
+          workers: Annotated[int, typer.Option("--workers", min=0)] = 2,
+          as_json: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
+          local_paths: LocalPathsOpt = False, max_pixels: MaxPixelsOpt = None,
+          any_modality: AnyModalityOpt = False) -> None:
+    """Leakage audit: near-duplicate images (by their tiny images, no model needed) across the splits of --data,
+    between --data and --against, or between --data and a --collection. Writes the pairs as CSV (pseudonyms)."""
+    with _heavy_imports():
+        from cbir.data.layout import load_dataset
+        from cbir.data.splits import SplitSpec
+        from cbir.evaluate import audit as au
+        from cbir.io import load_pseudonymizer
+    if against is not None and collection is not None:
+        raise CbirError("give --against DIR or --collection NAME, not both")
+    _set_reader_limits(max_pixels, any_modality)
+    explicit = {k: v for k, v in _split_options(seed, val_fraction, test_fraction, folds, fold).items()
+                if v is not None}
+    pseudonymize, reporter = load_pseudonymizer(), _reporter(quiet=as_json)
+    records = load_dataset(data, layout, split=SplitSpec().replace(**explicit), patient_regex=patient_regex,
+                           pseudonymize=pseudonymize)
+    options = {"threshold": au.THRESHOLD if threshold is None else threshold, "reporter": reporter,
+               "workers": workers, "pixel": pixel}
+    if against is not None:
+        result = au.audit_datasets(records, load_dataset(against, against_layout, pseudonymize=pseudonymize),
+                                   pseudonymize, **options)
+    elif collection is not None:
+        with _open(index) as idx:
+            result = au.audit_collection(records, idx, collection, _load_model(model, idx, collection, "cpu"),
+                                         pseudonymize, **options)
+    else:
+        result = au.audit_splits(records, pseudonymize, **options)
+    au.write_csv(result, csv_out)
+    for failure in result.failures:
+        reporter.warn(failure)
+    if as_json:
+        sys.stdout.write(json.dumps(result.summary(csv_out), indent=2) + "\n")
+    else:
+        _print_audit(result, csv_out, show, local_paths)
+    if result.failures:
+        raise typer.Exit(1)
+
+
+def _print_audit(result: Any, csv_out: Path, show: int, local_paths: bool) -> None:
+    where = {"splits": f"in two splits of {result.a.name}", "datasets": f"between {result.a.name} and {result.b.name}",
+             "collection": f"between {result.a.name} and collection {result.b.name!r}"}[result.mode]
+    out.print(f"{len(result.pairs)} near-duplicate pairs {where} (cosine ≥ {result.threshold:g})", markup=False)
+    for n, row in enumerate(result.rows()[:show]):
+        i, j = result.pairs.i[n], result.pairs.j[n]
+        a = (result.a.paths[i] if local_paths else None) or row["a_file"]
+        b = (result.b.paths[j] if local_paths else None) or row["b_file"]
+        pixels = (f"  pixels {'identical' if row['pixel_identical'] else 'differ'} "
+                  f"({row['pixel_residual']:.1f}/255)" if result.pixels is not None else "")
+        out.print(f"  {row['similarity']:.4f}  {a} ({row['a_split']})  ~  {b} ({row['b_split']}){pixels}",
+                  markup=False)
+    if len(result.pairs) > show:
+        out.print(f"  … and {len(result.pairs) - show} more in the CSV", markup=False)
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in result.counts.items())
+    out.print(f"{counts}; {result.seconds:.1f} s", markup=False)
+    out.print(f"vectors: {result.method}", markup=False)
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False)
+    out.print(f"pairs: {csv_out} (keyed pseudonyms only{'' if local_paths else '; --local-paths prints file names'})",
+              markup=False)
 
 def main() -> None:
     app()

@@ -120,8 +120,10 @@ def make_meta(
     view: Sequence[object] | pd.Series | None = None,
     sex: Sequence[object] | pd.Series | None = None,
     age: Sequence[object] | pd.Series | None = None,
+    patient_source: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """A `Records.meta` frame with exactly `META_COLUMNS`; a column left as None is all-None."""
+    """A `Records.meta` frame with exactly `META_COLUMNS`; a column left as None is all-None, except
+    `patient_source`, which defaults to "label" (the caller's `patient` column names the patients)."""
     n = len(path)
 
     def column(values: Sequence[object] | pd.Series | np.ndarray | None) -> list:
@@ -139,6 +141,7 @@ def make_meta(
             "view": column(view),
             "sex": column(sex),
             "age": column(age),
+            "patient_source": ["label"] * n if patient_source is None else [str(s) for s in patient_source],
         },
         columns=list(META_COLUMNS),
     )

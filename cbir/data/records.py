@@ -7,24 +7,29 @@ plain layout, a folder layout with a single sub-folder) has no label names, an N
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from cbir.data.patients import LABEL_SOURCE, fallback_count, grouped_patients, patient_pseudonyms
 from cbir.data.splits import SPLITS, SplitSpec, part_mask, split_names, split_record
 from cbir.errors import DatasetError
+from cbir.io.phi import Pseudonymizer
 
 #: Columns every layout reader puts in `Records.meta`.
 #:   path     absolute path of the image file (str)
 #:   relpath  path relative to the dataset root, POSIX separators (str); stored in payloads
-#:   patient  raw patient key used for splitting; internal only, it never reaches a payload
+#:   patient  patient key used for splitting (`cbir.data.patients`); internal only, it never reaches a payload
+#:            (a DICOM header's patient is held as its keyed pseudonym already, never as the raw PatientID)
 #:   split    "train", "val" or "test"
 #:   boxes    list of [x, y, w, h] boxes in original pixel coordinates (empty list when none)
 #:   view, sex, age   optional header-like fields from the label file (None when unknown)
-META_COLUMNS = ("path", "relpath", "patient", "split", "boxes", "view", "sex", "age")
+#:   patient_source   where `patient` comes from: "label", "header", "name", "file" or "fallback"
+#:            (`cbir.data.patients.PATIENT_SOURCES`)
+META_COLUMNS = ("path", "relpath", "patient", "split", "boxes", "view", "sex", "age", "patient_source")
 
 __all__ = ["META_COLUMNS", "SPLITS", "Records"]
 
@@ -34,7 +39,9 @@ class Records:
     """Images of one dataset with their labels.
 
     `target` names the class that the binary task predicts (e.g. "Pneumonia"); it is one of
-    `label_names`, or "" when the labels are unknown (`label_names` empty; see `has_labels`).
+    `label_names`, or "" when the labels are unknown (`label_names` empty; see `has_labels`). `dataset` is a
+    display name (the folder's, or the layout's) for this machine's messages; `dataset_id` is what collections,
+    payloads, point IDs and split records name the dataset by (`cbir.data.identity`).
     """
 
     root: Path
@@ -54,6 +61,12 @@ class Records:
     official_test: np.ndarray | None = None
     #: The split the `split` column was made with.
     split_spec: SplitSpec = field(default_factory=SplitSpec)
+    #: The dataset's id (`cbir.data.identity`; set by `cbir.data.layout.load_dataset`, "" until then).
+    dataset_id: str = ""
+    #: Whether the user gave `dataset_id` (`--dataset-id`), rather than it being the fingerprint's.
+    dataset_id_given: bool = False
+    #: The dataset's unkeyed fingerprint (`cbir.data.identity.fingerprint`; "" until `load_dataset` sets it).
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         width = -1 if len(self.meta) and self.label_names else len(self.label_names)
@@ -63,6 +76,8 @@ class Records:
         if self.target not in self.label_names and (self.label_names or self.target):
             raise ValueError(f"target {self.target!r} is not one of {self.label_names}")
         self.meta = self.meta.reset_index(drop=True)
+        if "patient_source" not in self.meta.columns:
+            self.meta["patient_source"] = LABEL_SOURCE
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -97,7 +112,8 @@ class Records:
             labels=self.labels[index], meta=self.meta.iloc[index].reset_index(drop=True),
             target=self.target, notes=list(self.notes), patient_rule=self.patient_rule,
             official_test=None if self.official_test is None else self.official_test[index],
-            split_spec=self.split_spec,
+            split_spec=self.split_spec, dataset_id=self.dataset_id, dataset_id_given=self.dataset_id_given,
+            fingerprint=self.fingerprint,
         )
 
     def with_split(self, spec: SplitSpec) -> Records:
@@ -106,11 +122,35 @@ class Records:
         return Records(root=self.root, dataset=self.dataset, layout=self.layout,
                        label_names=list(self.label_names), labels=self.labels, meta=meta, target=self.target,
                        notes=list(self.notes), missing=list(self.missing), patient_rule=self.patient_rule,
-                       official_test=self.official_test, split_spec=spec)
+                       official_test=self.official_test, split_spec=spec, dataset_id=self.dataset_id,
+                       dataset_id_given=self.dataset_id_given, fingerprint=self.fingerprint)
+
+    def with_dataset_id(self, dataset_id: str, given: bool | None = None, fingerprint: str | None = None) -> Records:
+        """The same images under another dataset id (`given`: whether the user named it; `fingerprint`: the
+        dataset's; each default unchanged)."""
+        return replace(self, dataset_id=dataset_id,
+                       dataset_id_given=self.dataset_id_given if given is None else given,
+                       fingerprint=self.fingerprint if fingerprint is None else fingerprint)
 
     def split_record(self) -> dict[str, Any]:
-        """The record of this split that checkpoints and collections keep (`cbir.data.splits.split_record`)."""
-        return split_record(self.meta, self.dataset, self.layout, self.split_spec, self.patient_rule)
+        """The record of this split that checkpoints and collections keep (`cbir.data.splits.split_record`),
+        under the dataset's id (its display name only for records built by hand, which have none)."""
+        return split_record(self.meta, self.dataset_id or self.dataset, self.layout, self.split_spec,
+                            self.patient_rule, self.fingerprint)
+
+    def patient_pseudonyms(self, pseudonymize: Pseudonymizer) -> list[str | None]:
+        """Per row, the keyed pseudonym of its patient: what payloads store as `pseudonym` and what evaluation and
+        calibration compare to leave a query's own patient out (`cbir.data.patients.patient_pseudonyms`)."""
+        return patient_pseudonyms(self.meta, pseudonymize)
+
+    @property
+    def patient_fallbacks(self) -> int:
+        """DICOM files whose header has no usable PatientID, so their patient comes from the file rule."""
+        return fallback_count(self.meta)
+
+    def grouped_patients(self) -> np.ndarray:
+        """Per row, whether its patient key really groups images (label file, header, or a matched name rule)."""
+        return grouped_patients(self.meta)
 
     def part(self, i: int, n: int) -> Records:
         """The i-th of n deterministic slices (1-based), by a hash of each image's relative path."""
@@ -122,6 +162,18 @@ class Records:
 
     def split(self, name: str) -> Records:
         return self.subset((self.meta["split"] == name).to_numpy())
+
+    def relabelled(self, mapping: dict[str, str], target: str) -> Records:
+        """The same images with each label name renamed by `mapping` (names mapped to one name are merged: an
+        image has it when it had any of them) and `target` as the target (`cbir.data.labels.LabelSpace`)."""
+        names = list(dict.fromkeys(mapping.get(name, name) for name in self.label_names))
+        if names == self.label_names and target == self.target:
+            return self
+        labels = np.zeros((len(self), len(names)), dtype=np.float32)
+        for column, name in enumerate(self.label_names):
+            new = names.index(mapping.get(name, name))
+            labels[:, new] = np.maximum(labels[:, new], self.labels[:, column])
+        return replace(self, label_names=names, labels=labels, target=target)
 
     def label_lists(self) -> list[list[str]]:
         """Per row, the names of the positive labels (empty list means no finding)."""

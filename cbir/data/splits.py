@@ -2,9 +2,10 @@
 
 Each patient key is hashed on its own (sha256 of ``f"{seed}:{patient}"``) to a number in [0, 1), so a
 patient's split never depends on which other patients are present, and all images of one patient share a
-split. A `SplitSpec` says how to split (seed, fractions, or fold i of k); `split_record` describes the split
-of one dataset (a digest of its image keys and of each split's patients), so that `cbir ingest` and
-`cbir evaluate` can check that they use the split the model was trained with.
+split. Who the patient is, `cbir.data.patients` decides (a label file, a DICOM header, or a file rule). A
+`SplitSpec` says how to split (seed, fractions, or fold i of k); `split_record` describes the split of one
+dataset (a digest of its image keys and of each split's patients), so that `cbir ingest` and `cbir evaluate`
+can check that they use the split the model was trained with.
 """
 
 from __future__ import annotations
@@ -155,17 +156,21 @@ def keys_digest(keys: Iterable[object], domain: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def split_record(meta: pd.DataFrame, dataset: str, layout: str, spec: SplitSpec, patient_rule: str
-                 ) -> dict[str, Any]:
-    """What a checkpoint and a collection record about the split of one dataset (no raw keys, only digests)."""
+def split_record(meta: pd.DataFrame, dataset: str, layout: str, spec: SplitSpec, patient_rule: str,
+                 fingerprint: str = "") -> dict[str, Any]:
+    """What a checkpoint and a collection record about the split of one dataset (no raw keys, only digests):
+    `dataset` is its id, `dataset_digest` a digest of its relative paths, and `fingerprint` (when known) the
+    first 16 hex digits of `cbir.data.identity.fingerprint`, which tells datasets with equal relative paths
+    apart."""
     splits = {}
     for name in SPLITS:
         rows = meta[meta["split"] == name]
         splits[name] = {"images": len(rows), "patients": int(rows["patient"].nunique()),
                         "patients_digest": keys_digest(rows["patient"], "patients")}
     return {"dataset": dataset, "layout": layout, "images": len(meta),
-            "dataset_digest": keys_digest(meta["relpath"], "images"), "spec": spec.to_dict(),
-            "description": spec.describe(), "patient_rule": patient_rule, "splits": splits}
+            "dataset_digest": keys_digest(meta["relpath"], "images"), **({"fingerprint": fingerprint[:16]}
+                                                                        if fingerprint else {}),
+            "spec": spec.to_dict(), "description": spec.describe(), "patient_rule": patient_rule, "splits": splits}
 
 
 def describe_record(record: dict[str, Any]) -> str:
@@ -175,7 +180,11 @@ def describe_record(record: dict[str, Any]) -> str:
 
 
 def same_data(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a.get("dataset_digest") == b.get("dataset_digest")
+    """Whether two split records describe the same images: equal relative paths, and equal fingerprints where
+    both have one (``chest_xray/train`` and ``chest_xray/test`` may share every relative path)."""
+    if a.get("dataset_digest") != b.get("dataset_digest"):
+        return False
+    return not (a.get("fingerprint") and b.get("fingerprint")) or a["fingerprint"] == b["fingerprint"]
 
 
 def split_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -29,11 +29,18 @@ class Embedded:
     thumbnail: str | None = None  # base64 WebP, when asked for (see `cbir.io.thumbnails`)
     domain_distance: float | None = None  # `cbir.models.domain` distance (queries only)
     in_domain: bool | None = None         # at or below the model's domain threshold; None: no domain model
+    calibrated: float | None = None       # the target's calibrated probability (`cbir.models.calibration`)
+
+    @property
+    def raw_probability(self) -> float:
+        """The model's raw sigmoid of the target: a score (class-weighted training shifts it), not a probability."""
+        return float(self.probabilities[self.target_index])
 
     @property
     def probability(self) -> float:
-        """The model's probability of the target (e.g. Pneumonia), whatever the task."""
-        return float(self.probabilities[self.target_index])
+        """The model's probability of the target (e.g. Pneumonia), whatever the task: calibrated where the
+        checkpoint holds a calibration, else the raw score."""
+        return self.raw_probability if self.calibrated is None else self.calibrated
 
 
 @torch.inference_mode()
@@ -55,8 +62,8 @@ def embed_batches(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 3
             continue
         emb, codes, probs = _forward(loaded, batch.pixels)
         target = loaded.config.target_index
-        yield ([_embedded(item, emb[i], codes[i], probs[i], target) for i, item in enumerate(batch.items)],
-               batch.failures)
+        items = [_embedded(item, emb[i], codes[i], probs[i], target) for i, item in enumerate(batch.items)]
+        yield [_calibrate(loaded, item) for item in items], batch.failures
 
 
 def embed_image(loaded: LoadedModel, image: XrayImage) -> Embedded:
@@ -86,6 +93,7 @@ def embed_and_detect(loaded: LoadedModel, image: XrayImage
                                        found["scores"].cpu().numpy(), strict=True)]
     embedded = Embedded(0, emb[0], codes[0], probs[0], image.meta, image.instance_key, geometry,
                         loaded.config.target_index)
+    _calibrate(loaded, embedded)
     domain = loaded.domain
     if domain is not None and out.domain is not None:
         embedded.domain_distance = float(domain.score(out.domain.float().cpu().numpy())[0])
@@ -101,3 +109,10 @@ def detect_image(loaded: LoadedModel, image: XrayImage) -> list[dict[str, float 
 def _embedded(item: Loaded, emb: np.ndarray, code: np.ndarray, probs: np.ndarray, target: int) -> Embedded:
     return Embedded(item.index, emb, code, probs, item.meta, item.instance_key, item.geometry, target, item.digest,
                     item.thumbnail)
+
+
+def _calibrate(loaded: LoadedModel, item: Embedded) -> Embedded:
+    """Set the item's calibrated probability where the checkpoint has a calibration."""
+    if loaded.calibration is not None:
+        item.calibrated = float(loaded.calibration.apply(item.raw_probability))
+    return item

@@ -25,7 +25,10 @@ def pool_queries(per_query: list[dict[str, Any]], k: int) -> dict[str, Any]:
     majority = np.concatenate([np.full(len(p["target"]), p.get("majority_label", 0)) for p in per_query])
     groups = np.concatenate([[f"{i}:{g}" for g in p["group"]] for i, p in enumerate(per_query)])
     boot = Bootstrap.by_group(groups)
-    model_pred = (prob >= 0.5).astype(np.int64)
+    # each fold's model says "target" from its own operating point (`cbir.models.calibration`); 0.5 for folds
+    # written before it was recorded
+    points = np.concatenate([np.full(len(p["target"]), float(p.get("operating_point", 0.5))) for p in per_query])
+    model_pred = (prob >= points).astype(np.int64)
     correct = (vote == y).astype(np.float64)
     base = (majority == y).astype(np.float64)
     return {

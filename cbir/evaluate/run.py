@@ -6,7 +6,9 @@ counted, and with the default queries the reference archive is the train and val
 must be the one the model was trained with (`cbir.data.splits`): the collection records the split of every
 dataset ingested into it, and a collection split otherwise than the model's training data is refused. Points
 whose label is unknown (`cbir.index.base.UNKNOWN_TARGET`) are neither queries nor archive items; the report
-counts them (`unknown_labels`).
+counts them (`unknown_labels`). Queries with a near-duplicate of another patient's image in the archive are left
+out by the leakage audit (`cbir.evaluate.audit.drop_duplicate_queries`; `context.duplicates`), or the report says
+that it could not run.
 """
 
 from __future__ import annotations
@@ -22,18 +24,21 @@ from typing import Any, cast
 import numpy as np
 
 from cbir.console import QUIET, Reporter
+from cbir.data.labels import LabelSpace, negative_label, reconcile_records
 from cbir.data.records import Records
 from cbir.data.splits import SplitSpec, describe_record, split_differences
 from cbir.embed import embed_batches
 from cbir.errors import CbirError
+from cbir.evaluate.audit import drop_duplicate_queries
 from cbir.evaluate.codes import archive_engine, compare_codes, hamming_ranking, other_groups
 from cbir.evaluate.summary import summarize, to_json_safe, vote_summary
 from cbir.index.base import HASH as HASH_FIELD
 from cbir.index.base import UNKNOWN_TARGET, Filter, Index, unpack_code
 from cbir.index.codes import itq_from_meta
+from cbir.index.datasets import split_of
 from cbir.index.ingest import payload_labels
 from cbir.index.records import FilterValue
-from cbir.index.schema import check_model, dataset_roots, negative_label, recorded_split
+from cbir.index.schema import check_model, dataset_roots, recorded_split
 from cbir.io import Pseudonymizer
 from cbir.metrics import average_precisions_at_k, knn_vote, majority_baseline, map_at_k, per_class_auc
 from cbir.models import LoadedModel
@@ -110,17 +115,17 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
     paths = [str(files[r]) for r in rows] if files is not None else records.meta["path"].tolist()
     y = records.y
     names = records.label_lists()
-    negative = negative_label(records.label_names, records.target)
+    negative = (meta or {}).get("negative_label") or negative_label(records.label_names, records.target)
     model_labels = loaded.config.label_names if loaded.task.per_label else None
+    patients = records.patient_pseudonyms(pseudonymize)   # the patients the split used, as payloads store them
     with reporter.task("embed queries", len(paths)) as bar:
         for embedded, failed in embed_batches(loaded, paths, pseudonymize=pseudonymize):
             for item in embedded:
                 row = rows[item.index]
-                patient = str(records.meta["patient"].iloc[row])
                 per_label = (dict(zip(model_labels, item.probabilities.tolist(), strict=True))
                              if model_labels else None)
                 code = item.code if itq is None else itq.encode(item.embedding[None])[0]
-                queries.append(Query(item.embedding, int(y[row]), item.probability, pseudonymize(patient),
+                queries.append(Query(item.embedding, int(y[row]), item.probability, patients[row],
                                      code, payload_labels(records, names[row], negative), per_label, row))
             failures.extend(f"{f.path}: {f.reason}" for f in failed)
             bar.advance(len(embedded) + len(failed))
@@ -130,7 +135,7 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
 def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_dir: Path, k: int = 10,
                         queries_from: Records | None = None, pseudonymize: Pseudonymizer | None = None,
                         reporter: Reporter = QUIET, allow_other_split: bool = False,
-                        robustness: bool = False) -> dict[str, Any]:
+                        robustness: bool = False, label_map: dict[str, str] | None = None) -> dict[str, Any]:
     """Run both stages, write report.md/report.json/roc.png/precision_at_k.png, return the report dict.
 
     Besides the common keys (see `cbir.evaluate.summary`), every report has `stage2.hamming_map_at_k` (mAP@k
@@ -151,6 +156,9 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     started = time.perf_counter()
     meta = index.get_meta(collection)
     check_model(meta, loaded, collection)
+    if queries_from is not None:   # in the collection's names, with its target (`label_map` renames first)
+        queries_from = reconcile_records(LabelSpace.from_meta(meta, loaded.config.label_names), queries_from,
+                                         label_map)
     split_note = check_collection_split(meta, loaded, collection, allow_other_split, reporter)
     bits = int(meta.get("bits") or loaded.config.bits)
     robust_records = _robustness_records(meta, collection, queries_from, pseudonymize) if robustness else None
@@ -183,6 +191,9 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
         unknown_note = (f" of images with known labels ({unknown['archive_skipped']} have unknown labels)"
                         if unknown["archive_skipped"] else "")
         raise CbirError(f"collection {collection!r}: the reference archive is empty{unknown_note}")
+    # leakage audit (`cbir.evaluate.audit`): queries with a near-duplicate of another patient in the archive go
+    queries, duplicates = drop_duplicate_queries(queries, archive.embeddings, archive.pseudonyms, loaded.config,
+                                                 reporter)
     neighbours = _search(index, collection, archive_filter, archive, queries, k, reporter)
     y_query = np.array([q.target for q in queries])
     prob_query = np.array([q.probability for q in queries])
@@ -191,18 +202,18 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     groups = _patient_groups(queries)
     extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k) | {"unknown_labels": unknown}
     extra["stage2"]["weighted_vote"], extra["vote_calibration"], weighted = _weighted_vote(
-        index, collection, meta, archive, neighbours, queries, k, groups, reporter)
+        index, collection, meta, archive, neighbours, queries, k, groups, reporter, loaded.operating_point)
     if loaded.task.boxes:
         extra["stage1"].update(_box_metrics(meta, loaded, queries_from, reporter))
     report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query,
                        neighbor_y=neighbours.targets, archive_y=archive.targets, k=k, relevant=relevant,
-                       extra=extra, n_relevant=n_relevant, groups=groups)
+                       extra=extra, n_relevant=n_relevant, groups=groups, operating_point=loaded.operating_point)
     context = {"collection": collection, "index": index.location, "model": str(loaded.path),
                "model_fingerprint": loaded.fingerprint, "backbone": loaded.config.backbone,
                "target": meta.get("target"), "negative_label": meta.get("negative_label"), "query_source": source,
                "split": split_note, "archive_size": int(archive.targets.size),
                "query_failures": len(failures), "queries_left_out_seen_by_model": left_out,
-               "short_neighbour_lists": int((neighbours.found < k).sum()),
+               "short_neighbour_lists": int((neighbours.found < k).sum()), "duplicates": duplicates,
                "seconds": round(time.perf_counter() - started, 2)}
     if robustness:
         assert robust_records is not None and pseudonymize is not None  # `_robustness_records` checked both
@@ -215,7 +226,7 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     per_query = {"target": y_query.tolist(), "probability": prob_query.tolist(), "vote": vote.tolist(),
                  "ap": [None if np.isnan(a) else float(a) for a in average_precisions_at_k(relevant, k, n_relevant)],
                  "group": groups.tolist(), "majority_label": int(report["baseline"]["majority_label"]),
-                 "weighted_vote": weighted.tolist()}
+                 "weighted_vote": weighted.tolist(), "operating_point": loaded.operating_point}
     (Path(out_dir) / "per_query.json").write_text(json.dumps(per_query) + "\n")
     report["context"] = context
     report["files"] = {name: str(path) for name, path in files.items()} | {"per_query": str(Path(out_dir) /
@@ -280,7 +291,7 @@ def check_collection_split(meta: dict[str, Any], loaded: LoadedModel, collection
         reporter.warn(f"{loaded.path} records no split (trained before splits were recorded): its training "
                       "images may be among the test queries")
         return "unknown (the model records no split)"
-    held = recorded_split(meta, model_split["dataset"])
+    held = split_of(meta, model_split)
     if held is None:
         if not meta.get("splits"):
             reporter.warn(f"collection {collection!r} records no split (ingested before splits were recorded): "
@@ -309,10 +320,13 @@ def _unseen(index: Index, collection: str, loaded: LoadedModel, records: Records
             reporter: Reporter) -> tuple[list[Query], int]:
     """Drop external queries of patients the collection holds as train/val images of the model's own dataset."""
     model_split = loaded.split
-    if model_split is None or model_split.get("dataset") != records.dataset:
+    # the model's dataset by its id, or by its folder's name (a model trained when datasets were named so)
+    if model_split is None or model_split.get("dataset") not in (records.dataset_id, records.dataset):
         return queries, 0
+    held = split_of(index.get_meta(collection), model_split)
+    dataset = str(held["dataset"] if held else model_split.get("dataset"))
     seen = {p.payload.get("pseudonym") for p in index.scroll(
-        collection, Filter(must={"split": ARCHIVE_SPLITS, "dataset": records.dataset}))}
+        collection, Filter(must={"split": ARCHIVE_SPLITS, "dataset": dataset}))}
     kept = [q for q in queries if q.pseudonym not in seen]
     if len(kept) < len(queries):
         reporter.warn(f"left out {len(queries) - len(kept)} of {len(queries)} queries: their patients are "
@@ -391,10 +405,11 @@ def _search(index: Index, collection: str, archive_filter: Filter, archive: Arch
 
 
 def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive: Archive, neighbours: Neighbours,
-                   queries: list[Query], k: int, groups: np.ndarray, reporter: Reporter
-                   ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
+                   queries: list[Query], k: int, groups: np.ndarray, reporter: Reporter,
+                   operating_point: float = 0.5) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
     """The calibrated vote's figures, with the collection's stored calibration (fitted on its validation images
-    now, not stored, when it has none), the calibration, and each query's vote (0/1)."""
+    now, not stored, when it has none), the calibration, and each query's vote (0/1); the model beside it is
+    read at its `operating_point`."""
     from cbir.search.calibrate import calibrate
     from cbir.search.vote import VoteCalibration, decide
     body = meta.get("calibration") or calibrate(index, collection, k, reporter, store=False) or {}
@@ -403,7 +418,8 @@ def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive:
     label, probability, _ = decide(neighbours.scores, neighbours.targets, calibration,
                                    prior=float(archive.targets.mean()) if archive.targets.size else None)
     y = np.array([q.target for q in queries])
-    figures = vote_summary(y, np.array([q.probability for q in queries]), label, probability, groups)
+    figures = vote_summary(y, np.array([q.probability for q in queries]), label, probability, groups,
+                           operating_point=operating_point)
     return figures, {**calibration.to_dict(), "stored": bool(meta.get("calibration"))}, np.asarray(label, int)
 
 
@@ -467,7 +483,8 @@ def collection_test_records(meta: dict[str, Any]) -> Records | None:
         spec = SplitSpec.from_dict(record["spec"]) if record else None
         for root in dataset_roots(meta, dataset):
             try:
-                return load_dataset(Path(root), "auto", split=spec).split("test")
+                return load_dataset(Path(root), (record or {}).get("layout") or "auto", split=spec
+                                    ).with_dataset_id(dataset).split("test")
             except CbirError:
                 continue
     return None

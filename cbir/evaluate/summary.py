@@ -6,8 +6,10 @@ Schema (every value plain JSON; an undefined metric, e.g. ROC-AUC with one class
     k           int     neighbours that vote
     n_queries   int
     n_archive   int     size of the reference archive
-    stage1      roc_auc, accuracy_at_0.5, balanced_accuracy, sensitivity, specificity (threshold 0.5 on
-                prob_query), n_positive, n_negative (queries), roc_auc_ci
+    stage1      roc_auc, roc_auc_ci; operating_point (the model's: `LoadedModel.operating_point`, the
+                prevalence its calibrated probability is calibrated to, or 0.5 for a raw score) and accuracy,
+                balanced_accuracy, sensitivity, specificity at it; accuracy_at_0.5 (at 0.5, whatever the
+                operating point); n_positive, n_negative (queries)
     stage2      knn_accuracy, balanced_accuracy, sensitivity, specificity (of the kNN vote),
                 precision_at_k, map_at_k (standard AP@k: Σ P@i·rel_i / min(k, R), R = relevant archive
                 items, same-patient items excluded), map_at_k_hits (divided by the hits in the top k
@@ -49,6 +51,7 @@ def summarize(
     n_relevant: np.ndarray | None = None,
     groups: np.ndarray | None = None,
     n_boot: int = N_BOOT,
+    operating_point: float = 0.5,
 ) -> dict[str, Any]:
     """Compute the evaluation report dict (schema in the module docstring).
 
@@ -57,7 +60,7 @@ def summarize(
     `relevant` (Q×K bool) which neighbours count as relevant (default: same label as the query).
     `n_relevant` (Q,) is R, the relevant archive items of each query (default: the archive items with the
     query's label). `groups` (Q,) names each query's patient, the unit the bootstrap resamples (default:
-    every query its own patient).
+    every query its own patient). `operating_point`: the probability from which Stage 1 says label 1.
     """
     y, prob, nbr = _check_inputs(y_query, prob_query, neighbor_y, k)
     archive = np.asarray(archive_y).ravel().astype(int)
@@ -73,7 +76,7 @@ def summarize(
         "k": int(k),
         "n_queries": int(y.size),
         "n_archive": int(archive.size),
-        "stage1": _stage1(y, prob, boot),
+        "stage1": _stage1(y, prob, boot, operating_point),
         "stage2": _stage2(y, nbr, rel, int(k), np.asarray(n_relevant), boot),
         "ci": {"level": 0.95, "replicates": int(n_boot), "resampled": "query patients",
                "method": "percentile bootstrap"},
@@ -105,12 +108,14 @@ def _check_inputs(
     return y.astype(int), prob, nbr.astype(int)
 
 
-def _stage1(y: np.ndarray, prob: np.ndarray, boot: Bootstrap) -> dict[str, Any]:
-    pred = (prob >= 0.5).astype(int)
+def _stage1(y: np.ndarray, prob: np.ndarray, boot: Bootstrap, operating_point: float = 0.5) -> dict[str, Any]:
+    pred = (prob >= operating_point).astype(int)
     return {
         "roc_auc": metrics.roc_auc(y, prob),
         "roc_auc_ci": boot.interval(lambda w: weighted_auc(y, prob, w)) if y.size else None,
-        "accuracy_at_0.5": float(np.mean(pred == y)) if y.size else math.nan,
+        "operating_point": float(operating_point),
+        "accuracy": float(np.mean(pred == y)) if y.size else math.nan,
+        "accuracy_at_0.5": float(np.mean((prob >= 0.5) == y)) if y.size else math.nan,
         "balanced_accuracy": metrics.balanced_accuracy(y, pred),
         **metrics.recalls(y, pred),
         "n_positive": int(y.sum()),
@@ -144,15 +149,16 @@ def _stage2(y: np.ndarray, nbr: np.ndarray, rel: np.ndarray, k: int, n_relevant:
 
 
 def vote_summary(y: np.ndarray, prob_query: np.ndarray, vote: np.ndarray, vote_probability: np.ndarray,
-                 groups: np.ndarray | None = None, n_boot: int = N_BOOT) -> dict[str, Any]:
+                 groups: np.ndarray | None = None, n_boot: int = N_BOOT, operating_point: float = 0.5
+                 ) -> dict[str, Any]:
     """The weighted, prior-corrected vote (`cbir.search.vote`) beside the model: its balanced accuracy (CI),
     sensitivity, specificity, the ROC-AUC of its calibrated probability, its Brier score, `agreement`, the
-    share of queries where the vote's label is the model's prediction (threshold 0.5), and its balanced accuracy
-    minus the model's, with a paired interval."""
+    share of queries where the vote's label is the model's prediction (at the model's `operating_point`), and
+    its balanced accuracy minus the model's, with a paired interval."""
     y, vote = np.asarray(y).astype(int), np.asarray(vote).astype(int)
     p = np.asarray(vote_probability, dtype=np.float64)
     boot = Bootstrap.by_group(np.arange(y.size) if groups is None else groups, n_boot)
-    model = (np.asarray(prob_query) >= 0.5).astype(int)
+    model = (np.asarray(prob_query) >= operating_point).astype(int)
     agree = (vote == model).astype(np.float64)
     has = bool(y.size)
 
@@ -163,7 +169,7 @@ def vote_summary(y: np.ndarray, prob_query: np.ndarray, vote: np.ndarray, vote_p
         "accuracy": float(np.mean(vote == y)) if has else math.nan,
         "balanced_accuracy": metrics.balanced_accuracy(y, vote),
         "balanced_accuracy_ci": boot.interval(lambda w: weighted_balanced_accuracy(y, vote, w)) if has else None,
-        # stage 2 against stage 1 on the same queries: the vote's balanced accuracy minus the model's (at 0.5),
+        # stage 2 against stage 1 on the same queries: the vote's balanced accuracy minus the model's,
         # with a paired interval (one bootstrap of patients for both)
         "minus_model_balanced_accuracy": metrics.balanced_accuracy(y, vote) - metrics.balanced_accuracy(y, model),
         "minus_model_balanced_accuracy_ci": boot.interval(gain) if has else None,

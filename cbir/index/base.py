@@ -22,8 +22,9 @@ Qdrant alias, on Qdrant Edge an entry of the index's `aliases.json` manifest. A 
 from __future__ import annotations
 
 import re
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,16 @@ UPSERT_BATCH = 256
 RETRIEVE_BATCH = 1024
 
 
+#: How often `Index.update_meta` re-applies a change when another writer moved the record meanwhile.
+META_TRIES = 5
+
+
+def _meta_mutex(index: object) -> threading.RLock:
+    """One re-entrant lock per index object (made on first use; `dict.setdefault` is atomic under the GIL):
+    threads of one process update a record one at a time."""
+    return vars(index).setdefault("_cbir_meta_mutex", threading.RLock())
+
+
 class Index(ABC):
     """A set of named collections, and the search primitives the planner (`cbir.index.planner`) composes.
 
@@ -117,7 +128,30 @@ class Index(ABC):
         """The collection's metadata (raises `cbir.errors.IndexError_` for an unknown collection)."""
 
     @abstractmethod
-    def set_meta(self, name: str, meta: dict[str, Any]) -> None: ...
+    def set_meta(self, name: str, meta: dict[str, Any]) -> None:
+        """Replace the collection's metadata as it is; cbir changes it only through `update_meta`."""
+
+    def update_meta(self, name: str, change: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+        """The one way cbir changes a collection's record (`cbir.index.record`): read it, let `change` edit it
+        in place (returning False when it changed nothing), check its types and write it with `revision` + 1,
+        under this index's lock. If the stored revision moved while `change` ran (another writer: a server
+        has no compare-and-swap on metadata, so this is checked, not locked), `change` is applied again to the
+        newer record, up to `META_TRIES` times. Returns the record as written."""
+        from cbir.index.record import check
+        with _meta_mutex(self):
+            for _ in range(META_TRIES):
+                meta = self.get_meta(name)
+                revision = int(meta.get("revision") or 0)
+                if change(meta) is False:
+                    return meta
+                meta["revision"] = revision + 1
+                check(meta, name)
+                if int(self.get_meta(name).get("revision") or 0) != revision:
+                    continue
+                self.set_meta(name, meta)
+                return meta
+        raise IndexError_(f"collection {name!r}: its record kept changing under {META_TRIES} tries to update it "
+                          "(other writers); try again")
 
     @abstractmethod
     def schema(self, name: str) -> Schema:

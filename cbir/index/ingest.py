@@ -9,12 +9,16 @@ from typing import cast
 import numpy as np
 
 from cbir.console import QUIET, Reporter
+from cbir.data.labels import LabelSpace, reconcile_records
+from cbir.data.patients import LABEL_SOURCE
 from cbir.data.records import Records
 from cbir.embed import Embedded, embed_batches
 from cbir.errors import BadInputError, CbirError
 from cbir.index.base import UNKNOWN_TARGET, Index, Point
 from cbir.index.codes import ITQ_FIT_SIZE, check_code_source, code_source, fit_itq_meta, itq_from_meta
+from cbir.index.datasets import collection_dataset
 from cbir.index.files import FileMap
+from cbir.index.record import RECORD_VERSION, upgraded
 from cbir.index.schema import (
     PLAIN_PATHS,
     PSEUDONYM_PATHS,
@@ -22,7 +26,6 @@ from cbir.index.schema import (
     check_key,
     check_model,
     collection_meta,
-    negative_label,
     path_mode,
     payload,
     point_id,
@@ -59,6 +62,9 @@ class IngestSummary:
     seconds: float = 0.0
     swap: Swap | None = None
     labels_unknown: bool = False  # the dataset's labels are unknown (plain layout)
+    dataset: str = ""             # the dataset id the points are stored under (`cbir.index.datasets`)
+    patient_fallbacks: int = 0    # DICOM files without a usable PatientID: patients from the file rule
+    patient_mismatches: int = 0   # headers whose patient differs from the label file's (the label file's is kept)
 
     @property
     def line(self) -> str:
@@ -66,6 +72,11 @@ class IngestSummary:
         text = (f"{self.total} files: {ingested}, {self.already} already in the index, "
                 f"{self.skipped} duplicates skipped, {self.failed} failed; "
                 f"collection {self.collection!r} holds {self.points_after} points ({self.seconds:.1f} s)")
+        if self.patient_fallbacks:
+            text += f"; {self.patient_fallbacks} DICOM files without a usable PatientID: patients by file name"
+        if self.patient_mismatches:
+            text += (f"; {self.patient_mismatches} DICOM headers name another patient than the label file "
+                     "(the label file's patient was kept)")
         return text + (f"; reindex: {self.swap.line}" if self.swap else "")
 
 
@@ -79,7 +90,6 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
     it has thumbnails). `version_of=ALIAS` creates `collection` itself, as the next version of ALIAS (a
     reindex)."""
     check_code_source(codes, loaded.config.bits, loaded.config.vector_dim)
-    changed = False
     if index.has_collection(collection):
         meta = index.get_meta(collection)
         check_model(meta, loaded, collection)
@@ -92,9 +102,7 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
             raise CbirError(f"collection {collection!r} stores {code_source(meta)} codes, not {codes}; "
                             "ingest into a new collection to change the code source")
     else:
-        names, target = ((records.label_names, records.target) if records.has_labels  # else the model's
-                         else (list(loaded.config.label_names), loaded.config.target))
-        meta = collection_meta(loaded, pseudonymize, target, negative_label(names, target))
+        meta = collection_meta(loaded, pseudonymize, collection_space(loaded, records))
         meta.update(codes=codes or "model", shards=shards, replicas=replicas, team=team,
                     paths=PLAIN_PATHS if keep_paths else PSEUDONYM_PATHS,
                     thumbnails=thumbnail_spec() if thumbnails else None)
@@ -103,12 +111,29 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
         else:
             create_versioned(index, collection, loaded.config.vector_dim, loaded.config.bits, meta, shards,
                              replicas)
-    if thumbnails and not meta.get("thumbnails"):
-        meta["thumbnails"], changed = thumbnail_spec(), True
-    changed = record_split(meta, split or records.split_record(), collection) or changed
-    if add_root(meta, records.dataset, str(records.root)) or changed:
-        index.set_meta(collection, meta)
-    return meta
+    def change(meta: dict) -> bool:
+        """What this ingest records; applied to the stored record under the index's lock (`update_meta`)."""
+        changed = False
+        if thumbnails and not meta.get("thumbnails"):
+            meta["thumbnails"], changed = thumbnail_spec(), True
+        if meta.get("record_version") != RECORD_VERSION:   # a collection made before the typed record
+            meta.update(upgraded(meta, loaded.config.label_names))
+            changed = True
+        changed = record_split(meta, split or records.split_record(), collection) or changed
+        return add_root(meta, records.dataset_id, str(records.root)) or changed
+
+    return index.update_meta(collection, change)
+
+
+def collection_space(loaded: LoadedModel, records: Records) -> LabelSpace:
+    """A new collection's label space: the model's (its probability is of the model's target), else, for a
+    model without labels, the dataset's."""
+    names, target = list(loaded.config.label_names), loaded.config.target
+    if target and target in names:
+        return LabelSpace.of(names, target)
+    if records.has_labels:
+        return LabelSpace.of(records.label_names, records.target)
+    return LabelSpace.of([target], target)
 
 
 def check_path_mode(meta: dict, keep_paths: bool, collection: str) -> None:
@@ -128,7 +153,7 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
                    itq_fit_size: int = ITQ_FIT_SIZE, may_fit_itq: bool = True, shards: int = 1,
                    replicas: int = 1, team: str | None = None, reindex: bool = False,
                    allow_count_change: bool = False, split: dict | None = None, keep_paths: bool = False,
-                   thumbnails: bool = False) -> IngestSummary:
+                   thumbnails: bool = False, label_map: dict[str, str] | None = None) -> IngestSummary:
     """Embed and upsert every image; bad files are reported and counted, and the run goes on.
 
     `codes` picks the code source of a new collection (`cbir.index.codes`; default: the model's). When ITQ
@@ -140,12 +165,19 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     `--part` slice cannot compute itself); the collection records it and refuses another one for the same
     dataset.
 
+    The points are stored under the dataset's id (`cbir.index.datasets.collection_dataset`: the user's
+    `--dataset-id`, else the one the collection records for this root folder, else the fingerprint's), and each
+    payload's `pseudonym` is the patient the split used (`Records.patient_pseudonyms`).
+
     `reindex=True` fills the next version of the existing collection `collection` (possibly with a new
     model) while queries keep using the current one, then moves the alias (`cbir.index.versions.swap`).
 
     Payloads name their files by keyed pseudonyms, recorded in this machine's file map (`cbir.index.files`)
     before the points are written; `keep_paths=True` stores the relative paths instead. `thumbnails=True`
     stores each image's thumbnail (`cbir.io.thumbnails`) with its point.
+
+    The dataset's labels are reconciled with the collection's label space (`cbir.data.labels`; `label_map`
+    renames labels first): payloads carry the collection's names, and a label it does not know is refused.
     """
     started = time.perf_counter()
     alias = collection
@@ -153,13 +185,19 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
         collection = _start_reindex(index, alias, pseudonymize, team)
     else:
         check_alias_name(collection)
+    records = collection_dataset(index.get_meta(alias) if index.has_collection(alias) else {}, records, pseudonymize)
+    split = {**split, "dataset": records.dataset_id} if split is not None else None
     meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes, shards, replicas, reporter,
                               team, version_of=alias if reindex else None, split=split, keep_paths=keep_paths,
                               thumbnails=thumbnails)
+    records = reconcile_records(LabelSpace.from_meta(meta), records, label_map)
     summary = IngestSummary(alias, total=len(records) + len(records.missing),
-                            points_before=index.count(collection), labels_unknown=not records.has_labels)
+                            points_before=index.count(collection), labels_unknown=not records.has_labels,
+                            dataset=records.dataset_id, patient_fallbacks=records.patient_fallbacks)
     paths = records.meta["path"].tolist()
     names = _FileNames(records, pseudonymize, path_mode(meta) == PSEUDONYM_PATHS)
+    patients = records.patient_pseudonyms(pseudonymize)
+    from_label_file = (records.meta["patient_source"] == LABEL_SOURCE).to_numpy()
 
     def fail(path: str, reason: str) -> None:
         if strict:
@@ -189,7 +227,9 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
         item_codes = ([i.code for i in items] if itq is None or not items
                       else list(itq.encode(np.stack([i.embedding for i in items]))))
         for item, code in zip(items, item_codes, strict=True):
-            point = _point(records, item, code, pseudonymize, meta, model_labels, names)
+            point = _point(records, item, code, patients[item.index], meta, model_labels, names)
+            if from_label_file[item.index] and item.meta.pseudonym not in (None, patients[item.index]):
+                summary.patient_mismatches += 1
             if point.id in seen:
                 digest, first = seen[point.id]
                 if digest == item.digest:
@@ -209,8 +249,8 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
 
     def fit_now() -> None:
         nonlocal fitting, itq
-        meta["itq"] = fit_itq_meta(np.stack([item.embedding for item in held]), loaded.config.bits)
-        index.set_meta(collection, meta)
+        fitted = fit_itq_meta(np.stack([item.embedding for item in held]), loaded.config.bits)
+        meta.update(index.update_meta(collection, lambda stored: stored.update(itq=fitted)))
         itq = itq_from_meta(meta)
         reporter.log(f"fitted ITQ codes on {len(held)} embeddings")
         fitting = False
@@ -248,7 +288,7 @@ class _FileNames:
     (recorded in the local file map), or by the path itself (`pseudonyms=False`: plain paths)."""
 
     def __init__(self, records: Records, pseudonymize: Pseudonymizer, pseudonyms: bool) -> None:
-        self.dataset = records.dataset
+        self.dataset = records.dataset_id
         self.pseudonymize = pseudonymize
         self.pseudonyms = pseudonyms
         self.relpaths = [str(rel) for rel in records.meta["relpath"]]
@@ -319,9 +359,11 @@ def payload_labels(records: Records, names: list[str], negative: str) -> list[st
     return ["No Finding" if len(records.label_names) > 1 else negative]
 
 
-def _point(records: Records, item: Embedded, code: np.ndarray, pseudonymize: Pseudonymizer, meta: dict,
+def _point(records: Records, item: Embedded, code: np.ndarray, patient: str | None, meta: dict,
            model_labels: list[str] | None, files: _FileNames) -> Point:
-    """One point; `model_labels` (multilabel models) names the per-label probabilities stored beside the target's."""
+    """One point; `patient` is the pseudonym of the patient the split used (`Records.patient_pseudonyms`), which
+    the payload stores whatever the file's header says; `model_labels` (multilabel models) names the per-label
+    probabilities stored beside the target's."""
     row = records.meta.iloc[item.index]
     label_row = records.labels[item.index]
     names = [n for n, v in zip(records.label_names, label_row, strict=True) if v > 0.5]
@@ -331,14 +373,14 @@ def _point(records: Records, item: Embedded, code: np.ndarray, pseudonymize: Pse
     else:
         target, primary = UNKNOWN_TARGET, None
     csv_meta = SafeMeta(view=view_of(row.get("view")), sex=sex_of(row.get("sex")), age_band=age_band(row.get("age")),
-                        pseudonym=pseudonymize(str(row["patient"])))
+                        pseudonym=patient)
     safe = SafeMeta(view=item.meta.view, sex=item.meta.sex, age_band=item.meta.age_band,
-                    modality=item.meta.modality, pseudonym=csv_meta.pseudonym).merged(csv_meta)
+                    modality=item.meta.modality, pseudonym=patient).merged(csv_meta)
     labels = payload_labels(records, names, meta["negative_label"])
     boxes = row.get("boxes")
     per_label = dict(zip(model_labels, item.probabilities.tolist(), strict=True)) if model_labels else None
     file = files.file(item.index)
-    body = payload(dataset=records.dataset, split=str(row["split"]), relpath=None if file else str(row["relpath"]),
+    body = payload(dataset=records.dataset_id, split=str(row["split"]), relpath=None if file else str(row["relpath"]),
                    file=file, labels=labels, primary=primary, target=target, meta=safe.as_payload(),
                    boxes=list(boxes) if isinstance(boxes, list | tuple | np.ndarray) else [],
                    probability=item.probability, code=code, probabilities=per_label, team=meta.get("team"),

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cbir.data.labels import LabelSpace
 from cbir.errors import CbirError, ModelMismatchError
 from cbir.index.base import SCHEMA_VERSION, pack_code
+from cbir.index.record import RECORD_VERSION
 from cbir.io import Pseudonymizer
 from cbir.models import LoadedModel
 
@@ -16,6 +19,46 @@ POINT_NAMESPACE = uuid.UUID("5f0c9a52-0d3c-4d1e-9a4c-6b1c3e0f2a77")
 
 #: CLI filter keys → payload fields.
 FILTER_ALIASES = {"label": "labels", "age": "age_band", "patient": "pseudonym"}
+#: Payload fields a filter may name → whether each value must be one the collection holds (a small vocabulary;
+#: pseudonyms and file pseudonyms are opaque, so a value there is not checked).
+FILTER_FIELDS = {"labels": True, "label": True, "dataset": True, "split": True, "view": True, "sex": True,
+                 "age_band": True, "modality": True, "team": True, "pseudonym": False, "file": False, "path": False}
+
+
+def check_filter(flt: Any, collection: str, count: Callable[[str, Any], int],
+                 vocabulary: Callable[[str], set[str]]) -> None:
+    """Refuse, in one line, a filter that names a field the payloads do not have, or a value that no image of
+    the collection holds (`count(field, value)` is 0), suggesting the values that match it ignoring case (or
+    listing what there is): a typo must never read as "no neighbours". `vocabulary(field)` is only asked on the
+    way to an error."""
+    user_names = {field: key for key, field in FILTER_ALIASES.items()}
+    for conditions in (flt.must, flt.must_not):
+        for field, value in conditions.items():
+            name = user_names.get(field, field)
+            if field not in FILTER_FIELDS:
+                keys = sorted({user_names.get(f, f) for f in FILTER_FIELDS if FILTER_FIELDS[f]} | {"patient"})
+                raise CbirError(f"unknown filter key {name!r} for collection {collection!r}: use one of "
+                                f"{', '.join(keys)}")
+            if not FILTER_FIELDS[field]:
+                continue
+            for item in value if isinstance(value, list | tuple) else [value]:
+                if count(field, item):
+                    continue
+                seen = sorted(str(v) for v in vocabulary(field))
+                close = [v for v in seen if v.lower() == str(item).lower()]
+                hint = (f"did you mean {name}={close[0]}?" if close else
+                        f"it holds {', '.join(seen[:12])}{' …' if len(seen) > 12 else ''}" if seen else
+                        f"no image has a {name}")
+                raise CbirError(f"filter {name}={item}: no image in collection {collection!r} has it; {hint}")
+
+
+def payload_values(payloads: Iterable[dict[str, Any]], field: str) -> set[str]:
+    """The distinct values of a payload field (each element of a list field)."""
+    out: set[str] = set()
+    for body in payloads:
+        value = body.get(field)
+        out.update(str(v) for v in (value if isinstance(value, list) else [value]) if v is not None)
+    return out
 
 
 #: `paths` in a collection's metadata: how its payloads name their image files (see `cbir.index.files`).
@@ -41,13 +84,7 @@ def point_id(dataset: str, instance_key: str | None, relpath: str, file: str | N
     return str(uuid.uuid5(POINT_NAMESPACE, name))
 
 
-def negative_label(label_names: list[str], target: str) -> str:
-    others = [name for name in label_names if name != target]
-    return others[0] if len(label_names) == 2 and others else f"No {target}"
-
-
-def collection_meta(loaded: LoadedModel, pseudonymize: Pseudonymizer, target: str,
-                    negative: str) -> dict[str, Any]:
+def collection_meta(loaded: LoadedModel, pseudonymize: Pseudonymizer, space: LabelSpace) -> dict[str, Any]:
     config = loaded.config
     return {
         "schema_version": SCHEMA_VERSION,
@@ -58,11 +95,16 @@ def collection_meta(loaded: LoadedModel, pseudonymize: Pseudonymizer, target: st
         "image_size": config.image_size,
         "dim": config.vector_dim,
         "bits": config.bits,  # the hash layer's bits for task hash, the LSH code's otherwise
-        "target": target,
-        "negative_label": negative,
+        "target": space.target,
+        "negative_label": space.negative,
+        "label_space": space.to_dict(),     # `cbir.data.labels`: what every dataset that meets it is checked against
+        # what the payloads' `probability` is (`cbir.models.calibration`): calibrated, read from this point on
+        "probability": {"calibrated": loaded.calibration is not None, "operating_point": loaded.operating_point},
         "key_fingerprint": pseudonymize.fingerprint,
         "roots": {},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "record_version": RECORD_VERSION,   # `cbir.index.record`
+        "revision": 0,
     }
 
 
@@ -123,7 +165,7 @@ def record_split(meta: dict[str, Any], record: dict[str, Any], collection: str) 
     if held is not None:
         why = split_differences(held, record)
         if why:
-            raise CbirError(f"collection {collection!r} holds {dataset} images split as {describe_record(held)}, "
+            raise CbirError(f"collection {collection!r} holds dataset {dataset} split as {describe_record(held)}, "
                             f"but this ingest splits them as {describe_record(record)} ({'; '.join(why)}); ingest "
                             "into a new collection (or --reindex it)")
         if held == record:

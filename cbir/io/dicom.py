@@ -19,17 +19,18 @@ from cbir.io.capture import captured_output
 from cbir.io.decoders import PIXEL_KEYWORDS, can_decode, decode_first_frame
 from cbir.io.header import MAX_PIXELS, check_modality, geometry, max_pixels
 from cbir.io.jpeg_draft import decode_dicom_reduced, reducible_dicom
+from cbir.io.patient import PATIENT_TAGS, patient_pseudonym
 from cbir.io.phi import Pseudonymizer, SafeMeta, age_band, sex_of, view_of
 from cbir.io.pixels import BlankImage, process
 
 __all__ = ["MAX_PIXELS", "max_pixels", "read_header", "decode", "read_dicom", "safe_meta", "instance_key",
-           "looks_like_raw_dicom", "peek_instance_key"]
+           "looks_like_raw_dicom", "peek_instance_key", "peek_patient"]
 
 
 def read_header(path: str | Path) -> Dataset:
     """The dataset with its pixel data left in the file (deferred); a missing preamble is accepted."""
     try:
-        with _quiet_pydicom():
+        with quiet_pydicom():
             ds = pydicom.dcmread(str(path), force=True, defer_size="1 KB")
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise BadInputError(path, f"unreadable DICOM ({describe(exc)})") from None
@@ -89,13 +90,14 @@ def require_pixels(ds: Dataset, path: str | Path) -> None:
 
 
 def safe_meta(ds: Dataset, pseudonymize: Pseudonymizer | None) -> SafeMeta:
-    """Coarse fields only; PatientID leaves as a keyed pseudonym or not at all."""
+    """Coarse fields only; the patient leaves as a keyed pseudonym (`cbir.io.patient.patient_pseudonym`) or not at
+    all."""
     return SafeMeta(
         view=view_of(ds.get("ViewPosition")),
         sex=sex_of(ds.get("PatientSex")),
         age_band=age_band(ds.get("PatientAge")),
         modality=str(ds.get("Modality") or "").strip().upper() or None,
-        pseudonym=pseudonymize(str(ds.get("PatientID") or "")) if pseudonymize else None,
+        pseudonym=patient_pseudonym(ds, pseudonymize) if pseudonymize else None,
     )
 
 
@@ -110,18 +112,35 @@ def looks_like_raw_dicom(head: bytes) -> bool:
     return len(head) >= 8 and head[1] == 0 and head[0] in (0x02, 0x08) and head[3] == 0
 
 
-def peek_instance_key(path: str | Path) -> str | None:
-    """`instance_key` from the header alone (no pixels read); None for a non-DICOM or unreadable file."""
+def _peek(path: str | Path, tags: list[str]) -> Dataset | None:
+    """The header elements `tags` of a DICOM file (no pixels read); None for a non-DICOM or unreadable file."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
         if head[128:132] != b"DICM" and not looks_like_raw_dicom(head):
             return None
-        with _quiet_pydicom():
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True,
-                                 specific_tags=["SOPInstanceUID"])
-        return instance_key(ds)
+        with quiet_pydicom():
+            return pydicom.dcmread(str(path), stop_before_pixels=True, force=True, specific_tags=tags)
     except Exception:  # noqa: BLE001 - the full read later reports what is wrong with the file
+        return None
+
+
+def peek_instance_key(path: str | Path) -> str | None:
+    """`instance_key` from the header alone (no pixels read); None for a non-DICOM or unreadable file."""
+    ds = _peek(path, ["SOPInstanceUID"])
+    return None if ds is None else instance_key(ds)
+
+
+def peek_patient(path: str | Path, pseudonymize: Pseudonymizer) -> str | None:
+    """`cbir.io.patient.patient_pseudonym` of a DICOM file from its header alone (only PatientID and
+    IssuerOfPatientID are parsed, no pixels read); None for a file without a usable PatientID, and for a non-DICOM
+    or unreadable file (the full read later reports what is wrong with it)."""
+    ds = _peek(path, list(PATIENT_TAGS))
+    if ds is None:
+        return None
+    try:
+        return patient_pseudonym(ds, pseudonymize)
+    except Exception:  # noqa: BLE001 - an unreadable header has no patient; ingest reports the file itself
         return None
 
 
@@ -130,7 +149,7 @@ def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None, limi
     """(pixels float32 [0,1], safe metadata, instance key, (Rows, Columns)) of a DICOM file, or one
     BadInputError; `reduce_to`: see `decode` (the pixels are then smaller than Rows × Columns)."""
     try:
-        with _quiet_pydicom():
+        with quiet_pydicom():
             return _read_dicom(path, pseudonymize, limit, reduce_to)
     except BadInputError:
         raise
@@ -158,7 +177,7 @@ def _read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None, limit: int
 
 
 @contextmanager
-def _quiet_pydicom() -> Iterator[None]:
+def quiet_pydicom() -> Iterator[None]:
     """pydicom warns about odd but readable values; a batch run would drown in them. Real failures raise."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

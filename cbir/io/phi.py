@@ -57,6 +57,12 @@ class Pseudonymizer:
         message = "\0".join(("cbir file", dataset, relpath)).encode("utf-8", "backslashreplace")
         return "f-" + hmac.new(self._key, message, hashlib.sha256).hexdigest()[:24]
 
+    def dataset(self, fingerprint: str) -> str:
+        """The keyed id of a dataset from its fingerprint (`cbir.data.identity`): what payloads, point IDs and
+        collection metadata name a dataset by, never its folder name. Distinct from file and patient pseudonyms."""
+        message = "\0".join(("cbir dataset", fingerprint)).encode("utf-8")
+        return "d-" + hmac.new(self._key, message, hashlib.sha256).hexdigest()[:16]
+
     @property
     def fingerprint(self) -> str:
         """Identifies the key without revealing it (recorded with a collection)."""

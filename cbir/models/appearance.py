@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,8 +67,20 @@ class Appearance(nn.Module):
         self.mean.copy_(total / max(len(images), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        window = centre_window(self.size, self.sigma).to(self.mean.device)
-        return F.normalize((tiny_image(x, self.size) - self.mean) * window, dim=1)
+        return centred(tiny_image(x, self.size), self.mean, self.size, self.sigma)
+
+
+def centred(tiny: torch.Tensor, mean: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """(B, size²) tiny images → unit appearance vectors: minus `mean`, weighted towards the centre
+    (`centre_window`), L2-normalised."""
+    return F.normalize((tiny - mean) * centre_window(size, sigma).to(tiny.device), dim=1)
+
+
+def appearance_part(embeddings: np.ndarray, size: int, weight: float) -> np.ndarray:
+    """The unit appearance vectors (N, size²) inside joined retrieval embeddings (N, dim): the last size² entries
+    of `join`'s output, divided by √w (renormalised, so stored float rounding does not matter)."""
+    tail = np.asarray(embeddings, dtype=np.float32)[:, -size * size:] / math.sqrt(weight)
+    return tail / np.maximum(np.linalg.norm(tail, axis=1, keepdims=True), 1e-12)
 
 
 def join(semantic: torch.Tensor, appearance: torch.Tensor, weight: float) -> torch.Tensor:

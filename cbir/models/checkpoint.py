@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cbir.errors import CbirError
+from cbir.models.calibration import ProbabilityCalibration
 from cbir.models.detector_config import DetectorConfig
 from cbir.models.domain import DOMAIN, DomainModel
 from cbir.models.factory import CbirNet, ModelConfig, create_model
@@ -42,6 +43,14 @@ class LoadedModel:
     #: Whether a query is like the training images (`cbir.models.domain`); None: no domain.safetensors (older
     #: checkpoints, detectors) or one fitted for other weights.
     domain: DomainModel | None = None
+    #: The target probability's calibration (`cbir.models.calibration`); None: the raw score (older checkpoints,
+    #: detectors, or one fitted for other weights).
+    calibration: ProbabilityCalibration | None = None
+
+    @property
+    def operating_point(self) -> float:
+        """The probability from which the model says "target": the calibrated prevalence, or 0.5 uncalibrated."""
+        return self.calibration.operating_point if self.calibration is not None else 0.5
 
     @property
     def task(self) -> Task:
@@ -119,7 +128,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             raise CbirError(f"{path / WEIGHTS}: cannot load weights ({str(exc).splitlines()[0][:140]})") from None
     model.to(device).eval()
     return LoadedModel(cast("CbirNet | CbirDetector", model), config, fingerprint, path.resolve(), read_split(path),
-                       read_domain(path, fingerprint, domain_features_of(model)))
+                       read_domain(path, fingerprint, domain_features_of(model)),
+                       ProbabilityCalibration.load(path, fingerprint))
 
 
 def domain_features_of(model: nn.Module) -> str:

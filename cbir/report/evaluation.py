@@ -179,11 +179,15 @@ def _metrics_table(payload: dict) -> list[str]:
     s1, s2, base, k = payload["stage1"], payload["stage2"], payload["baseline"], payload["k"]
     rows = [
         ("Stage 1 ROC-AUC", s1["roc_auc"], s1.get("roc_auc_ci"), 0.5),
-        ("Stage 1 accuracy @ 0.5", s1["accuracy_at_0.5"], None, base["majority_accuracy"]),
-        ("Stage 1 balanced accuracy @ 0.5", s1["balanced_accuracy"], None, base["majority_balanced_accuracy"]),
+        (f"Stage 1 accuracy (p ≥ {s1.get('operating_point', 0.5):.3g})", s1.get("accuracy", s1["accuracy_at_0.5"]),
+         None, base["majority_accuracy"]),
+        (f"Stage 1 balanced accuracy (p ≥ {s1.get('operating_point', 0.5):.3g})", s1["balanced_accuracy"], None,
+         base["majority_balanced_accuracy"]),
         *([("Box mAP (RSNA metric, IoU 0.40–0.75)", s1["box_map"], None, "—")] if "box_map" in s1 else []),
-        (f"kNN accuracy (k={k})", s2["knn_accuracy"], s2.get("knn_accuracy_ci"), base["majority_accuracy"]),
-        (f"kNN balanced accuracy (k={k})", s2["balanced_accuracy"], s2.get("balanced_accuracy_ci"),
+        *_vote_rows(s2.get("weighted_vote"), base),
+        (f"Majority of {k} accuracy (baseline)", s2["knn_accuracy"], s2.get("knn_accuracy_ci"),
+         base["majority_accuracy"]),
+        (f"Majority of {k} balanced accuracy (baseline)", s2["balanced_accuracy"], s2.get("balanced_accuracy_ci"),
          base["majority_balanced_accuracy"]),
         (f"kNN vote-share ROC-AUC (k={k})", s2.get("vote_auc"), None, 0.5),
         (f"Precision@{k}", s2["precision_at_k"], None, "—"),
@@ -201,6 +205,19 @@ def _metrics_table(payload: dict) -> list[str]:
                   f"resampling the {ci.get('resampled', 'queries')}. Two figures whose intervals overlap may "
                   "differ by noise alone."]
     return lines
+
+
+def _vote_rows(vote: dict | None, base: dict) -> list[tuple[str, Any, Any, Any]]:
+    """The vote that `cbir query` shows (weighted, prior-corrected, calibrated; its label is its probability at
+    the stated operating point): the stage-2 headline. Reports without it have none."""
+    if not vote:
+        return []
+    return [("Vote accuracy (what cbir query shows)", vote["accuracy"], None, base["majority_accuracy"]),
+            ("Vote balanced accuracy (what cbir query shows)", vote["balanced_accuracy"],
+             vote.get("balanced_accuracy_ci"), base["majority_balanced_accuracy"]),
+            ("Vote minus model, balanced accuracy (paired)", vote["minus_model_balanced_accuracy"],
+             vote.get("minus_model_balanced_accuracy_ci"), "—"),
+            ("Vote probability ROC-AUC", vote.get("probability_auc"), None, 0.5)]
 
 
 def _fmt_ci(interval: Any) -> str:
@@ -221,15 +238,18 @@ def _optional_rows(s2: dict, k: int, base: dict) -> list[tuple[str, Any, Any]]:
 
 
 def _recall_table(payload: dict) -> list[str]:
-    """Sensitivity and specificity of the kNN vote beside the model's own (threshold 0.5)."""
+    """Sensitivity and specificity of the vote and of the plain majority of k beside the model's own."""
     s1, s2 = payload["stage1"], payload["stage2"]
     if "sensitivity" not in s2:
         return []
     positive, negative = _class_names(payload)
-    return [f"| Per-class recall | model (p ≥ 0.5) | kNN vote (k={payload['k']}) |", "|---|---:|---:|",
-            f"| sensitivity (recall of {positive}) | {_fmt(s1.get('sensitivity'))} | {_fmt(s2['sensitivity'])} |",
-            f"| specificity (recall of {negative}) | {_fmt(s1.get('specificity'))} | {_fmt(s2['specificity'])} |",
-            ""]
+    vote = s2.get("weighted_vote") or {}
+    point = f"{s1.get('operating_point', 0.5):.3g}"
+    return [f"| Per-class recall | model (p ≥ {point}) | vote | majority of {payload['k']} |", "|---|---:|---:|---:|",
+            f"| sensitivity (recall of {positive}) | {_fmt(s1.get('sensitivity'))} | {_fmt(vote.get('sensitivity'))} "
+            f"| {_fmt(s2['sensitivity'])} |",
+            f"| specificity (recall of {negative}) | {_fmt(s1.get('specificity'))} | {_fmt(vote.get('specificity'))} "
+            f"| {_fmt(s2['specificity'])} |", ""]
 
 
 def _per_class_table(payload: dict) -> list[str]:

@@ -96,10 +96,12 @@ def write_montage(result: dict[str, Any], query_pixels: np.ndarray, pictures: Se
     draw = ImageDraw.Draw(canvas)
     small, big = _font(13), _font(16)
     pred, vote = result["prediction"], result["vote"]
-    title = (f"model: P({pred.get('target')}) = {pred['probability']:.2f}   "
+    how = "" if pred.get("calibrated", True) else " (raw score)"
+    title = (f"model: P({pred.get('target')}) = {pred['probability']:.2f}{how} → {pred.get('label')}   "
              f"kNN vote: {describe_vote(vote, len(neighbors))}")
     draw.text((8, 10), _fit(draw, title, big, COLS * TILE - 16), fill=(255, 255, 255), font=big)
-    query_lines = ["query", _demographics(result.get("query") or {})]
+    query = result.get("query") or {}
+    query_lines = [f"query: {query['label']} (its own label)" if query.get("label") else "query", _demographics(query)]
     predicted = [b["box"] for b in pred.get("boxes") or []]
     if predicted:
         query_lines[0] = f"query: {len(predicted)} predicted box{'es' if len(predicted) > 1 else ''}"
@@ -107,9 +109,10 @@ def write_montage(result: dict[str, Any], query_pixels: np.ndarray, pictures: Se
     for i, (hit, picture) in enumerate(zip(neighbors, pictures, strict=True)):
         col, row = i % COLS, 1 + i // COLS
         hamming = f"  H={hit['hamming']}" if hit.get("hamming") is not None else ""
-        lines = [f"#{hit['rank']}  sim {hit['score']:.3f}{hamming}  {_demographics(hit)}"]
-        known = hit.get("label") is not None
-        colour = (POSITIVE if hit.get("label") == pred.get("target") else NEGATIVE) if known else UNKNOWN
+        own = "  SELF (not in the vote)" if hit.get("self_match") and not vote.get("included_self") else ""
+        lines = [f"#{hit['rank']}  sim {hit['score']:.3f}{hamming}{own}  {_demographics(hit)}"]
+        known = hit.get("target") in (0, 1)     # the stored binary target, never a label string compared
+        colour = (POSITIVE if hit.get("target") == 1 else NEGATIVE) if known else UNKNOWN
         labels = list(hit.get("labels") or ["-" if known else "unknown"])
         x, y = col * TILE, header + row * (TILE + CAPTION)
         _paste(canvas, draw, _tile(picture.pixels if picture else None), x, y, lines, small, colour,

@@ -96,7 +96,7 @@ def render_results(results: dict[str, Any]) -> tuple[str, str]:
         _ci(p["model_balanced_accuracy"], p["model_balanced_accuracy_ci"]), _pct(p["knn"]["sensitivity"]),
         _pct(p["knn"]["specificity"])])
     lines += _vote(tasks, approaches, pooled)
-    lines += _codes(results, k) + _detection(results) + _multilabel(results) + _times(results)
+    lines += _codes(results, k) + _detection(results) + _multilabel(results) + _audit(results) + _times(results)
     return "\n".join(lines) + "\n", _headline(results)
 
 
@@ -161,6 +161,32 @@ def _multilabel(results: dict[str, Any]) -> list[str]:
                   f"Pneumonia kNN accuracy {_ms([o['knn_accuracy'] for o in own])} against a majority baseline of "
                   f"{_ms([o['majority_accuracy'] for o in own])}."]
     return lines
+
+
+def _audit(results: dict[str, Any]) -> list[str]:
+    """The leakage audit (`cbir.evaluate.audit`): what the multilabel model's training data left out, and the
+    queries each approach's evaluation left out as near-duplicates of another patient's archive image, or that
+    it could not look for them."""
+    training = (results.get("audit") or {}).get("multilabel_training")
+    lines = ["", "Leakage audit (`cbir audit`, near-duplicates by the tiny image's cosine)."]
+    if training:
+        lines.append(f"The multilabel model trains on {training['description']}.")
+    audited, not_audited = [], []
+    for task in results["tasks"]:
+        notes = [r.get("duplicates") for r in results["folds"] if r["task"] == task]
+        if not notes:
+            continue
+        if all(n and n.get("audited") for n in notes):
+            audited.append(f"{results['approaches'][task]} {sum(n['excluded'] for n in notes)}")
+        else:
+            not_audited.append(results["approaches"][task])
+    if audited:
+        lines.append("Queries left out because their archive holds a near-duplicate of another patient's image "
+                     f"(all folds): {', '.join(audited)}.")
+    if not_audited:
+        lines.append(f"**Not audited** (the embedding has no appearance part, so duplicates of queries may be in the "
+                     f"archive): {', '.join(not_audited)}.")
+    return lines if len(lines) > 2 else []
 
 
 def _times(results: dict[str, Any]) -> list[str]:

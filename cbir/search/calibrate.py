@@ -7,6 +7,7 @@ queries the archive. Nothing here looks at test points.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,29 @@ from cbir.search import vote
 #: neighbours is flagged: the archive holds no close case.
 NEAR_QUANTILE = 0.01
 MIN_VALIDATION = 20
+#: Filter fields that only choose which archived images are searched the way calibration did (it searched the
+#: training split): a filter on any other field changes who can be a neighbour, and so what the vote means.
+NEUTRAL_FILTER_FIELDS = frozenset({"split"})
+
+
+def mismatch(body: dict[str, Any] | None, k: int, flt: Filter | None = None, prefilter: int | None = None,
+             hamming_radius: int | None = None) -> str | None:
+    """Why a query's vote is not calibrated although the collection holds a calibration (`body`): its k, filter
+    or Hamming prefilter differ from what the calibration was fitted with; None when they agree (or there is no
+    calibration: then the vote says `calibrated: false` anyway)."""
+    if not body:
+        return None
+    conditions = body.get("conditions") or {"k": body.get("k"), "filter": [], "prefilter": None,
+                                            "hamming_radius": None}
+    why = []
+    if conditions.get("k") is not None and int(conditions["k"]) != int(k):
+        why.append(f"k = {k} (calibrated at k = {conditions['k']})")
+    fields = sorted({*(flt.must if flt else {}), *(flt.must_not if flt else {})} - NEUTRAL_FILTER_FIELDS)
+    if fields:
+        why.append(f"a filter on {', '.join(fields)} (calibrated without one)")
+    if prefilter is not None or hamming_radius is not None:
+        why.append("a Hamming prefilter (calibrated without one)")
+    return "; ".join(why) or None
 
 
 def neighbour_table(index: Index, collection: str, queries: list[Any], archive: Filter, k: int
@@ -52,13 +76,13 @@ def calibrate(index: Index, collection: str, k: int = 10, reporter: Reporter = Q
     nearest = scores[:, 0][np.isfinite(scores[:, 0])]
     body: dict[str, Any] = {
         "k": k, "vote": fitted.to_dict(),
+        "conditions": {"k": k, "filter": [], "prefilter": None, "hamming_radius": None, "archive": "split=train",
+                       "prior": prior, "n": len(val), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "nearest": {"threshold": float(np.quantile(nearest, NEAR_QUANTILE)), "quantile": NEAR_QUANTILE,
                     "median": float(np.median(nearest)), "n": int(nearest.size)},
         "from": "validation images queried against training images"}
     if store:
-        meta = index.get_meta(collection)
-        meta["calibration"] = body
-        index.set_meta(collection, meta)
+        index.update_meta(collection, lambda meta: meta.update(calibration=body))
     reporter.log(f"calibrated the vote on {len(val)} validation images (τ = {fitted.temperature:g}, "
                  f"nearest-case threshold {body['nearest']['threshold']:.3f})")
     return body

@@ -8,10 +8,18 @@ share is π:
     r   = v_1 / (v_0 + v_1)                          the prior-corrected weighted share of the target
     p   = σ(a · logit(r) + b)                        Platt scaling: the calibrated probability
 
-The vote's label is the target when r ≥ ½: each class's votes are weighed against how common the class is, so
-a majority class no longer wins by being common. τ, a and b are fitted on the collection's validation images
-queried against its training images (never on test images): τ from `TEMPERATURES` by the validation log-loss
-of p, then a and b by logistic regression. Without a calibration, τ = ∞ (equal weights), a = 1, b = 0.
+τ, a and b are fitted on the collection's validation images queried against its training images (never on test
+images): τ from `TEMPERATURES` by the validation log-loss of p, then a and b by logistic regression. Without a
+calibration, τ = ∞ (equal weights), a = 1, b = 0, and p = r.
+
+The vote's label follows p (`VoteCalibration.operating_point`): the target when p ≥ π, the prevalence that p is
+calibrated to (uncalibrated, p = r is already prior-corrected and the point is ½). For a calibrated probability,
+p ≥ π is the decision that maximises balanced accuracy: it says "positive" when the evidence
+p/(1 − p) · (1 − π)/π favours the target, so a majority class no longer wins by being common (docs/metrics.md,
+"The vote"). So the label and the probability never disagree: the label is the probability read at a stated point.
+
+`effective_neighbours` says how many neighbours the weights amount to, (Σw)² / Σw²: 1 when the nearest one carries
+all the weight; below `NEAREST_CASE` the output calls the vote what it is, a nearest-case label.
 """
 
 from __future__ import annotations
@@ -22,8 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from cbir.models.calibration import log_loss, logit, platt
+
 TEMPERATURES = (0.01, 0.02, 0.05, 0.1, 0.2, math.inf)
-EPS = 1e-4
+#: Below this many effective neighbours (`effective_neighbours`) the vote is called a nearest-case label.
+NEAREST_CASE = 2.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,17 @@ class VoteCalibration:
     prior: float | None = None          # the archive's positive share at calibration time
     n_validation: int = 0
     log_loss: float | None = None       # validation log-loss of the calibrated probability
+
+    @property
+    def fitted(self) -> bool:
+        """Whether a and b were fitted (validation images of both classes): p is calibrated to `prior`."""
+        return self.log_loss is not None and self.prior is not None and 0.0 < self.prior < 1.0
+
+    @property
+    def operating_point(self) -> float:
+        """The probability at and above which the vote says the target: the prevalence that p is calibrated
+        to, or 0.5 for the uncalibrated, prior-corrected share."""
+        return float(self.prior) if self.fitted and self.prior is not None else 0.5
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
@@ -71,50 +93,9 @@ def corrected_share(scores: np.ndarray, targets: np.ndarray, prior: float | None
     return np.where(total > 0, v1 / np.where(total > 0, total, 1.0), 0.5)
 
 
-def logit(r: np.ndarray) -> np.ndarray:
-    r = np.clip(np.asarray(r, dtype=np.float64), EPS, 1 - EPS)
-    return np.log(r / (1 - r))
-
-
 def calibrated(r: np.ndarray, calibration: VoteCalibration) -> np.ndarray:
     z = calibration.a * logit(r) + calibration.b
     return 1.0 / (1.0 + np.exp(-z))
-
-
-def platt(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 100) -> tuple[float, float]:
-    """(a, b) of σ(a·x + b) by damped Newton steps on the mean log-loss plus a small ridge on a (which keeps
-    separable data finite); each step is halved until the loss goes down, so it cannot diverge."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    design = np.stack([x, np.ones_like(x)], axis=1)
-    ridge = np.array([l2, 0.0])
-
-    def loss(theta: np.ndarray) -> float:
-        z = design @ theta
-        return float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * float(ridge @ theta ** 2))
-
-    theta = np.array([1.0, 0.0])
-    current = loss(theta)
-    for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-(design @ theta)))
-        grad = design.T @ (p - y) / len(y) + ridge * theta
-        hess = (design * (p * (1 - p))[:, None]).T @ design / len(y) + np.diag(ridge + 1e-9)
-        step = np.linalg.solve(hess, grad)
-        scale = 1.0
-        while scale > 1e-6 and loss(theta - scale * step) > current:
-            scale /= 2
-        if scale <= 1e-6:
-            break
-        theta = theta - scale * step
-        previous, current = current, loss(theta)
-        if previous - current < 1e-12:
-            break
-    return float(theta[0]), float(theta[1])
-
-
-def log_loss(p: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-    y = np.asarray(y, dtype=np.float64)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def fit(scores: np.ndarray, targets: np.ndarray, y: np.ndarray, prior: float) -> VoteCalibration:
@@ -136,6 +117,16 @@ def fit(scores: np.ndarray, targets: np.ndarray, y: np.ndarray, prior: float) ->
 
 def decide(scores: np.ndarray, targets: np.ndarray, calibration: VoteCalibration,
            prior: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(label 0/1, calibrated probability, r) per query; `prior` defaults to the calibration's."""
+    """(label 0/1, calibrated probability, r) per query; `prior` (of r) defaults to the calibration's. The label
+    is the probability read at the calibration's operating point."""
     r = corrected_share(scores, targets, calibration.prior if prior is None else prior, calibration.temperature)
-    return (r >= 0.5).astype(np.int64), calibrated(r, calibration), r
+    p = calibrated(r, calibration)
+    return (p >= calibration.operating_point).astype(np.int64), p, r
+
+
+def effective_neighbours(w: np.ndarray) -> np.ndarray:
+    """(Σw)² / Σw² per row of (Q, k) weights: how many equally weighted neighbours the vote amounts to (0 with
+    none)."""
+    w = np.asarray(w, dtype=np.float64)
+    total, squares = w.sum(axis=-1), (w ** 2).sum(axis=-1)
+    return np.where(squares > 0, total ** 2 / np.where(squares > 0, squares, 1.0), 0.0)

@@ -18,12 +18,12 @@ from cbir.embed import Embedded
 from cbir.errors import CbirError, IndexError_
 from cbir.index.base import Filter, Hit, Index
 from cbir.index.files import FileMap, LocalFiles
-from cbir.index.schema import check_model
+from cbir.index.schema import check_filter, check_model, payload_values
 from cbir.io import Pseudonymizer, XrayImage, read_image
 from cbir.models import LoadedModel, decode_size
 from cbir.search.memory import MemoryIndex
 from cbir.search.pictures import CasePictures, Picture
-from cbir.search.query import QueryResult, answer, query_name, stored_path
+from cbir.search.query import QueryResult, Search, answer, query_name, stored_path
 
 
 @dataclass(frozen=True)
@@ -103,26 +103,33 @@ class WarmSearcher:
         return copy.pictures.picture(point_id, copy.memory.payloads[position])
 
     def query(self, path: str | Path, k: int = 10, flt: Filter | None = None, prefilter: int | None = None,
-              hamming_radius: int | None = None) -> QueryResult:
-        return self.query_image(self.read(path), str(path), k, flt, prefilter, hamming_radius)
+              hamming_radius: int | None = None, include_self: bool = False) -> QueryResult:
+        return self.query_image(self.read(path), str(path), k, flt, prefilter, hamming_radius, include_self)
 
     def read(self, path: str | Path) -> XrayImage:
         """An image file read as this model's inputs are (`cbir.models.decode_size`)."""
         return read_image(path, self.pseudonymize, decode_size(self.loaded.config))
 
     def query_image(self, image: XrayImage, name: str, k: int = 10, flt: Filter | None = None,
-                    prefilter: int | None = None, hamming_radius: int | None = None) -> QueryResult:
+                    prefilter: int | None = None, hamming_radius: int | None = None,
+                    include_self: bool = False) -> QueryResult:
         """Search for a read image; `name` (its file's name) shows as `query.path` only with `local_paths`, else
         as its keyed pseudonym. The neighbours' stored thumbnails are fetched meanwhile, in one request. Safe to
         call from several threads: their forward passes overlap, their searches take turns."""
         copy = self._copy
+        how = Search(k, flt, prefilter, hamming_radius, include_self)
+        if flt:
+            payloads = copy.memory.payloads
+            check_filter(flt, self.collection,
+                         lambda field, value: int(str(value) in payload_values(payloads, field)),
+                         lambda field: payload_values(payloads, field))
         if not len(copy.memory):
             raise CbirError(f"collection {self.collection!r} is empty: ingest images into it first (cbir ingest)")
 
         def search(embedded: Embedded) -> list[Hit]:
             use_code = prefilter is not None or hamming_radius is not None
             with self._lock:
-                hits = copy.memory.search(embedded.embedding, k, flt, embedded.code if use_code else None,
+                hits = copy.memory.search(embedded.embedding, how.fetch, flt, embedded.code if use_code else None,
                                           prefilter, hamming_radius)
                 if copy.meta.get("thumbnails"):
                     copy.pictures.prefetch([(hit.id, hit.payload) for hit in hits])
@@ -130,7 +137,7 @@ class WarmSearcher:
 
         path_of = copy.pictures.files.relpath if self.local_paths else stored_path
         return answer(image, query_name(name, self.pseudonymize, self.local_paths), self.loaded, copy.meta,
-                      self.collection, k, search, path_of)
+                      self.collection, how, search, path_of)
 
     def close(self) -> None:
         """Close the local file map (the index is the caller's)."""

@@ -135,7 +135,8 @@ def score_on_validation(records: Records, loaded: Any, out: Path, k: int = 10,
     meta = records.meta.assign(split=records.meta["split"].replace({"val": "test"}))
     relabelled = Records(root=records.root, dataset=records.dataset, layout=records.layout,
                          label_names=list(records.label_names), labels=records.labels, meta=meta,
-                         target=records.target, patient_rule=records.patient_rule, split_spec=records.split_spec)
+                         target=records.target, patient_rule=records.patient_rule, split_spec=records.split_spec,
+                         dataset_id=records.dataset_id, dataset_id_given=records.dataset_id_given)
     scratch = Path(tempfile.mkdtemp(prefix="cbir-study-"))
     try:
         with open_index(str(scratch / "index"), writable=True, create=True) as index:

@@ -26,6 +26,7 @@ from cbir.errors import CbirError, DatasetError
 from cbir.models.checkpoint import write_split
 from cbir.models.device import resolve_device
 from cbir.models.registry import Batch, Task, get_task
+from cbir.train.calibration_fit import fit_calibration
 from cbir.train.classifier import ClassifierData
 from cbir.train.detection import DetectorData
 from cbir.train.domain_fit import fit_domain
@@ -128,10 +129,12 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
                                seconds=round(time.perf_counter() - started, 2), **best)
     summary = {k: v for k, v in asdict(result).items() if k != "out"} | {
         **{k: _finite(v) for k, v in best.items() if k.startswith("best_")},
-        "dataset": records.dataset, "layout": records.layout, "root": str(records.root), "task": config.task,
+        "dataset": records.dataset, "dataset_id": records.dataset_id, "layout": records.layout,
+        "root": str(records.root), "task": config.task,
         "settings": asdict(requested), "device": str(device), **({"init": initialised} if initialised else {}),
         **({"effective_settings": asdict(settings)} if settings != requested else {})}
     fit_domain(out, data, device, reporter)   # domain.safetensors: the query's out-of-domain warning
+    fit_calibration(out, data, device, reporter)   # calibration.json: what the shown probability means
     (out / "train.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return result
 

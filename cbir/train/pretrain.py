@@ -2,7 +2,8 @@
 
 The images come from any layout cbir reads (`cbir.data.layout.load_dataset`: rsna, nih, folder) or a plain folder;
 labels are never read. Each step draws a batch, a second image per image from its patient (`PatientPairs`, where
-the layout names patients), two `ssl_augment` views, and minimises the method's loss (`cbir.models.ssl`). The
+the layout names patients, `cbir.data.patients`: a label file, a DICOM header's PatientID, or a matching file-name
+rule), two `ssl_augment` views, and minimises the method's loss (`cbir.models.ssl`). The
 run folder keeps the backbone only (backbone.safetensors) and a record (pretrain.json) with its sha256.
 """
 
@@ -34,8 +35,6 @@ from cbir.train.settings import TrainSettings
 
 WEIGHTS = "backbone.safetensors"
 RECORD = "pretrain.json"
-#: Patient rules that do not group images (every file its own patient): such images get no patient key.
-_NO_PATIENT_RULES = ("file stem", "each file its own patient")
 
 
 @dataclass
@@ -88,7 +87,8 @@ class PretrainResult:
 
 def load_sources(roots: list[Path], reporter: Reporter = QUIET) -> tuple[list[Records], list[str | None]]:
     """Each root as its layout (detected: rsna, nih, folder), else every image under it (plain); and one patient
-    key per image, namespaced by root, or None where the layout does not group images by patient."""
+    key per image, namespaced by root, or None where its key does not group images (`Records.grouped_patients`:
+    a file that is its own patient, or a DICOM without a usable PatientID)."""
     sources, keys = [], []
     for i, root in enumerate(roots):
         try:
@@ -97,11 +97,12 @@ def load_sources(roots: list[Path], reporter: Reporter = QUIET) -> tuple[list[Re
             if "cannot tell the dataset layout" not in str(exc):
                 raise
             records = load_dataset(root, "plain")
-        grouped = records.layout != "plain" and not any(r in records.patient_rule for r in _NO_PATIENT_RULES)
+        grouped = records.grouped_patients()
+        without = f"; {int((~grouped).sum())} images without one" if grouped.any() and not grouped.all() else ""
         reporter.log(f"{root}: {len(records)} images ({records.layout} layout; patients "
-                     f"{'by ' + records.patient_rule if grouped else 'unknown: augmentations only'})")
+                     f"{'by ' + records.patient_rule if grouped.any() else 'unknown: augmentations only'}{without})")
         sources.append(records)
-        keys += [f"{i}:{p}" if grouped else None for p in records.meta["patient"].astype(str)]
+        keys += [f"{i}:{p}" if g else None for p, g in zip(records.meta["patient"].astype(str), grouped, strict=True)]
     return sources, keys
 
 

@@ -14,7 +14,8 @@ def _plain(value: Any) -> Any:
 def finished_run(model_dir: Path, config: dict[str, Any], settings: dict[str, Any], split: dict[str, Any]
                  ) -> float | None:
     """Training seconds of the run in `model_dir` when its config.json and train.json settings hold every given
-    key's value and split.json has `split`'s spec and dataset digest; None otherwise (or when unfinished).
+    key's value and split.json has `split`'s spec, patient rule and images (`cbir.data.splits.same_data`); None
+    otherwise (or when unfinished).
     A `ModelConfig` field that config.json leaves out counts as its default (as `load_checkpoint` reads it)."""
     try:
         held_config = json.loads((model_dir / "config.json").read_text())
@@ -24,6 +25,7 @@ def finished_run(model_dir: Path, config: dict[str, Any], settings: dict[str, An
         return None
     from dataclasses import asdict
 
+    from cbir.data.splits import same_data
     from cbir.models import ModelConfig
     as_read = {k: v for k, v in asdict(ModelConfig.from_dict({})).items() if isinstance(v, str | int | float)}
     held_config = as_read | held_config
@@ -31,7 +33,8 @@ def finished_run(model_dir: Path, config: dict[str, Any], settings: dict[str, An
     split = _plain(split)
     same = (all(held_config.get(k) == v for k, v in _plain(config).items())
             and all(held_settings.get(k) == v for k, v in _plain(settings).items())
-            and all(held_split.get(k) == split.get(k) for k in ("spec", "dataset_digest")))
+            and all(held_split.get(k) == split.get(k) for k in ("spec", "patient_rule"))
+            and same_data(held_split, split))
     return float(summary.get("seconds") or 0.0) if same and (model_dir / "model.safetensors").exists() else None
 
 

@@ -1,0 +1,45 @@
+"""Which dataset of a collection a folder is: the id its points, roots and split records are stored under.
+
+A dataset's id is the keyed id of its fingerprint, or the one the user gave (`cbir.data.identity`). One rule
+keeps existing collections working: a folder that the collection already records as a root (`roots` in its
+metadata) keeps the dataset name recorded for it, so an interrupted, repeated or grown ingest finds its points
+again by the same point IDs, and a collection made when datasets were named by their folder (``"chest_xray"``,
+``"rsna"``) keeps that name for the points it holds and for new points of the same folder. A user-given
+``--dataset-id`` always wins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cbir.data.identity import dataset_id
+from cbir.data.records import Records
+from cbir.data.splits import same_data
+from cbir.index.schema import dataset_roots, recorded_split
+from cbir.io import Pseudonymizer
+
+
+def collection_dataset(meta: dict[str, Any], records: Records, pseudonymize: Pseudonymizer) -> Records:
+    """`records` under the dataset id this collection (`meta`; {} for a new one) knows them by: the user's
+    `--dataset-id`, else the name recorded for the same root folder with the same layout, else its own id
+    (computed here for records built without one)."""
+    if records.dataset_id_given:
+        return records
+    root = str(records.root)
+    for name in (meta.get("roots") or {}):
+        held = recorded_split(meta, name)
+        if root in dataset_roots(meta, name) and (held is None or held.get("layout") in (None, records.layout)):
+            return records if name == records.dataset_id else records.with_dataset_id(name)
+    if records.dataset_id:
+        return records
+    return records.with_dataset_id(dataset_id(records.layout, records.meta, pseudonymize))
+
+
+def split_of(meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any] | None:
+    """The collection's split record of the dataset `record` (a checkpoint's) describes: by its id, else the one of
+    the same images (`same_data`) recorded under another name, e.g. in a collection named by folders."""
+    held = recorded_split(meta, str(record.get("dataset")))
+    if held is not None or not record.get("dataset_digest"):
+        return held
+    return next((r for r in (meta.get("splits") or {}).values() if isinstance(r, dict) and same_data(r, record)),
+                None)
