@@ -101,11 +101,14 @@ def test_upload_results_labels_and_region_search(server: dict, tmp_path: Path) -
         page.goto(server["url"])
         page.fill("#k", str(K))
         page.set_input_files("#file", str(server["dicom"]))
-        page.wait_for_function(f"document.querySelectorAll('[data-testid=result-tile]').length == {K}",
+        # the query is an archived image: it finds itself first (flagged, not voting), then K others
+        page.wait_for_function(f"document.querySelectorAll('[data-testid=result-tile]').length == {K + 1}",
                                timeout=60_000)
+        assert "(self)" in page.locator("[data-testid=result-tile] .caption").first.inner_text()
         labels = page.locator("[data-testid=result-tile] .chip").all_inner_texts()
         assert len(labels) >= K and set(labels) <= {"Pneumonia", "No Pneumonia"}
         assert "model: P(Pneumonia)" in page.inner_text("#prediction")
+        assert "the query itself is in the archive" in page.inner_text("#prediction")
         assert not page.locator("[data-testid=no-close-case]").is_visible()   # uncalibrated: no claim either way
         before = page.locator("[data-testid=result-tile] img").evaluate_all("els => els.map(e => e.src)")
         page.wait_for_function("document.querySelector('[data-testid=result-tile] img').naturalWidth > 0")
