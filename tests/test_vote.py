@@ -132,6 +132,10 @@ def test_ingest_calibrates_and_query_reports_the_vote(tmp_path: Path) -> None:
     wv = report["stage2"]["weighted_vote"]
     assert 0 <= wv["agreement_with_model"] <= 1 and wv["balanced_accuracy_ci"] is not None
     assert math.isclose(report["stage1"]["operating_point"], calibration.operating_point, abs_tol=1e-9)
+    # the stored calibration is for k = 10: at k = 5 evaluate refits it on validation images, and says so
+    used = report["vote_calibration"]
+    assert used["stored"] is False and used["calibrated"] and "k = 5" in used["refitted_because"]
+    assert "refitted on the validation images at k = 5" in err
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Vote balanced accuracy (what cbir query shows)" in text and "Majority of 5 accuracy (baseline)" in text
 

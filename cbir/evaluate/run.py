@@ -407,12 +407,21 @@ def _search(index: Index, collection: str, archive_filter: Filter, archive: Arch
 def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive: Archive, neighbours: Neighbours,
                    queries: list[Query], k: int, groups: np.ndarray, reporter: Reporter,
                    operating_point: float = 0.5) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
-    """The calibrated vote's figures, with the collection's stored calibration (fitted on its validation images
-    now, not stored, when it has none), the calibration, and each query's vote (0/1); the model beside it is
-    read at its `operating_point`."""
-    from cbir.search.calibrate import calibrate
+    """The calibrated vote's figures, with the collection's stored calibration, the calibration, and each query's
+    vote (0/1); the model beside it is read at its `operating_point`. When the collection has no calibration, or
+    one fitted at another k (`cbir.search.calibrate.mismatch`), the vote is calibrated now on the collection's
+    validation images at this k (not stored), and the report says so (`refitted_because`); with too few
+    validation images it stays uncalibrated (`calibrated: false`)."""
+    from cbir.search.calibrate import calibrate, mismatch
     from cbir.search.vote import VoteCalibration, decide
-    body = meta.get("calibration") or calibrate(index, collection, k, reporter, store=False) or {}
+    stored = meta.get("calibration") or None
+    why = mismatch(stored, k) if stored else "the collection holds no calibration"
+    body = stored if not why else calibrate(index, collection, k, reporter, store=False) or {}
+    if stored and why:
+        reporter.warn(f"the stored vote calibration does not apply here ({why}): refitted on the validation images "
+                      f"at k = {k} for this evaluation" if body else
+                      f"the stored vote calibration does not apply here ({why}), and there are too few validation "
+                      "images to refit it: the vote is not calibrated")
     calibration = VoteCalibration.from_dict(body.get("vote"))
     assert neighbours.scores is not None  # `_search` fills them
     label, probability, _ = decide(neighbours.scores, neighbours.targets, calibration,
@@ -420,7 +429,8 @@ def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive:
     y = np.array([q.target for q in queries])
     figures = vote_summary(y, np.array([q.probability for q in queries]), label, probability, groups,
                            operating_point=operating_point)
-    return figures, {**calibration.to_dict(), "stored": bool(meta.get("calibration"))}, np.asarray(label, int)
+    return figures, {**calibration.to_dict(), "stored": not why, "calibrated": bool(body),
+                     "refitted_because": why if body and why else None}, np.asarray(label, int)
 
 
 def _extra_metrics(loaded: LoadedModel, archive: Archive, queries: list[Query], neighbours: Neighbours,

@@ -88,7 +88,8 @@ def render_results(results: dict[str, Any]) -> tuple[str, str]:
         str(p["n_queries"]), _ci(p["roc_auc"], p["roc_auc_ci"]), _ci(p["knn_accuracy"], p["knn_accuracy_ci"]),
         _ci(p["balanced_accuracy"], p["balanced_accuracy_ci"]), _ci(p["map_at_k"], p["map_at_k_ci"]),
         _ci(p["majority_accuracy"], None)])
-    lines += ["", "Per-class recall, pooled: the model's own prediction (probability ≥ 0.5) beside the kNN vote.",
+    lines += ["", "Per-class recall, pooled: the model's own prediction (its calibrated probability at its operating "
+              "point, docs/metrics.md) beside the kNN vote.",
               "", "| Approach | model sensitivity | model specificity | model balanced accuracy | kNN sensitivity | "
               "kNN specificity |", "|---|---:|---:|---:|---:|---:|"]
     lines += _pooled_rows(tasks, approaches, pooled, lambda p: [
