@@ -74,6 +74,10 @@ def render_results(results: dict[str, Any]) -> tuple[str, str]:
         trained = sorted({r["trained_on"] for r in results["folds"] if r["task"] == task})
         if not trained:
             continue
+        audited = ((results.get("audit") or {}).get("multilabel_training") or {}) if task == "multilabel" else {}
+        if audited.get("dataset") in trained:   # what the multilabel model trained on, after the leakage audit
+            trained = [f"{audited['dataset']}: {audited['images'] - audited['left_out']} of {audited['images']} "
+                       f"images ({audited['left_out']} {audited['against']} duplicates left out)"]
         ref = seed.get(task)
         cells = [_ms(_values(results, task, name))
                  for name in ("roc_auc", "knn_accuracy", "balanced_accuracy", "map_at_k", "majority_accuracy")]
