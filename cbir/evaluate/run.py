@@ -414,9 +414,9 @@ def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive:
     validation images it stays uncalibrated (`calibrated: false`)."""
     from cbir.search.calibrate import calibrate, mismatch
     from cbir.search.vote import VoteCalibration, decide
-    stored = meta.get("calibration") or None
+    stored: dict[str, Any] = meta.get("calibration") or {}
     why = mismatch(stored, k) if stored else "the collection holds no calibration"
-    body = stored if not why else calibrate(index, collection, k, reporter, store=False) or {}
+    body: dict[str, Any] = stored if not why else calibrate(index, collection, k, reporter, store=False) or {}
     if stored and why:
         reporter.warn(f"the stored vote calibration does not apply here ({why}): refitted on the validation images "
                       f"at k = {k} for this evaluation" if body else
