@@ -97,7 +97,7 @@ def write_montage(result: dict[str, Any], query_pixels: np.ndarray, pictures: Se
     small, big = _font(13), _font(16)
     pred, vote = result["prediction"], result["vote"]
     how = "" if pred.get("calibrated", True) else " (raw score)"
-    title = (f"model: P({pred.get('target')}) = {pred['probability']:.2f}{how} → {pred.get('label')}   "
+    title = (f"model: P({pred.get('target')}) = {pred['probability']:.2f}{how}, says {pred.get('label')}   "
              f"kNN vote: {describe_vote(vote, len(neighbors))}")
     draw.text((8, 10), _fit(draw, title, big, COLS * TILE - 16), fill=(255, 255, 255), font=big)
     query = result.get("query") or {}
