@@ -86,6 +86,8 @@ def test_bad_requests_are_4xx_with_one_line(served: dict, tmp_path: Path) -> Non
              (client.post("/query", files={"file": ("big.dcm", b"\0" * (2**20 + 1))}), 413, "larger than"),
              (_post(client, served["dicoms"][0], k=0), 422, ""),
              (_post(client, served["dicoms"][0], filter="nonsense"), 422, "bad filter 'nonsense'"),
+             (_post(client, served["dicoms"][0], filter="label=pneumonia"), 422, "did you mean label=Pneumonia?"),
+             (_post(client, served["dicoms"][0], filter="foo=bar"), 422, "unknown filter key 'foo'"),
              (client.post("/query"), 422, "")]
     for response, status, text in cases:
         assert response.status_code == status, response.text

@@ -136,6 +136,11 @@ def test_ingest_calibrates_and_query_reports_the_vote(tmp_path: Path) -> None:
     used = report["vote_calibration"]
     assert used["stored"] is False and used["calibrated"] and "k = 5" in used["refitted_because"]
     assert "refitted on the validation images at k = 5" in err
+    # the stored test queries are read the way the collection's record says its payloads' probability is
+    with open_index(str(index), writable=True) as idx:
+        idx.update_meta("cbir", lambda meta: meta.update(probability={"calibrated": False, "operating_point": 0.5}))
+    code, out, err = run_cli("evaluate", "--index", index, "--k", 10, "--out", tmp_path / "rep2", "--json")
+    assert code == 0 and json.loads(out)["stage1"]["operating_point"] == 0.5 and "stores raw scores" in err
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "Vote balanced accuracy (what cbir query shows)" in text and "Majority of 5 accuracy (baseline)" in text
 

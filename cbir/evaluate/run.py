@@ -37,6 +37,7 @@ from cbir.index.base import UNKNOWN_TARGET, Filter, Index, unpack_code
 from cbir.index.codes import itq_from_meta
 from cbir.index.datasets import split_of
 from cbir.index.ingest import payload_labels
+from cbir.index.record import CollectionRecord
 from cbir.index.records import FilterValue
 from cbir.index.schema import check_model, dataset_roots, recorded_split
 from cbir.io import Pseudonymizer
@@ -177,6 +178,7 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
         queries, left_out = _unseen(index, collection, loaded, queries_from, queries, reporter)
         archive_filter = Filter(must_not=labelled)
         source = f"{queries_from.dataset} ({queries_from.root})"
+    point = _operating_point(meta, collection, loaded, stored=queries_from is None, reporter=reporter)
     unknown = _unknown_labels(index, collection, archive_filter, queries, reporter)
     queries = [q for q in queries if q.target != UNKNOWN_TARGET]
     if not queries:
@@ -202,12 +204,12 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     groups = _patient_groups(queries)
     extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k) | {"unknown_labels": unknown}
     extra["stage2"]["weighted_vote"], extra["vote_calibration"], weighted = _weighted_vote(
-        index, collection, meta, archive, neighbours, queries, k, groups, reporter, loaded.operating_point)
+        index, collection, meta, archive, neighbours, queries, k, groups, reporter, point)
     if loaded.task.boxes:
         extra["stage1"].update(_box_metrics(meta, loaded, queries_from, reporter))
     report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query,
                        neighbor_y=neighbours.targets, archive_y=archive.targets, k=k, relevant=relevant,
-                       extra=extra, n_relevant=n_relevant, groups=groups, operating_point=loaded.operating_point)
+                       extra=extra, n_relevant=n_relevant, groups=groups, operating_point=point)
     context = {"collection": collection, "index": index.location, "model": str(loaded.path),
                "model_fingerprint": loaded.fingerprint, "backbone": loaded.config.backbone,
                "target": meta.get("target"), "negative_label": meta.get("negative_label"), "query_source": source,
@@ -226,7 +228,7 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     per_query = {"target": y_query.tolist(), "probability": prob_query.tolist(), "vote": vote.tolist(),
                  "ap": [None if np.isnan(a) else float(a) for a in average_precisions_at_k(relevant, k, n_relevant)],
                  "group": groups.tolist(), "majority_label": int(report["baseline"]["majority_label"]),
-                 "weighted_vote": weighted.tolist(), "operating_point": loaded.operating_point}
+                 "weighted_vote": weighted.tolist(), "operating_point": point}
     (Path(out_dir) / "per_query.json").write_text(json.dumps(per_query) + "\n")
     report["context"] = context
     report["files"] = {name: str(path) for name, path in files.items()} | {"per_query": str(Path(out_dir) /
@@ -402,6 +404,21 @@ def _search(index: Index, collection: str, archive_filter: Filter, archive: Arch
                 prefiltered[row, :len(hits)] = [int(hit.payload.get("target", 0)) for hit in hits]
             bar.advance()
     return Neighbours(targets, found, labels, prefiltered, scores)
+
+
+def _operating_point(meta: dict[str, Any], collection: str, loaded: LoadedModel, stored: bool,
+                     reporter: Reporter) -> float:
+    """Where stage 1 reads the queries' probabilities: the collection's record says what its payloads' probability
+    is (`cbir.index.record`), and the stored test queries carry that; queries embedded now carry the model's. A
+    record that disagrees with the model is said in one line."""
+    record = CollectionRecord.of(meta, collection)
+    kinds = {True: "calibrated probabilities", False: "raw scores"}
+    model_calibrated = loaded.calibration is not None
+    if record.calibrated_probability != model_calibrated or abs(record.operating_point - loaded.operating_point) > 1e-9:
+        reporter.warn(f"collection {collection!r} stores {kinds[record.calibrated_probability]} read from "
+                      f"{record.operating_point:.3f}, the model gives {kinds[model_calibrated]} read from "
+                      f"{loaded.operating_point:.3f}; its stored test queries are read the collection's way")
+    return record.operating_point if stored else loaded.operating_point
 
 
 def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive: Archive, neighbours: Neighbours,

@@ -180,6 +180,11 @@ class MemoryIndex:
             mask &= ~self._mask(key, value)
         return np.flatnonzero(mask)
 
+    def matching(self, flt: Filter | None) -> int:
+        """How many points pass the filter (its masks are cached, as the search's are)."""
+        rows = self.candidates(flt)
+        return len(self) if rows is None else int(rows.size)
+
     def _mask(self, key: str, value: FilterValue) -> np.ndarray:
         """Points whose field `key` matches `value` (any element of a list field; any item of a list value)."""
         wanted = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else (value,)

@@ -118,11 +118,11 @@ class WarmSearcher:
         call from several threads: their forward passes overlap, their searches take turns."""
         copy = self._copy
         how = Search(k, flt, prefilter, hamming_radius, include_self)
-        if flt:
-            payloads = copy.memory.payloads
+        if flt:   # counted by the copy's own cached filter masks, the ones its search uses
+            memory = copy.memory
             check_filter(flt, self.collection,
-                         lambda field, value: int(str(value) in payload_values(payloads, field)),
-                         lambda field: payload_values(payloads, field))
+                         lambda field, value: memory.matching(Filter(must={field: value})),
+                         lambda field: payload_values(memory.payloads, field))
         if not len(copy.memory):
             raise CbirError(f"collection {self.collection!r} is empty: ingest images into it first (cbir ingest)")
 
@@ -142,3 +142,4 @@ class WarmSearcher:
     def close(self) -> None:
         """Close the local file map (the index is the caller's)."""
         self.file_map.close()
+
