@@ -1,7 +1,8 @@
 """The viewer in a real browser: `cbir serve` in a subprocess, Debian's headless Chromium driven by Playwright.
 
-Uploads the real RSNA DICOM from ../shared (a synthetic one when that folder is absent), waits for the k result
-tiles, checks their labels, draws a region on the query and sees the results change, and saves a screenshot.
+Uploads an archived DICOM, waits for the k result tiles (plus the query's own, flagged), checks their labels, draws
+a region on the query and sees the results change, and saves a screenshot; then uploads the real RSNA DICOM from
+../shared, which is not in the archive: k tiles and no self-match.
 Then another team, without the archive or its file map, sees the same viewer from thumbnails stored in the index.
 Skips, with the reason, when Chromium or Playwright is missing (`.ci/run` installs Chromium).
 """
@@ -54,9 +55,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> dict:
     result = runner.invoke(app, ["ingest", "--data", str(root / "data"), "--model", str(root / "model"), "--index",
                                  str(root / "index"), "--collection", "rsna", "--workers", "0"])
     assert result.exit_code == 0, result.stderr
-    dicom = REAL_DICOM if REAL_DICOM.is_file() else sorted((root / "data" / "stage_2_train_images").glob("*.dcm"))[0]
+    archived = sorted((root / "data" / "stage_2_train_images").glob("*.dcm"))[0]
     with _serving(["--index", str(root / "index"), "--collection", "rsna"]) as url:
-        yield {"url": url, "dicom": dicom, "root": root}
+        yield {"url": url, "archived": archived, "root": root}
 
 
 @contextmanager
@@ -100,7 +101,7 @@ def test_upload_results_labels_and_region_search(server: dict, tmp_path: Path) -
         page = browser.new_page()
         page.goto(server["url"])
         page.fill("#k", str(K))
-        page.set_input_files("#file", str(server["dicom"]))
+        page.set_input_files("#file", str(server["archived"]))
         # the query is an archived image: it finds itself first (flagged, not voting), then K others
         page.wait_for_function(f"document.querySelectorAll('[data-testid=result-tile]').length == {K + 1}",
                                timeout=60_000)
@@ -130,6 +131,21 @@ def test_upload_results_labels_and_region_search(server: dict, tmp_path: Path) -
         if shot:
             page.locator("#large").click()
             page.screenshot(path=shot, full_page=True)
+
+
+@pytest.mark.skipif(not REAL_DICOM.is_file(), reason="../shared is absent (the real RSNA DICOM)")
+def test_a_real_dicom_outside_the_archive_gets_k_results_and_no_self_match(server: dict, tmp_path: Path) -> None:
+    with _chromium(tmp_path / "profile") as browser:
+        page = browser.new_page()
+        page.goto(server["url"])
+        page.fill("#k", str(K))
+        page.set_input_files("#file", str(REAL_DICOM))
+        page.wait_for_function(f"document.querySelectorAll('[data-testid=result-tile]').length == {K}",
+                               timeout=60_000)
+        captions = page.locator("[data-testid=result-tile] .caption").all_inner_texts()
+        assert len(captions) == K and not any("(self)" in caption for caption in captions)
+        assert "the query itself is in the archive" not in page.inner_text("#prediction")
+        assert "model: P(Pneumonia)" in page.inner_text("#prediction")
 
 
 def test_another_team_sees_thumbnails_and_labels_from_the_index_alone(tmp_path: Path) -> None:
@@ -198,7 +214,7 @@ def test_the_viewer_warns_when_the_archive_holds_no_close_case(server: dict, tmp
     with _serving(["--index", str(index), "--collection", "rsna"]) as url, _chromium(tmp_path / "p") as browser:
         page = browser.new_page()
         page.goto(url)
-        page.set_input_files("#file", str(server["dicom"]))
+        page.set_input_files("#file", str(server["archived"]))
         page.wait_for_function("document.querySelectorAll('[data-testid=result-tile]').length > 0", timeout=60_000)
         warning = page.locator("[data-testid=no-close-case]")
         assert warning.is_visible() and "no close case" in warning.inner_text()
