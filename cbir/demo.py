@@ -124,12 +124,12 @@ def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone:
     query_file = str((positives if len(positives) else test.meta)["path"].iloc[0])
     with open_index(location) as idx:
         archive = Filter(must={"split": ["train", "val"]})  # the held-out case is not its own neighbour
-        known = records.target if len(positives) else str(idx.get_meta(COLLECTION).get("negative_label"))
+        known = records.target if len(positives) else str(idx.record(COLLECTION).negative_label)
         answer = query_image(query_file, loaded, idx, COLLECTION, k=10, flt=archive, pseudonymize=pseudonymize,
                              known_label=known)
         result.query = answer.to_json()
         (out / "query.json").write_text(json.dumps(result.query, indent=2) + "\n")
-        pictures = neighbor_pictures(idx, COLLECTION, idx.get_meta(COLLECTION), result.query["neighbors"])
+        pictures = neighbor_pictures(idx, COLLECTION, result.query["neighbors"])
         assert answer.pixels is not None  # `query_image` keeps the decoded query
         write_montage(result.query, answer.pixels, pictures, out / "montage.png")
         result.query_file = query_file

@@ -82,8 +82,9 @@ def fresh_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def payload_path(payload: dict) -> str | None:
     """A stored payload's relative path, through this machine's file map where the payload has a pseudonym."""
     from cbir.index.files import FileMap, LocalFiles
+    from cbir.index.record import CollectionRecord
     with FileMap.local() as file_map:
-        return LocalFiles({}, file_map).relpath(payload)
+        return LocalFiles(CollectionRecord.new("c"), file_map).relpath(payload)
 
 
 def run_cli(*args: object) -> tuple[int, str, str]:

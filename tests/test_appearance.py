@@ -12,6 +12,7 @@ import torch
 
 from cbir.data.layout import load_dataset
 from cbir.data.records import Records
+from cbir.data.splits import SplitSpec
 from cbir.data.synth import synth_dataset
 from cbir.data.transforms import standardize
 from cbir.errors import CbirError
@@ -118,6 +119,31 @@ def test_a_run_without_it_is_reused_and_refitted_in_place(rsna: Records, tmp_pat
     assert finished_run(tmp_path / "run", wanted, {"epochs": 1}, rsna.split_record()) is not None
     other = wanted | {"appearance_size": 8}
     assert reusable_run(tmp_path / "run", other, {"epochs": 1}, rsna) is None   # another part: train afresh
+
+
+def test_a_reused_run_gets_the_calibration_training_fits(tmp_path: Path) -> None:
+    """`--reuse` of a run trained before `cbir train` fitted calibration.json, or whose appearance part was refitted
+    (a new fingerprint: the old file no longer applies): before, it was evaluated on its raw score at 0.5, while
+    a fresh run is read calibrated at the validation prevalence."""
+    synth_dataset("rsna", 60, 32, tmp_path / "rsna", seed=5)
+    rsna = load_dataset(tmp_path / "rsna", "rsna", split=SplitSpec(val_fraction=0.5))
+    train_model(rsna, TINY, TrainSettings(epochs=1, batch_size=8, workers=0), tmp_path / "run")
+    original = load_checkpoint(tmp_path / "run").calibration
+    assert original is not None
+    (tmp_path / "run" / "calibration.json").unlink()            # as a run from before the calibration
+    assert load_checkpoint(tmp_path / "run").calibration is None
+    wanted = {"backbone": "test_resnet"} | {k: v for k, v in TINY.to_dict().items() if k.startswith("appearance_")}
+    assert reusable_run(tmp_path / "run", wanted, {"epochs": 1}, rsna) is not None
+    refitted = load_checkpoint(tmp_path / "run").calibration
+    assert refitted is not None and refitted.n_val == original.n_val
+    assert math.isclose(refitted.a, original.a, rel_tol=1e-4) and math.isclose(refitted.b, original.b, rel_tol=1e-4)
+    # a run given a new appearance part: a new fingerprint, so its old calibration.json is stale and refitted
+    plain = ModelConfig(**(TINY.to_dict() | {"appearance_size": 0, "appearance_weight": 0.0}))
+    train_model(rsna, plain, TrainSettings(epochs=1, batch_size=8, workers=0), tmp_path / "plain")
+    assert reusable_run(tmp_path / "plain", wanted, {"epochs": 1}, rsna) is not None
+    again = load_checkpoint(tmp_path / "plain")
+    assert again.config.has_appearance and again.calibration is not None
+    assert again.calibration.fingerprint == again.fingerprint
 
 
 def test_untrained_baseline_is_saved_without_training(rsna: Records, tmp_path: Path) -> None:

@@ -164,6 +164,39 @@ def test_a_filter_typo_is_an_error_never_an_empty_answer(pipeline: dict[str, Pat
     assert code == 0 and json.loads(out)["neighbors"], err
 
 
+def test_a_damaged_record_is_one_line_from_every_reader(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """Query, evaluate and `index info` read the collection's record through its typed view (`Index.record`), so
+    a hand-edited field of the wrong type is named in one line (exit 2). Before, query compared the string "16"
+    with the model's 16 and blamed the model ("was built with model …"), and `index info` printed it."""
+    import shutil
+
+    from cbir.index import open_index
+    index = tmp_path / "index"
+    shutil.copytree(pipeline["index"], index)
+    with open_index(str(index), writable=True) as idx:
+        name = idx.resolve("rsna")
+        idx.set_meta(name, {**idx.get_meta(name), "dim": "16"})
+    dicom = _dicoms(pipeline["data"])[0]
+    for args in (("query", dicom, "--index", index, "--collection", "rsna", "--model", pipeline["model"]),
+                 ("evaluate", "--index", index, "--collection", "rsna", "--model", pipeline["model"], "--out",
+                  tmp_path / "report"),
+                 ("index", "info", "--index", index)):
+        code, out, err = run(*args)
+        assert code == 2 and "its record's 'dim' is a str, not a int" in err, (args, err)
+        assert "Traceback" not in err and "was built with model" not in err
+
+
+def test_only_the_store_reads_a_collection_record_untyped() -> None:
+    """Every reader outside the store's own record code (the lock, snapshots, reindexing and migrations, which
+    copy or transform the whole record) asks `Index.record` for the typed view, never `get_meta`."""
+    allowed = {"cbir/index/base.py", "cbir/index/snapshots.py", "cbir/index/versions.py"}
+    root = Path(__file__).resolve().parents[1]
+    offenders = [str(path.relative_to(root)) for path in sorted((root / "cbir").rglob("*.py"))
+                 if "get_meta(" in path.read_text() and str(path.relative_to(root)) not in allowed
+                 and path.parent.name != "migrations" and "def get_meta(" not in path.read_text()]
+    assert offenders == []
+
+
 def test_evaluate_writes_reports(pipeline: dict[str, Path]) -> None:
     out_dir = pipeline["root"] / "report"
     code, out, err = run("evaluate", "--index", pipeline["index"], "--collection", "rsna", "--k", 5,
@@ -380,6 +413,9 @@ def test_reproduce_cross_validates_and_writes_the_results_table(pipeline: dict[s
     assert table.strip() in doc.read_text()  # written into the document's own section
     headline = readme.read_text()
     assert "stale text" not in headline and "rest" in headline and "2-fold cross-validation" in headline
+    # one vote: the headline leads with the calibrated vote that `cbir query` shows; the plain majority is a baseline
+    vote = f"reaches **{100 * pooled['vote_balanced_accuracy']:.1f} ("
+    assert vote in headline and headline.index(vote) < headline.index("the plain majority of the")
     from cbir.index import open_index
     with open_index(str(tmp_path / "res" / "index")) as index:
         assert "binary-fold2" in index.list_aliases() and "multilabel-nih-fold1" in index.list_aliases()

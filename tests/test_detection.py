@@ -323,6 +323,7 @@ def test_a_detector_query_runs_the_network_once():
     """`cbir query` with a detector used to run the backbone twice (embed, then detect): one pass gives both,
     with the same embedding and boxes as the two separate calls."""
     from cbir.embed import detect_image, embed_image
+    from cbir.index.record import CollectionRecord
     from cbir.io import SafeMeta, XrayImage
     from cbir.models.checkpoint import LoadedModel
     from cbir.search.query import Search, answer
@@ -341,7 +342,8 @@ def test_a_detector_query_runs_the_network_once():
         return run(*args, **kwargs)
 
     model._run = counted
-    result = answer(image, "q.png", loaded, {"target": "Pneumonia"}, "c", Search(k=3), lambda embedded: [])
+    result = answer(image, "q.png", loaded, CollectionRecord.of({"target": "Pneumonia"}, "c"), Search(k=3),
+                    lambda embedded: [])
     assert len(passes) == 1
     assert result.prediction["boxes"] == expected_boxes and len(expected_boxes) > 0
     assert np.allclose(embed_image(loaded, image).embedding, expected_embedding)

@@ -8,6 +8,7 @@ import pytest
 
 from cbir.errors import CbirError
 from cbir.index.files import FileMap, LocalFiles, state_dir
+from cbir.index.record import CollectionRecord
 from cbir.index.schema import point_id
 from cbir.io.phi import Pseudonymizer
 
@@ -45,16 +46,16 @@ def test_local_files_reads_both_payload_forms(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("CBIR_STATE_DIR", str(tmp_path / "state"))
     (tmp_path / "root" / "a").mkdir(parents=True)
     (tmp_path / "root" / "a" / "x.dcm").write_bytes(b"x")
-    meta = {"roots": {"rsna": [str(tmp_path / "root")]}}
+    record = CollectionRecord.of({"roots": {"rsna": [str(tmp_path / "root")]}}, "c")
     with FileMap.local(writable=True) as writer:
         writer.add([("f-x", "rsna", "a/x.dcm"), ("f-out", "rsna", "../outside.dcm")])
     with FileMap.local() as file_map:
-        files = LocalFiles(meta, file_map)
+        files = LocalFiles(record, file_map)
         assert files.find({"dataset": "rsna", "path": None, "file": "f-x"}) == tmp_path / "root" / "a" / "x.dcm"
         assert files.find({"dataset": "rsna", "path": "a/x.dcm"}) == tmp_path / "root" / "a" / "x.dcm"  # plain
         assert files.find({"dataset": "rsna", "path": None, "file": "f-unknown"}) is None
         assert files.find({"dataset": "rsna", "file": "f-out"}) is None          # never outside the roots
-    assert LocalFiles(meta).relpath({"file": "f-x"}) is None                    # without a map: no path
+    assert LocalFiles(record).relpath({"file": "f-x"}) is None                    # without a map: no path
 
 
 def test_an_unwritable_state_folder_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -715,7 +715,7 @@ def test_record_updates_from_many_threads_are_never_lost(location: str, tmp_path
     import threading
 
     from cbir.index import open_index
-    from cbir.index.schema import add_root
+    from cbir.index.record import add_root
     where = str(tmp_path / "edge") if location == "edge" else f"local:{tmp_path / 'local'}"
     with open_index(where, writable=True, create=True) as index:
         index.create_collection("c", 4, 8, {"model_fingerprint": "f", "dim": 4, "bits": 8})

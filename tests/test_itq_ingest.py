@@ -14,7 +14,7 @@ from cbir.data.records import Records
 from cbir.data.synth import synth_dataset
 from cbir.errors import CbirError
 from cbir.index import open_index
-from cbir.index.codes import itq_from_meta
+from cbir.index.codes import collection_itq
 from cbir.index.ingest import ingest_records
 from cbir.io import load_pseudonymizer
 from cbir.models import LoadedModel, ModelConfig, load_checkpoint
@@ -55,7 +55,7 @@ def test_itq_is_fitted_once_and_codes_every_point(kind: str, rsna: Records, mode
         points = list(index.scroll("c", with_vectors=True))
         assert summary.ingested == len(rsna) == index.count("c") == len(points)
         assert meta["codes"] == "itq" and 20 <= meta["itq"]["fitted_on"] < len(rsna)
-        itq = itq_from_meta(meta)
+        itq = collection_itq(index.record("c"))
         embeddings = np.stack([p.embedding for p in points])
         stored = np.stack([p.code for p in points])
         assert np.array_equal(stored, itq.encode(embeddings))

@@ -200,13 +200,15 @@ def test_a_sharp_temperature_is_called_a_nearest_case_label() -> None:
     """τ = 0.01 (the demo's) gives the nearest of 8 neighbours ~99.99 % of the weight: before, the text read
     "No Pneumonia (88 % of 8 neighbours)", like an 8-way vote."""
     from cbir.index.base import Hit
+    from cbir.index.record import CollectionRecord
     from cbir.search.query import describe_vote, vote
     hits = [Hit(str(i), 0.95 - 0.1 * i, {"target": int(i == 0), "label": "x", "labels": ["x"]}) for i in range(8)]
     meta = {"negative_label": "No Pneumonia",
             "calibration": {"k": 8, "vote": VoteCalibration(0.01, 1.0, 0.0, 0.25, 50, 0.5).to_dict()}}
-    v = vote(hits, "Pneumonia", meta)
+    v = vote(hits, "Pneumonia", CollectionRecord.of(meta, "c"))
     assert v["effective_neighbours"] < 1.01 and v["nearest_case"] is True and v["weights"][0] > 0.999
     assert "a nearest-case label: the nearest of 8 neighbours carries 100% of the weight" in describe_vote(v, 8)
-    flat = vote(hits, "Pneumonia", {**meta, "calibration": {"k": 8, "vote": VoteCalibration(prior=0.25).to_dict()}})
+    flat = vote(hits, "Pneumonia", CollectionRecord.of(
+        {**meta, "calibration": {"k": 8, "vote": VoteCalibration(prior=0.25).to_dict()}}, "c"))
     assert math.isclose(flat["effective_neighbours"], 8.0) and not flat["nearest_case"]
     assert "8 neighbours, weighted like 8.0" in describe_vote(flat, 8)

@@ -166,7 +166,7 @@ def _load_model(model: Path | None, index: Any, collection: str, device: str) ->
     from cbir.models import load_checkpoint
     from cbir.models.device import resolve_device
     if model is None:
-        path = index.get_meta(collection).get("model_path")
+        path = index.record(collection).model_path
         if not path:
             raise CbirError(f"collection {collection!r} records no model path; pass --model")
         model = Path(path)
@@ -617,7 +617,7 @@ def query(image: Annotated[Path, typer.Argument(help="DICOM, PNG or JPEG file")]
         if montage is not None:
             from cbir.report.montage import write_montage
             from cbir.search.pictures import neighbor_pictures
-            pictures = neighbor_pictures(idx, collection, idx.get_meta(collection), payload["neighbors"])
+            pictures = neighbor_pictures(idx, collection, payload["neighbors"])
             assert result.pixels is not None  # `query_image` keeps the decoded query
             write_montage(payload, result.pixels, pictures, montage)
             payload["montage"] = str(montage)
@@ -776,21 +776,19 @@ def _majority_name(report: dict[str, Any]) -> str:
 def index_info(index: IndexOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List collections (by the name you query them with) with their stored version, point counts, model
     fingerprint, dimensions, team and schema version."""
-    from cbir.index.schema import path_mode
     with _open(index) as idx:
         by_collection = {c: a for a, c in idx.list_aliases().items()}
         rows = []
         for name in idx.list_collections():
-            meta = idx.get_meta(name)
+            record = idx.record(name)
             rows.append({"collection": by_collection.get(name, name), "stored_as": name,
                          "current": name in by_collection, "points": idx.count(name),
-                         "model_fingerprint": meta.get("model_fingerprint"), "backbone": meta.get("backbone"),
-                         "dim": meta.get("dim"), "bits": meta.get("bits"), "team": meta.get("team"),
-                         "schema_version": idx.schema_version(name), "model_path": meta.get("model_path"),
-                         "key_fingerprint": meta.get("key_fingerprint"), "paths": path_mode(meta),
-                         "thumbnails": bool(meta.get("thumbnails")),
-                         "splits": {dataset: record.get("description")
-                                    for dataset, record in (meta.get("splits") or {}).items()}})
+                         "model_fingerprint": record.model_fingerprint, "backbone": record.backbone,
+                         "dim": record.dim, "bits": record.bits, "team": record.team,
+                         "schema_version": idx.schema_version(name), "model_path": record.model_path,
+                         "key_fingerprint": record.key_fingerprint, "paths": record.path_mode,
+                         "thumbnails": record.thumbnails is not None,
+                         "splits": {dataset: split.get("description") for dataset, split in record.splits.items()}})
         location = idx.location
     if as_json:
         sys.stdout.write(json.dumps({"index": location, "collections": rows}, indent=2) + "\n")

@@ -42,7 +42,7 @@ from cbir.data.transforms import model_input
 from cbir.errors import CbirError
 from cbir.index.base import Index
 from cbir.index.files import FileMap, LocalFiles
-from cbir.index.schema import check_model
+from cbir.index.record import CollectionRecord
 from cbir.io import Pseudonymizer, read_image
 from cbir.models import LoadedModel
 from cbir.models.appearance import appearance_part, centred, tiny_image
@@ -319,13 +319,14 @@ def audit_collection(records: Records, index: Index, collection: str, loaded: Lo
     files are not on this machine are counted (`archive_files_missing`), and none at all is an error."""
     _require(records, "--data")
     started = time.perf_counter()
-    meta = index.get_meta(collection)
-    check_model(meta, loaded, collection)   # the stored appearance part is this model's (its training mean)
+    record = index.record(collection)
+    # the stored appearance part is this model's (its training mean)
+    record.check_model(loaded.fingerprint, loaded.config.vector_dim, loaded.described)
     config = with_appearance(loaded.config)
     points = list(index.scroll(collection, with_vectors=config is not None))
     if not points:
         raise CbirError(f"collection {collection!r} is empty: nothing to audit against")
-    archive = _collection_side(meta, collection, points, pseudonymize)
+    archive = _collection_side(record, points, pseudonymize)
     on_disk = np.array([i for i, path in enumerate(archive.paths) if path is not None], dtype=np.int64)
     notes: list[str] = []
     if config is not None:
@@ -369,12 +370,12 @@ def audit_collection(records: Records, index: Index, collection: str, loaded: Lo
     return _finish(result, pixel, started)
 
 
-def _collection_side(meta: dict[str, Any], collection: str, points: list[Any], pseudonymize: Pseudonymizer) -> Side:
+def _collection_side(record: CollectionRecord, points: list[Any], pseudonymize: Pseudonymizer) -> Side:
     """A collection's points as an audit side: their payloads' dataset ids and pseudonyms (a plain-path payload's
     file pseudonym made here), and where this machine has their files."""
-    side = Side(collection, [], [], [], [], [])
+    side = Side(record.name, [], [], [], [], [])
     with FileMap.local() as file_map:
-        files = LocalFiles(meta, file_map)
+        files = LocalFiles(record, file_map)
         for point in points:
             body = point.payload
             dataset = str(body.get("dataset") or "")

@@ -24,7 +24,7 @@ from typing import Any, cast
 import numpy as np
 
 from cbir.console import QUIET, Reporter
-from cbir.data.labels import LabelSpace, negative_label, reconcile_records
+from cbir.data.labels import negative_label, reconcile_records
 from cbir.data.records import Records
 from cbir.data.splits import SplitSpec, describe_record, split_differences
 from cbir.embed import embed_batches
@@ -34,12 +34,11 @@ from cbir.evaluate.codes import archive_engine, compare_codes, hamming_ranking, 
 from cbir.evaluate.summary import summarize, to_json_safe, vote_summary
 from cbir.index.base import HASH as HASH_FIELD
 from cbir.index.base import UNKNOWN_TARGET, Filter, Index, unpack_code
-from cbir.index.codes import itq_from_meta
+from cbir.index.codes import collection_itq
 from cbir.index.datasets import split_of
 from cbir.index.ingest import payload_labels
 from cbir.index.record import CollectionRecord
 from cbir.index.records import FilterValue
-from cbir.index.schema import check_model, dataset_roots, recorded_split
 from cbir.io import Pseudonymizer
 from cbir.metrics import average_precisions_at_k, knn_vote, majority_baseline, map_at_k, per_class_auc
 from cbir.models import LoadedModel
@@ -105,18 +104,19 @@ def stored_queries(index: Index, collection: str, bits: int | None = None) -> li
 
 
 def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudonymizer,
-                     reporter: Reporter, meta: dict[str, Any] | None = None,
+                     reporter: Reporter, record: CollectionRecord | None = None,
                      files: dict[int, Path] | None = None) -> tuple[list[Query], list[str]]:
-    """Embed every image of `records` as a query, coded as the collection (`meta`) codes its points; `files`
+    """Embed every image of `records` as a query, coded as the collection (`record`) codes its points; `files`
     (row → file) embeds other files in place of those rows' images, with the rows' labels and patients."""
     queries: list[Query] = []
     failures: list[str] = []
-    itq = itq_from_meta(meta or {})
+    itq = collection_itq(record) if record is not None else None
     rows = list(files) if files is not None else list(range(len(records)))
     paths = [str(files[r]) for r in rows] if files is not None else records.meta["path"].tolist()
     y = records.y
     names = records.label_lists()
-    negative = (meta or {}).get("negative_label") or negative_label(records.label_names, records.target)
+    negative = (record.negative_label if record is not None else None) or negative_label(records.label_names,
+                                                                                         records.target)
     model_labels = loaded.config.label_names if loaded.task.per_label else None
     patients = records.patient_pseudonyms(pseudonymize)   # the patients the split used, as payloads store them
     with reporter.task("embed queries", len(paths)) as bar:
@@ -155,14 +155,13 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     not to report.json) for pooling folds. `robustness` adds the `robustness` block (`cbir.evaluate.robustness`).
     """
     started = time.perf_counter()
-    meta = index.get_meta(collection)
-    check_model(meta, loaded, collection)
+    record = index.record(collection, loaded.config.label_names)
+    record.check_model(loaded.fingerprint, loaded.config.vector_dim, loaded.described)
     if queries_from is not None:   # in the collection's names, with its target (`label_map` renames first)
-        queries_from = reconcile_records(LabelSpace.from_meta(meta, loaded.config.label_names), queries_from,
-                                         label_map)
-    split_note = check_collection_split(meta, loaded, collection, allow_other_split, reporter)
-    bits = int(meta.get("bits") or loaded.config.bits)
-    robust_records = _robustness_records(meta, collection, queries_from, pseudonymize) if robustness else None
+        queries_from = reconcile_records(record.label_space, queries_from, label_map)
+    split_note = check_collection_split(record, loaded, allow_other_split, reporter)
+    bits = record.bits or loaded.config.bits
+    robust_records = _robustness_records(record, queries_from, pseudonymize) if robustness else None
     failures: list[str] = []
     left_out = 0
     labelled: dict[str, FilterValue] = {"target": UNKNOWN_TARGET}  # as must_not: only points whose label is known
@@ -174,11 +173,11 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
         if pseudonymize is None:
             raise CbirError("evaluating external queries needs the pseudonym key")
         queries_from.require_labels("evaluation queries")
-        queries, failures = embedded_queries(queries_from, loaded, pseudonymize, reporter, meta)
+        queries, failures = embedded_queries(queries_from, loaded, pseudonymize, reporter, record)
         queries, left_out = _unseen(index, collection, loaded, queries_from, queries, reporter)
         archive_filter = Filter(must_not=labelled)
         source = f"{queries_from.dataset} ({queries_from.root})"
-    point = _operating_point(meta, collection, loaded, stored=queries_from is None, reporter=reporter)
+    point = _operating_point(record, loaded, stored=queries_from is None, reporter=reporter)
     unknown = _unknown_labels(index, collection, archive_filter, queries, reporter)
     queries = [q for q in queries if q.target != UNKNOWN_TARGET]
     if not queries:
@@ -204,22 +203,22 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     groups = _patient_groups(queries)
     extra = _extra_metrics(loaded, archive, queries, neighbours, y_query, k) | {"unknown_labels": unknown}
     extra["stage2"]["weighted_vote"], extra["vote_calibration"], weighted = _weighted_vote(
-        index, collection, meta, archive, neighbours, queries, k, groups, reporter, point)
+        index, record, archive, neighbours, queries, k, groups, reporter, point)
     if loaded.task.boxes:
-        extra["stage1"].update(_box_metrics(meta, loaded, queries_from, reporter))
+        extra["stage1"].update(_box_metrics(record, loaded, queries_from, reporter))
     report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query,
                        neighbor_y=neighbours.targets, archive_y=archive.targets, k=k, relevant=relevant,
                        extra=extra, n_relevant=n_relevant, groups=groups, operating_point=point)
     context = {"collection": collection, "index": index.location, "model": str(loaded.path),
                "model_fingerprint": loaded.fingerprint, "backbone": loaded.config.backbone,
-               "target": meta.get("target"), "negative_label": meta.get("negative_label"), "query_source": source,
+               "target": record.target, "negative_label": record.negative_label, "query_source": source,
                "split": split_note, "archive_size": int(archive.targets.size),
                "query_failures": len(failures), "queries_left_out_seen_by_model": left_out,
                "short_neighbour_lists": int((neighbours.found < k).sum()), "duplicates": duplicates,
                "seconds": round(time.perf_counter() - started, 2)}
     if robustness:
         assert robust_records is not None and pseudonymize is not None  # `_robustness_records` checked both
-        report["robustness"] = to_json_safe(_robustness(index, collection, loaded, meta, archive, archive_filter,
+        report["robustness"] = to_json_safe(_robustness(index, collection, loaded, record, archive, archive_filter,
                                                         robust_records, pseudonymize, k, reporter))
         context["seconds"] = round(time.perf_counter() - started, 2)
     files = write_report(report, out_dir, y_query, prob_query,
@@ -237,19 +236,19 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     return report
 
 
-def _robustness_records(meta: dict[str, Any], collection: str, queries_from: Records | None,
+def _robustness_records(record: CollectionRecord, queries_from: Records | None,
                         pseudonymize: Pseudonymizer | None) -> Records:
     """The query images that `--robustness` re-encodes: the external queries, or the collection's test split."""
-    records = queries_from if queries_from is not None else collection_test_records(meta)
+    records = queries_from if queries_from is not None else collection_test_records(record)
     if records is None or len(records) == 0:
         raise CbirError(f"--robustness re-encodes the query images, but the test images of collection "
-                        f"{collection!r} are not at hand (its dataset folder moved?): pass them as --queries")
+                        f"{record.name!r} are not at hand (its dataset folder moved?): pass them as --queries")
     if pseudonymize is None:
         raise CbirError("--robustness needs the pseudonym key")
     return records
 
 
-def _robustness(index: Index, collection: str, loaded: LoadedModel, meta: dict[str, Any], archive: Archive,
+def _robustness(index: Index, collection: str, loaded: LoadedModel, record: CollectionRecord, archive: Archive,
                 archive_filter: Filter, records: Records, pseudonymize: Pseudonymizer, k: int,
                 reporter: Reporter) -> dict[str, Any]:
     """Re-encode every query image, embed the copies and the originals afresh, and compare (module
@@ -266,13 +265,13 @@ def _robustness(index: Index, collection: str, loaded: LoadedModel, meta: dict[s
 
     with tempfile.TemporaryDirectory(prefix="cbir-robustness-") as scratch:
         written = rb.write_reencodings(records.meta["path"].tolist(), Path(scratch), pseudonymize, reporter)
-        originals, failures = embedded_queries(records, loaded, pseudonymize, reporter, meta)
+        originals, failures = embedded_queries(records, loaded, pseudonymize, reporter, record)
         position = {q.row: i for i, q in enumerate(originals)}
         original_embeddings = np.stack([q.embedding for q in originals])
         base = figures(originals)
         per_name: dict[str, Any] = {}
         for name, files in written.files.items():
-            copies, failed = embedded_queries(records, loaded, pseudonymize, reporter, meta, files)
+            copies, failed = embedded_queries(records, loaded, pseudonymize, reporter, record, files)
             copies = [q for q in copies if q.row in position]
             hidden = np.array([archive.pseudonyms == (q.pseudonym or "\0") for q in copies], dtype=bool)
             ranks = rb.ranks_of_originals(archive.embeddings, original_embeddings,
@@ -284,7 +283,7 @@ def _robustness(index: Index, collection: str, loaded: LoadedModel, meta: dict[s
     return rb.robustness_section(per_name, base, int(archive.targets.size), written.failures + failures)
 
 
-def check_collection_split(meta: dict[str, Any], loaded: LoadedModel, collection: str, allow_other: bool,
+def check_collection_split(record: CollectionRecord, loaded: LoadedModel, allow_other: bool,
                            reporter: Reporter) -> str:
     """Refuse a collection whose split of the model's training dataset differs from the model's own; returns a
     description of the split for the report."""
@@ -293,9 +292,10 @@ def check_collection_split(meta: dict[str, Any], loaded: LoadedModel, collection
         reporter.warn(f"{loaded.path} records no split (trained before splits were recorded): its training "
                       "images may be among the test queries")
         return "unknown (the model records no split)"
-    held = split_of(meta, model_split)
+    collection = record.name
+    held = split_of(record, model_split)
     if held is None:
-        if not meta.get("splits"):
+        if not record.splits:
             reporter.warn(f"collection {collection!r} records no split (ingested before splits were recorded): "
                           "its test points may include the model's training images; ingest it again")
         return f"model: {describe_record(model_split)}"
@@ -325,7 +325,7 @@ def _unseen(index: Index, collection: str, loaded: LoadedModel, records: Records
     # the model's dataset by its id, or by its folder's name (a model trained when datasets were named so)
     if model_split is None or model_split.get("dataset") not in (records.dataset_id, records.dataset):
         return queries, 0
-    held = split_of(index.get_meta(collection), model_split)
+    held = split_of(index.record(collection), model_split)
     dataset = str(held["dataset"] if held else model_split.get("dataset"))
     seen = {p.payload.get("pseudonym") for p in index.scroll(
         collection, Filter(must={"split": ARCHIVE_SPLITS, "dataset": dataset}))}
@@ -406,12 +406,11 @@ def _search(index: Index, collection: str, archive_filter: Filter, archive: Arch
     return Neighbours(targets, found, labels, prefiltered, scores)
 
 
-def _operating_point(meta: dict[str, Any], collection: str, loaded: LoadedModel, stored: bool,
-                     reporter: Reporter) -> float:
+def _operating_point(record: CollectionRecord, loaded: LoadedModel, stored: bool, reporter: Reporter) -> float:
     """Where stage 1 reads the queries' probabilities: the collection's record says what its payloads' probability
     is (`cbir.index.record`), and the stored test queries carry that; queries embedded now carry the model's. A
     record that disagrees with the model is said in one line."""
-    record = CollectionRecord.of(meta, collection)
+    collection = record.name
     kinds = {True: "calibrated probabilities", False: "raw scores"}
     model_calibrated = loaded.calibration is not None
     if record.calibrated_probability != model_calibrated or abs(record.operating_point - loaded.operating_point) > 1e-9:
@@ -421,7 +420,7 @@ def _operating_point(meta: dict[str, Any], collection: str, loaded: LoadedModel,
     return record.operating_point if stored else loaded.operating_point
 
 
-def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive: Archive, neighbours: Neighbours,
+def _weighted_vote(index: Index, record: CollectionRecord, archive: Archive, neighbours: Neighbours,
                    queries: list[Query], k: int, groups: np.ndarray, reporter: Reporter,
                    operating_point: float = 0.5) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
     """The calibrated vote's figures, with the collection's stored calibration, the calibration, and each query's
@@ -431,7 +430,8 @@ def _weighted_vote(index: Index, collection: str, meta: dict[str, Any], archive:
     validation images it stays uncalibrated (`calibrated: false`)."""
     from cbir.search.calibrate import calibrate, mismatch
     from cbir.search.vote import VoteCalibration, decide
-    stored: dict[str, Any] = meta.get("calibration") or {}
+    collection = record.name
+    stored: dict[str, Any] = record.vote_calibration or {}
     why = mismatch(stored, k) if stored else "the collection holds no calibration"
     body: dict[str, Any] = stored if not why else calibrate(index, collection, k, reporter, store=False) or {}
     if stored and why:
@@ -485,13 +485,13 @@ def _hamming_map(archive: Archive, queries: list[Query], y_query: np.ndarray, k:
     return map_at_k(relevant, k, archive.n_relevant(queries))
 
 
-def _box_metrics(meta: dict[str, Any], loaded: LoadedModel, queries_from: Records | None,
+def _box_metrics(record: CollectionRecord, loaded: LoadedModel, queries_from: Records | None,
                  reporter: Reporter) -> dict[str, Any]:
     """A detector's box mAP on the query images: the external queries, or the test split (as the collection
     records it) of the dataset the collection was ingested from (when its folder is still there and has boxes);
     {} when neither is at hand."""
     from cbir.evaluate.heldout import detection_scores
-    source = queries_from if queries_from is not None else collection_test_records(meta)
+    source = queries_from if queries_from is not None else collection_test_records(record)
     has_boxes = source is not None and "boxes" in source.meta and any(len(b) for b in source.meta["boxes"])
     if source is None or not has_boxes:
         reporter.warn("box mAP not computed: the query images' boxes are not available")
@@ -501,16 +501,16 @@ def _box_metrics(meta: dict[str, Any], loaded: LoadedModel, queries_from: Record
             "box_images": scores["n_images"], "box_images_with_boxes": scores["n_with_boxes"]}
 
 
-def collection_test_records(meta: dict[str, Any]) -> Records | None:
+def collection_test_records(record: CollectionRecord) -> Records | None:
     """The test split, as the collection records it, of the first dataset ingested into it whose folder is
     still at hand; None when none is."""
     from cbir.data.layout import load_dataset
-    for dataset in (meta.get("roots") or {}):
-        record = recorded_split(meta, dataset)
-        spec = SplitSpec.from_dict(record["spec"]) if record else None
-        for root in dataset_roots(meta, dataset):
+    for dataset, roots in record.roots.items():
+        held = record.split(dataset)
+        spec = SplitSpec.from_dict(held["spec"]) if held else None
+        for root in roots:
             try:
-                return load_dataset(Path(root), (record or {}).get("layout") or "auto", split=spec
+                return load_dataset(Path(root), (held or {}).get("layout") or "auto", split=spec
                                     ).with_dataset_id(dataset).split("test")
             except CbirError:
                 continue

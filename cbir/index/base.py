@@ -33,6 +33,8 @@ import numpy as np
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is Python 3.11's
 
+    from cbir.index.record import CollectionRecord
+
 from cbir.errors import CbirError, IndexError_
 from cbir.index.hamming import (  # noqa: F401 - re-exported: the codes' stored forms belong to the schema
     MIH_MAX_KEYS,
@@ -126,6 +128,12 @@ class Index(ABC):
     @abstractmethod
     def get_meta(self, name: str) -> dict[str, Any]:
         """The collection's metadata (raises `cbir.errors.IndexError_` for an unknown collection)."""
+
+    def record(self, name: str, model_labels: tuple[str, ...] | list[str] = ()) -> CollectionRecord:
+        """The collection's record, typed and checked (`cbir.index.record`): what every reader uses
+        (`model_labels`: see `CollectionRecord.of`)."""
+        from cbir.index.record import CollectionRecord
+        return CollectionRecord.of(self.get_meta(name), name, model_labels)
 
     @abstractmethod
     def set_meta(self, name: str, meta: dict[str, Any]) -> None:

@@ -15,13 +15,10 @@ import numpy as np
 
 from cbir.embed.codes import ItqCodes, fit_itq
 from cbir.errors import CbirError
+from cbir.index.record import CollectionRecord
 
 CODE_SOURCES = ("model", "itq")
 ITQ_FIT_SIZE = 4096
-
-
-def code_source(meta: dict[str, Any]) -> str:
-    return str(meta.get("codes") or "model")
 
 
 def check_code_source(codes: str | None, bits: int, dim: int) -> None:
@@ -43,20 +40,20 @@ def fit_itq_meta(embeddings: np.ndarray, bits: int) -> dict[str, Any]:
             "fitted_on": int(len(embeddings))}
 
 
-def itq_from_meta(meta: dict[str, Any]) -> ItqCodes | None:
+def collection_itq(record: CollectionRecord) -> ItqCodes | None:
     """The collection's fitted ITQ encoder, or None when its codes are the model's (or not fitted yet)."""
-    if code_source(meta) != "itq" or not meta.get("itq"):
+    params = record.itq
+    if record.code_source != "itq" or params is None:
         return None
-    params = meta["itq"]
     return ItqCodes(mean=np.asarray(params["mean"], dtype=np.float32).astype(np.float64),
                     projection=np.asarray(params["projection"], dtype=np.float32).astype(np.float64))
 
 
-def collection_code(meta: dict[str, Any], embedding: np.ndarray, model_code: np.ndarray) -> np.ndarray:
+def collection_code(record: CollectionRecord, embedding: np.ndarray, model_code: np.ndarray) -> np.ndarray:
     """The code a vector gets in this collection: ITQ's when the collection uses ITQ, else the model's."""
-    itq = itq_from_meta(meta)
+    itq = collection_itq(record)
     if itq is None:
-        if code_source(meta) == "itq":
+        if record.code_source == "itq":
             raise CbirError("this collection's ITQ codes were never fitted (its first ingest did not finish)")
         return model_code
     return itq.encode(np.asarray(embedding)[None])[0]

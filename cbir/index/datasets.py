@@ -15,31 +15,31 @@ from typing import Any
 from cbir.data.identity import dataset_id
 from cbir.data.records import Records
 from cbir.data.splits import same_data
-from cbir.index.schema import dataset_roots, recorded_split
+from cbir.index.record import CollectionRecord
 from cbir.io import Pseudonymizer
 
 
-def collection_dataset(meta: dict[str, Any], records: Records, pseudonymize: Pseudonymizer) -> Records:
-    """`records` under the dataset id this collection (`meta`; {} for a new one) knows them by: the user's
+def collection_dataset(record: CollectionRecord, records: Records, pseudonymize: Pseudonymizer) -> Records:
+    """`records` under the dataset id this collection (`record`; `CollectionRecord.new` for a new one) knows them
+    by: the user's
     `--dataset-id`, else the name recorded for the same root folder with the same layout, else its own id
     (computed here for records built without one)."""
     if records.dataset_id_given:
         return records
     root = str(records.root)
-    for name in (meta.get("roots") or {}):
-        held = recorded_split(meta, name)
-        if root in dataset_roots(meta, name) and (held is None or held.get("layout") in (None, records.layout)):
+    for name, roots in record.roots.items():
+        held = record.split(name)
+        if root in roots and (held is None or held.get("layout") in (None, records.layout)):
             return records if name == records.dataset_id else records.with_dataset_id(name)
     if records.dataset_id:
         return records
     return records.with_dataset_id(dataset_id(records.layout, records.meta, pseudonymize))
 
 
-def split_of(meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any] | None:
-    """The collection's split record of the dataset `record` (a checkpoint's) describes: by its id, else the one of
-    the same images (`same_data`) recorded under another name, e.g. in a collection named by folders."""
-    held = recorded_split(meta, str(record.get("dataset")))
-    if held is not None or not record.get("dataset_digest"):
+def split_of(record: CollectionRecord, model_split: dict[str, Any]) -> dict[str, Any] | None:
+    """The collection's split record of the dataset `model_split` (a checkpoint's) describes: by its id, else the
+    one of the same images (`same_data`) recorded under another name, e.g. in a collection named by folders."""
+    held = record.split(str(model_split.get("dataset")))
+    if held is not None or not model_split.get("dataset_digest"):
         return held
-    return next((r for r in (meta.get("splits") or {}).values() if isinstance(r, dict) and same_data(r, record)),
-                None)
+    return next((r for r in record.splits.values() if same_data(r, model_split)), None)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cbir.errors import CbirError
-from cbir.index.schema import archive_file
+from cbir.index.record import CollectionRecord
 
 STATE_ENV = "CBIR_STATE_DIR"
 FILE_MAP = "files.sqlite"
@@ -114,8 +114,8 @@ class LocalFiles:
     """Where this machine has a collection's images: a payload's relative path (its `path`, or its `file`
     pseudonym looked up in the local map) under one of the collection's recorded roots."""
 
-    def __init__(self, meta: dict[str, Any], file_map: FileMap | None = None) -> None:
-        self.meta = meta
+    def __init__(self, record: CollectionRecord, file_map: FileMap | None = None) -> None:
+        self.record = record
         self.file_map = file_map
 
     def relpath(self, payload: dict[str, Any]) -> str | None:
@@ -126,4 +126,4 @@ class LocalFiles:
 
     def find(self, payload: dict[str, Any]) -> Path | None:
         """The archived image file on this machine, if it is still there."""
-        return archive_file(self.meta, payload.get("dataset"), self.relpath(payload))
+        return self.record.archive_file(payload.get("dataset"), self.relpath(payload))

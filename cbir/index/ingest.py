@@ -15,22 +15,19 @@ from cbir.data.records import Records
 from cbir.embed import Embedded, embed_batches
 from cbir.errors import BadInputError, CbirError
 from cbir.index.base import UNKNOWN_TARGET, Index, Point
-from cbir.index.codes import ITQ_FIT_SIZE, check_code_source, code_source, fit_itq_meta, itq_from_meta
+from cbir.index.codes import ITQ_FIT_SIZE, check_code_source, collection_itq, fit_itq_meta
 from cbir.index.datasets import collection_dataset
 from cbir.index.files import FileMap
-from cbir.index.record import RECORD_VERSION, upgraded
-from cbir.index.schema import (
+from cbir.index.record import (
     PLAIN_PATHS,
     PSEUDONYM_PATHS,
+    RECORD_VERSION,
+    CollectionRecord,
     add_root,
-    check_key,
-    check_model,
-    collection_meta,
-    path_mode,
-    payload,
-    point_id,
     record_split,
+    upgraded,
 )
+from cbir.index.schema import collection_meta, payload, point_id
 from cbir.index.teams import check_team
 from cbir.index.versions import (
     Swap,
@@ -83,7 +80,8 @@ class IngestSummary:
 def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseudonymize: Pseudonymizer,
                        records: Records, codes: str | None = None, shards: int = 1, replicas: int = 1,
                        reporter: Reporter = QUIET, team: str | None = None, version_of: str | None = None,
-                       split: dict | None = None, keep_paths: bool = False, thumbnails: bool = False) -> dict:
+                       split: dict | None = None, keep_paths: bool = False,
+                       thumbnails: bool = False) -> CollectionRecord:
     """Create the collection (`collection__v1` behind the alias `collection`), or check that an existing one
     matches this model, key, team, code source, path mode (`keep_paths`: plain paths, else pseudonyms) and the
     split of `records`' dataset (`split`, default `records.split_record()`), and record that split (and that
@@ -91,15 +89,15 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
     reindex)."""
     check_code_source(codes, loaded.config.bits, loaded.config.vector_dim)
     if index.has_collection(collection):
-        meta = index.get_meta(collection)
-        check_model(meta, loaded, collection)
-        check_key(meta, pseudonymize, collection)
-        check_team(meta, team, collection)
-        check_path_mode(meta, keep_paths, collection)
-        if (shards, replicas) != (1, 1) and (shards, replicas) != (meta.get("shards"), meta.get("replicas")):
+        record = index.record(collection)
+        record.check_model(loaded.fingerprint, loaded.config.vector_dim, loaded.described)
+        record.check_key(pseudonymize.fingerprint)
+        check_team(record, team)
+        check_path_mode(record, keep_paths)
+        if (shards, replicas) != (1, 1) and (shards, replicas) != (record.shards, record.replicas):
             reporter.warn(f"collection {collection!r} exists: --shards/--replicas apply only when it is created")
-        if codes is not None and codes != code_source(meta):
-            raise CbirError(f"collection {collection!r} stores {code_source(meta)} codes, not {codes}; "
+        if codes is not None and codes != record.code_source:
+            raise CbirError(f"collection {collection!r} stores {record.code_source} codes, not {codes}; "
                             "ingest into a new collection to change the code source")
     else:
         meta = collection_meta(loaded, pseudonymize, collection_space(loaded, records))
@@ -122,7 +120,7 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
         changed = record_split(meta, split or records.split_record(), collection) or changed
         return add_root(meta, records.dataset_id, str(records.root)) or changed
 
-    return index.update_meta(collection, change)
+    return CollectionRecord.of(index.update_meta(collection, change), collection)
 
 
 def collection_space(loaded: LoadedModel, records: Records) -> LabelSpace:
@@ -136,12 +134,13 @@ def collection_space(loaded: LoadedModel, records: Records) -> LabelSpace:
     return LabelSpace.of([target], target)
 
 
-def check_path_mode(meta: dict, keep_paths: bool, collection: str) -> None:
+def check_path_mode(record: CollectionRecord, keep_paths: bool) -> None:
     """Refuse to add plain paths to a collection of pseudonyms, or pseudonyms to one of plain paths."""
-    if keep_paths and path_mode(meta) == PSEUDONYM_PATHS:
+    collection = record.name
+    if keep_paths and record.path_mode == PSEUDONYM_PATHS:
         raise CbirError(f"collection {collection!r} names its files by pseudonyms: ingest into it without "
                         "--keep-paths, or into a new collection")
-    if not keep_paths and path_mode(meta) == PLAIN_PATHS:
+    if not keep_paths and record.path_mode == PLAIN_PATHS:
         raise CbirError(f"collection {collection!r} stores file paths in its payloads (made with --keep-paths, "
                         "or before cbir pseudonymised them): pass --keep-paths to add to it, or --reindex it to "
                         "pseudonymise them")
@@ -185,17 +184,18 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
         collection = _start_reindex(index, alias, pseudonymize, team)
     else:
         check_alias_name(collection)
-    records = collection_dataset(index.get_meta(alias) if index.has_collection(alias) else {}, records, pseudonymize)
+    known = index.record(alias) if index.has_collection(alias) else CollectionRecord.new(alias)
+    records = collection_dataset(known, records, pseudonymize)
     split = {**split, "dataset": records.dataset_id} if split is not None else None
-    meta = prepare_collection(index, collection, loaded, pseudonymize, records, codes, shards, replicas, reporter,
-                              team, version_of=alias if reindex else None, split=split, keep_paths=keep_paths,
-                              thumbnails=thumbnails)
-    records = reconcile_records(LabelSpace.from_meta(meta), records, label_map)
+    record = prepare_collection(index, collection, loaded, pseudonymize, records, codes, shards, replicas, reporter,
+                                team, version_of=alias if reindex else None, split=split, keep_paths=keep_paths,
+                                thumbnails=thumbnails)
+    records = reconcile_records(record.label_space, records, label_map)
     summary = IngestSummary(alias, total=len(records) + len(records.missing),
                             points_before=index.count(collection), labels_unknown=not records.has_labels,
                             dataset=records.dataset_id, patient_fallbacks=records.patient_fallbacks)
     paths = records.meta["path"].tolist()
-    names = _FileNames(records, pseudonymize, path_mode(meta) == PSEUDONYM_PATHS)
+    names = _FileNames(records, pseudonymize, record.path_mode == PSEUDONYM_PATHS)
     patients = records.patient_pseudonyms(pseudonymize)
     from_label_file = (records.meta["patient_source"] == LABEL_SOURCE).to_numpy()
 
@@ -212,7 +212,7 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     if summary.points_before:
         todo = _not_yet_ingested(index, collection, records, names, reporter)
         summary.already = len(paths) - len(todo)
-    fitting = code_source(meta) == "itq" and not meta.get("itq")
+    fitting = record.code_source == "itq" and record.itq is None
     if fitting and not may_fit_itq:
         raise CbirError(f"collection {collection!r} has no fitted ITQ codes yet: ingest part 1 first, which fits "
                         "them, then start the other parts")
@@ -220,14 +220,14 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     model_labels = list(loaded.config.label_names) if loaded.task.per_label else None
     seen: dict[str, tuple[str, str]] = {}  # point ID → (pixel digest, path) of the first file with it
     held: list[Embedded] = []
-    itq = itq_from_meta(meta)  # parsed once; None while it is still to be fitted, or for the model's codes
+    itq = collection_itq(record)  # parsed once; None while it is still to be fitted, or for the model's codes
 
     def upsert(items: list[Embedded]) -> None:
         points, positions = [], []
         item_codes = ([i.code for i in items] if itq is None or not items
                       else list(itq.encode(np.stack([i.embedding for i in items]))))
         for item, code in zip(items, item_codes, strict=True):
-            point = _point(records, item, code, patients[item.index], meta, model_labels, names)
+            point = _point(records, item, code, patients[item.index], record, model_labels, names)
             if from_label_file[item.index] and item.meta.pseudonym not in (None, patients[item.index]):
                 summary.patient_mismatches += 1
             if point.id in seen:
@@ -250,8 +250,8 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     def fit_now() -> None:
         nonlocal fitting, itq
         fitted = fit_itq_meta(np.stack([item.embedding for item in held]), loaded.config.bits)
-        meta.update(index.update_meta(collection, lambda stored: stored.update(itq=fitted)))
-        itq = itq_from_meta(meta)
+        index.update_meta(collection, lambda stored: stored.update(itq=fitted))
+        itq = collection_itq(index.record(collection))
         reporter.log(f"fitted ITQ codes on {len(held)} embeddings")
         fitting = False
         upsert(held)
@@ -338,9 +338,9 @@ def _start_reindex(index: Index, alias: str, pseudonymize: Pseudonymizer, team: 
         if index.has_collection(alias):
             raise CbirError(f"collection {alias!r} has no versions yet; run `cbir migrate` first")
         raise CbirError(f"--reindex: there is no collection {alias!r} to reindex (ingest without --reindex)")
-    current = index.get_meta(alias)
-    check_key(current, pseudonymize, alias)
-    check_team(current, team, alias)
+    current = index.record(alias)
+    current.check_key(pseudonymize.fingerprint)
+    check_team(current, team)
     current_number = (split_version(index.resolve(alias)) or (alias, 0))[1]
     for name in versions(index, alias):  # what an interrupted reindex left behind: start over
         if (split_version(name) or (alias, 0))[1] > current_number:
@@ -359,7 +359,7 @@ def payload_labels(records: Records, names: list[str], negative: str) -> list[st
     return ["No Finding" if len(records.label_names) > 1 else negative]
 
 
-def _point(records: Records, item: Embedded, code: np.ndarray, patient: str | None, meta: dict,
+def _point(records: Records, item: Embedded, code: np.ndarray, patient: str | None, record: CollectionRecord,
            model_labels: list[str] | None, files: _FileNames) -> Point:
     """One point; `patient` is the pseudonym of the patient the split used (`Records.patient_pseudonyms`), which
     the payload stores whatever the file's header says; `model_labels` (multilabel models) names the per-label
@@ -369,21 +369,21 @@ def _point(records: Records, item: Embedded, code: np.ndarray, patient: str | No
     names = [n for n, v in zip(records.label_names, label_row, strict=True) if v > 0.5]
     if records.has_labels:
         target = int(label_row[records.target_index] > 0.5)
-        primary: str | None = records.target if target else meta["negative_label"]
+        primary: str | None = records.target if target else record.negative_label
     else:
         target, primary = UNKNOWN_TARGET, None
     csv_meta = SafeMeta(view=view_of(row.get("view")), sex=sex_of(row.get("sex")), age_band=age_band(row.get("age")),
                         pseudonym=patient)
     safe = SafeMeta(view=item.meta.view, sex=item.meta.sex, age_band=item.meta.age_band,
                     modality=item.meta.modality, pseudonym=patient).merged(csv_meta)
-    labels = payload_labels(records, names, meta["negative_label"])
+    labels = payload_labels(records, names, str(record.negative_label))
     boxes = row.get("boxes")
     per_label = dict(zip(model_labels, item.probabilities.tolist(), strict=True)) if model_labels else None
     file = files.file(item.index)
     body = payload(dataset=records.dataset_id, split=str(row["split"]), relpath=None if file else str(row["relpath"]),
                    file=file, labels=labels, primary=primary, target=target, meta=safe.as_payload(),
                    boxes=list(boxes) if isinstance(boxes, list | tuple | np.ndarray) else [],
-                   probability=item.probability, code=code, probabilities=per_label, team=meta.get("team"),
+                   probability=item.probability, code=code, probabilities=per_label, team=record.team,
                    thumbnail=item.thumbnail, shape=(item.geometry.height, item.geometry.width))
     return Point(id=files.point_id(item.index, item.instance_key), embedding=item.embedding.astype(np.float32),
                  code=code.astype(np.uint8), payload=body)

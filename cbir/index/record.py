@@ -15,10 +15,11 @@ been migrated yet, so reading an old collection never needs the migration.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cbir.data.labels import LabelSpace
-from cbir.errors import IndexError_
+from cbir.errors import CbirError, IndexError_, ModelMismatchError
 
 RECORD_VERSION = 1
 #: Fields and their JSON types (None allowed for every one: older collections lack most of them).
@@ -59,21 +60,90 @@ def upgraded(meta: dict[str, Any], model_labels: tuple[str, ...] | list[str] = (
     return out
 
 
+#: `paths` in a collection's record: how its payloads name their image files (see `cbir.index.files`).
+PSEUDONYM_PATHS, PLAIN_PATHS = "pseudonym", "plain"
+
+
 @dataclass(frozen=True)
 class CollectionRecord:
-    """The typed view of a collection's record (`meta`, checked and upgraded)."""
+    """The typed view of a collection's record (`meta`, checked and upgraded). Readers use its properties;
+    writers change the stored record only through `Index.update_meta` (with `add_root` and `record_split` below
+    for the fields that need a rule). `meta` is the whole record, for the code that copies it (snapshots,
+    reindexing)."""
 
     name: str
     meta: dict[str, Any]
 
     @classmethod
-    def of(cls, meta: dict[str, Any], name: str) -> CollectionRecord:
+    def of(cls, meta: dict[str, Any], name: str, model_labels: tuple[str, ...] | list[str] = ()) -> CollectionRecord:
+        """The checked view of `meta`; a record older than `RECORD_VERSION` is upgraded as it is read, its label
+        space derived with the model's label names (`model_labels`) where it has none."""
         check(meta, name)
-        return cls(name, upgraded(meta))
+        return cls(name, upgraded(meta, model_labels))
 
+    @classmethod
+    def new(cls, name: str) -> CollectionRecord:
+        """The record of a collection that does not exist yet (nothing recorded)."""
+        return cls.of({}, name)
+
+    def _str(self, key: str) -> str | None:
+        value = self.meta.get(key)
+        return None if value is None else str(value)
+
+    def _int(self, key: str) -> int | None:
+        value = self.meta.get(key)
+        return None if value is None else int(value)
+
+    # --- the model the points were embedded with ---------------------------------------------------
+    @property
+    def model_fingerprint(self) -> str | None:
+        return self._str("model_fingerprint")
+
+    @property
+    def model_path(self) -> str | None:
+        return self._str("model_path")
+
+    @property
+    def backbone(self) -> str | None:
+        return self._str("backbone")
+
+    @property
+    def task(self) -> str | None:
+        return self._str("task")
+
+    @property
+    def image_size(self) -> int | None:
+        return self._int("image_size")
+
+    @property
+    def dim(self) -> int | None:
+        return self._int("dim")
+
+    @property
+    def bits(self) -> int | None:
+        return self._int("bits")
+
+    def check_model(self, fingerprint: str, dim: int, described: str) -> None:
+        """Refuse a model (its `fingerprint`, embedding `dim`, and `described` for the message) other than the one
+        the collection was built with, naming both."""
+        if self.model_fingerprint != fingerprint or self.dim != dim:
+            raise ModelMismatchError(
+                f"collection {self.name!r} was built with model {self.model_fingerprint} ({self.backbone}, dim "
+                f"{self.dim}, at {self.model_path}) but model {fingerprint} ({described}) was given; use the "
+                "collection's model or ingest into a new collection")
+
+    # --- what the labels and probabilities mean ----------------------------------------------------
     @property
     def label_space(self) -> LabelSpace:
         return LabelSpace.from_meta(self.meta)
+
+    @property
+    def target(self) -> str | None:
+        return self._str("target")
+
+    @property
+    def negative_label(self) -> str | None:
+        return self._str("negative_label")
 
     @property
     def calibrated_probability(self) -> bool:
@@ -90,11 +160,116 @@ class CollectionRecord:
         """The vote's calibration and the conditions it was fitted under (`cbir.search.calibrate`)."""
         return self.meta.get("calibration") or None
 
+    # --- the datasets it holds ---------------------------------------------------------------------
     @property
     def roots(self) -> dict[str, list[str]]:
+        """Dataset id → the folders its images were ingested from, oldest first (a single string in records
+        written before it became a list)."""
         roots = self.meta.get("roots") or {}
-        return {k: [v] if isinstance(v, str) else list(v) for k, v in roots.items()}
+        return {str(k): [v] if isinstance(v, str) else list(v) for k, v in roots.items() if v}
+
+    def dataset_roots(self, dataset: str | None = None) -> list[str]:
+        """The folders of one dataset's images (of all, when `dataset` is None)."""
+        roots = self.roots
+        return list(roots.get(str(dataset), [])) if dataset is not None else [r for v in roots.values() for r in v]
+
+    @property
+    def splits(self) -> dict[str, dict[str, Any]]:
+        """Dataset id → how its images were split (`cbir.data.splits`)."""
+        return {str(k): v for k, v in (self.meta.get("splits") or {}).items() if isinstance(v, dict)}
+
+    def split(self, dataset: str) -> dict[str, Any] | None:
+        """The split record of `dataset`'s images (None: ingested before splits were recorded, or not held)."""
+        return self.splits.get(str(dataset))
+
+    def archive_file(self, dataset: str | None, relpath: str | None) -> Path | None:
+        """The archived image of a payload's `dataset` and relative path (`cbir.index.files.LocalFiles`): the first
+        recorded root that holds it, never a file outside the roots."""
+        if not relpath:
+            return None
+        for root in self.dataset_roots(dataset):
+            base = Path(root).resolve()
+            path = (base / relpath).resolve()
+            if path.is_relative_to(base) and path.is_file():
+                return path
+        return None
+
+    # --- how points are stored ---------------------------------------------------------------------
+    @property
+    def key_fingerprint(self) -> str | None:
+        return self._str("key_fingerprint")
+
+    def check_key(self, fingerprint: str) -> None:
+        """Refuse a pseudonym key other than the one the collection's pseudonyms were made with."""
+        if self.key_fingerprint and self.key_fingerprint != fingerprint:
+            raise CbirError(
+                f"collection {self.name!r} holds pseudonyms made with key {self.key_fingerprint}, but the current key "
+                f"is {fingerprint}; set $CBIR_PSEUDONYM_KEY to the shared key")
+
+    @property
+    def path_mode(self) -> str:
+        """"pseudonym" (payload `file`, the path only in the local file map) or "plain" (payload `path`:
+        `--keep-paths`, and every collection made before paths were pseudonymised)."""
+        return PSEUDONYM_PATHS if self.meta.get("paths") == PSEUDONYM_PATHS else PLAIN_PATHS
+
+    @property
+    def code_source(self) -> str:
+        """Where the points' binary codes come from: "model" or "itq" (`cbir.index.codes`)."""
+        return str(self.meta.get("codes") or "model")
+
+    @property
+    def itq(self) -> dict[str, Any] | None:
+        """The fitted ITQ parameters (None until the first ingest of an ITQ collection has fitted them)."""
+        return self.meta.get("itq") or None
+
+    @property
+    def thumbnails(self) -> dict[str, Any] | None:
+        """How thumbnails are stored in the payloads (None: no thumbnails)."""
+        return self.meta.get("thumbnails") or None
+
+    @property
+    def team(self) -> str | None:
+        return self._str("team")
+
+    @property
+    def shards(self) -> int | None:
+        return self._int("shards")
+
+    @property
+    def replicas(self) -> int | None:
+        return self._int("replicas")
 
     @property
     def revision(self) -> int:
         return int(self.meta.get("revision") or 0)
+
+
+# --- the writers: rules applied to the stored record inside `Index.update_meta` ------------------------
+
+def add_root(meta: dict[str, Any], dataset: str, root: str) -> bool:
+    """Record that `dataset` images were ingested from `root`; returns whether `meta` changed."""
+    known = CollectionRecord("", meta).dataset_roots(dataset)
+    if root in known:
+        return False
+    meta["roots"] = {**(meta.get("roots") or {}), dataset: [*known, root]}
+    return True
+
+
+def record_split(meta: dict[str, Any], record: dict[str, Any], collection: str) -> bool:
+    """Record the split of the dataset being ingested; refuse one that differs from what the collection
+    already holds for that dataset (the points already in it keep their `split`, so the two would disagree).
+    Returns whether `meta` changed."""
+    from cbir.data.splits import describe_record, split_differences  # pandas: not on the query path
+
+    dataset = record["dataset"]
+    held = CollectionRecord(collection, meta).split(dataset)
+    if held is not None:
+        why = split_differences(held, record)
+        if why:
+            raise CbirError(f"collection {collection!r} holds dataset {dataset} split as {describe_record(held)}, "
+                            f"but this ingest splits them as {describe_record(record)} ({'; '.join(why)}); ingest "
+                            "into a new collection (or --reindex it)")
+        if held == record:
+            return False
+    meta["splits"] = {**(meta.get("splits") or {}), dataset: record}
+    return True

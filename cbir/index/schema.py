@@ -5,11 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from cbir.data.labels import LabelSpace
-from cbir.errors import CbirError, ModelMismatchError
+from cbir.errors import CbirError
 from cbir.index.base import SCHEMA_VERSION, pack_code
 from cbir.index.record import RECORD_VERSION
 from cbir.io import Pseudonymizer
@@ -61,16 +60,6 @@ def payload_values(payloads: Iterable[dict[str, Any]], field: str) -> set[str]:
     return out
 
 
-#: `paths` in a collection's metadata: how its payloads name their image files (see `cbir.index.files`).
-PSEUDONYM_PATHS, PLAIN_PATHS = "pseudonym", "plain"
-
-
-def path_mode(meta: dict[str, Any]) -> str:
-    """"pseudonym" (payload `file`, the path only in the local file map) or "plain" (payload `path`:
-    `--keep-paths`, and every collection made before paths were pseudonymised)."""
-    return PSEUDONYM_PATHS if meta.get("paths") == PSEUDONYM_PATHS else PLAIN_PATHS
-
-
 def point_id(dataset: str, instance_key: str | None, relpath: str, file: str | None = None) -> str:
     """Deterministic: the same image always gets the same ID, from its SOPInstanceUID (as a one-way instance
     key), else from its file's keyed pseudonym `file` (collections with pseudonymised paths, so the ID of a file
@@ -106,80 +95,6 @@ def collection_meta(loaded: LoadedModel, pseudonymize: Pseudonymizer, space: Lab
         "record_version": RECORD_VERSION,   # `cbir.index.record`
         "revision": 0,
     }
-
-
-def dataset_roots(meta: dict[str, Any], dataset: str | None = None) -> list[str]:
-    """The folders a collection's images were ingested from (of one dataset, or of all), oldest first.
-    (`roots[dataset]` is a list; collections written before it became one hold a single string.)"""
-    roots = meta.get("roots") or {}
-    values = [roots.get(str(dataset))] if dataset is not None else list(roots.values())
-    return [r for v in values if v for r in ([v] if isinstance(v, str) else v)]
-
-
-def add_root(meta: dict[str, Any], dataset: str, root: str) -> bool:
-    """Record that `dataset` images were ingested from `root`; returns whether `meta` changed."""
-    known = dataset_roots(meta, dataset)
-    if root in known:
-        return False
-    meta["roots"] = {**(meta.get("roots") or {}), dataset: [*known, root]}
-    return True
-
-
-def archive_file(meta: dict[str, Any], dataset: str | None, relpath: str | None) -> Path | None:
-    """The archived image of a payload's `dataset` and relative path (see `cbir.index.files.LocalFiles`): the
-    first recorded root that holds it, never a file outside the roots."""
-    if not relpath:
-        return None
-    for root in dataset_roots(meta, dataset):
-        base = Path(root).resolve()
-        path = (base / relpath).resolve()
-        if path.is_relative_to(base) and path.is_file():
-            return path
-    return None
-
-
-def check_model(meta: dict[str, Any], loaded: LoadedModel, collection: str) -> None:
-    """Refuse a model other than the one the collection was built with, naming both."""
-    if meta.get("model_fingerprint") != loaded.fingerprint or meta.get("dim") != loaded.config.vector_dim:
-        raise ModelMismatchError(
-            f"collection {collection!r} was built with model {meta.get('model_fingerprint')} "
-            f"({meta.get('backbone')}, dim {meta.get('dim')}, at {meta.get('model_path')}) but model "
-            f"{loaded.fingerprint} ({loaded.config.backbone}, dim {loaded.config.vector_dim}, at {loaded.path}) "
-            "was given; use the collection's model or ingest into a new collection")
-
-
-def recorded_split(meta: dict[str, Any], dataset: str) -> dict[str, Any] | None:
-    """The split record of `dataset`'s images in a collection (None when it was ingested before splits were
-    recorded, or holds no such dataset)."""
-    return (meta.get("splits") or {}).get(dataset)
-
-
-def record_split(meta: dict[str, Any], record: dict[str, Any], collection: str) -> bool:
-    """Record the split of the dataset being ingested; refuse one that differs from what the collection
-    already holds for that dataset (the points already in it keep their `split`, so the two would disagree).
-    Returns whether `meta` changed."""
-    from cbir.data.splits import describe_record, split_differences  # pandas: not on the query path
-
-    dataset = record["dataset"]
-    held = recorded_split(meta, dataset)
-    if held is not None:
-        why = split_differences(held, record)
-        if why:
-            raise CbirError(f"collection {collection!r} holds dataset {dataset} split as {describe_record(held)}, "
-                            f"but this ingest splits them as {describe_record(record)} ({'; '.join(why)}); ingest "
-                            "into a new collection (or --reindex it)")
-        if held == record:
-            return False
-    meta["splits"] = {**(meta.get("splits") or {}), dataset: record}
-    return True
-
-
-def check_key(meta: dict[str, Any], pseudonymize: Pseudonymizer, collection: str) -> None:
-    recorded = meta.get("key_fingerprint")
-    if recorded and recorded != pseudonymize.fingerprint:
-        raise CbirError(
-            f"collection {collection!r} holds pseudonyms made with key {recorded}, but the current key is "
-            f"{pseudonymize.fingerprint}; set $CBIR_PSEUDONYM_KEY to the shared key")
 
 
 def payload(*, dataset: str, split: str, relpath: str | None, file: str | None, labels: list[str],

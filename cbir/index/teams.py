@@ -8,9 +8,9 @@ refuses to write one team's data into a collection that is not that team's.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from cbir.errors import CbirError
+from cbir.index.record import CollectionRecord
 
 _TEAM = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
@@ -28,9 +28,9 @@ def team_collection(collection: str, team: str | None) -> str:
     return f"{team}.{collection}"
 
 
-def check_team(meta: dict[str, Any], team: str | None, collection: str) -> None:
+def check_team(record: CollectionRecord, team: str | None) -> None:
     """Refuse to write `team`'s data (None: no team) into a collection that belongs to another team or none."""
-    owner = meta.get("team")
+    owner, collection = record.team, record.name
     if owner == team:
         return
     if owner is None:

@@ -53,6 +53,11 @@ class LoadedModel:
         return self.calibration.operating_point if self.calibration is not None else 0.5
 
     @property
+    def described(self) -> str:
+        """Backbone, embedding size and folder, for messages that name a model."""
+        return f"{self.config.backbone}, dim {self.config.vector_dim}, at {self.path}"
+
+    @property
     def task(self) -> Task:
         """The model's task (config.json stores its name)."""
         return get_task(self.config.task)

@@ -223,13 +223,6 @@ def _recipes(results: dict[str, Any]) -> str:
     return "; ".join(f"{task}: {r['description']}" for task, r in recipes.items())
 
 
-def _vote_clause(p: dict[str, Any]) -> str:
-    if p.get("vote_balanced_accuracy") is None:
-        return ""
-    return (" (the calibrated vote that `cbir query` shows: "
-            f"{_ci(p['vote_balanced_accuracy'], p['vote_balanced_accuracy_ci'])} % balanced accuracy)")
-
-
 def _headline(results: dict[str, Any]) -> str:
     options = results["options"]
     p = (results.get("pooled") or {}).get("binary")
@@ -239,12 +232,21 @@ def _headline(results: dict[str, Any]) -> str:
     scheme = f"{n_folds}-fold cross-validation by patient" if n_folds else "a hold-out split by patient"
     trained = next((r["trained_on"] for r in results["folds"] if r["task"] == "binary"), "")
     name = {"rsna": "RSNA pneumonia X-rays", "nih": "NIH ChestX-ray14 images"}.get(trained, f"{trained} images")
-    return (f"On {name} ({p['n_patients']} patients of `{options['data']}`, {scheme}, "
-            f"{_binary_recipe(results)} on {results['device']}), "
-            f"the binary model's stage-1 ROC-AUC is **{_ci(p['roc_auc'], p['roc_auc_ci'])} %** and the kNN vote "
-            f"over the Qdrant index reaches **{_ci(p['balanced_accuracy'], p['balanced_accuracy_ci'])} % balanced "
-            f"accuracy** and {_ci(p['knn_accuracy'], p['knn_accuracy_ci'])} % accuracy"
-            + _vote_clause(p) + ", against "
-            f"{_pct(p['majority_accuracy'])} % for always predicting the majority class (95 % bootstrap intervals "
-            "by patient, folds pooled). Per-fold means ± sd and the other approaches: "
-            "[docs/results.md](docs/results.md).")
+    opening = (f"On {name} ({p['n_patients']} patients of `{options['data']}`, {scheme}, "
+               f"{_binary_recipe(results)} on {results['device']}), the binary model's stage-1 ROC-AUC is "
+               f"**{_ci(p['roc_auc'], p['roc_auc_ci'])} %**")
+    majority = f"{_pct(p['majority_accuracy'])} % accuracy for always predicting the majority class"
+    closing = ("(95 % bootstrap intervals by patient, folds pooled). Per-fold means ± sd and the other approaches: "
+               "[docs/results.md](docs/results.md).")
+    knn = (f"{_ci(p['balanced_accuracy'], p['balanced_accuracy_ci'])} % balanced accuracy and "
+           f"{_ci(p['knn_accuracy'], p['knn_accuracy_ci'])} % accuracy")
+    if p.get("vote_balanced_accuracy") is None:   # results made before the calibrated vote was pooled
+        return f"{opening} and the kNN vote over the Qdrant index reaches **{knn}**, against {majority} {closing}"
+    k = p.get("k") or options.get("k")
+    difference = p.get("vote_minus_model_balanced_accuracy")
+    paired = ("" if difference is None else " (minus the model's own balanced accuracy: "
+              f"{_ci(difference, p.get('vote_minus_model_balanced_accuracy_ci'))} points, a paired interval)")
+    return (f"{opening}, and the calibrated vote of its {k} nearest cases in the Qdrant index (what `cbir query` "
+            f"shows) reaches **{_ci(p['vote_balanced_accuracy'], p['vote_balanced_accuracy_ci'])} % balanced "
+            f"accuracy**{paired}. Baselines: {majority}, and the plain majority of the {k} neighbours, {knn} "
+            f"{closing}")

@@ -84,11 +84,10 @@ class CasePictures:
             return {i: self._stored.get(i) for i in ids}
 
 
-def neighbor_pictures(index: Index, collection: str, meta: dict[str, Any],
-                      neighbors: Sequence[dict[str, Any]]) -> list[Picture | None]:
+def neighbor_pictures(index: Index, collection: str, neighbors: Sequence[dict[str, Any]]) -> list[Picture | None]:
     """The picture of each neighbour of a query result (its JSON entries), for a montage."""
     with FileMap.local() as file_map:
-        pictures = CasePictures(index, collection, LocalFiles(meta, file_map))
+        pictures = CasePictures(index, collection, LocalFiles(index.record(collection), file_map))
         hits = [(str(n["id"]), n) for n in neighbors]
         pictures.prefetch(hits)
         return [pictures.picture(point_id, entry) for point_id, entry in hits]

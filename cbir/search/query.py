@@ -48,8 +48,9 @@ from cbir.errors import CbirError
 from cbir.index.base import Filter, Hit, Index, has_label
 from cbir.index.codes import collection_code
 from cbir.index.files import FileMap, LocalFiles
+from cbir.index.record import CollectionRecord
 from cbir.index.records import FilterValue
-from cbir.index.schema import FILTER_ALIASES, check_filter, check_model, payload_values
+from cbir.index.schema import FILTER_ALIASES, check_filter, payload_values
 from cbir.io import Pseudonymizer, XrayImage, read_image
 from cbir.models import LoadedModel, decode_size
 from cbir.threads import single_threaded
@@ -137,7 +138,7 @@ def in_domain(distance: float | None, threshold: float | None) -> bool | None:
     return None if distance is None or threshold is None else bool(distance <= threshold)
 
 
-def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None, colour: float = 0.0,
+def vote(hits: list[Hit], target: str, record: CollectionRecord | None = None, colour: float = 0.0,
          domain_distance: float | None = None, domain_threshold: float | None = None,
          uncalibrated_because: str | None = None) -> dict[str, Any]:
     """The neighbours' vote (`cbir.search.vote`): similarity-weighted, corrected for the archive's class
@@ -161,9 +162,8 @@ def vote(hits: list[Hit], target: str, meta: dict[str, Any] | None = None, colou
     is any.
     """
     from cbir.search.vote import NEAREST_CASE, VoteCalibration, decide, effective_neighbours, weights
-    meta = meta or {}
-    negative = meta.get("negative_label", f"No {target}")
-    body = meta.get("calibration") or {}
+    negative = (record.negative_label if record is not None else None) or f"No {target}"
+    body = (record.vote_calibration if record is not None else None) or {}
     calibration = VoteCalibration.from_dict(body.get("vote"))
     known = [has_label(hit.payload) for hit in hits]
     counted = {"labelled": sum(known), "skipped_unknown": len(hits) - sum(known)}
@@ -252,8 +252,8 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
                 known_label: str | None = None) -> QueryResult:
     """Read, embed and search one image file (`local_paths`: see the module docstring; `include_self`,
     `known_label`: see `answer`)."""
-    meta = index.get_meta(collection)
-    check_model(meta, loaded, collection)
+    record = index.record(collection)
+    record.check_model(loaded.fingerprint, loaded.config.vector_dim, loaded.described)
     if flt:
         check_filter(flt, collection, lambda field, value: index.count(collection, Filter(must={field: value})),
                      lambda field: payload_values((p.payload for p in index.scroll(collection, with_vectors=False)),
@@ -269,14 +269,14 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
 
     name = query_name(path, pseudonymize, local_paths)
     if not local_paths:
-        return answer(image, name, loaded, meta, collection, how, search, known_label=known_label)
+        return answer(image, name, loaded, record, how, search, known_label=known_label)
     with FileMap.local() as file_map:
-        return answer(image, name, loaded, meta, collection, how, search, LocalFiles(meta, file_map).relpath,
+        return answer(image, name, loaded, record, how, search, LocalFiles(record, file_map).relpath,
                       known_label=known_label)
 
 
-def answer(image: XrayImage, name: str | None, loaded: LoadedModel, meta: dict[str, Any], collection: str,
-           how: Search, search: Callable[[Embedded], list[Hit]], path_of: PathOf = stored_path,
+def answer(image: XrayImage, name: str | None, loaded: LoadedModel, record: CollectionRecord, how: Search,
+           search: Callable[[Embedded], list[Hit]], path_of: PathOf = stored_path,
            known_label: str | None = None) -> QueryResult:
     """Embed a read image, search with `search` (an index, or an in-memory copy; it fetches `how.fetch`) and
     assemble the result, with `name` as `query.path` and `path_of(payload)` as each neighbour's `path`. A
@@ -287,17 +287,17 @@ def answer(image: XrayImage, name: str | None, loaded: LoadedModel, meta: dict[s
     own label where the caller knows it (the demo, an evaluation), shows as `query.label` beside the vote."""
     embedded, boxes = embed_and_detect(loaded, image)
     with single_threaded():   # one query's matrix-vector products: threads would only wait (cbir.threads)
-        embedded.code = collection_code(meta, embedded.embedding, embedded.code)
+        embedded.code = collection_code(record, embedded.embedding, embedded.code)
         hits = search(embedded)
     selves = [float(hit.score) >= SELF_SCORE for hit in hits]
     if how.include_self or not any(selves):
         hits, selves = hits[:how.k], selves[:how.k]
     voters = hits if how.include_self else [hit for hit, own in zip(hits, selves, strict=True) if not own][:how.k]
-    target, negative = meta.get("target", loaded.config.target), meta.get("negative_label", "negative")
+    target, negative = record.target or loaded.config.target, record.negative_label or "negative"
     from cbir.search.calibrate import mismatch
-    verdict = vote(voters, target, meta, image.colour, embedded.domain_distance,
+    verdict = vote(voters, target, record, image.colour, embedded.domain_distance,
                    loaded.domain.threshold if loaded.domain is not None else None,
-                   mismatch(meta.get("calibration"), how.k, how.flt, how.prefilter, how.hamming_radius))
+                   mismatch(record.vote_calibration, how.k, how.flt, how.prefilter, how.hamming_radius))
     verdict |= {"self_matches": sum(selves), "included_self": how.include_self}
     probability = embedded.probability
     prediction = {"label": target if probability >= loaded.operating_point else negative,
@@ -307,7 +307,7 @@ def answer(image: XrayImage, name: str | None, loaded: LoadedModel, meta: dict[s
     if loaded.task.boxes:
         prediction["boxes"] = boxes
     return QueryResult(
-        collection=collection, model_fingerprint=loaded.fingerprint, k=how.k,
+        collection=record.name, model_fingerprint=loaded.fingerprint, k=how.k,
         neighbors=[_neighbor(rank, hit, path_of) | {"self_match": own}
                    for rank, (hit, own) in enumerate(zip(hits, selves, strict=True), start=1)],
         vote=verdict,

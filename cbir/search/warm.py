@@ -12,13 +12,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cbir.embed import Embedded
 from cbir.errors import CbirError, IndexError_
 from cbir.index.base import Filter, Hit, Index
 from cbir.index.files import FileMap, LocalFiles
-from cbir.index.schema import check_filter, check_model, payload_values
+from cbir.index.record import CollectionRecord
+from cbir.index.schema import check_filter, payload_values
 from cbir.io import Pseudonymizer, XrayImage, read_image
 from cbir.models import LoadedModel, decode_size
 from cbir.search.memory import MemoryIndex
@@ -30,7 +30,7 @@ from cbir.search.query import QueryResult, Search, answer, query_name, stored_pa
 class _Copy:
     """The collection as loaded: replaced as a whole, so that a query never mixes two loads."""
 
-    meta: dict[str, Any]
+    record: CollectionRecord
     memory: MemoryIndex
     pictures: CasePictures
 
@@ -46,17 +46,17 @@ class WarmSearcher:
         # one search, reload or stored-thumbnail read at a time (see the module docstring); reentrant, since a
         # search's thumbnail prefetch takes it again
         self._lock = threading.RLock()
-        meta = index.get_meta(collection)
-        check_model(meta, loaded, collection)
+        record = index.record(collection)
+        record.check_model(loaded.fingerprint, loaded.config.vector_dim, loaded.described)
         self.file_map = FileMap.local()
-        self._copy = _Copy(meta, MemoryIndex.load(index, collection),
-                           CasePictures(index, collection, LocalFiles(meta, self.file_map), guard=self._lock))
+        self._copy = _Copy(record, MemoryIndex.load(index, collection),
+                           CasePictures(index, collection, LocalFiles(record, self.file_map), guard=self._lock))
         self._version = self._stamp()
         self.loaded_at = time.time()
 
     @property
-    def meta(self) -> dict[str, Any]:
-        return self._copy.meta
+    def record(self) -> CollectionRecord:
+        return self._copy.record
 
     @property
     def memory(self) -> MemoryIndex:
@@ -82,14 +82,14 @@ class WarmSearcher:
                 stamp = self._stamp()
                 if stamp == self._version:
                     return False
-                meta = self.index.get_meta(self.collection)
-                check_model(meta, self.loaded, self.collection)
+                record = self.index.record(self.collection)
+                record.check_model(self.loaded.fingerprint, self.loaded.config.vector_dim, self.loaded.described)
                 memory = MemoryIndex.load(self.index, self.collection)
                 self.index.release(self.collection)
             except IndexError_:
                 return False
-            self._copy = _Copy(meta, memory, CasePictures(self.index, self.collection, LocalFiles(meta, self.file_map),
-                                                          guard=self._lock))
+            self._copy = _Copy(record, memory, CasePictures(self.index, self.collection,
+                                                            LocalFiles(record, self.file_map), guard=self._lock))
             self._version, self.loaded_at = stamp, time.time()
             return True
 
@@ -131,13 +131,13 @@ class WarmSearcher:
             with self._lock:
                 hits = copy.memory.search(embedded.embedding, how.fetch, flt, embedded.code if use_code else None,
                                           prefilter, hamming_radius)
-                if copy.meta.get("thumbnails"):
+                if copy.record.thumbnails:
                     copy.pictures.prefetch([(hit.id, hit.payload) for hit in hits])
             return hits
 
         path_of = copy.pictures.files.relpath if self.local_paths else stored_path
-        return answer(image, query_name(name, self.pseudonymize, self.local_paths), self.loaded, copy.meta,
-                      self.collection, how, search, path_of)
+        return answer(image, query_name(name, self.pseudonymize, self.local_paths), self.loaded, copy.record,
+                      how, search, path_of)
 
     def close(self) -> None:
         """Close the local file map (the index is the caller's)."""

@@ -47,6 +47,9 @@ IMAGENET: dict[str, dict[str, Any]] = {
                                                             "freeze_bn": False, "layer_decay": 0.7, "epochs": 6},
     "full fine-tune at 128 px (layer decay 0.7; BN trained)": {"image_size": 128, "unfreeze": -1, "freeze_bn": False,
                                                             "layer_decay": 0.7, "epochs": 10},
+    "Lite1: last 3 groups + head (BN frozen) 240 px": {"backbone": "tf_efficientnet_lite1", "image_size": 240,
+                                                        "unfreeze": 3, "freeze_bn": True, "layer_decay": 0.7,
+                                                        "epochs": 6},
     "last 3 groups + supcon + balanced + strong augmentation 224 px": {
         "image_size": 224, "unfreeze": 3, "freeze_bn": True, "layer_decay": 0.7, "epochs": 6, "augment": "strong",
         "metric_loss": "supcon", "balanced": True},

@@ -24,13 +24,20 @@ def fit_calibration(out: Path, data: Any, device: torch.device | str = "cpu", re
     (out / CALIBRATION).unlink(missing_ok=True)
     if not isinstance(data, ClassifierData) or len(data.x_val) == 0:
         return None
+    return fit_on(out, data.x_val, data.y_val, device, reporter, batch_size)
+
+
+@torch.inference_mode()
+def fit_on(out: Path, x_val: torch.Tensor, y_val: np.ndarray, device: torch.device | str = "cpu",
+           reporter: Reporter = QUIET, batch_size: int = 64) -> ProbabilityCalibration | None:
+    """`fit_calibration` on decoded validation images `x_val` and their targets `y_val` (one column per label)."""
     loaded = load_checkpoint(out, device)
     column = loaded.config.target_index
     raw = []
-    for start in range(0, len(data.x_val), batch_size):
-        output, _ = loaded.task.embed(loaded.model, loaded.config, data.x_val[start:start + batch_size])
+    for start in range(0, len(x_val), batch_size):
+        output, _ = loaded.task.embed(loaded.model, loaded.config, x_val[start:start + batch_size])
         raw.append(loaded.model.probabilities(output.logits)[:, column].float().cpu().numpy())
-    y = np.asarray(data.y_val)[:, column if np.asarray(data.y_val).shape[1] > column else 0]
+    y = np.asarray(y_val)[:, column if np.asarray(y_val).shape[1] > column else 0]
     fitted = ProbabilityCalibration.fit(np.concatenate(raw), (y > 0.5).astype(np.int64), loaded.fingerprint)
     if fitted is None:
         reporter.warn("the model's probability is not calibrated: the validation split is too small or has one "

@@ -68,9 +68,40 @@ def refit_appearance(model_dir: Path, records: Any, fields: dict[str, Any], work
     return time.perf_counter() - started
 
 
+def refit_calibration(model_dir: Path, records: Any, workers: int = 2) -> float:
+    """Give the finished CbirNet run in `model_dir` that has no valid calibration.json (trained before `cbir train`
+    fitted the probability calibration, `cbir.train.calibration_fit`, or given a new appearance part since, which
+    changed its fingerprint) one, fitted on the val split of `records` as training would have; returns the seconds
+    it took (0 when the val split is too small to fit one, as training leaves it). A run that has one, or of
+    another task (a detector), is left as it is."""
+    import time
+
+    from cbir.console import QUIET
+    from cbir.models import decode_size, load_checkpoint
+    from cbir.models.detector_config import DetectorConfig
+    from cbir.train.calibration_fit import fit_on
+    from cbir.train.loop import TrainSettings, preload
+
+    started = time.perf_counter()
+    loaded = load_checkpoint(model_dir)
+    if isinstance(loaded.config, DetectorConfig) or loaded.calibration is not None:
+        return 0.0
+    val = records.split("val")
+    x_val, keep, _ = preload(val, loaded.config.image_size, TrainSettings(workers=workers), QUIET, "val",
+                             decode_size(loaded.config))
+    fitted = fit_on(model_dir, x_val, loaded.task.targets(val)[keep]) if len(keep) else None
+    return time.perf_counter() - started if fitted is not None else 0.0   # nothing to fit: the run is as trained
+
+
 def reusable_run(model_dir: Path, config: dict[str, Any], settings: dict[str, Any], records: Any) -> float | None:
     """`finished_run` for a CbirNet config, also accepting a run that lacks only the asked-for appearance part
-    (`config`'s appearance_* fields), which is then fitted in place (`refit_appearance`)."""
+    (`config`'s appearance_* fields), which is then fitted in place (`refit_appearance`). A run that has no
+    valid calibration.json gets it (`refit_calibration`)."""
+    previous = _reusable(model_dir, config, settings, records)
+    return None if previous is None else previous + refit_calibration(model_dir, records)
+
+
+def _reusable(model_dir: Path, config: dict[str, Any], settings: dict[str, Any], records: Any) -> float | None:
     split = records.split_record()
     previous = finished_run(model_dir, config, settings, split)
     fields = {k: v for k, v in config.items() if k.startswith("appearance_")}
