@@ -36,12 +36,21 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"data": root / "data", "model": root / "model", "root": root}
 
 
-def _ingest(archive: dict[str, Path], index: Path, **env: str) -> subprocess.Popen:
+def _ingest(archive: dict[str, Path], index: Path, workers: int = 0, **env: str) -> subprocess.Popen:
+    """`cbir ingest` in a subprocess that leads a process group of its own (its workers join it)."""
     command = [sys.executable, "-m", "cbir.cli.main", "ingest", "--data", str(archive["data"]), "--model",
-               str(archive["model"]), "--index", str(index), "--collection", "rsna", "--workers", "0",
+               str(archive["model"]), "--index", str(index), "--collection", "rsna", "--workers", str(workers),
                "--batch-size", "8"]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env})
+                            env={**os.environ, **env}, start_new_session=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _lines(stream: IO[str]) -> queue.Queue[str | None]:
@@ -100,17 +109,25 @@ def _expected_payloads(data: Path) -> dict[str, int]:
     return {f"stage_2_train_images/{pid}.dcm": int(t) for pid, t in labels.items()}
 
 
-def test_ingest_killed_mid_run_then_resumed(archive: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ingest_killed_mid_run_then_resumed(archive: dict[str, Path], tmp_path: Path, workers: int) -> None:
+    """SIGKILL, then at once a reader and a new run. With decoding workers, the workers used to survive their
+    parent (blocked, holding the inherited collection lock), and every re-run was refused until a user found
+    and killed them."""
     index = tmp_path / "index"
-    first = _ingest(archive, index, CBIR_EDGE_FLUSH_POINTS="40")
+    first = _ingest(archive, index, workers, CBIR_EDGE_FLUSH_POINTS="40")
     _wait_for_progress(first, 0.4)
     first.send_signal(signal.SIGKILL)
     first.wait(30)
     assert first.returncode == -signal.SIGKILL
-    with open_index(str(index)) as idx:                        # the killed writer's lock went with it
+    with open_index(str(index)) as idx:                        # at once: the killed writer's lock went with it
         survived = idx.count("rsna")
+    deadline = time.monotonic() + 10                           # its workers die with it (no orphans left)
+    while _group_alive(first.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _group_alive(first.pid), "the killed ingest's workers outlived it"
     assert 0 < survived < N, survived                          # some flushed points, not all
-    second = _ingest(archive, index)
+    second = _ingest(archive, index, workers)
     out, err = second.communicate(timeout=300)
     assert second.returncode == 0, err
     summary = out.strip().splitlines()[-1]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import hashlib
+import os
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +93,20 @@ def _collate(items: list[Any]) -> Batch:
     return Batch(pixels, good, bad)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, _worker_id: int = 0) -> None:
+    """In a worker process: be killed when the process that started it dies (Linux's parent-death signal), and
+    exit now if it is already gone. A worker that outlived a killed ingest kept its copy of the open index and
+    blocked a re-run; elsewhere the DataLoader's own check of its parent (every few seconds) is what remains."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def iterate_batches(paths: Sequence[str], size: int, batch_size: int = 32, workers: int = 2,
                     pseudonymize: Pseudonymizer | None = None, thumbnails: bool = False,
                     reduce_to: int | None = None) -> Iterator[Batch]:
@@ -96,5 +116,6 @@ def iterate_batches(paths: Sequence[str], size: int, batch_size: int = 32, worke
     workers = max(0, min(workers, len(dataset) // max(batch_size, 1)))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_collate, persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None,
+                        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None)
     yield from loader

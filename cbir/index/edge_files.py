@@ -23,8 +23,9 @@ import json
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,35 @@ SHARE_HINT = "use a Qdrant server to share an index"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+#: Every lock this process holds: a forked child (a DataLoader worker) gets copies of their file descriptors, and
+#: a flock lives until the last copy is closed, so a child that outlived a killed parent kept the collection
+#: locked. `_forget_in_child` closes the copies in every forked child, so only the process that took a lock
+#: holds it, and the lock goes when that process does.
+_LOCK_FDS: set[int] = set()
+_ALL_LOCKS: weakref.WeakSet[CollectionLocks] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for fd in list(_LOCK_FDS):
+        with suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+    for locks in list(_ALL_LOCKS):
+        locks.held.clear()   # the child holds nothing: it takes its own locks if it ever opens the index
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class CollectionLocks:
-    """flocks on `<folder>/<name>/.lock`: shared to read, exclusive to write, never waited for."""
+    """flocks on `<folder>/<name>/.lock`: shared to read, exclusive to write, never waited for; held by this
+    process only, never by a forked child (`_forget_in_child`)."""
 
     def __init__(self, folder: Path, where: Callable[[str], str]) -> None:
         self.folder = folder
         self.where = where
         self.held: dict[str, tuple[int | None, bool]] = {}   # collection → (lock fd, exclusive)
+        _ALL_LOCKS.add(self)
 
     def exclusive(self, name: str) -> bool:
         return self.held.get(name, (None, False))[1]
@@ -80,15 +103,16 @@ class CollectionLocks:
         except BlockingIOError:
             if held is not None and _relock_shared(fd):
                 raise IndexError_(self._in_use(name, exclusive)) from None
-            os.close(fd)
+            _close(fd)
             self.held.pop(name, None)
             raise IndexError_(self._in_use(name, exclusive)) from None
+        _LOCK_FDS.add(fd)
         self.held[name] = (fd, exclusive)
 
     def release(self, name: str) -> None:
         fd, _ = self.held.pop(name, (None, False))
         if fd is not None:
-            os.close(fd)  # releases the flock
+            _close(fd)  # releases the flock
 
     def _in_use(self, name: str, exclusive: bool) -> str:
         if exclusive:
@@ -195,6 +219,7 @@ def read_json(path: Path, default: dict[str, Any]) -> dict[str, Any]:
 def flocked(path: Path, timeout: float = 30.0) -> Iterator[None]:
     """Hold an exclusive flock on `path` (created if needed), waiting up to `timeout` seconds for it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    _LOCK_FDS.add(fd)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -207,7 +232,12 @@ def flocked(path: Path, timeout: float = 30.0) -> Iterator[None]:
                 time.sleep(0.02)
         yield
     finally:
-        os.close(fd)
+        _close(fd)
+
+
+def _close(fd: int) -> None:
+    _LOCK_FDS.discard(fd)
+    os.close(fd)
 
 
 def _relock_shared(fd: int) -> bool:
