@@ -9,17 +9,26 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+#: The real data: ../shared beside the clone (`$CBIR_SHARED_DIR` stands in for it, so that a test can run the
+#: suite as a clone without it). Every test reaches it through `SHARED`, `shared_path` or `needs_shared`, so
+#: that every skip for it gives `SHARED_ABSENT`, the reason `ALLOWED_SKIPS` lets CI pass.
+SHARED = Path(os.environ.get("CBIR_SHARED_DIR") or REPO.parent / "shared")
 REAL = SHARED / "data" / "real"
 LABELS = SHARED / "data" / "labels"
+SHARED_ABSENT = "../shared is absent: a user's clone has none"
 
 
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or a skip with the reason when this clone has none."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real data not available: {path} (../shared is absent: a user's clone has none)")
+        pytest.skip(f"real data not available: {path} ({SHARED_ABSENT})")
     return path
+
+
+def needs_shared(path: Path) -> pytest.MarkDecorator:
+    """Skip, with the reason every ../shared skip gives, when `path` (under `SHARED`) is absent."""
+    return pytest.mark.skipif(not path.exists(), reason=f"real data not available: {path} ({SHARED_ABSENT})")
 
 
 #: The only reasons a test may skip when $CBIR_STRICT_SKIPS is set (as `.ci/run` does): something this machine

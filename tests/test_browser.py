@@ -24,11 +24,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cbir.cli.main import app
+from tests.conftest import REAL, needs_shared
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = Path(__file__).resolve().parents[1]
-REAL_DICOM = (ROOT.parent / "shared" / "data" / "real" / "rsna"
-              / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
+REAL_DICOM = REAL / "rsna" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 K = 8
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run"]
@@ -133,7 +133,7 @@ def test_upload_results_labels_and_region_search(server: dict, tmp_path: Path) -
             page.screenshot(path=shot, full_page=True)
 
 
-@pytest.mark.skipif(not REAL_DICOM.is_file(), reason="../shared is absent (the real RSNA DICOM)")
+@needs_shared(REAL_DICOM)
 def test_a_real_dicom_outside_the_archive_gets_k_results_and_no_self_match(server: dict, tmp_path: Path) -> None:
     with _chromium(tmp_path / "profile") as browser:
         page = browser.new_page()

@@ -20,8 +20,8 @@ from cbir.data.records import META_COLUMNS, SPLITS, Records
 from cbir.data.rsna import load_rsna, read_rsna_headers, read_rsna_labels
 from cbir.data.splits import SplitSpec, assign_splits, train_val_splits
 from cbir.errors import DatasetError
+from tests.conftest import SHARED, shared_path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
 RSNA_CSV = DATA / "labels" / "rsna" / "stage_2_train_labels.csv"
 RSNA_HEADERS = DATA / "labels" / "rsna" / "stage_2_train_dicom_headers.csv.gz"
@@ -30,9 +30,7 @@ KERMANY = DATA / "kermany" / "train"
 
 
 def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data not available: {path} (../shared is absent)")
-    return path
+    return shared_path(*path.relative_to(SHARED).parts)
 
 
 def check_records(records: Records) -> None:

@@ -15,13 +15,13 @@ from pydicom.uid import JPEGBaseline8Bit
 
 from cbir.data.synth import SynthSummary, phantom, synth_dataset
 from cbir.data.synth import labels as L
+from tests.conftest import SHARED, needs_shared
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RSNA_CSV = SHARED / "data" / "labels" / "rsna" / "stage_2_train_labels.csv"
 RSNA_HEADERS = SHARED / "data" / "labels" / "rsna" / "stage_2_train_dicom_headers.csv.gz"
 NIH_CSV = SHARED / "data" / "labels" / "nih" / "Data_Entry_2017_v2020.csv.gz"
-needs_rsna = pytest.mark.skipif(not RSNA_CSV.is_file(), reason=f"real RSNA labels absent ({RSNA_CSV})")
-needs_nih = pytest.mark.skipif(not NIH_CSV.is_file(), reason=f"real NIH labels absent ({NIH_CSV})")
+needs_rsna = needs_shared(RSNA_CSV)
+needs_nih = needs_shared(NIH_CSV)
 
 SIZE = 64
 
