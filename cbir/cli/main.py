@@ -1072,10 +1072,17 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
           device: Annotated[str, typer.Option("--device")] = "auto",
           max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", min=1)] = 64,
           max_pixels: MaxPixelsOpt = None, any_modality: AnyModalityOpt = False,
-          local_paths: LocalPathsOpt = False) -> None:
+          local_paths: LocalPathsOpt = False,
+          token_file: Annotated[Path | None, typer.Option(
+              "--token-file", help="a file holding the bearer token every request must carry (else "
+              "$CBIR_SERVE_TOKEN; required unless --host is a loopback address)")] = None,
+          allow_hosts: Annotated[list[str] | None, typer.Option(
+              "--allow-host", help="a host name the server answers to (the Host header), repeatable [default: "
+              "this machine's names on loopback, the bound address otherwise]")] = None) -> None:
     """Keep the model and the collection warm and answer queries over HTTP (POST /query, GET /health,
     API docs at /docs). Cases show as their image files where this machine has them, else as the thumbnails
-    stored with them (cbir ingest --thumbnails)."""
+    stored with them (cbir ingest --thumbnails). On any address but loopback it needs a token (never given on
+    the command line, where `ps` shows it)."""
     from cbir.extras import require
     require("serve", "cbir serve")
     with _heavy_imports():
@@ -1085,17 +1092,22 @@ def serve(index: IndexOpt = None, collection: CollectionOpt = DEFAULT_COLLECTION
         from cbir.io import load_pseudonymizer
         from cbir.search.warm import WarmSearcher
         from cbir.serve import create_app
+        from cbir.serve.access import access_for, serve_token
         from cbir.threads import limit_process
     limit_process(1)   # single queries from request threads: BLAS on one thread, set once (cbir/threads.py)
+    access = access_for(host, serve_token(token_file), allow_hosts or [])
     collection = team_collection(collection, team)
     _set_reader_limits(max_pixels, any_modality)
     idx = _open(index)
     loaded = _load_model(model, idx, collection, device)
     searcher = WarmSearcher(idx, collection, loaded, load_pseudonymizer(), local_paths=local_paths)
     out.print(f"serving {collection!r} ({len(searcher.memory):,} points, model {loaded.fingerprint}) on "
-              f"http://{host}:{port} (API docs: /docs)", markup=False)
+              f"http://{host}:{port} (API docs: /docs)"
+              + ("; with a token: open /?token=… once in the browser, or send Authorization: Bearer …"
+                 if access.token else ""), markup=False)
     try:
-        uvicorn.run(create_app(searcher, max_upload_mb * 2**20), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(searcher, max_upload_mb * 2**20, access=access), host=host, port=port,
+                    log_level="warning")
     finally:
         searcher.close()
         idx.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbir.embed import Embedded
-from cbir.errors import CbirError, IndexError_
+from cbir.errors import CbirError, IndexError_, ModelMismatchError
 from cbir.index.base import Filter, Hit, Index
 from cbir.index.files import FileMap, LocalFiles
 from cbir.index.record import CollectionRecord
@@ -53,6 +53,8 @@ class WarmSearcher:
                            CasePictures(index, collection, LocalFiles(record, self.file_map), guard=self._lock))
         self._version = self._stamp()
         self.loaded_at = time.time()
+        #: Why the searcher answers nothing (the collection was rebuilt with another model); None when it answers.
+        self.stale: str | None = None
 
     @property
     def record(self) -> CollectionRecord:
@@ -66,17 +68,23 @@ class WarmSearcher:
     def pictures(self) -> CasePictures:
         return self._copy.pictures
 
-    def _stamp(self) -> tuple[str, int]:
-        """What tells a changed collection; the collection is released afterwards, so that an embedded index
-        stays writable by `cbir ingest` while this process serves from memory."""
+    def _stamp(self) -> tuple[str, int, int]:
+        """What tells a changed collection: its version (the alias), its point count and its record's revision
+        (every change of the record counts one: a new calibration, a reindex's model). The collection is
+        released afterwards, so that an embedded index stays writable by `cbir ingest` while this process serves
+        from memory."""
         try:
-            return self.index.resolve(self.collection), self.index.count(self.collection)
+            return (self.index.resolve(self.collection), self.index.count(self.collection),
+                    self.index.record(self.collection).revision)
         finally:
             self.index.release(self.collection)
 
     def refresh(self) -> bool:
-        """Reload if the alias moved or the point count changed; returns whether it reloaded. While another
-        process writes the collection, the current copy keeps answering; searches wait for a reload."""
+        """Reload if the alias moved, the point count or the record changed; returns whether it reloaded. While
+        another process writes the collection, the current copy keeps answering; searches wait for a reload. When
+        the collection now holds another model's vectors (a reindex), `stale` says so and the searcher answers
+        nothing (`query_image` raises `ModelMismatchError`) until the collection matches the model again: a
+        mix of two models' answers is never served."""
         with self._lock:
             try:
                 stamp = self._stamp()
@@ -86,8 +94,13 @@ class WarmSearcher:
                 record.check_model(self.loaded.fingerprint, self.loaded.config.vector_dim, self.loaded.described)
                 memory = MemoryIndex.load(self.index, self.collection)
                 self.index.release(self.collection)
+            except ModelMismatchError as exc:
+                self.stale, self._version = str(exc), stamp
+                self.index.release(self.collection)
+                return False
             except IndexError_:
                 return False
+            self.stale = None
             self._copy = _Copy(record, memory, CasePictures(self.index, self.collection,
                                                             LocalFiles(record, self.file_map), guard=self._lock))
             self._version, self.loaded_at = stamp, time.time()
@@ -116,6 +129,8 @@ class WarmSearcher:
         """Search for a read image; `name` (its file's name) shows as `query.path` only with `local_paths`, else
         as its keyed pseudonym. The neighbours' stored thumbnails are fetched meanwhile, in one request. Safe to
         call from several threads: their forward passes overlap, their searches take turns."""
+        if self.stale:
+            raise ModelMismatchError(self.stale)
         copy = self._copy
         how = Search(k, flt, prefilter, hamming_radius, include_self)
         if flt:   # counted by the copy's own cached filter masks, the ones its search uses

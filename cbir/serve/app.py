@@ -13,8 +13,15 @@
 
 The model and an in-memory copy of the collection (`cbir.search.warm.WarmSearcher`) are loaded once at start;
 a query costs decoding, one forward pass and an in-memory search. The collection is reloaded when its alias
-moves or its point count changes (checked at most every `REFRESH_SECONDS`, by one request at a time; searches
-wait for a reload). Errors are 4xx with a one-line `detail`, never a 500 for bad input.
+moves, its point count changes or its record changes (a new calibration; checked at most every
+`REFRESH_SECONDS`, by one request at a time; searches wait for a reload). A collection rebuilt with another
+model stops every answer with 409 (and /health with 503, `status: "stale"`) naming both models, until it matches
+the served model again. Errors are 4xx with a one-line `detail`, never a 500 for bad input.
+
+Who may ask, and how much (`cbir.serve.access`): a Host allow-list (this machine's names on a loopback
+address), an optional bearer token (required on any other address), and the upload limit enforced while the
+body streams in. Uploads are written to a private temporary folder under a fixed name ("upload" and its
+extension), never under the name the client gave.
 
 Concurrent queries (FastAPI runs each in a thread of its pool) overlap everywhere but in the in-memory search,
 which takes turns (about 1 ms; `WarmSearcher`). Each forward pass gets its share of the cores as PyTorch
@@ -28,6 +35,8 @@ and was no faster than two one-thread forwards side by side; the thread count le
 from __future__ import annotations
 
 import base64
+import contextlib
+import re
 import tempfile
 import threading
 import time
@@ -36,13 +45,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from cbir.errors import BadInputError, CbirError, IndexError_, printable
 from cbir.io import XrayImage
 from cbir.report.montage import windowed_png
 from cbir.search import parse_filters
 from cbir.search.warm import WarmSearcher
+from cbir.serve.access import FORM_OVERHEAD, Access, Guard
 from cbir.threads import CoreShare, torch_threads
 
 MAX_UPLOAD_BYTES = 64 * 2**20
@@ -52,26 +62,30 @@ MIN_REGION = 16
 PAGE = Path(__file__).with_name("page.html")
 
 
-def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, cores: int | None = None
-               ) -> FastAPI:
+def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES, cores: int | None = None,
+               access: Access | None = None) -> FastAPI:
     """The app over a warm searcher; `cores` (default: PyTorch's thread count) are shared among the forward passes
-    of the requests in flight."""
+    of the requests in flight; `access`: who may ask (`cbir.serve.access`; default: anyone who reaches it)."""
     import torch
 
     app = FastAPI(title="cbir", summary="Similar chest X-rays with their confirmed diagnoses",
                   version="1")
+    app.add_middleware(Guard, access=access or Access(), max_body=max_upload_bytes + FORM_OVERHEAD)
     share = CoreShare(cores or torch.get_num_threads())
     refreshing = threading.Lock()
     state = {"checked": time.monotonic()}
 
     def maybe_refresh() -> None:
-        """At most every REFRESH_SECONDS, by one request; the others meanwhile answer from the current copy."""
+        """At most every REFRESH_SECONDS, by one request; the others meanwhile answer from the current copy. A
+        collection rebuilt with another model stops every answer (409) until it matches the model again."""
         if time.monotonic() - state["checked"] >= REFRESH_SECONDS and refreshing.acquire(blocking=False):
             try:
                 state["checked"] = time.monotonic()
                 searcher.refresh()
             finally:
                 refreshing.release()
+        if searcher.stale:
+            raise HTTPException(409, printable(f"{searcher.stale} (restart cbir serve with the collection's model)"))
 
     thumbnails: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
@@ -81,6 +95,7 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
 
     @app.get("/thumbnail/{point_id}", responses={200: {"content": {"image/png": {}}}})
     def thumbnail(point_id: str, size: Annotated[int, Query(ge=32, le=1024)] = 256) -> Response:
+        maybe_refresh()
         key = (point_id, size)
         png = thumbnails.get(key)   # read once: another request's thread may evict it meanwhile
         if png is None:
@@ -96,10 +111,16 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "collection": searcher.collection, "points": len(searcher.memory),
-                "model_fingerprint": searcher.loaded.fingerprint, "backbone": searcher.loaded.config.backbone,
-                "loaded_at": searcher.loaded_at}
+    def health() -> JSONResponse:
+        """200 while the server answers; 503 (`status`: "stale", `detail`: why) when the collection no longer
+        matches the served model."""
+        with contextlib.suppress(HTTPException):   # stale: said in the body
+            maybe_refresh()
+        body = {"status": "stale" if searcher.stale else "ok", "collection": searcher.collection,
+                "points": len(searcher.memory), "model_fingerprint": searcher.loaded.fingerprint,
+                "backbone": searcher.loaded.config.backbone, "loaded_at": searcher.loaded_at,
+                **({"detail": printable(searcher.stale)} if searcher.stale else {})}
+        return JSONResponse(body, status_code=503 if searcher.stale else 200)
 
     @app.post("/query")
     def query(file: Annotated[UploadFile, File(description="DICOM, PNG or JPEG")],
@@ -120,11 +141,12 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             raise HTTPException(413, f"upload larger than {max_upload_bytes // 2**20} MiB")
         if not data:
             raise HTTPException(400, f"{file.filename or 'upload'}: empty file (0 bytes)")
-        name = Path(file.filename or "upload").name
+        name = printable(Path(file.filename or "upload").name)[:200] or "upload"
+        maybe_refresh()
         try:
             flt = parse_filters(filter)
             with tempfile.TemporaryDirectory(prefix="cbir-upload-") as tmp:
-                path = Path(tmp) / (name or "upload")
+                path = Path(tmp) / upload_name(name)
                 path.write_bytes(data)
                 image = searcher.read(path)
             preview = windowed_png(image.pixels, PREVIEW_SIZE)
@@ -132,7 +154,6 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
             box = parse_region(region) if region else None
             if box:
                 image = crop(image, box)
-            maybe_refresh()
             with torch_threads(share.share()):
                 result = searcher.query_image(image, name, k, flt or None, prefilter, hamming_radius)
         except BadInputError as exc:
@@ -150,6 +171,13 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         return body
 
     return app
+
+
+def upload_name(name: str) -> str:
+    """The temporary file's name for an upload called `name`: "upload" with the upload's extension when it is a
+    plain one (the reader tells PNG and JPEG by it), never a path ("..", "/", NUL and the like)."""
+    suffix = Path(name).suffix.lower()
+    return "upload" + (suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else "")
 
 
 def parse_region(region: str) -> tuple[int, int, int, int]:
