@@ -140,3 +140,40 @@ def test_env_key_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
                                              ("095Y", "90+"), ("", None), ("abc", None)])
 def test_age_bands(value: str, band: str | None) -> None:
     assert age_band(value) == band
+
+
+def test_pixel_padding_is_masked_before_scaling(tmp_path: Path) -> None:
+    """A padded frame (PixelPaddingValue 0) around a 1000–2000 image: without a window, the padding used to set the
+    min-max scale's floor, so the image itself spanned only 0.5–1."""
+    pixels = np.zeros((64, 64), dtype=np.uint16)
+    pixels[8:56, 8:56] = np.tile(np.linspace(1000, 2000, 48).astype(np.uint16), (48, 1))
+    for photometric, inside in (("MONOCHROME2", (0.0, 1.0)), ("MONOCHROME1", (1.0, 0.0))):
+        image = read_image(_write_dicom(tmp_path / f"{photometric}.dcm", pixels, photometric, PixelPaddingValue=0))
+        row = image.pixels[30, 8:56]
+        assert (row[0], row[-1]) == inside, photometric                  # the image spans the whole range
+        assert image.pixels[0, 0] == 0.0 and image.pixels[:8].max() == 0.0   # the padding is dark
+    ranged = pixels.copy()
+    ranged[:8] = 5                                                       # padding from 0 up to the range limit
+    image = read_image(_write_dicom(tmp_path / "range.dcm", ranged, PixelPaddingValue=0, PixelPaddingRangeLimit=9))
+    assert image.pixels[30, 8] == 0.0 and image.pixels[30, 55] == 1.0 and image.pixels[:8].max() == 0.0
+
+
+@pytest.mark.parametrize("part", ["HAND", "PELVIS", "L SPINE", "KNEE"])
+def test_a_radiograph_of_another_body_part_is_refused(tmp_path: Path, part: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """BodyPartExamined was never checked: a CR hand was embedded as a chest film."""
+    pixels = np.tile(np.arange(0, 64, dtype=np.uint16), (64, 1))
+    path = _write_dicom(tmp_path / "x.dcm", pixels, Modality="CR", BodyPartExamined=part)
+    with pytest.raises(BadInputError, match=f"not a chest radiograph \\(body part {part}; .*--any-modality"):
+        read_image(path)
+    for chest in ("CHEST", "THORAX", "TORAX", "PECHO", ""):              # and any other value, missing included
+        assert read_image(_write_dicom(tmp_path / "c.dcm", pixels, Modality="CR", BodyPartExamined=chest))
+    monkeypatch.setenv("CBIR_ANY_MODALITY", "1")                         # the same override as the modality's
+    assert read_image(path).pixels.shape == (64, 64)
+
+
+@pytest.mark.parametrize(("position", "view"), [("LAO", "OBL"), ("RPO", "OBL"), ("LL", "LL"), ("LATERAL", "LL"),
+                                                ("PA", "PA"), ("AP", "AP"), ("XYZ", None)])
+def test_an_oblique_view_is_not_a_lateral(tmp_path: Path, position: str, view: str | None) -> None:
+    pixels = np.tile(np.arange(0, 64, dtype=np.uint16), (64, 1))
+    assert read_image(_write_dicom(tmp_path / "v.dcm", pixels, ViewPosition=position)).meta.view == view

@@ -19,6 +19,15 @@ MAX_PIXELS = 80_000_000
 #: secondary captures (OT, SC), which archives use for digitised films. A file without Modality is accepted.
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT", "SC"})
 ANY_MODALITY_ENV = "CBIR_ANY_MODALITY"
+#: BodyPartExamined values (DICOM's defined terms, CID 4031, spaces and underscores removed) of radiographs that
+#: are not chest films: a CR hand or pelvis is refused like an MR. Any other value passes, a missing one too:
+#: archives write the chest in many ways and languages (CHEST, THORAX, TORAX, PECHO, LUNG, CHEST_LAT, …).
+NOT_CHEST = frozenset({
+    "ABDOMEN", "ANKLE", "ARM", "BREAST", "CALCANEUS", "CSPINE", "CERVICALSPINE", "COCCYX", "ELBOW", "EXTREMITY",
+    "FINGER", "FOOT", "FOREARM", "HAND", "HEAD", "HIP", "HUMERUS", "FEMUR", "JAW", "KNEE", "LEG", "LOWEREXTREMITY",
+    "LSPINE", "LUMBARSPINE", "MANDIBLE", "NECK", "ORBIT", "PELVIS", "SACRUM", "SHOULDER", "SKULL", "SSPINE",
+    "TSPINE", "THORACICSPINE", "THUMB", "TIBIA", "TOE", "UPPEREXTREMITY", "WRIST", "HEADNECK", "SINUS",
+})
 
 
 def max_pixels() -> int:
@@ -76,11 +85,21 @@ def geometry(ds: Dataset, path: str | Path, limit: int | None = None) -> Geometr
     return Geometry(rows, cols, frames, samples)
 
 
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return (str(value[0]) if isinstance(value, MultiValue) and len(value) else str(value or "")).strip().upper()
+
+
 def check_modality(ds: Dataset, path: str | Path) -> None:
-    """Refuse modalities that are not radiographs (MR, CT, US, SEG, RTDOSE, …) unless $CBIR_ANY_MODALITY."""
-    value = ds.get("Modality")
-    modality = (str(value[0]) if isinstance(value, MultiValue) and len(value) else str(value or "")).strip().upper()
-    if not modality or modality in RADIOGRAPH_MODALITIES or any_modality():
+    """Refuse modalities that are not radiographs (MR, CT, US, SEG, RTDOSE, …) and radiographs of a body part
+    other than the chest (`NOT_CHEST`), unless $CBIR_ANY_MODALITY."""
+    if any_modality():
         return
-    raise BadInputError(path, f"not a radiograph (modality {modality[:16]}; cbir embeds CR/DX chest radiographs; "
-                              "--any-modality overrides)")
+    modality = _text(ds, "Modality")
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        raise BadInputError(path, f"not a radiograph (modality {modality[:16]}; cbir embeds CR/DX chest "
+                                  "radiographs; --any-modality overrides)")
+    part = _text(ds, "BodyPartExamined")
+    if part.replace(" ", "").replace("_", "") in NOT_CHEST:
+        raise BadInputError(path, f"not a chest radiograph (body part {part[:16]}; cbir embeds chest radiographs; "
+                                  "--any-modality overrides)")

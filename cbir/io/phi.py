@@ -16,7 +16,10 @@ KEY_ENV = "CBIR_PSEUDONYM_KEY"
 KEY_FILE_ENV = "CBIR_KEY_FILE"
 DEFAULT_KEY_FILE = Path("~/.config/cbir/pseudonym.key")
 
-_VIEWS = {"PA": "PA", "AP": "AP", "LL": "LL", "LAT": "LL", "LATERAL": "LL", "RL": "LL", "LAO": "LL"}
+#: ViewPosition → the stored view: PA, AP, lateral ("LL", either side), oblique ("OBL": LAO, RAO, LPO, RPO; an
+#: oblique is not a lateral); anything else is not stored.
+_VIEWS = {"PA": "PA", "AP": "AP", "LL": "LL", "LAT": "LL", "LATERAL": "LL", "RL": "LL", "RLD": "LL", "LLD": "LL",
+          "LAO": "OBL", "RAO": "OBL", "LPO": "OBL", "RPO": "OBL", "OBLIQUE": "OBL"}
 
 
 @dataclass(frozen=True)

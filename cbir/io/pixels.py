@@ -47,6 +47,27 @@ def to_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return arr
 
 
+def mask_padding(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Pixels at PixelPaddingValue (up to PixelPaddingRangeLimit, when given) lie outside the image: they take the
+    darkest stored value of the image itself (the lowest, or for MONOCHROME1 the highest), so that they neither
+    stretch the min-max scaling nor show as a bright frame (monochrome only)."""
+    if arr.ndim != 2 or not is_monochrome(ds) or "PixelPaddingValue" not in ds:
+        return arr
+    try:
+        first = int(ds.PixelPaddingValue)
+        last = int(ds.get("PixelPaddingRangeLimit", first))
+    except (TypeError, ValueError):
+        return arr   # a malformed value is ignored, as a malformed window is
+    low, high = min(first, last), max(first, last)
+    padded = (arr >= low) & (arr <= high)
+    if not padded.any() or padded.all():
+        return arr
+    kept = arr[~padded]
+    out = arr.copy()
+    out[padded] = kept.max() if photometric(ds) == "MONOCHROME1" else kept.min()
+    return out
+
+
 def modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """Rescale slope/intercept or a Modality LUT (monochrome images only)."""
     if arr.ndim != 2 or not is_monochrome(ds):
@@ -95,7 +116,7 @@ def scale_unit(arr: np.ndarray, ds: Dataset | None = None) -> np.ndarray:
     return (arr - low) / (high - low)
 
 
-PIPELINE = (to_grey, modality_lut, voi_window, invert_monochrome1, refuse_blank, scale_unit)
+PIPELINE = (to_grey, mask_padding, modality_lut, voi_window, invert_monochrome1, refuse_blank, scale_unit)
 
 
 def process(arr: np.ndarray, ds: Dataset) -> np.ndarray:
