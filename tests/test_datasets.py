@@ -457,3 +457,48 @@ def test_layout_errors(tmp_path: Path) -> None:
         load_dataset(rsna, layout="folder")          # its one sub-folder is not a class: the CSV has the labels
     plain = load_dataset(rsna, layout="plain")
     assert not plain.has_labels and any("labels ignored" in n for n in plain.notes)
+
+
+def test_every_file_under_the_root_is_looked_at(tmp_path: Path) -> None:
+    """A hospital export: DICOM files without an extension (as under a DICOMDIR), one without a preamble, the
+    DICOMDIR itself, a text file and a hidden file. Before, the extensionless DICOMs were never listed, and
+    nothing said that any file had been left out (230 of 1,025 files of a real corpus, silently)."""
+    from cbir.console import QUIET
+    from cbir.index import open_index
+    from cbir.index.ingest import ingest_records
+    from cbir.io import load_pseudonymizer
+    from cbir.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
+    from tests.badinputs import write_dicom
+    pixels = (np.add.outer(np.arange(48), np.arange(48)) * 2).astype(np.uint16)
+    root = tmp_path / "export"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        folder = root / cls / "IMAGES"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            write_dicom(folder / f"IM{i:06d}", pixels + i, PatientID=f"{cls}-{i}")     # no extension
+        write_dicom(folder / "raw0001", pixels + 7, preamble=False, PatientID=f"{cls}-raw")   # nor a preamble
+        write_dicom(root / cls / "x.dcm", pixels + 9, PatientID=f"{cls}-x")
+        write_dicom(root / cls / "DICOMDIR", None)
+        (root / cls / "README.txt").write_text("export notes")
+        (root / cls / ".DS_Store").write_bytes(b"\0" * 64)
+    (root / "labels.csv").write_text("id,label\n")
+    records = load_folder(root)
+    assert len(records) == 10 and sorted(records.label_names) == ["NORMAL", "PNEUMONIA"]
+    assert {r.rsplit("/", 1)[-1] for r in records.meta["relpath"]} == {"IM000000", "IM000001", "IM000002",
+                                                                       "raw0001", "x.dcm"}
+    reasons = dict(records.left_out)
+    assert len(records.left_out) == 7
+    assert reasons["NORMAL/README.txt"] == "not an image (extension .txt, and no DICOM marker)"
+    assert reasons["NORMAL/.DS_Store"] == "hidden file" and reasons["labels.csv"].startswith("a file directly")
+    assert reasons["PNEUMONIA/DICOMDIR"].startswith("a DICOMDIR (an index")
+    assert any("7 files left out, not images" in note for note in records.notes)
+    # the patients of extensionless DICOMs come from their headers, as for .dcm files
+    assert set(records.meta["patient_source"]) == {"header"}
+    model = tmp_path / "model"
+    save_checkpoint(create_model(ModelConfig(backbone="test_resnet", image_size=32, embed_dim=16, bits=32)), model)
+    with open_index(str(tmp_path / "index"), writable=True, create=True) as index:
+        summary = ingest_records(records, load_checkpoint(model), index, "c", load_pseudonymizer(), workers=0,
+                                 reporter=QUIET)
+    assert summary.ingested == 10 and summary.failed == 0 and summary.total == 17 and summary.left_out == 7
+    assert "17 files: 10 ingested" in summary.line and "7 not images" in summary.line
+    assert "2 hidden file" in summary.line and "2 a DICOMDIR" in summary.line

@@ -29,22 +29,60 @@ def check_root(root: Path | str) -> Path:
     return path
 
 
-def iter_files(root: Path, top: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Iterator[FileEntry]:
+def iter_files(root: Path, top: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+               skipped: list[tuple[str, str]] | None = None) -> Iterator[FileEntry]:
     """Files under `top` with one of `extensions` (any case), in sorted order; hidden entries skipped.
+
+    When `extensions` include ".dcm", a file without one of them is read as DICOM when its first bytes say so
+    (`cbir.io.image.is_dicom_file`: archives write DICOM files without an extension, e.g. under a DICOMDIR).
+    Every other file is appended to `skipped` (when given) as (relative path, reason), so a caller can count
+    and name every file it leaves out. A DICOMDIR is an index, not an image: the images it lists are read
+    where they lie, under `top`.
 
     Symlinked sub-folders are not followed, so link loops cannot recurse. A file name that is not valid
     UTF-8 keeps its real path but gets a printable name and relative path (`\\xNN` escapes), which is what
     labels, splits and payloads see.
     """
+    from cbir.io.image import is_dicom_file
     root_str = str(root)
     suffixes = tuple(ext.lower() for ext in extensions)
+    sniff = ".dcm" in suffixes
     for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = os.path.relpath(dirpath, root_str).replace(os.sep, "/")
         prefix = "" if rel_dir == "." else rel_dir + "/"
+        if skipped is not None:
+            skipped.extend((printable(prefix + d + "/"), "hidden folder") for d in dirnames if d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and name.lower().endswith(suffixes):
-                yield printable(name), dirpath + os.sep + name, printable(prefix + name)
+            path = dirpath + os.sep + name
+            if name.startswith("."):
+                reason = "hidden file"
+            elif name.lower().endswith(suffixes):
+                reason = ""
+            elif name.upper() == "DICOMDIR":
+                reason = "a DICOMDIR (an index: the images it lists are read from their folders)"
+            elif sniff and is_dicom_file(path):
+                reason = ""
+            else:
+                reason = f"not an image ({_extension(name)}, and no DICOM marker)"
+            if not reason:
+                yield printable(name), path, printable(prefix + name)
+            elif skipped is not None:
+                skipped.append((printable(prefix + name), reason))
+
+
+def _extension(name: str) -> str:
+    suffix = os.path.splitext(name)[1].lower()
+    return f"extension {printable(suffix)[:12]}" if suffix else "no extension"
+
+
+def describe_skipped(skipped: Sequence[tuple[str, str]]) -> str:
+    """One line for the files a listing left out: how many, by reason."""
+    from collections import Counter
+    counts = Counter(reason for _, reason in skipped)
+    return (f"{len(skipped)} files left out, not images: "
+            + "; ".join(f"{n} {reason}" for reason, n in counts.most_common(6))
+            + ("; …" if len(counts) > 6 else ""))
 
 
 def file_map(root: Path, tops: Iterable[Path], extensions: Sequence[str]) -> dict[str, tuple[str, str]]:

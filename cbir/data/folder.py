@@ -31,21 +31,30 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from cbir.data.files import IMAGE_EXTENSIONS, FileEntry, check_root, has_image, iter_files, make_meta
+from cbir.data.files import (
+    IMAGE_EXTENSIONS,
+    FileEntry,
+    check_root,
+    describe_skipped,
+    has_image,
+    iter_files,
+    make_meta,
+)
 from cbir.data.labels import is_normal_name
 from cbir.data.patients import FALLBACK_SOURCE, FILE_SOURCE, HEADER_SOURCE, NAME_SOURCE, NO_PATIENT_ID
 from cbir.data.records import Records
 from cbir.data.splits import SplitSpec, split_names
-from cbir.errors import DatasetError
+from cbir.errors import DatasetError, printable
 from cbir.io.dicom import peek_patient
 from cbir.io.phi import Pseudonymizer, load_pseudonymizer
 
 KERMANY_PATIENT = re.compile(r"^(person\d+|(?:NORMAL\d*-)?IM-\d+)", re.IGNORECASE)
+RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
 def load_folder(root: Path, split: SplitSpec | None = None, patient_regex: str | None = None,
@@ -53,13 +62,13 @@ def load_folder(root: Path, split: SplitSpec | None = None, patient_regex: str |
     """Read a folder-per-class dataset: one-hot labels, patient-grouped splits (a single sub-folder: labels
     unknown). `pseudonymize` keys DICOM headers' patients (default: this machine's key)."""
     root = check_root(root)
-    classes, notes = _class_files(root)
+    classes, notes, left_out = _class_files(root)
     if len(classes) == 1:
         (name, entries), = classes.items()
         patients = _patients(entries, [entry[0] for entry in entries], patient_regex, KERMANY_PATIENT, pseudonymize)
         notes = [f"folder layout: {len(entries)} images in one sub-folder ({name}): labels unknown (give one "
                  "sub-folder per class for labels)", patients.note, *notes]
-        return unlabelled_records(root, "folder", entries, patients, notes, split)
+        return replace(unlabelled_records(root, "folder", entries, patients, notes, split), left_out=left_out)
     label_names = sorted(classes)
     target, target_note = choose_target(label_names)
     files = [(cls, entry) for cls in label_names for entry in classes[cls]]
@@ -79,7 +88,7 @@ def load_folder(root: Path, split: SplitSpec | None = None, patient_regex: str |
              patients.note, *notes]
     return Records(root=root, dataset=folder_dataset_name(root), layout="folder", label_names=label_names,
                    labels=labels, meta=meta, target=target, notes=notes, patient_rule=patients.rule,
-                   split_spec=split or SplitSpec())
+                   split_spec=split or SplitSpec(), left_out=left_out)
 
 
 def load_plain(root: Path, split: SplitSpec | None = None, patient_regex: str | None = None,
@@ -87,12 +96,14 @@ def load_plain(root: Path, split: SplitSpec | None = None, patient_regex: str | 
     """Every image under `root` (any depth), labels unknown; a DICOM's patient from its header (unless
     `patient_regex`), else patients by `patient_regex` on the relative path, else each file its own patient."""
     root = check_root(root)
-    entries = list(iter_files(root, root))
+    left_out: list[tuple[str, str]] = []
+    entries = list(iter_files(root, root, skipped=left_out))
     if not entries:
         raise DatasetError(f"{root}: no png/jpg/jpeg/dcm images in this folder or below")
     patients = _patients(entries, [entry[2] for entry in entries], patient_regex, None, pseudonymize)
-    notes = [f"plain layout: {len(entries)} images, labels unknown", patients.note]
-    return unlabelled_records(root, "plain", entries, patients, notes, split)
+    notes = [f"plain layout: {len(entries)} images, labels unknown", patients.note,
+             *([describe_skipped(left_out)] if left_out else [])]
+    return replace(unlabelled_records(root, "plain", entries, patients, notes, split), left_out=left_out)
 
 
 @dataclass
@@ -119,7 +130,7 @@ def _patients(entries: Sequence[FileEntry], names: Sequence[str], patient_regex:
               default: re.Pattern[str] | None, pseudonymize: Pseudonymizer | None) -> Patients:
     """Patients of the folder and plain layouts (see the module docstring): DICOM headers first unless
     `patient_regex`, then the file rule (`folder_patients` on `names`) for every other file."""
-    is_dicom = [entry[1].lower().endswith(".dcm") for entry in entries]
+    is_dicom = [not entry[1].lower().endswith(RASTER_EXTENSIONS) for entry in entries]   # .dcm, or sniffed
     header: list[str | None] = [None] * len(entries)
     if patient_regex is None and any(is_dicom):
         key = pseudonymize or load_pseudonymizer()
@@ -225,11 +236,13 @@ def _stem(name: str) -> str:
     return os.path.splitext(name)[0]
 
 
-def _class_files(root: Path) -> tuple[dict[str, list[FileEntry]], list[str]]:
-    """Images per class sub-folder, and notes on what was ignored; DatasetError if none holds images."""
+def _class_files(root: Path) -> tuple[dict[str, list[FileEntry]], list[str], list[tuple[str, str]]]:
+    """Images per class sub-folder, notes on what was ignored, and every file left out with the reason;
+    DatasetError if no sub-folder holds images."""
     with os.scandir(root) as entries:
         subdirs = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-    classes = {name: list(iter_files(root, root / name)) for name in subdirs}
+    left_out: list[tuple[str, str]] = []
+    classes = {name: list(iter_files(root, root / name, skipped=left_out)) for name in subdirs}
     empty = [name for name, files in classes.items() if not files]
     classes = {name: files for name, files in classes.items() if files}
     if not classes:
@@ -239,11 +252,17 @@ def _class_files(root: Path) -> tuple[dict[str, list[FileEntry]], list[str]]:
                            f"point at one of them, e.g. {root / next(iter(classes))}")
     notes = [f"ignored sub-folders without images: {', '.join(empty)}"] if empty else []
     with os.scandir(root) as entries:
-        loose = sum(1 for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(e.name for e in entries if e.is_file())
+    loose = [name for name in files if name.lower().endswith(IMAGE_EXTENSIONS)]
     if loose:
-        notes.append(f"ignored {loose} images directly under {root} (the folder layout wants class folders; "
+        notes.append(f"ignored {len(loose)} images directly under {root} (the folder layout wants class folders; "
                      "--layout plain reads every image, labels unknown)")
-    return classes, notes
+    left_out += [(printable(name), "an image directly under the root (the folder layout wants class folders)"
+                  if name in loose else "a file directly under the root (the folder layout reads class folders)")
+                 for name in files]
+    if left_out:
+        notes.append(describe_skipped(left_out))
+    return classes, notes, left_out
 
 
 def _too_few_classes(root: Path, subdirs: list[str], classes: dict[str, list[FileEntry]]) -> str:

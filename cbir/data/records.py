@@ -55,6 +55,9 @@ class Records:
     #: Files the label table lists but the folder lacks, as (expected relative path, reason). Ingest reports
     #: each one and counts it; splits leave them out.
     missing: list[tuple[str, str]] = field(default_factory=list)
+    #: Files under the root that are not images, as (relative path, reason) (`cbir.data.files.iter_files`):
+    #: never read; ingest counts them and says why.
+    left_out: list[tuple[str, str]] = field(default_factory=list)
     #: How the `patient` keys were made (recorded with the split, never the keys themselves).
     patient_rule: str = ""
     #: The layout's own test list (NIH test_list.txt), per row; None when it has none.
@@ -121,7 +124,8 @@ class Records:
         meta = self.meta.assign(split=split_names(self.meta["patient"], spec, self.official_test))
         return Records(root=self.root, dataset=self.dataset, layout=self.layout,
                        label_names=list(self.label_names), labels=self.labels, meta=meta, target=self.target,
-                       notes=list(self.notes), missing=list(self.missing), patient_rule=self.patient_rule,
+                       notes=list(self.notes), missing=list(self.missing), left_out=list(self.left_out),
+                       patient_rule=self.patient_rule,
                        official_test=self.official_test, split_spec=spec, dataset_id=self.dataset_id,
                        dataset_id_given=self.dataset_id_given, fingerprint=self.fingerprint)
 
@@ -155,9 +159,11 @@ class Records:
     def part(self, i: int, n: int) -> Records:
         """The i-th of n deterministic slices (1-based), by a hash of each image's relative path."""
         sliced = self.subset(part_mask(self.meta["relpath"].astype(str), i, n))
-        if self.missing:
-            keep = part_mask(pd.Series([rel for rel, _ in self.missing]), i, n)
-            sliced.missing = [m for m, k in zip(self.missing, keep, strict=True) if k]
+        for name in ("missing", "left_out"):
+            files = getattr(self, name)
+            if files:
+                keep = part_mask(pd.Series([rel for rel, _ in files]), i, n)
+                setattr(sliced, name, [m for m, k in zip(files, keep, strict=True) if k])
         return sliced
 
     def split(self, name: str) -> Records:

@@ -9,6 +9,7 @@ from typing import cast
 import numpy as np
 
 from cbir.console import QUIET, Reporter
+from cbir.data.files import describe_skipped
 from cbir.data.labels import LabelSpace, reconcile_records
 from cbir.data.patients import LABEL_SOURCE
 from cbir.data.records import Records
@@ -62,18 +63,23 @@ class IngestSummary:
     dataset: str = ""             # the dataset id the points are stored under (`cbir.index.datasets`)
     patient_fallbacks: int = 0    # DICOM files without a usable PatientID: patients from the file rule
     patient_mismatches: int = 0   # headers whose patient differs from the label file's (the label file's is kept)
+    left_out: int = 0             # files under the root that are not images: never read (`Records.left_out`)
+    left_out_reasons: str = ""    # how many for each reason (`cbir.data.files.describe_skipped`)
 
     @property
     def line(self) -> str:
         ingested = f"{self.ingested} ingested" + (" with unknown labels" if self.labels_unknown else "")
         text = (f"{self.total} files: {ingested}, {self.already} already in the index, "
-                f"{self.skipped} duplicates skipped, {self.failed} failed; "
+                f"{self.skipped} duplicates skipped, {self.failed} failed"
+                + (f", {self.left_out} not images" if self.left_out else "") + "; "
                 f"collection {self.collection!r} holds {self.points_after} points ({self.seconds:.1f} s)")
         if self.patient_fallbacks:
             text += f"; {self.patient_fallbacks} DICOM files without a usable PatientID: patients by file name"
         if self.patient_mismatches:
             text += (f"; {self.patient_mismatches} DICOM headers name another patient than the label file "
                      "(the label file's patient was kept)")
+        if self.left_out:
+            text += f"; {self.left_out_reasons}"
         return text + (f"; reindex: {self.swap.line}" if self.swap else "")
 
 
@@ -191,7 +197,9 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
                                 team, version_of=alias if reindex else None, split=split, keep_paths=keep_paths,
                                 thumbnails=thumbnails)
     records = reconcile_records(record.label_space, records, label_map)
-    summary = IngestSummary(alias, total=len(records) + len(records.missing),
+    summary = IngestSummary(alias, total=len(records) + len(records.missing) + len(records.left_out),
+                            left_out=len(records.left_out),
+                            left_out_reasons=describe_skipped(records.left_out) if records.left_out else "",
                             points_before=index.count(collection), labels_unknown=not records.has_labels,
                             dataset=records.dataset_id, patient_fallbacks=records.patient_fallbacks)
     paths = records.meta["path"].tolist()

@@ -36,6 +36,17 @@ class XrayImage:
         return int(self.pixels.shape[0]), int(self.pixels.shape[1])
 
 
+def is_dicom_file(path: str | Path) -> bool:
+    """Whether a file without an image extension is a DICOM file, as `sniff` tells it: the DICM marker, or (no
+    extension, or .dicom) a valid leading element. An unreadable file is not."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or (Path(path).suffix.lower() in ("", ".dicom") and looks_like_raw_dicom(head))
+
+
 def sniff(path: str | Path) -> str:
     """'dicom', 'raster', or a BadInputError for files that are neither."""
     path = Path(path)
