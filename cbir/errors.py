@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -21,6 +22,20 @@ class BadInputError(CbirError):
         self.path = str(path)
         self.reason = reason
         super().__init__(printable(f"{self.path}: {reason}"))
+
+
+def failure_reasons(lines: Iterable[str], paths: Iterable[str | Path]) -> dict[str, int]:
+    """How many failures of each reason, for files that are written (reports, run records): a batch command's
+    failure lines are "PATH: reason" for the console, and the PATH (one of `paths`) never goes into a file. A line
+    that names no known path counts as "unreadable", its text left out."""
+    known = {printable(str(p)) for p in paths}
+    counts: dict[str, int] = {}
+    for line in lines:
+        parts = str(line).split(": ")
+        reason = next((": ".join(parts[i:]) for i in range(1, len(parts)) if ": ".join(parts[:i]) in known),
+                      "unreadable")
+        counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 class DatasetError(CbirError):

@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cbir.cli.main import app
+from cbir.errors import CbirError
 from cbir.models import ModelConfig
 from tests.conftest import payload_path
 
@@ -510,7 +511,7 @@ def test_export_and_import_through_the_cli(pipeline: dict[str, Path], tmp_path: 
         assert row["points"] == N and row["schema_version"] == 2
         dicom = _dicoms(pipeline["data"])[2]
         code, out, err = run("query", dicom, "--index", location, "--collection", "rsna", "--k", 3, "--json",
-                             "--local-paths")
+                             "--local-paths", "--model", pipeline["model"])   # a snapshot names no model folder
         assert code == 0, err   # the file map is this machine's, whatever index the points went to
         assert json.loads(out)["neighbors"][0]["path"] == f"stage_2_train_images/{dicom.name}"
     code, out, err = run("index", "import", tmp_path / "nope.snapshot", "--index", tmp_path / "edge")
@@ -594,6 +595,91 @@ def test_no_phi_anywhere_cbir_writes(pipeline: dict[str, Path], tmp_path: Path) 
     with FileMap.local() as file_map:    # the one place the names are: the local file map, never the index
         assert {file_map.relpath(p["file"]) for p in payloads} == {f"stage_2_train_images/{d.name}"
                                                                    for d in _dicoms(data)}
+
+
+def test_written_files_name_no_file_folder_or_host(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """Runs with failures: evaluate --robustness on external queries with a bad file named by a patient, and a
+    snapshot. The console names the user's files; report.json and the snapshot must not. Before, report.json held
+    "path: reason" examples and the queries' folder, and a snapshot carried the ingest roots, the model's folder
+    and the index's location."""
+    import tarfile
+    assert run("synth", "--layout", "rsna", "--n", 20, "--size", 48, "--out", tmp_path / "other-patients",
+               "--seed", 9)[0] == 0
+    data = _named_archive(tmp_path / "other-patients", tmp_path / "named")
+    bad = data / "stage_2_train_images" / "ROE^JANE_MRN-0042.dcm"
+    bad.write_bytes(b"\x01" * 300)
+    labels = data / "stage_2_train_labels.csv"
+    labels.write_text(labels.read_text() + "ROE^JANE_MRN-0042,,,,,0\n")
+    index, out_dir = tmp_path / "index", tmp_path / "out"
+    code, out, err = run("ingest", "--data", pipeline["data"], "--model", pipeline["model"], "--index", index,
+                         "--collection", "c", "--workers", 0)
+    assert code == 0, err
+    code, out, err = run("evaluate", "--index", index, "--collection", "c", "--k", 3, "--out", out_dir / "rep",
+                         "--queries", data, "--robustness", "--other-split")
+    assert code in (0, 1), err
+    assert "ROE^JANE_MRN-0042.dcm" in err, err                          # the console names the user's own file
+    report = (out_dir / "rep" / "report.json").read_text()
+    reasons = json.loads(report)["robustness"]["failure_reasons"]
+    assert sum(reasons.values()) >= 1 and any("not a DICOM file" in r for r in reasons)
+    code, out, err = run("index", "export", "c", "--index", index, "--out", out_dir / "c.snapshot")
+    assert code == 0, err
+    with tarfile.open(out_dir / "c.snapshot") as tar:
+        manifest = json.loads(tar.extractfile("cbir.json").read())
+    assert "roots" not in manifest["meta"] and "model_path" not in manifest["meta"]
+    assert manifest["meta"]["model_fingerprint"] and manifest["source"] == "an embedded index"
+    for text in (report, json.dumps(manifest)):
+        for secret in ("ROE^JANE", "MRN-0042", str(data), str(pipeline["data"]), str(pipeline["model"]),
+                       str(index), str(tmp_path)):
+            assert secret not in text, secret
+    # an imported collection names its model by fingerprint only: the importer passes their own copy
+    code, out, err = run("index", "import", out_dir / "c.snapshot", "--index", tmp_path / "other")
+    assert code == 0, err
+    dicom = _dicoms(pipeline["data"])[0]
+    code, out, err = run("query", dicom, "--index", tmp_path / "other", "--collection", "c")
+    assert code == 2 and "pass --model with the model of fingerprint" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run("query", dicom, "--index", tmp_path / "other", "--collection", "c", "--model",
+                         pipeline["model"], "--k", 2)
+    assert code == 0, err
+
+
+def test_a_shared_servers_record_never_chooses_the_model_to_load(pipeline: dict[str, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anyone who may write a server's metadata could point `model_path` at a checkpoint that carries code: on a
+    server, the record's path is loaded only from a folder the user lists in $CBIR_MODEL_DIRS (else --model)."""
+    from types import SimpleNamespace
+
+    from cbir.cli.main import _load_model
+    from cbir.index.record import CollectionRecord
+    record = CollectionRecord.of({"model_path": str(pipeline["model"]), "model_fingerprint": "f"}, "c")
+    server = SimpleNamespace(is_server=True, record=lambda name: record)
+    monkeypatch.delenv("CBIR_MODEL_DIRS", raising=False)
+    with pytest.raises(CbirError, match="is on a shared server, and its record names model folder"):
+        _load_model(None, server, "c", "cpu")
+    monkeypatch.setenv("CBIR_MODEL_DIRS", str(pipeline["model"].parent))
+    assert _load_model(None, server, "c", "cpu").path == pipeline["model"]
+    embedded = SimpleNamespace(is_server=False, record=lambda name: record)
+    monkeypatch.delenv("CBIR_MODEL_DIRS")
+    assert _load_model(None, embedded, "c", "cpu").path == pipeline["model"]   # this machine's own record
+
+
+def test_a_patient_filter_takes_the_patient_id(pipeline: dict[str, Path]) -> None:
+    """Payloads hold keyed pseudonyms: `patient=ID` compared the raw ID with them and matched nothing, and
+    `patient!=ID` excluded nothing. Now the ID is keyed as the payloads' are; a pseudonym from query JSON is kept."""
+    dicom = _dicoms(pipeline["data"])[0]
+    patient = dicom.stem                                               # RSNA: the file is named by its patientId
+    code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--k", 5,
+                         "--filter", f"patient={patient}", "--json", "--include-self")
+    assert code == 0, err
+    found = json.loads(out)["neighbors"]
+    assert len(found) == 1 and found[0]["self_match"] and found[0]["file"]
+    code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--k", 5,
+                         "--filter", f"patient!={patient}", "--json", "--include-self")
+    assert code == 0 and not any(n["self_match"] for n in json.loads(out)["neighbors"])
+    from cbir.io import load_pseudonymizer
+    pseudonym = load_pseudonymizer()(patient)
+    code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--k", 5,
+                         "--filter", f"patient={pseudonym}", "--json", "--include-self")
+    assert code == 0 and len(json.loads(out)["neighbors"]) == 1
 
 
 def test_keep_paths_stores_plain_paths_and_says_so(pipeline: dict[str, Path], tmp_path: Path) -> None:

@@ -62,7 +62,15 @@ def test_pretrain_writes_the_run_folder_and_names_the_bad_file(run_dir: tuple[Pa
     record = json.loads((out / RECORD).read_text())
     assert record["backbone"] == BACKBONE and record["image_size"] == 32 and record["method"] == "vicreg"
     assert record["intensity"] == "standardize" and record["epochs"] == 2
-    assert record["n_images"] == 40 + 6 and record["n_failed"] == 1 and "broken.png" in record["failures"][0]
+    assert record["n_images"] == 40 + 6 and record["n_failed"] == 1
+    # the console names the bad file; the run record counts it by reason and names no file or folder: before,
+    # it stored the failing paths and each source's root
+    assert list(record["failure_reasons"].values()) == [1] and "not a readable image" in next(
+        iter(record["failure_reasons"]))
+    text = (out / RECORD).read_text()
+    assert "broken.png" not in text and str(out.parent) not in text and "failures" not in record
+    assert all(set(source) == {"dataset", "layout", "images"} and source["dataset"].startswith("d-")
+               for source in record["sources"])
     assert record["sha256"] == sha256_of(out / WEIGHTS) and record["seconds"] > 0
     assert record["patients_with_pairs"] == 40  # every Kermany image has a second of its patient; plain: none
 

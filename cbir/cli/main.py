@@ -163,14 +163,30 @@ def _split_options(seed: int | None, val_fraction: float | None, test_fraction: 
 
 
 def _load_model(model: Path | None, index: Any, collection: str, device: str) -> Any:
+    """The model given with --model, else the one the collection's record names: only on an embedded index (its
+    record was written on this machine) or from a folder under $CBIR_MODEL_DIRS. A record on a shared server is
+    written by whoever may write there, and a checkpoint can carry code (TorchScript or torch.export encoders),
+    so its path is never loaded without the user's say-so."""
     from cbir.models import load_checkpoint
     from cbir.models.device import resolve_device
     if model is None:
-        path = index.record(collection).model_path
+        record = index.record(collection)
+        path = record.model_path
         if not path:
-            raise CbirError(f"collection {collection!r} records no model path; pass --model")
+            raise CbirError(f"collection {collection!r} records no model path (imported from a snapshot, which "
+                            f"carries none); pass --model with the model of fingerprint {record.model_fingerprint}")
+        if getattr(index, "is_server", False) and not _allowed_model_dir(Path(path)):
+            raise CbirError(f"collection {collection!r} is on a shared server, and its record names model folder "
+                            f"{path}: pass --model to load it (or list its parent folder in $CBIR_MODEL_DIRS)")
         model = Path(path)
     return load_checkpoint(model, resolve_device(device))
+
+
+def _allowed_model_dir(path: Path) -> bool:
+    """Whether `path` lies under a folder of $CBIR_MODEL_DIRS (os.pathsep-separated)."""
+    allowed = [Path(p).expanduser().resolve() for p in os.environ.get("CBIR_MODEL_DIRS", "").split(os.pathsep) if p]
+    target = path.expanduser().resolve()
+    return any(target.is_relative_to(folder) for folder in allowed)
 
 
 @app.command()

@@ -17,7 +17,7 @@ import numpy as np
 
 from cbir import metrics
 from cbir.console import Reporter
-from cbir.errors import BadInputError
+from cbir.errors import BadInputError, failure_reasons
 from cbir.evaluate.reencode import REENCODINGS, reencode_all
 from cbir.io import Pseudonymizer, read_image
 from cbir.metrics_ci import Bootstrap, weighted_mean
@@ -103,10 +103,11 @@ def changes(base: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
 
 
 def robustness_section(per_name: dict[str, dict[str, Any]], original: dict[str, Any], archive_size: int,
-                       failures: list[str]) -> dict[str, Any]:
-    """The `robustness` block of report.json."""
+                       failures: list[str], paths: list[str]) -> dict[str, Any]:
+    """The `robustness` block of report.json; `failures` ("PATH: reason" lines about `paths`) are counted by
+    reason, never with a file name (`cbir.errors.failure_reasons`)."""
     return {"reencodings": per_name, "original": original, "archive_size": archive_size,
             "ranked_among": "reference archive + every original query (exact cosine)",
-            "failures": len(failures), "failure_examples": failures[:5],
+            "failures": len(failures), "failure_reasons": failure_reasons(failures, paths),
             "description": {name: (fn.__doc__ or "").strip() or name for name, fn in REENCODINGS.items()}}
 

@@ -105,7 +105,7 @@ def stored_queries(index: Index, collection: str, bits: int | None = None) -> li
 
 def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudonymizer,
                      reporter: Reporter, record: CollectionRecord | None = None,
-                     files: dict[int, Path] | None = None) -> tuple[list[Query], list[str]]:
+                     files: dict[int, Path] | None = None, warn: bool = True) -> tuple[list[Query], list[str]]:
     """Embed every image of `records` as a query, coded as the collection (`record`) codes its points; `files`
     (row → file) embeds other files in place of those rows' images, with the rows' labels and patients."""
     queries: list[Query] = []
@@ -128,7 +128,10 @@ def embedded_queries(records: Records, loaded: LoadedModel, pseudonymize: Pseudo
                 code = item.code if itq is None else itq.encode(item.embedding[None])[0]
                 queries.append(Query(item.embedding, int(y[row]), item.probability, patients[row],
                                      code, payload_labels(records, names[row], negative), per_label, row))
-            failures.extend(f"{f.path}: {f.reason}" for f in failed)
+            for f in failed:
+                failures.append(f"{f.path}: {f.reason}")
+                if warn:   # the console names the user's own file; written reports count reasons only
+                    reporter.warn(f"{f.path}: {f.reason}")
             bar.advance(len(embedded) + len(failed))
     return queries, failures
 
@@ -176,7 +179,7 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
         queries, failures = embedded_queries(queries_from, loaded, pseudonymize, reporter, record)
         queries, left_out = _unseen(index, collection, loaded, queries_from, queries, reporter)
         archive_filter = Filter(must_not=labelled)
-        source = f"{queries_from.dataset} ({queries_from.root})"
+        source = f"dataset {queries_from.dataset_id or 'given with --queries'}"   # keyed id: no folder name
     point = _operating_point(record, loaded, stored=queries_from is None, reporter=reporter)
     unknown = _unknown_labels(index, collection, archive_filter, queries, reporter)
     queries = [q for q in queries if q.target != UNKNOWN_TARGET]
@@ -209,7 +212,9 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     report = summarize(task=loaded.config.task, y_query=y_query, prob_query=prob_query,
                        neighbor_y=neighbours.targets, archive_y=archive.targets, k=k, relevant=relevant,
                        extra=extra, n_relevant=n_relevant, groups=groups, operating_point=point)
-    context = {"collection": collection, "index": index.location, "model": str(loaded.path),
+    # no folder, file or host: the model by its fingerprint, the index by its kind
+    context = {"collection": collection, "index": "a Qdrant server" if getattr(index, "is_server", False)
+               else "an embedded index",
                "model_fingerprint": loaded.fingerprint, "backbone": loaded.config.backbone,
                "target": record.target, "negative_label": record.negative_label, "query_source": source,
                "split": split_note, "archive_size": int(archive.targets.size),
@@ -219,7 +224,8 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     if robustness:
         assert robust_records is not None and pseudonymize is not None  # `_robustness_records` checked both
         report["robustness"] = to_json_safe(_robustness(index, collection, loaded, record, archive, archive_filter,
-                                                        robust_records, pseudonymize, k, reporter))
+                                                        robust_records, pseudonymize, k, reporter,
+                                                        warned=queries_from is not None))
         context["seconds"] = round(time.perf_counter() - started, 2)
     files = write_report(report, out_dir, y_query, prob_query,
                          title=f"cbir evaluation: {collection}", context=context)
@@ -250,9 +256,9 @@ def _robustness_records(record: CollectionRecord, queries_from: Records | None,
 
 def _robustness(index: Index, collection: str, loaded: LoadedModel, record: CollectionRecord, archive: Archive,
                 archive_filter: Filter, records: Records, pseudonymize: Pseudonymizer, k: int,
-                reporter: Reporter) -> dict[str, Any]:
+                reporter: Reporter, warned: bool = False) -> dict[str, Any]:
     """Re-encode every query image, embed the copies and the originals afresh, and compare (module
-    `cbir.evaluate.robustness`)."""
+    `cbir.evaluate.robustness`); `warned`: the query images' failures were already said."""
     from cbir.evaluate import robustness as rb
     assert archive.embeddings is not None  # scrolled with vectors
 
@@ -265,13 +271,13 @@ def _robustness(index: Index, collection: str, loaded: LoadedModel, record: Coll
 
     with tempfile.TemporaryDirectory(prefix="cbir-robustness-") as scratch:
         written = rb.write_reencodings(records.meta["path"].tolist(), Path(scratch), pseudonymize, reporter)
-        originals, failures = embedded_queries(records, loaded, pseudonymize, reporter, record)
+        originals, failures = embedded_queries(records, loaded, pseudonymize, reporter, record, warn=not warned)
         position = {q.row: i for i, q in enumerate(originals)}
         original_embeddings = np.stack([q.embedding for q in originals])
         base = figures(originals)
         per_name: dict[str, Any] = {}
         for name, files in written.files.items():
-            copies, failed = embedded_queries(records, loaded, pseudonymize, reporter, record, files)
+            copies, failed = embedded_queries(records, loaded, pseudonymize, reporter, record, files, warn=False)
             copies = [q for q in copies if q.row in position]
             hidden = np.array([archive.pseudonyms == (q.pseudonym or "\0") for q in copies], dtype=bool)
             ranks = rb.ranks_of_originals(archive.embeddings, original_embeddings,
@@ -280,7 +286,8 @@ def _robustness(index: Index, collection: str, loaded: LoadedModel, record: Coll
             after = figures(copies)
             per_name[name] = {**rb.rank_summary(ranks, _patient_groups(copies)), "metrics": after,
                               "change": rb.changes(base, after), "failures": len(failed)}
-    return rb.robustness_section(per_name, base, int(archive.targets.size), written.failures + failures)
+    return rb.robustness_section(per_name, base, int(archive.targets.size), written.failures + failures,
+                                 records.meta["path"].astype(str).tolist())
 
 
 def check_collection_split(record: CollectionRecord, loaded: LoadedModel, allow_other: bool,

@@ -244,6 +244,17 @@ class CollectionRecord:
         return int(self.meta.get("revision") or 0)
 
 
+#: Fields of a record that name this machine's folders (the ingest roots, the model's folder): they stay with the
+#: index that holds them, never travel in a snapshot (`shareable`).
+LOCAL_FIELDS = ("roots", "model_path")
+
+
+def shareable(meta: dict[str, Any]) -> dict[str, Any]:
+    """The record as it may leave this machine (a snapshot): without `LOCAL_FIELDS`; the model stays named by its
+    fingerprint, and whoever imports it passes their own copy of that model with --model."""
+    return {key: value for key, value in meta.items() if key not in LOCAL_FIELDS}
+
+
 # --- the writers: rules applied to the stored record inside `Index.update_meta` ------------------------
 
 def add_root(meta: dict[str, Any], dataset: str, root: str) -> bool:

@@ -28,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 from cbir.console import QUIET, Reporter
 from cbir.errors import CbirError, IndexError_
 from cbir.index.base import SCHEMA_VERSION, Index
+from cbir.index.record import shareable
 from cbir.index.versions import Swap, check_alias_name, copy_points, next_version, swap
 
 FORMAT = "cbir-snapshot/1"
@@ -67,7 +68,7 @@ def export_collection(index: Index, name: str, path: Path, reporter: Reporter = 
     if index.schema_version(name) != SCHEMA_VERSION:
         raise CbirError(f"collection {name!r} has schema version {index.schema_version(name)}; run `cbir migrate` "
                         "before exporting it")
-    meta, points = index.get_meta(name), index.count(name)
+    meta, points = shareable(index.get_meta(name)), index.count(name)   # no folder of this machine travels
     dim, bits = _sizes(index, name, meta)
     with tempfile.TemporaryDirectory(prefix="cbir-export-") as tmp:
         shard = Path(tmp) / SHARD
@@ -76,7 +77,7 @@ def export_collection(index: Index, name: str, path: Path, reporter: Reporter = 
             _copy_to_edge_snapshot(index, name, dim, bits, meta, shard, Path(tmp), reporter)
             method = "copied into an Edge shard"
         manifest = {"format": FORMAT, "collection": name, "schema_version": SCHEMA_VERSION, "dim": dim,
-                    "bits": bits, "points": points, "meta": meta, "source": index.location,
+                    "bits": bits, "points": points, "meta": meta, "source": _kind_of(index),
                     "stored_as": index.resolve(name), "method": method,
                     "exported": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -159,6 +160,11 @@ def import_collection(index: Index, path: Path, name: str | None = None, replace
         index.set_alias(alias, target)
         result = Swap(alias, None, target, 0, points, False)
     return Imported(alias, target, points, result)
+
+
+def _kind_of(index: Index) -> str:
+    """Where a snapshot came from, without naming a host or a folder."""
+    return "a Qdrant server" if getattr(index, "is_server", False) else "an embedded index"
 
 
 def _sizes(index: Index, name: str, meta: dict[str, Any]) -> tuple[int, int]:

@@ -36,6 +36,7 @@ query image's original pixels.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ from cbir.index.files import FileMap, LocalFiles
 from cbir.index.record import CollectionRecord
 from cbir.index.records import FilterValue
 from cbir.index.schema import FILTER_ALIASES, check_filter, payload_values
-from cbir.io import Pseudonymizer, XrayImage, read_image
+from cbir.io import Pseudonymizer, XrayImage, load_pseudonymizer, read_image
 from cbir.models import LoadedModel, decode_size
 from cbir.threads import single_threaded
 
@@ -73,8 +74,14 @@ def query_name(name: str | Path, pseudonymize: Pseudonymizer | None, local_paths
     return pseudonymize.file("query", str(name)) if pseudonymize is not None else None
 
 
-def parse_filters(items: list[str] | None) -> Filter:
-    """`key=value` (repeat a key for any-of; `key!=value` to exclude) → Filter."""
+#: A patient pseudonym as payloads store it (`cbir.io.phi.Pseudonymizer`).
+PSEUDONYM = re.compile(r"p-[0-9a-f]{20}")
+
+
+def parse_filters(items: list[str] | None, pseudonymize: Pseudonymizer | None = None) -> Filter:
+    """`key=value` (repeat a key for any-of; `key!=value` to exclude) → Filter. A `patient=` value is a PatientID
+    (or a label file's patient), compared as its keyed pseudonym, as payloads store it (`pseudonymize`, else this
+    machine's key); a value that already is a pseudonym ("p-" and 20 hex digits, as query JSON shows) is kept."""
     must: dict[str, list[str]] = {}
     must_not: dict[str, list[str]] = {}
     for item in items or []:
@@ -84,6 +91,9 @@ def parse_filters(items: list[str] | None) -> Filter:
         if not sep or not key or not value:
             raise CbirError(f"bad filter {item!r}: use key=value or key!=value (e.g. label=Pneumonia)")
         field_name = FILTER_ALIASES.get(key, key)
+        if field_name == "pseudonym" and not PSEUDONYM.fullmatch(value):
+            pseudonymize = pseudonymize or load_pseudonymizer()
+            value = str(pseudonymize(value))
         (must_not if negate else must).setdefault(field_name, []).append(value)
     unwrap: dict[str, FilterValue] = {k: v[0] if len(v) == 1 else v for k, v in must.items()}
     unwrap_not: dict[str, FilterValue] = {k: v[0] if len(v) == 1 else v for k, v in must_not.items()}

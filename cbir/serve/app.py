@@ -144,7 +144,7 @@ def create_app(searcher: WarmSearcher, max_upload_bytes: int = MAX_UPLOAD_BYTES,
         name = printable(Path(file.filename or "upload").name)[:200] or "upload"
         maybe_refresh()
         try:
-            flt = parse_filters(filter)
+            flt = parse_filters(filter, searcher.pseudonymize)
             with tempfile.TemporaryDirectory(prefix="cbir-upload-") as tmp:
                 path = Path(tmp) / upload_name(name)
                 path.write_bytes(data)

@@ -25,7 +25,7 @@ from cbir.data.layout import load_dataset
 from cbir.data.records import Records
 from cbir.data.transforms import INTENSITIES, model_input
 from cbir.data.views import PatientPairs, ssl_augment
-from cbir.errors import CbirError, DatasetError
+from cbir.errors import CbirError, DatasetError, failure_reasons
 from cbir.io.digest import sha256_of
 from cbir.models.device import resolve_device
 from cbir.models.packaged import load_packaged, packaged_for
@@ -175,11 +175,13 @@ def pretrain(roots: list[Path], out: Path, settings: PretrainSettings, reporter:
             break
     seconds = round(time.perf_counter() - started, 1)
     sha = save_run(out, model, settings, {
-        "init": init, "n_images": n, "n_failed": len(failures), "failures": failures, "steps": step,
+        "init": init, "n_images": n, "n_failed": len(failures),
+        "failure_reasons": failure_reasons(failures, [p for r in sources for p in r.meta["path"].astype(str)]),
+        "steps": step,
         "epochs": round(step / steps_per_epoch, 2), "seconds": seconds,
         "train_seconds": round(time.perf_counter() - t_train, 1), "device": str(device), "history": history,
         "patients_with_pairs": pairs.images_with_partner,
-        "sources": [{"root": str(r.root), "layout": r.layout, "images": len(r)} for r in sources]})
+        "sources": [{"dataset": r.dataset_id, "layout": r.layout, "images": len(r)} for r in sources]})
     return PretrainResult(out=out, sha256=sha, n_images=n, failures=failures, epochs=round(step / steps_per_epoch, 2),
                           steps=step, seconds=seconds, history=history)
 
