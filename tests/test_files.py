@@ -63,3 +63,51 @@ def test_an_unwritable_state_folder_is_one_line(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("CBIR_STATE_DIR", str(tmp_path / "file" / "state"))
     with pytest.raises(CbirError, match=r"cannot write the local file map .*set \$CBIR_STATE_DIR"):
         FileMap.local(writable=True)
+
+
+def test_dicom_point_ids_are_keyed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point IDs were uuid5(dataset:sha256(SOPInstanceUID)): whoever held a study's UIDs could test whether it was
+    in a shared index or a snapshot. Now they come from the keyed instance key: another key, other IDs. A
+    collection made before keeps its IDs (its points are found again) and ingest says how to key them."""
+    import hashlib
+    import uuid
+
+    from cbir.console import Reporter
+    from cbir.data.layout import load_dataset
+    from cbir.data.synth import synth_dataset
+    from cbir.index import open_index
+    from cbir.index.ingest import ingest_records
+    from cbir.index.schema import POINT_NAMESPACE
+    from cbir.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
+    synth_dataset("rsna", 6, 32, tmp_path / "data", seed=2)
+    records = load_dataset(tmp_path / "data", "rsna")
+    save_checkpoint(create_model(ModelConfig(backbone="test_resnet", image_size=32, embed_dim=16, bits=32)),
+                    tmp_path / "model")
+    loaded = load_checkpoint(tmp_path / "model")
+    monkeypatch.setenv("CBIR_STATE_DIR", str(tmp_path / "state"))
+
+    def ids(index_name: str, key: bytes) -> set[str]:
+        with open_index(str(tmp_path / index_name), writable=True, create=True) as index:
+            ingest_records(records, loaded, index, "c", Pseudonymizer(key), workers=0)
+            return {p.id for p in index.scroll("c")}
+
+    first, again, other = ids("a", b"k" * 32), ids("b", b"k" * 32), ids("c", b"x" * 32)
+    assert len(first) == 6 and first == again and not first & other
+    import pydicom
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in records.meta["path"]]
+    plain = {str(uuid.uuid5(POINT_NAMESPACE, f"{records.dataset_id}:uid:{hashlib.sha256(u.encode()).hexdigest()[:32]}"))
+             for u in uids}
+    assert not plain & first                         # the UIDs alone no longer give the IDs
+    import cbir.index.ingest as ingest_module  # a collection made before keyed IDs: no `point_ids`
+    made = ingest_module.collection_meta
+    monkeypatch.setattr(ingest_module, "collection_meta",
+                        lambda *args: {k: v for k, v in made(*args).items() if k != "point_ids"})
+    assert ids("old", b"k" * 32) == plain
+    monkeypatch.setattr(ingest_module, "collection_meta", made)
+    warned: list[str] = []
+    reporter = Reporter(quiet=True)
+    monkeypatch.setattr(reporter, "warn", warned.append)
+    with open_index(str(tmp_path / "old"), writable=True) as index:   # found again: nothing added twice
+        summary = ingest_records(records, loaded, index, "c", Pseudonymizer(b"k" * 32), workers=0, reporter=reporter)
+        assert summary.already == 6 and summary.ingested == 0 and index.count("c") == 6
+    assert any("`cbir ingest --reindex --collection c` keys them" in w for w in warned)

@@ -203,7 +203,11 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
                             points_before=index.count(collection), labels_unknown=not records.has_labels,
                             dataset=records.dataset_id, patient_fallbacks=records.patient_fallbacks)
     paths = records.meta["path"].tolist()
-    names = _FileNames(records, pseudonymize, record.path_mode == PSEUDONYM_PATHS)
+    names = _FileNames(records, pseudonymize, record.path_mode == PSEUDONYM_PATHS, record.keyed_point_ids)
+    if not record.keyed_point_ids:
+        reporter.warn(f"collection {alias!r} names its DICOM points by their SOPInstanceUIDs' plain hash (made "
+                      "before point IDs were keyed), so whoever holds a study's UIDs can test whether it is in the "
+                      f"index: `cbir ingest --reindex --collection {alias}` keys them")
     patients = records.patient_pseudonyms(pseudonymize)
     from_label_file = (records.meta["patient_source"] == LABEL_SOURCE).to_numpy()
 
@@ -295,10 +299,12 @@ class _FileNames:
     """How this ingest names each image in its payload and point ID: by the keyed pseudonym of its relative path
     (recorded in the local file map), or by the path itself (`pseudonyms=False`: plain paths)."""
 
-    def __init__(self, records: Records, pseudonymize: Pseudonymizer, pseudonyms: bool) -> None:
+    def __init__(self, records: Records, pseudonymize: Pseudonymizer, pseudonyms: bool, keyed_ids: bool = True
+                 ) -> None:
         self.dataset = records.dataset_id
         self.pseudonymize = pseudonymize
         self.pseudonyms = pseudonyms
+        self.keyed_ids = keyed_ids   # point IDs from the keyed instance key (collections made before: unkeyed)
         self.relpaths = [str(rel) for rel in records.meta["relpath"]]
         self.file_map: FileMap | None = None   # open while upserting (`with`)
 
@@ -307,6 +313,8 @@ class _FileNames:
         return self.pseudonymize.file(self.dataset, self.relpaths[position]) if self.pseudonyms else None
 
     def point_id(self, position: int, instance_key: str | None) -> str:
+        if instance_key and self.keyed_ids:
+            instance_key = self.pseudonymize.instance(instance_key)
         return point_id(self.dataset, instance_key, self.relpaths[position], self.file(position))
 
     def remember(self, positions: list[int]) -> None:

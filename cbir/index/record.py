@@ -30,7 +30,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "target": (str,), "negative_label": (str,), "label_space": (dict,), "probability": (dict,),
     "key_fingerprint": (str,), "roots": (dict,), "splits": (dict,), "calibration": (dict,),
     "codes": (str,), "itq": (dict,), "shards": (int,), "replicas": (int,), "team": (str,), "paths": (str,),
-    "thumbnails": (dict,), "created": (str,),
+    "thumbnails": (dict,), "created": (str,), "point_ids": (str,),
 }
 #: What collections made before `probability` was recorded hold: the model's raw score, read at 0.5.
 RAW_PROBABILITY = {"calibrated": False, "operating_point": 0.5}
@@ -60,6 +60,8 @@ def upgraded(meta: dict[str, Any], model_labels: tuple[str, ...] | list[str] = (
     return out
 
 
+#: `point_ids` in a collection's record: point IDs of DICOM images made from the keyed instance key.
+KEYED_POINT_IDS = "keyed"
 #: `paths` in a collection's record: how its payloads name their image files (see `cbir.index.files`).
 PSEUDONYM_PATHS, PLAIN_PATHS = "pseudonym", "plain"
 
@@ -226,6 +228,12 @@ class CollectionRecord:
     def thumbnails(self) -> dict[str, Any] | None:
         """How thumbnails are stored in the payloads (None: no thumbnails)."""
         return self.meta.get("thumbnails") or None
+
+    @property
+    def keyed_point_ids(self) -> bool:
+        """Whether the points' IDs come from their keyed instance keys (`Pseudonymizer.instance`); collections made
+        before keep the plain hash of the SOPInstanceUID, so that their points are found again."""
+        return self.meta.get("point_ids") == KEYED_POINT_IDS
 
     @property
     def team(self) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 from cbir.data.labels import LabelSpace
 from cbir.errors import CbirError
 from cbir.index.base import SCHEMA_VERSION, pack_code
-from cbir.index.record import RECORD_VERSION
+from cbir.index.record import KEYED_POINT_IDS, RECORD_VERSION
 from cbir.io import Pseudonymizer
 from cbir.models import LoadedModel
 
@@ -90,6 +90,7 @@ def collection_meta(loaded: LoadedModel, pseudonymize: Pseudonymizer, space: Lab
         # what the payloads' `probability` is (`cbir.models.calibration`): calibrated, read from this point on
         "probability": {"calibrated": loaded.calibration is not None, "operating_point": loaded.operating_point},
         "key_fingerprint": pseudonymize.fingerprint,
+        "point_ids": KEYED_POINT_IDS,       # DICOM point IDs from the keyed instance key (`cbir.index.record`)
         "roots": {},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "record_version": RECORD_VERSION,   # `cbir.index.record`

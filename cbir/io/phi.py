@@ -60,6 +60,13 @@ class Pseudonymizer:
         message = "\0".join(("cbir file", dataset, relpath)).encode("utf-8", "backslashreplace")
         return "f-" + hmac.new(self._key, message, hashlib.sha256).hexdigest()[:24]
 
+    def instance(self, instance_key: str) -> str:
+        """The keyed form of an image's instance key (`cbir.io.dicom.instance_key`, a hash of its SOPInstanceUID)
+        that point IDs are made from: without the key, nobody holding a study's UIDs can tell whether it is in an
+        index or a snapshot. Distinct from every other pseudonym."""
+        message = "\0".join(("cbir instance", instance_key)).encode("utf-8")
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()[:32]
+
     def dataset(self, fingerprint: str) -> str:
         """The keyed id of a dataset from its fingerprint (`cbir.data.identity`): what payloads, point IDs and
         collection metadata name a dataset by, never its folder name. Distinct from file and patient pseudonyms."""
