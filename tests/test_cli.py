@@ -682,6 +682,24 @@ def test_a_patient_filter_takes_the_patient_id(pipeline: dict[str, Path]) -> Non
     assert code == 0 and len(json.loads(out)["neighbors"]) == 1
 
 
+def test_a_key_is_never_taken_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--api-key KEY` showed the server's admin key in ps and the shell history (the README's own flow passed it
+    so). Now a key comes from the environment or a file, and the option is a one-line refusal."""
+    import jwt
+    code, out, err = run("--api-key", "s3cret-admin-key", "index", "info", "--index", tmp_path / "i")
+    assert code == 2 and "--api-key-file" in err and len(err.strip().splitlines()) == 1
+    assert "s3cret-admin-key" not in err
+    key = tmp_path / "admin.key"
+    key.write_text("a" * 64 + "\n")
+    monkeypatch.delenv("CBIR_QDRANT_API_KEY", raising=False)
+    code, out, err = run("--api-key-file", key, "index", "token", "--team", "radiology", "--collection", "rsna")
+    assert code == 0, err
+    claims = jwt.decode(out.strip(), "a" * 64, algorithms=["HS256"])   # signed with the file's key
+    assert claims["access"] == [{"collection": "radiology.rsna", "access": "r"}]
+    code, out, err = run("--api-key-file", tmp_path / "missing.key", "index", "info", "--index", tmp_path / "i")
+    assert code == 2 and "cannot read the API key file" in err
+
+
 def test_keep_paths_stores_plain_paths_and_says_so(pipeline: dict[str, Path], tmp_path: Path) -> None:
     from cbir.index import open_index
     index = tmp_path / "index"

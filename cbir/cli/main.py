@@ -128,10 +128,15 @@ _SERVER: dict[str, Any] = {}
 
 
 @app.callback()
+@guarded
 def _server_options(
         api_key: Annotated[str | None, typer.Option(
-            "--api-key", envvar="CBIR_QDRANT_API_KEY", show_envvar=True,
-            help="Qdrant server: API key or JWT (a team's read-only key can query but not ingest)")] = None,
+            "--api-key", hidden=True, help="refused: a key on the command line shows in ps and shell history")
+        ] = None,
+        api_key_file: Annotated[Path | None, typer.Option(
+            "--api-key-file", envvar="CBIR_QDRANT_API_KEY_FILE", show_envvar=True,
+            help="Qdrant server: a file holding the API key or a team's JWT (else $CBIR_QDRANT_API_KEY; a "
+                 "read-only token can query but not ingest)")] = None,
         timeout: Annotated[int | None, typer.Option(
             "--timeout", envvar="CBIR_QDRANT_TIMEOUT", show_envvar=True, min=1,
             help="Qdrant server: seconds per request (qdrant-client's default when unset)")] = None,
@@ -139,7 +144,20 @@ def _server_options(
             "--ca-cert", envvar="CBIR_QDRANT_CA_CERT", show_envvar=True,
             help="Qdrant server over https://: CA bundle of a private certificate authority")] = None) -> None:
     """Content-based image retrieval for chest X-rays."""
-    _SERVER.update(api_key=api_key, timeout=timeout, ca_cert=ca_cert)
+    if api_key is not None:
+        raise CbirError("--api-key puts the key on the command line, where ps and shell history show it: set "
+              "$CBIR_QDRANT_API_KEY, or give a file with --api-key-file (or $CBIR_QDRANT_API_KEY_FILE)")
+    _SERVER.update(api_key=_api_key(api_key_file), timeout=timeout, ca_cert=ca_cert)
+
+
+def _api_key(path: Path | None) -> str | None:
+    """The Qdrant API key or JWT: from the file `path`, else $CBIR_QDRANT_API_KEY; never from argv."""
+    if path is None:
+        return os.environ.get("CBIR_QDRANT_API_KEY") or None
+    try:
+        return path.read_text().strip() or None
+    except OSError as exc:
+        raise CbirError(f"{path}: cannot read the API key file ({exc.strerror})") from None
 
 
 def _open(location: str | None, writable: bool = False, create: bool = False) -> Any:
@@ -895,8 +913,9 @@ def index_token(collection: CollectionOpt = DEFAULT_COLLECTION, team: TeamOpt = 
                 write: Annotated[bool, typer.Option("--write", help="also allow ingest (default: query only)")] = False,
                 days: Annotated[float, typer.Option("--days", min=0.01, help="valid for this many days")] = 90.0,
                 ) -> None:
-    """Print a JWT for one team's collection, signed with the server's API key (--api-key): read-only unless
-    --write. The server needs QDRANT__SERVICE__JWT_RBAC=true; the team passes the token as its --api-key."""
+    """Print a JWT for one team's collection, signed with the server's admin API key ($CBIR_QDRANT_API_KEY or
+    --api-key-file): read-only unless --write. The server needs QDRANT__SERVICE__JWT_RBAC=true and enforces it;
+    the team keeps the token in a file and passes it with --api-key-file (or $CBIR_QDRANT_API_KEY)."""
     from cbir.index.teams import team_collection
     from cbir.index.tokens import make_token
     sys.stdout.write(make_token(_SERVER.get("api_key") or "", [team_collection(collection, team)], write, days)
