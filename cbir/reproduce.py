@@ -39,6 +39,7 @@ from cbir.index import open_index
 from cbir.index.ingest import ingest_records
 from cbir.index.versions import drop
 from cbir.io import load_pseudonymizer
+from cbir.io.phi import shown_path
 from cbir.models import LoadedModel, ModelConfig, get_task, load_checkpoint
 from cbir.models.device import resolve_device
 from cbir.report.doc import update_section
@@ -312,7 +313,7 @@ def _write(options: ReproduceOptions, rows: list[FoldRow], tasks: list[str], sta
     per_fold = [_fold_json(r) for r in rows]
     pooled = {task: pool_queries([r.metrics["per_query"] for r in rows if r.task == task], options.k)
               for task in tasks if any(r.task == task for r in rows)}
-    results = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+    results = {"options": {k: (shown_path(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
                "device": str(resolve_device(options.device)), "tasks": tasks, "approaches": APPROACHES,
                "seed_table": SEED_TABLE, "folds": per_fold, "pooled": pooled, "complete": final,
                "recipes": {task: recipe(task, options) | {"description": describe(task, options)} for task in tasks},

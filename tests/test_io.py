@@ -177,3 +177,13 @@ def test_a_radiograph_of_another_body_part_is_refused(tmp_path: Path, part: str,
 def test_an_oblique_view_is_not_a_lateral(tmp_path: Path, position: str, view: str | None) -> None:
     pixels = np.tile(np.arange(0, 64, dtype=np.uint16), (64, 1))
     assert read_image(_write_dicom(tmp_path / "v.dcm", pixels, ViewPosition=position)).meta.view == view
+
+
+@pytest.mark.parametrize(("given", "shown"), [("../shared/data/rsna", "../shared/data/rsna"),
+                                              ("/work/shared/data/kermany/train", "../shared/data/kermany/train"),
+                                              ("runs/fold1", "runs/fold1"),
+                                              ("/home/jdoe/MRN-12345/export", "…/export"),
+                                              ("~/patients/doe", "…/doe")])
+def test_written_files_name_folders_without_a_users_path(given: str, shown: str) -> None:
+    from cbir.io.phi import shown_path
+    assert shown_path(given) == shown

@@ -99,6 +99,18 @@ def load_pseudonymizer(create: bool = True) -> Pseudonymizer:
     return Pseudonymizer(path.read_text().strip().encode("utf-8"))
 
 
+def shown_path(path: str | Path) -> str:
+    """A folder as written files (results.json, study outputs) name it, never a user's absolute path (which may
+    hold a name, an MRN or a host): the project's shared data as `../shared/…`, a relative path as it was typed,
+    anything else as `…/` and its last part."""
+    parts = Path(path).parts
+    if "shared" in parts:
+        return str(Path("..", *parts[parts.index("shared"):]))
+    if not Path(path).is_absolute() and not str(path).startswith("~"):
+        return str(path)
+    return f"…/{parts[-1]}" if parts else ""
+
+
 def view_of(value: object) -> str | None:
     text = str(value or "").strip().upper()
     return _VIEWS.get(text)

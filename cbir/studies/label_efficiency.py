@@ -34,6 +34,7 @@ from cbir.data.records import Records
 from cbir.data.splits import SplitSpec, patient_uniform
 from cbir.data.transforms import model_input
 from cbir.errors import CbirError
+from cbir.io.phi import shown_path
 from cbir.metrics import average_precisions_at_k, knn_vote, majority_baseline
 from cbir.metrics_ci import Bootstrap, weighted_auc, weighted_balanced_accuracy, weighted_mean
 from cbir.models import ModelConfig, load_checkpoint
@@ -354,7 +355,8 @@ def plot_efficiency(result: dict[str, Any], options: StudyOptions) -> Path | Non
 def render_efficiency(result: dict[str, Any], options: StudyOptions) -> str:
     p = result["pretrain"]
     rows = result["rows"]
-    sources = ", ".join(f"`{_shown(s['root'])}` {s['images']}" for s in p.get("sources") or [])
+    sources = ", ".join(f"`{shown_path(s['root']) if 'root' in s else s.get('dataset')}` {s['images']}"
+                        for s in p.get("sources") or [])   # runs before pretrain.json named datasets by id
     lines = [
         "### Label efficiency: from scratch against self-supervised pretraining (`cbir study label-efficiency`)", "",
         f"Pretraining: `cbir pretrain` ({p['method']}, {options.backbone}, {p['image_size']} px) on every image in "
@@ -405,12 +407,6 @@ def verdict(result: dict[str, Any]) -> str:
             (better if d["ci"][0] > 0 else worse if d["ci"][1] < 0 else level).append(name)
     return (f"Paired intervals above 0 (pretraining better): {', '.join(better) or 'none'}; below 0 (worse): "
             f"{', '.join(worse) or 'none'}; spanning 0: {len(level)} of {len(better) + len(worse) + len(level)}.")
-
-
-def _shown(root: str) -> str:
-    """A source folder as the docs name it: `../shared/…` for the project's shared data."""
-    parts = Path(root).parts
-    return str(Path("..", *parts[parts.index("shared"):])) if "shared" in parts else root
 
 
 def _delta(d: dict[str, Any] | None) -> str:

@@ -29,6 +29,7 @@ from cbir.console import QUIET, Reporter
 from cbir.data.layout import load_dataset
 from cbir.data.records import Records
 from cbir.data.splits import SplitSpec, patient_uniform
+from cbir.io.phi import shown_path
 from cbir.studies.common import StudyOptions, finish, register
 
 #: No appearance part (`cbir.models.appearance`): the recipes as they were before it.
@@ -229,7 +230,8 @@ def selected_recipes(names: list[str]) -> list[str]:
 
 
 def _options_record(options: StudyOptions) -> dict[str, Any]:
-    return {"data": str(options.data), "other": str(options.other), "backbone": options.backbone,
+    return {"data": shown_path(options.data), "other": shown_path(options.other) if options.other else None,
+            "backbone": options.backbone,
             "image_size": options.image_size, "epochs": options.epochs, "seed": options.seed}
 
 
