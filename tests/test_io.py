@@ -187,3 +187,17 @@ def test_an_oblique_view_is_not_a_lateral(tmp_path: Path, position: str, view: s
 def test_written_files_name_folders_without_a_users_path(given: str, shown: str) -> None:
     from cbir.io.phi import shown_path
     assert shown_path(given) == shown
+
+
+@pytest.mark.parametrize("item", [{"LUTDescriptor": [256, 0, 16], "ModalityLUTType": "US"},            # no data
+                                  {"LUTDescriptor": [256, 0, 16], "LUTData": b"", "ModalityLUTType": "US"}])
+def test_a_damaged_modality_lut_is_passed_over_for_the_rescale(tmp_path: Path, item: dict) -> None:
+    """Before: `cannot apply the header's LUTs (KeyError: (0028,3006))` or `(TypeError: … 'NoneType' …)`, an
+    internal error dressed as a reason. A Modality LUT without data is passed over, as a malformed window is."""
+    from pydicom.dataset import Dataset
+    lut = Dataset()
+    for key, value in item.items():
+        setattr(lut, key, value)
+    ramp = np.tile(np.arange(0, 64, dtype=np.uint16), (64, 1))
+    image = read_image(_write_dicom(tmp_path / "lut.dcm", ramp, ModalityLUTSequence=[lut], RescaleSlope=2))
+    assert image.pixels[0, 0] == 0.0 and image.pixels[0, -1] == 1.0 and np.all(np.diff(image.pixels[0]) > 0)

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
@@ -69,10 +71,36 @@ def mask_padding(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 def modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Rescale slope/intercept or a Modality LUT (monochrome images only)."""
+    """Rescale slope/intercept or a Modality LUT (monochrome images only). A Modality LUT without a usable
+    descriptor or data (a damaged header) is passed over for the rescale values, as a malformed window is:
+    the min-max scaling that follows makes the image whole either way."""
     if arr.ndim != 2 or not is_monochrome(ds):
         return arr.astype(np.float32)
+    if "ModalityLUTSequence" in ds and not _usable_lut(ds.ModalityLUTSequence):
+        return _rescaled(arr, ds)
     return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+
+
+def _usable_lut(sequence: Any) -> bool:
+    """Whether a LUT sequence's first item has a three-value LUTDescriptor and LUTData."""
+    try:
+        item = sequence[0]
+        descriptor = item.get("LUTDescriptor")
+        data = item.get("LUTData")
+        return descriptor is not None and len(descriptor) == 3 and data is not None and len(data) > 0
+    except (IndexError, TypeError, AttributeError, KeyError, ValueError):
+        return False
+
+
+def _rescaled(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """RescaleSlope and RescaleIntercept (1 and 0 where missing or malformed)."""
+    def number(keyword: str, default: float) -> float:
+        try:
+            value = float(ds.get(keyword, default))
+        except (TypeError, ValueError):
+            return default
+        return value if np.isfinite(value) else default
+    return arr.astype(np.float32) * number("RescaleSlope", 1.0) + number("RescaleIntercept", 0.0)
 
 
 def voi_window(arr: np.ndarray, ds: Dataset) -> np.ndarray:
