@@ -109,14 +109,15 @@ def _expected_payloads(data: Path) -> dict[str, int]:
     return {f"stage_2_train_images/{pid}.dcm": int(t) for pid, t in labels.items()}
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_ingest_killed_mid_run_then_resumed(archive: dict[str, Path], tmp_path: Path, workers: int) -> None:
-    """SIGKILL, then at once a reader and a new run. With decoding workers, the workers used to survive their
-    parent (blocked, holding the inherited collection lock), and every re-run was refused until a user found
-    and killed them."""
+@pytest.mark.parametrize(("workers", "at"), [(0, 0.4), (2, 0.02), (2, 0.4), (2, 0.9)])
+def test_ingest_killed_mid_run_then_resumed(archive: dict[str, Path], tmp_path: Path, workers: int, at: float
+                                            ) -> None:
+    """SIGKILL at the first batches, midway and near the end, then at once a reader and a new run. With decoding
+    workers, the workers used to survive their parent (blocked, holding the inherited collection lock), and
+    every re-run was refused until a user found and killed them."""
     index = tmp_path / "index"
     first = _ingest(archive, index, workers, CBIR_EDGE_FLUSH_POINTS="40")
-    _wait_for_progress(first, 0.4)
+    _wait_for_progress(first, at)
     first.send_signal(signal.SIGKILL)
     first.wait(30)
     assert first.returncode == -signal.SIGKILL
@@ -126,13 +127,13 @@ def test_ingest_killed_mid_run_then_resumed(archive: dict[str, Path], tmp_path: 
     while _group_alive(first.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _group_alive(first.pid), "the killed ingest's workers outlived it"
-    assert 0 < survived < N, survived                          # some flushed points, not all
+    assert 0 <= survived < N, survived                         # what was flushed, never more
     second = _ingest(archive, index, workers)
     out, err = second.communicate(timeout=300)
     assert second.returncode == 0, err
     summary = out.strip().splitlines()[-1]
     assert f"{N} files: {N - survived} ingested, {survived} already in the index" in summary, summary
-    assert f"{survived} of {N} images are already in 'rsna'; not read again" in err
+    assert not survived or f"{survived} of {N} images are already in 'rsna'; not read again" in err
     expected = _expected_payloads(archive["data"])
     with open_index(str(index)) as idx:
         points = list(idx.scroll("rsna"))

@@ -461,8 +461,11 @@ def test_layout_errors(tmp_path: Path) -> None:
 
 def test_every_file_under_the_root_is_looked_at(tmp_path: Path) -> None:
     """A hospital export: DICOM files without an extension (as under a DICOMDIR), one without a preamble, the
-    DICOMDIR itself, a text file and a hidden file. Before, the extensionless DICOMs were never listed, and
-    nothing said that any file had been left out (230 of 1,025 files of a real corpus, silently)."""
+    DICOMDIR itself (which lists one file that is gone), a text file and a hidden file. Before, the extensionless
+    DICOMs were never listed, and nothing said that any file had been left out (230 of 1,025 files of a real
+    corpus, silently)."""
+    from pydicom.dataset import Dataset
+
     from cbir.console import QUIET
     from cbir.index import open_index
     from cbir.index.ingest import ingest_records
@@ -478,7 +481,12 @@ def test_every_file_under_the_root_is_looked_at(tmp_path: Path) -> None:
             write_dicom(folder / f"IM{i:06d}", pixels + i, PatientID=f"{cls}-{i}")     # no extension
         write_dicom(folder / "raw0001", pixels + 7, preamble=False, PatientID=f"{cls}-raw")   # nor a preamble
         write_dicom(root / cls / "x.dcm", pixels + 9, PatientID=f"{cls}-x")
-        write_dicom(root / cls / "DICOMDIR", None)
+        listed = []
+        for ref in (["IMAGES", "IM000000"], ["IMAGES", "IM000001"], ["IMAGES", "IM000099"]):   # the last is gone
+            entry = Dataset()
+            entry.DirectoryRecordType, entry.ReferencedFileID = "IMAGE", ref
+            listed.append(entry)
+        write_dicom(root / cls / "DICOMDIR", None, DirectoryRecordSequence=listed)
         (root / cls / "README.txt").write_text("export notes")
         (root / cls / ".DS_Store").write_bytes(b"\0" * 64)
     (root / "labels.csv").write_text("id,label\n")
@@ -487,11 +495,12 @@ def test_every_file_under_the_root_is_looked_at(tmp_path: Path) -> None:
     assert {r.rsplit("/", 1)[-1] for r in records.meta["relpath"]} == {"IM000000", "IM000001", "IM000002",
                                                                        "raw0001", "x.dcm"}
     reasons = dict(records.left_out)
-    assert len(records.left_out) == 7
+    assert len(records.left_out) == 9
+    assert reasons["NORMAL/IMAGES/IM000099"] == "listed in the DICOMDIR but absent"
     assert reasons["NORMAL/README.txt"] == "not an image (extension .txt, and no DICOM marker)"
     assert reasons["NORMAL/.DS_Store"] == "hidden file" and reasons["labels.csv"].startswith("a file directly")
     assert reasons["PNEUMONIA/DICOMDIR"].startswith("a DICOMDIR (an index")
-    assert any("7 files left out, not images" in note for note in records.notes)
+    assert any("9 files left out: " in note for note in records.notes)
     # the patients of extensionless DICOMs come from their headers, as for .dcm files
     assert set(records.meta["patient_source"]) == {"header"}
     model = tmp_path / "model"
@@ -499,6 +508,7 @@ def test_every_file_under_the_root_is_looked_at(tmp_path: Path) -> None:
     with open_index(str(tmp_path / "index"), writable=True, create=True) as index:
         summary = ingest_records(records, load_checkpoint(model), index, "c", load_pseudonymizer(), workers=0,
                                  reporter=QUIET)
-    assert summary.ingested == 10 and summary.failed == 0 and summary.total == 17 and summary.left_out == 7
-    assert "17 files: 10 ingested" in summary.line and "7 not images" in summary.line
+    assert summary.ingested == 10 and summary.failed == 0 and summary.total == 19 and summary.left_out == 9
+    assert "19 files: 10 ingested" in summary.line and "9 left out" in summary.line
+    assert "2 listed in the DICOMDIR but absent" in summary.line
     assert "2 hidden file" in summary.line and "2 a DICOMDIR" in summary.line

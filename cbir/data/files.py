@@ -61,6 +61,9 @@ def iter_files(root: Path, top: Path, extensions: Sequence[str] = IMAGE_EXTENSIO
                 reason = ""
             elif name.upper() == "DICOMDIR":
                 reason = "a DICOMDIR (an index: the images it lists are read from their folders)"
+                if skipped is not None:
+                    skipped.extend((printable(prefix + rel), "listed in the DICOMDIR but absent")
+                                   for rel in dicomdir_missing(Path(path)))
             elif sniff and is_dicom_file(path):
                 reason = ""
             else:
@@ -69,6 +72,26 @@ def iter_files(root: Path, top: Path, extensions: Sequence[str] = IMAGE_EXTENSIO
                 yield printable(name), path, printable(prefix + name)
             elif skipped is not None:
                 skipped.append((printable(prefix + name), reason))
+
+
+def dicomdir_missing(path: Path) -> list[str]:
+    """The files a DICOMDIR lists (ReferencedFileID, relative to its folder) that are not there; [] for one that
+    cannot be read (it is left out either way, and the files under its folder are read as they are)."""
+    import pydicom
+    try:
+        index = pydicom.dcmread(path, force=True, specific_tags=["DirectoryRecordSequence"])
+        records = index.get("DirectoryRecordSequence") or []
+    except Exception:  # noqa: BLE001 - a damaged index is only an index
+        return []
+    missing = []
+    for record in records:
+        parts = record.get("ReferencedFileID")
+        if not parts:
+            continue
+        rel = "/".join([parts] if isinstance(parts, str) else [str(p) for p in parts])
+        if ".." not in rel.split("/") and not (path.parent / rel).is_file():
+            missing.append(rel)
+    return missing
 
 
 def _extension(name: str) -> str:
@@ -80,7 +103,7 @@ def describe_skipped(skipped: Sequence[tuple[str, str]]) -> str:
     """One line for the files a listing left out: how many, by reason."""
     from collections import Counter
     counts = Counter(reason for _, reason in skipped)
-    return (f"{len(skipped)} files left out, not images: "
+    return (f"{len(skipped)} files left out: "
             + "; ".join(f"{n} {reason}" for reason, n in counts.most_common(6))
             + ("; …" if len(counts) > 6 else ""))
 

@@ -63,7 +63,8 @@ class IngestSummary:
     dataset: str = ""             # the dataset id the points are stored under (`cbir.index.datasets`)
     patient_fallbacks: int = 0    # DICOM files without a usable PatientID: patients from the file rule
     patient_mismatches: int = 0   # headers whose patient differs from the label file's (the label file's is kept)
-    left_out: int = 0             # files under the root that are not images: never read (`Records.left_out`)
+    left_out: int = 0             # files under the root that are not images, or a DICOMDIR lists but lack
+    #                               (`Records.left_out`): never read
     left_out_reasons: str = ""    # how many for each reason (`cbir.data.files.describe_skipped`)
 
     @property
@@ -71,7 +72,7 @@ class IngestSummary:
         ingested = f"{self.ingested} ingested" + (" with unknown labels" if self.labels_unknown else "")
         text = (f"{self.total} files: {ingested}, {self.already} already in the index, "
                 f"{self.skipped} duplicates skipped, {self.failed} failed"
-                + (f", {self.left_out} not images" if self.left_out else "") + "; "
+                + (f", {self.left_out} left out" if self.left_out else "") + "; "
                 f"collection {self.collection!r} holds {self.points_after} points ({self.seconds:.1f} s)")
         if self.patient_fallbacks:
             text += f"; {self.patient_fallbacks} DICOM files without a usable PatientID: patients by file name"
