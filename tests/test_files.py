@@ -68,11 +68,10 @@ def test_an_unwritable_state_folder_is_one_line(tmp_path: Path, monkeypatch: pyt
 def test_dicom_point_ids_are_keyed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point IDs were uuid5(dataset:sha256(SOPInstanceUID)): whoever held a study's UIDs could test whether it was
     in a shared index or a snapshot. Now they come from the keyed instance key: another key, other IDs. A
-    collection made before keeps its IDs (its points are found again) and ingest says how to key them."""
+    collection made before is refused, naming the reindex that keys it."""
     import hashlib
     import uuid
 
-    from cbir.console import Reporter
     from cbir.data.layout import load_dataset
     from cbir.data.synth import synth_dataset
     from cbir.index import open_index
@@ -104,10 +103,9 @@ def test_dicom_point_ids_are_keyed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                         lambda *args: {k: v for k, v in made(*args).items() if k != "point_ids"})
     assert ids("old", b"k" * 32) == plain
     monkeypatch.setattr(ingest_module, "collection_meta", made)
-    warned: list[str] = []
-    reporter = Reporter(quiet=True)
-    monkeypatch.setattr(reporter, "warn", warned.append)
-    with open_index(str(tmp_path / "old"), writable=True) as index:   # found again: nothing added twice
-        summary = ingest_records(records, loaded, index, "c", Pseudonymizer(b"k" * 32), workers=0, reporter=reporter)
-        assert summary.already == 6 and summary.ingested == 0 and index.count("c") == 6
-    assert any("`cbir ingest --reindex --collection c` keys them" in w for w in warned)
+    with open_index(str(tmp_path / "old"), writable=True) as index:   # refused, naming the command that keys it
+        with pytest.raises(CbirError, match="key them first with `cbir ingest --reindex`"):
+            ingest_records(records, loaded, index, "c", Pseudonymizer(b"k" * 32), workers=0)
+        assert {p.id for p in index.scroll("c")} == plain                    # nothing was written
+        ingest_records(records, loaded, index, "c", Pseudonymizer(b"k" * 32), workers=0, reindex=True)
+        assert {p.id for p in index.scroll("c")} == first and index.record("c").keyed_point_ids

@@ -103,6 +103,11 @@ def prepare_collection(index: Index, collection: str, loaded: LoadedModel, pseud
         check_path_mode(record, keep_paths)
         if (shards, replicas) != (1, 1) and (shards, replicas) != (record.shards, record.replicas):
             reporter.warn(f"collection {collection!r} exists: --shards/--replicas apply only when it is created")
+        if not record.keyed_point_ids and any(not str(p).lower().endswith(RASTER) for p in records.meta["path"]):
+            raise CbirError(f"collection {collection!r} names its DICOM points by their SOPInstanceUIDs' plain hash "
+                            "(made before point IDs were keyed), so whoever holds a study's UIDs can test whether "
+                            "it is in the index: key them first with `cbir ingest --reindex` (same --data, --model "
+                            "and --collection), then add to it")
         if codes is not None and codes != record.code_source:
             raise CbirError(f"collection {collection!r} stores {record.code_source} codes, not {codes}; "
                             "ingest into a new collection to change the code source")
@@ -205,10 +210,6 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
                             dataset=records.dataset_id, patient_fallbacks=records.patient_fallbacks)
     paths = records.meta["path"].tolist()
     names = _FileNames(records, pseudonymize, record.path_mode == PSEUDONYM_PATHS, record.keyed_point_ids)
-    if not record.keyed_point_ids:
-        reporter.warn(f"collection {alias!r} names its DICOM points by their SOPInstanceUIDs' plain hash (made "
-                      "before point IDs were keyed), so whoever holds a study's UIDs can test whether it is in the "
-                      f"index: `cbir ingest --reindex --collection {alias}` keys them")
     patients = records.patient_pseudonyms(pseudonymize)
     from_label_file = (records.meta["patient_source"] == LABEL_SOURCE).to_numpy()
 
@@ -294,6 +295,10 @@ def ingest_records(records: Records, loaded: LoadedModel, index: Index, collecti
     summary.points_after = index.count(alias)
     summary.seconds = round(time.perf_counter() - started, 2)
     return summary
+
+
+#: File endings of images whose point IDs never came from a UID (PNG, JPEG: from the keyed file pseudonym).
+RASTER = (".png", ".jpg", ".jpeg")
 
 
 class _FileNames:
