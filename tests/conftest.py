@@ -103,3 +103,11 @@ def run_cli(*args: object) -> tuple[int, str, str]:
     from cbir.cli.main import app
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(autouse=True)
+def _reader_limits_do_not_leak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cbir` commands run in this process write the reader limits to the environment (`--any-modality`,
+    `--max-pixels`); each test starts without them and leaves none behind."""
+    for name in ("CBIR_ANY_MODALITY", "CBIR_MAX_PIXELS"):
+        monkeypatch.delenv(name, raising=False)

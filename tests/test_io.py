@@ -162,6 +162,7 @@ def test_pixel_padding_is_masked_before_scaling(tmp_path: Path) -> None:
 def test_a_radiograph_of_another_body_part_is_refused(tmp_path: Path, part: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """BodyPartExamined was never checked: a CR hand was embedded as a chest film."""
+    monkeypatch.delenv("CBIR_ANY_MODALITY", raising=False)   # an in-process `--any-modality` run may have set it
     pixels = np.tile(np.arange(0, 64, dtype=np.uint16), (64, 1))
     path = _write_dicom(tmp_path / "x.dcm", pixels, Modality="CR", BodyPartExamined=part)
     with pytest.raises(BadInputError, match=f"not a chest radiograph \\(body part {part}; .*--any-modality"):
