@@ -83,7 +83,8 @@ def test_ingest_calibrates_and_query_reports_the_vote(tmp_path: Path) -> None:
     assert 0 <= v["probability"] <= 1 and isinstance(v["close_case"], bool)
     # one meaning: the label is the calibrated probability read at the stated operating point
     assert (v["label"] == v["target"]) == (v["probability"] >= v["operating_point"])
-    assert math.isclose(v["operating_point"], body["vote"]["prior"], abs_tol=1e-6)
+    stored = VoteCalibration.from_dict(body["vote"])        # σ(b): an even prior-corrected share
+    assert math.isclose(v["operating_point"], 1 / (1 + math.exp(-stored.b)), abs_tol=1e-6)
     # the query is an archived training image: it finds itself, which is flagged and does not vote
     assert result["neighbors"][0]["self_match"] is True and v["self_matches"] == 1 and not v["included_self"]
     assert len(result["neighbors"]) == 11 and not any(n["self_match"] for n in result["neighbors"][1:])
@@ -212,3 +213,18 @@ def test_a_sharp_temperature_is_called_a_nearest_case_label() -> None:
         {**meta, "calibration": {"k": 8, "vote": VoteCalibration(prior=0.25).to_dict()}}, "c"))
     assert math.isclose(flat["effective_neighbours"], 8.0) and not flat["nearest_case"]
     assert "8 neighbours, weighted like 8.0" in describe_vote(flat, 8)
+
+
+def test_a_flat_calibration_does_not_call_one_positive_neighbour_of_ten_a_vote_for_the_target() -> None:
+    """The slopes fitted on RSNA's validation images are flat (a ≈ 0.27, b ≈ −0.47 on fold 1): read at the
+    prevalence π = 0.26, p said the target for 1 positive neighbour of 10 (corrected share 0.25, p = 0.31 ≥ 0.26),
+    and the vote's balanced accuracy fell below the model's. Read at σ(b), the label is r ≥ ½ again, on p."""
+    from cbir.search.vote import decide
+    calibration = VoteCalibration(math.inf, 0.268, -0.472, 0.258, 105, 0.55)
+    scores = np.full((3, 10), 0.9)
+    targets = np.array([[1] + [0] * 9, [1] * 3 + [0] * 7, [1] * 5 + [0] * 5])   # 1, 3 and 5 positives of 10
+    label, p, r = decide(scores, targets, calibration)
+    assert list(label) == [0, 1, 1] and list(label) == list((r >= 0.5).astype(int))
+    assert all((p >= calibration.operating_point) == (r >= 0.5))            # one rule, on p or on r
+    assert p[0] > calibration.prior                                          # what p ≥ π would have called
+
