@@ -44,7 +44,12 @@ def is_dicom_file(path: str | Path) -> bool:
             head = fh.read(132)
     except OSError:
         return False
-    return head[128:132] == b"DICM" or (Path(path).suffix.lower() in ("", ".dicom") and looks_like_raw_dicom(head))
+    return _dicom_head(head, Path(path).suffix.lower())
+
+
+def _dicom_head(head: bytes, suffix: str) -> bool:
+    """The first 132 bytes say DICOM: the DICM marker, or (no extension, .dcm or .dicom) a valid leading element."""
+    return head[128:132] == b"DICM" or (suffix in (".dcm", ".dicom", "") and looks_like_raw_dicom(head))
 
 
 def sniff(path: str | Path) -> str:
@@ -61,12 +66,12 @@ def sniff(path: str | Path) -> str:
         raise BadInputError(path, f"unreadable ({exc.strerror or exc})") from None
     if not head:
         raise BadInputError(path, "empty file (0 bytes)")
+    suffix = path.suffix.lower()
     if head[128:132] == b"DICM":
         return "dicom"
     if head.startswith(PNG_MAGIC) or head.startswith(JPEG_MAGIC):
         return "raster"
-    suffix = path.suffix.lower()
-    if suffix in (".dcm", ".dicom", "") and looks_like_raw_dicom(head):
+    if _dicom_head(head, suffix):
         return "dicom"
     if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
         return "raster"
