@@ -5,25 +5,26 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cbir.app.evaluate import evaluate_collection
+from cbir.app.ingest import ingest_records
+from cbir.app.open import open_index
+from cbir.app.settings import Settings
 from cbir.console import QUIET, Reporter
 from cbir.data.layout import load_dataset
 from cbir.data.splits import SplitSpec
 from cbir.data.synth import synth_dataset
 from cbir.errors import CbirError
-from cbir.evaluate.run import evaluate_collection
-from cbir.index import Filter, open_index
-from cbir.index.ingest import ingest_records
 from cbir.io import load_pseudonymizer
 from cbir.models import ModelConfig, load_checkpoint
 from cbir.report.montage import write_montage
 from cbir.search import query_image
-from cbir.search.calibrate import calibrate
 from cbir.search.pictures import neighbor_pictures
 from cbir.search.query import describe_vote
+from cbir.store import Filter
 from cbir.train import TrainSettings, train_model
 
 MARKER = ".cbir-demo"
@@ -83,11 +84,12 @@ def _fresh(out: Path) -> None:
 
 
 def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone: str = "resnet10t",
-             index: str | None = None, reporter: Reporter = QUIET, seed: int = 0) -> DemoResult:
+             index: str | None = None, reporter: Reporter = QUIET, seed: int = 0,
+             settings: Settings | None = None) -> DemoResult:
+    settings = replace(settings or Settings.from_env(), index=index or str(out.resolve() / "index"))
     out = out.resolve()
     _fresh(out)
-    location = index or str(out / "index")
-    result = DemoResult(out, location)
+    result = DemoResult(out, settings.index)
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -112,9 +114,9 @@ def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone:
 
     reporter.log("3/6 ingest into the embedded Qdrant Edge index")
     pseudonymize = load_pseudonymizer()
-    with open_index(location, writable=True, create=True) as idx:
-        summary = ingest_records(records, loaded, idx, COLLECTION, pseudonymize, reporter=reporter)
-        calibrate(idx, COLLECTION, reporter=reporter)
+    with open_index(settings, writable=True, create=True) as idx:
+        summary = ingest_records(records, loaded, idx, COLLECTION, pseudonymize, reporter=reporter,
+                                 settings=settings)
     reporter.log(summary.line)
     lap("ingest")
 
@@ -122,20 +124,21 @@ def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone:
     test = records.split("test")
     positives = test.meta[test.y == 1]
     query_file = str((positives if len(positives) else test.meta)["path"].iloc[0])
-    with open_index(location) as idx:
+    with open_index(settings) as idx:
         archive = Filter(must={"split": ["train", "val"]})  # the held-out case is not its own neighbour
         known = records.target if len(positives) else str(idx.record(COLLECTION).negative_label)
         answer = query_image(query_file, loaded, idx, COLLECTION, k=10, flt=archive, pseudonymize=pseudonymize,
-                             known_label=known)
+                             known_label=known, policy=settings.reader)
         result.query = answer.to_json()
         (out / "query.json").write_text(json.dumps(result.query, indent=2) + "\n")
-        pictures = neighbor_pictures(idx, COLLECTION, result.query["neighbors"])
+        pictures = neighbor_pictures(idx, COLLECTION, result.query["neighbors"], settings.state_dir)
         assert answer.pixels is not None  # `query_image` keeps the decoded query
         write_montage(result.query, answer.pixels, pictures, out / "montage.png")
         result.query_file = query_file
         lap("query")
 
         reporter.log("6/6 evaluate on the test split")
-        result.report = evaluate_collection(idx, COLLECTION, loaded, out / "report", k=10, reporter=reporter)
+        result.report = evaluate_collection(idx, COLLECTION, loaded, out / "report", k=10, reporter=reporter,
+                                            settings=settings)
     lap("evaluate")
     return result

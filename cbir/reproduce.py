@@ -9,8 +9,8 @@ patient is queried exactly once), 95 % bootstrap intervals by patient. `--folds 
 With `--nih`, the multilabel approach is trained on the NIH data (14 findings, split into the same folds by
 NIH patient), then ingests and is evaluated on the same RSNA archive through its Pneumonia output; its own NIH
 archive is evaluated as well. The RSNA images were drawn from NIH, so the NIH images that have a near-duplicate
-among the RSNA images (`cbir.evaluate.audit`) are left out of its training data, and results.md says so. Every
-evaluation leaves out queries with a near-duplicate of another patient in the archive (`cbir.evaluate.run`).
+among the RSNA images (`cbir.app.audit`) are left out of its training data, and results.md says so. Every
+evaluation leaves out queries with a near-duplicate of another patient in the archive (`cbir.app.evaluate`).
 Without `--nih`, the RSNA layout has one label only, so there is no honest multilabel row and it is left out.
 Detection needs boxes, so it runs only on the rsna layout. On a folder layout only binary and hash apply
 (multilabel with three or more classes).
@@ -26,24 +26,24 @@ from typing import Any
 
 import numpy as np
 
+from cbir.app.audit import leaked_files
+from cbir.app.evaluate import evaluate_collection
+from cbir.app.heldout import multilabel_auc
+from cbir.app.ingest import ingest_records
 from cbir.console import QUIET, Reporter
 from cbir.data.layout import load_dataset
 from cbir.data.records import Records
 from cbir.data.splits import SplitSpec
 from cbir.errors import CbirError
-from cbir.evaluate.audit import leaked_files
-from cbir.evaluate.heldout import multilabel_auc
-from cbir.evaluate.pooled import pool_queries
-from cbir.evaluate.run import evaluate_collection
-from cbir.index import open_index
-from cbir.index.ingest import ingest_records
-from cbir.index.versions import drop
+from cbir.evaluation.pooled import pool_queries
 from cbir.io import load_pseudonymizer
 from cbir.io.phi import shown_path
 from cbir.models import LoadedModel, ModelConfig, get_task, load_checkpoint
 from cbir.models.device import resolve_device
 from cbir.report.doc import update_section
 from cbir.report.results import render_results
+from cbir.store import open_index
+from cbir.store.versions import drop
 from cbir.train import TrainSettings, train_model
 from cbir.train.reuse import reusable_run
 from cbir.train.settings import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE

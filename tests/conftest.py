@@ -90,9 +90,10 @@ def fresh_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def payload_path(payload: dict) -> str | None:
     """A stored payload's relative path, through this machine's file map where the payload has a pseudonym."""
-    from cbir.index.files import FileMap, LocalFiles
-    from cbir.index.record import CollectionRecord
-    with FileMap.local() as file_map:
+    from cbir.app.settings import Settings
+    from cbir.store.files import FileMap, LocalFiles
+    from cbir.store.record import CollectionRecord
+    with FileMap.local(Settings.from_env().state_dir) as file_map:
         return LocalFiles(CollectionRecord.new("c"), file_map).relpath(payload)
 
 
@@ -107,7 +108,7 @@ def run_cli(*args: object) -> tuple[int, str, str]:
 
 @pytest.fixture(autouse=True)
 def _reader_limits_do_not_leak(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`cbir` commands run in this process write the reader limits to the environment (`--any-modality`,
-    `--max-pixels`); each test starts without them and leaves none behind."""
+    """Each test starts without the reader variables of the developer's shell ($CBIR_ANY_MODALITY,
+    $CBIR_MAX_PIXELS), which `Settings.from_env` would read."""
     for name in ("CBIR_ANY_MODALITY", "CBIR_MAX_PIXELS"):
         monkeypatch.delenv(name, raising=False)

@@ -16,11 +16,11 @@ from PIL import Image
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
+from cbir.app import audit as au
 from cbir.cli.main import app
 from cbir.data.layout import load_dataset
 from cbir.data.splits import SplitSpec, split_names
 from cbir.data.synth import synth_dataset
-from cbir.evaluate import audit as au
 from cbir.io import load_pseudonymizer, read_image
 from cbir.models import ModelConfig
 from cbir.models.detector_config import DetectorConfig

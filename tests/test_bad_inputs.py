@@ -4,7 +4,6 @@ and counts every file, --strict stops, `cbir query` exits 2 with one line, and t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from badinputs import corpus_files, write_folder_corpus, write_good, write_rsna_missing
 
 from cbir.errors import printable
-from cbir.index import open_index
+from cbir.store import open_index
 from tests.conftest import payload_path
 from tests.conftest import run_cli as run
 
@@ -24,16 +23,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_checkpoint(create_model(ModelConfig(backbone="test_resnet", image_size=32, embed_dim=16, bits=32,
                                              label_names=["normal", "pneumonia"], target="pneumonia")), out)
     return out
-
-
-@pytest.fixture(autouse=True)
-def _pixel_limit_is_restored() -> None:
-    before = os.environ.get("CBIR_MAX_PIXELS")
-    yield
-    if before is None:
-        os.environ.pop("CBIR_MAX_PIXELS", None)
-    else:
-        os.environ["CBIR_MAX_PIXELS"] = before
 
 
 def _snapshot(index: Path, collection: str) -> dict[str, tuple]:

@@ -61,12 +61,35 @@ def test_bench_rows_schema_and_exact_methods_have_full_recall() -> None:
     assert {r.filter for r in rows} == {"none", "label=a (20%)"}
 
 
+def test_bench_rows_per_engine_and_filter_with_their_ratio_to_the_in_memory_engine() -> None:
+    """Issue 27: each engine has a row per method and filter, with its p50 over cbir-memory's, the share of queries
+    its in-memory copy answered and (Qdrant Edge) what opening it for one query costs; the reduced-precision
+    variants of the in-memory engine have top-N rows with both filters."""
+    rows = bench_vectors(synthetic(500, 16, 32, 6), prefilter=50, hnsw=False)
+    memory = {(r.method, r.filter): r.p50_ms for r in rows if r.engine == "cbir-memory"}
+    for engine in ("qdrant-edge", "qdrant-local"):
+        mine = {(r.method, r.filter): r for r in rows if r.engine == engine}
+        assert set(mine) == {(m, f) for m in ("exact_knn", "topn_prefilter_rerank", "radius_prefilter_rerank")
+                             for f in ("none", "label=a (20%)")}
+        for key, row in mine.items():
+            assert row.vs_memory == round(row.p50_ms / memory[key], 2)
+            assert row.copied is not None and 0 <= row.copied <= 1
+            assert (row.one_shot_ms is not None and row.one_shot_ms > 0) == (engine == "qdrant-edge")
+    assert all(r.vs_memory == 1.0 and r.copied is None for r in rows if r.engine == "cbir-memory")
+    for variant in ("cbir-memory-f16", "cbir-memory-i8"):
+        assert {(r.method, r.filter) for r in rows if r.engine == variant} == {
+            ("topn_prefilter_rerank", "none"), ("topn_prefilter_rerank", "label=a (20%)")}
+    assert all(r.resident_mib is not None for r in rows if r.engine.startswith("cbir-memory"))
+    text = markdown(to_json(rows, None, {}))
+    assert "× memory p50" in text and "p50 as a multiple of cbir-memory's" in text and "qdrant-edge at 500:" in text
+
+
 def test_cli_bench_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--n", "400", "--dim", "16", "--bits", "32", "--queries", "8",
                                       "--prefilter", "50", "--no-hnsw", "--backbone", "test_resnet",
                                       "--image-size", "32", "--pipeline-images", "24", "--source-size", "64",
-                                      "--serve-queries", "2", "--json", str(out), "--markdown",
+                                      "--serve-queries", "2", "--json-out", str(out), "--markdown-out",
                                       str(tmp_path / "bench.md")])
     assert result.exit_code == 0, result.stderr
     report = json.loads(out.read_text())
@@ -106,7 +129,8 @@ def test_bench_large_sizes_are_built_from_arrays_and_run_in_process() -> None:
     assert np.allclose(np.linalg.norm(data.embeddings, axis=1), 1, atol=1e-5) and data.codes.shape == (2000, 64)
     batched: list[BatchRow] = []
     rows = bench_vectors(data, prefilter=200, batch_rows=batched)
-    assert {r.engine for r in rows} <= {"cbir-memory", "numpy", "faiss"} and all(r.n == 2000 for r in rows)
+    assert {r.engine for r in rows} <= {"cbir-memory", "cbir-memory-f16", "cbir-memory-i8", "numpy", "faiss"}
+    assert all(r.n == 2000 for r in rows)
     memory = [r for r in rows if r.engine == "cbir-memory"]
     assert {r.method for r in memory} == {"exact_knn", "topn_prefilter_rerank", "radius_prefilter_rerank",
                                           "topn_codes_only"}
@@ -116,8 +140,8 @@ def test_bench_large_sizes_are_built_from_arrays_and_run_in_process() -> None:
 
 
 def test_cli_bench_from_a_real_collection(tmp_path: Path) -> None:
-    from cbir.index import open_index
-    from cbir.index.versions import create_versioned
+    from cbir.store import open_index
+    from cbir.store.versions import create_versioned
     data = synthetic(300, 16, 32, 5)
     with open_index(str(tmp_path / "index"), writable=True, create=True) as index:
         create_versioned(index, "real", 16, 32, {"dim": 16, "bits": 32})
@@ -125,7 +149,7 @@ def test_cli_bench_from_a_real_collection(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--from-index", "--index", str(tmp_path / "index"), "--collection",
                                       "real", "--queries", "6", "--prefilter", "30", "--no-hnsw", "--no-pipeline",
-                                      "--json", str(out)])
+                                      "--json-out", str(out)])
     assert result.exit_code == 0, result.stderr
     report = json.loads(out.read_text())
     assert {row["n"] for row in report["rows"]} == {300} and report["pipeline"] == {}
@@ -138,7 +162,7 @@ def test_cli_bench_storage_measures_what_thumbnails_cost(tmp_path: Path) -> None
                                     str(tmp_path / "images")]).exit_code == 0
     out = tmp_path / "storage.json"
     result = CliRunner().invoke(app, ["bench", "--storage", "--n", "300", "--dim", "16", "--bits", "32",
-                                      "--storage-images", str(tmp_path / "images"), "--json", str(out)])
+                                      "--storage-images", str(tmp_path / "images"), "--json-out", str(out)])
     assert result.exit_code == 0, result.stderr
     without, with_thumbnails = json.loads(out.read_text())["storage"]
     assert without["n"] == with_thumbnails["n"] == 300 and not without["thumbnails"] and with_thumbnails["thumbnails"]

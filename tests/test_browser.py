@@ -202,8 +202,8 @@ GREY_SPREAD = """els => els.map(img => {
 def test_the_viewer_warns_when_the_archive_holds_no_close_case(server: dict, tmp_path: Path) -> None:
     """A collection whose close-case threshold no query reaches (set by hand, so that the page is tested
     deterministically; whether real out-of-domain images fall below a fitted threshold is measured elsewhere)."""
-    from cbir.index import open_index
     from cbir.search.vote import VoteCalibration
+    from cbir.store import open_index
     index = tmp_path / "index"
     shutil.copytree(server["root"] / "index", index)
     with open_index(str(index), writable=True) as idx:

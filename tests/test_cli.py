@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from cbir.app.settings import Settings
 from cbir.cli.main import app
 from cbir.errors import CbirError
 from cbir.models import ModelConfig
@@ -103,9 +104,9 @@ def test_query_json_contract(pipeline: dict[str, Path]) -> None:
 #: What one `cbir query` process must not import (docs/performance.md: start-up): training, evaluation, reports,
 #: benchmarks, the server path (the index here is Qdrant Edge) and the heavy libraries only they need.
 NOT_ON_THE_QUERY_PATH = ("pandas", "sklearn", "scipy", "matplotlib", "qdrant_client", "fastapi", "uvicorn",
-                         "cbir.train", "cbir.evaluate", "cbir.metrics", "cbir.report.results", "cbir.report.evaluation",
-                         "cbir.report.montage", "cbir.bench", "cbir.studies", "cbir.reproduce", "cbir.data.records",
-                         "cbir.data.splits", "cbir.models.detection")
+                         "cbir.train", "cbir.evaluation", "cbir.metrics", "cbir.report.results",
+                         "cbir.report.evaluation", "cbir.report.montage", "cbir.bench", "cbir.studies",
+                         "cbir.reproduce", "cbir.data.records", "cbir.data.splits", "cbir.models.detection")
 
 
 def _modules_after(code: str) -> set[str]:
@@ -171,7 +172,7 @@ def test_a_damaged_record_is_one_line_from_every_reader(pipeline: dict[str, Path
     with the model's 16 and blamed the model ("was built with model …"), and `index info` printed it."""
     import shutil
 
-    from cbir.index import open_index
+    from cbir.store import open_index
     index = tmp_path / "index"
     shutil.copytree(pipeline["index"], index)
     with open_index(str(index), writable=True) as idx:
@@ -190,7 +191,7 @@ def test_a_damaged_record_is_one_line_from_every_reader(pipeline: dict[str, Path
 def test_only_the_store_reads_a_collection_record_untyped() -> None:
     """Every reader outside the store's own record code (the lock, snapshots, reindexing and migrations, which
     copy or transform the whole record) asks `Index.record` for the typed view, never `get_meta`."""
-    allowed = {"cbir/index/base.py", "cbir/index/snapshots.py", "cbir/index/versions.py"}
+    allowed = {"cbir/store/base.py", "cbir/store/snapshots.py", "cbir/store/versions.py"}
     root = Path(__file__).resolve().parents[1]
     offenders = [str(path.relative_to(root)) for path in sorted((root / "cbir").rglob("*.py"))
                  if "get_meta(" in path.read_text() and str(path.relative_to(root)) not in allowed
@@ -218,7 +219,7 @@ def test_evaluate_writes_reports(pipeline: dict[str, Path]) -> None:
 def test_no_phi_in_payloads_or_metadata(pipeline: dict[str, Path]) -> None:
     """RSNA names each file after its patientId: that, too, is nowhere in the index (nor any other header
     value); payloads name the file by a keyed pseudonym, which this machine's file map resolves."""
-    from cbir.index import open_index
+    from cbir.store import open_index
     secrets: set[str] = set()
     for path in _dicoms(pipeline["data"]):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -261,6 +262,8 @@ def test_unknown_collection_and_missing_index(pipeline: dict[str, Path], tmp_pat
     code, _, err = run("query", _dicoms(pipeline["data"])[0], "--index", pipeline["index"],
                        "--collection", "nope")
     assert code == 2 and "no collection 'nope'" in err and len(err.strip().splitlines()) == 1
+    # it lists the collections by the names users query them with, not their stored versions (rsna__v1)
+    assert "(collections: rsna)" in err and "__v" not in err
     for args in (("index", "info"), ("query", _dicoms(pipeline["data"])[0]), ("evaluate",)):
         code, _, err = run(*args, "--index", tmp_path / "nowhere")
         assert code == 2 and "nowhere: no index here" in err and len(err.strip().splitlines()) == 1
@@ -268,8 +271,8 @@ def test_unknown_collection_and_missing_index(pipeline: dict[str, Path], tmp_pat
 
 
 def test_empty_collection_is_one_line(pipeline: dict[str, Path], tmp_path: Path) -> None:
-    from cbir.index import open_index
-    from cbir.index.versions import create_versioned
+    from cbir.store import open_index
+    from cbir.store.versions import create_versioned
     with open_index(str(pipeline["index"])) as idx:
         meta = idx.get_meta("rsna")
     with open_index(str(tmp_path / "index"), writable=True, create=True) as idx:
@@ -417,7 +420,7 @@ def test_reproduce_cross_validates_and_writes_the_results_table(pipeline: dict[s
     # one vote: the headline leads with the calibrated vote that `cbir query` shows; the plain majority is a baseline
     vote = f"reaches **{100 * pooled['vote_balanced_accuracy']:.1f} ("
     assert vote in headline and headline.index(vote) < headline.index("the plain majority of the")
-    from cbir.index import open_index
+    from cbir.store import open_index
     with open_index(str(tmp_path / "res" / "index")) as index:
         assert "binary-fold2" in index.list_aliases() and "multilabel-nih-fold1" in index.list_aliases()
     # --reuse keeps the trained models (and their recorded training time) and redoes ingest + evaluation
@@ -432,6 +435,31 @@ def test_reproduce_cross_validates_and_writes_the_results_table(pipeline: dict[s
     assert again["knn_accuracy"] == results["folds"][0]["knn_accuracy"]
     code, out, err = run("reproduce", "--data", pipeline["data"], "--out", tmp_path / "res2", "--task", "multilabel")
     assert code == 2 and "multilabel needs --nih" in err
+
+
+def test_reproduce_and_the_cli_run_one_ingest_use_case(tmp_path: Path) -> None:
+    """`reproduce` used to skip the calibration that `cbir ingest` stored (its evaluation refitted one on the fly):
+    both now run `cbir.app.ingest.ingest_records`, which ends calibrated, and store the same calibration."""
+    res, data = tmp_path / "res", tmp_path / "data"
+    assert run("synth", "--layout", "rsna", "--n", 120, "--size", 48, "--out", data, "--seed", 5)[0] == 0
+    code, out, err = run("reproduce", "--data", data, "--out", res, "--task", "binary", "--folds", 2,
+                         "--val-fraction", 0.25, "--backbone", "test_resnet", "--image-size", 32, "--epochs", 1,
+                         "--bits", 32)
+    assert code == 0, err
+    assert run("ingest", "--data", data, "--model", res / "models" / "fold1" / "binary", "--index",
+               tmp_path / "cli-index", "--collection", "binary-fold1", "--workers", 0)[0] == 0
+    from cbir.store import open_index
+
+    def fitted(index: Path) -> dict:
+        with open_index(str(index)) as idx:
+            body = idx.record("binary-fold1").vote_calibration
+        assert body, "no calibration stored"
+        return {**body, "conditions": {k: v for k, v in body["conditions"].items() if k != "at"}}
+    by_reproduce, by_cli = fitted(res / "index"), fitted(tmp_path / "cli-index")
+    assert by_reproduce["conditions"] == by_cli["conditions"] and by_reproduce["conditions"]["n"] >= 20
+    # the same fit; its numbers agree to float32 noise (the two ran the model in batches of other sizes)
+    assert by_reproduce["vote"] == pytest.approx(by_cli["vote"], rel=1e-5, abs=1e-6)
+    assert by_reproduce["nearest"] == pytest.approx(by_cli["nearest"], rel=1e-5, abs=1e-6)
 
 
 def _info(index: Path) -> dict[str, dict]:
@@ -471,7 +499,7 @@ def test_reindex_with_a_new_model(pipeline: dict[str, Path], tmp_path: Path) -> 
 
 
 def test_teams_get_their_own_collections(pipeline: dict[str, Path], tmp_path: Path) -> None:
-    from cbir.index import open_index
+    from cbir.store import open_index
     index = tmp_path / "index"
     base = ("--data", pipeline["data"], "--model", pipeline["model"], "--index", index, "--collection", "cases",
             "--workers", 0)
@@ -557,8 +585,8 @@ def test_no_phi_anywhere_cbir_writes(pipeline: dict[str, Path], tmp_path: Path) 
     thumbnails), query (table, montage, JSON), evaluate, index info and export, then search every payload, the
     collection metadata, every byte of the index and of every output file (names too, PNG text chunks
     included) and every line of output. The names are only in this machine's local file map."""
-    from cbir.index import open_index
-    from cbir.index.files import FileMap
+    from cbir.store import open_index
+    from cbir.store.files import FileMap
     data = _named_archive(pipeline["data"], tmp_path / "named")
     secrets = _phi_values(data)
     assert len(secrets) > 7 * N and any(s.startswith("SYNTH-PATIENT-KEY-") for s in secrets)
@@ -592,7 +620,8 @@ def test_no_phi_anywhere_cbir_writes(pipeline: dict[str, Path], tmp_path: Path) 
     assert len(names) >= 6 and all(p.get("thumbnail") for p in payloads)
     leaked = sorted(s for s in secrets if s in haystack)
     assert leaked == [], leaked[:5]
-    with FileMap.local() as file_map:    # the one place the names are: the local file map, never the index
+    # the one place the names are: the local file map, never the index
+    with FileMap.local(Settings.from_env().state_dir) as file_map:
         assert {file_map.relpath(p["file"]) for p in payloads} == {f"stage_2_train_images/{d.name}"
                                                                    for d in _dicoms(data)}
 
@@ -648,18 +677,18 @@ def test_a_shared_servers_record_never_chooses_the_model_to_load(pipeline: dict[
     server, the record's path is loaded only from a folder the user lists in $CBIR_MODEL_DIRS (else --model)."""
     from types import SimpleNamespace
 
-    from cbir.cli.main import _load_model
-    from cbir.index.record import CollectionRecord
+    from cbir.app.open import collection_model
+    from cbir.store.record import CollectionRecord
     record = CollectionRecord.of({"model_path": str(pipeline["model"]), "model_fingerprint": "f"}, "c")
     server = SimpleNamespace(is_server=True, record=lambda name: record)
     monkeypatch.delenv("CBIR_MODEL_DIRS", raising=False)
     with pytest.raises(CbirError, match="is on a shared server, and its record names model folder"):
-        _load_model(None, server, "c", "cpu")
+        collection_model(server, "c", None, "cpu", Settings.from_env())
     monkeypatch.setenv("CBIR_MODEL_DIRS", str(pipeline["model"].parent))
-    assert _load_model(None, server, "c", "cpu").path == pipeline["model"]
+    assert collection_model(server, "c", None, "cpu", Settings.from_env()).path == pipeline["model"]
     embedded = SimpleNamespace(is_server=False, record=lambda name: record)
     monkeypatch.delenv("CBIR_MODEL_DIRS")
-    assert _load_model(None, embedded, "c", "cpu").path == pipeline["model"]   # this machine's own record
+    assert collection_model(embedded, "c", None, "cpu", Settings.from_env()).path == pipeline["model"]  # our own
 
 
 def test_a_patient_filter_takes_the_patient_id(pipeline: dict[str, Path]) -> None:
@@ -701,7 +730,7 @@ def test_a_key_is_never_taken_from_the_command_line(tmp_path: Path, monkeypatch:
 
 
 def test_keep_paths_stores_plain_paths_and_says_so(pipeline: dict[str, Path], tmp_path: Path) -> None:
-    from cbir.index import open_index
+    from cbir.store import open_index
     index = tmp_path / "index"
     base = ("ingest", "--data", pipeline["data"], "--model", pipeline["model"], "--index", index, "--workers", 0)
     code, out, err = run(*base, "--collection", "plain", "--keep-paths")
@@ -731,8 +760,8 @@ def test_keep_paths_stores_plain_paths_and_says_so(pipeline: dict[str, Path], tm
 
 def test_ingest_refuses_a_second_pseudonym_key(pipeline: dict[str, Path], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from cbir.index import open_index
     from cbir.io.phi import Pseudonymizer
+    from cbir.store import open_index
     index = tmp_path / "index"
     args = ("ingest", "--data", pipeline["data"], "--model", pipeline["model"], "--index", index, "--collection",
             "keyed", "--workers", 0)
@@ -750,3 +779,41 @@ def test_ingest_refuses_a_second_pseudonym_key(pipeline: dict[str, Path], tmp_pa
     assert meta["key_fingerprint"] in err and Pseudonymizer(other_key.encode()).fingerprint in err
     with open_index(str(index)) as idx:
         assert sorted(p.payload["pseudonym"] for p in idx.scroll("keyed")) == before
+
+
+def test_the_python_api_answers_as_the_cli_does(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """`cbir.query`, `cbir.evaluate` and `cbir.open_index` are the use-cases that the CLI calls: same answers."""
+    import cbir
+    settings = cbir.Settings.from_env().with_options(index=str(pipeline["index"]))
+    dicom = _dicoms(pipeline["data"])[3]
+    code, out, err = run("query", dicom, "--index", pipeline["index"], "--collection", "rsna", "--k", 5, "--json")
+    assert code == 0, err
+    by_cli, by_api = json.loads(out), cbir.query(dicom, collection="rsna", k=5, settings=settings)
+    assert [n["id"] for n in by_api["neighbors"]] == [n["id"] for n in by_cli["neighbors"]]
+    assert by_api["vote"] == by_cli["vote"] and by_api["prediction"] == by_cli["prediction"]
+    with cbir.open_index(settings=settings) as index:
+        assert index.count("rsna") == N
+    code, out, err = run("evaluate", "--index", pipeline["index"], "--collection", "rsna", "--k", 5, "--out",
+                         tmp_path / "cli", "--json")
+    assert code == 0, err
+    report = cbir.evaluate(collection="rsna", k=5, out=tmp_path / "api", settings=settings)
+    assert report["stage2"]["weighted_vote"]["balanced_accuracy"] == pytest.approx(
+        json.loads(out)["stage2"]["weighted_vote"]["balanced_accuracy"])
+    assert report["stage1"]["roc_auc"] == pytest.approx(json.loads(out)["stage1"]["roc_auc"])
+
+
+def test_console_tables_fit_80_columns(pipeline: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cbir index info` truncated every column at 80 columns, and `evaluate` showed the model's sensitivity and
+    specificity in the CI column."""
+    from cbir.cli import common
+    monkeypatch.setattr(common.out, "_width", 80)
+    code, out, err = run("index", "info", "--index", pipeline["index"])
+    assert code == 0, err
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    assert "rsna" in out and f"{N}" in out and "32" in out               # name, points, bits: all whole
+    code, out, err = run("evaluate", "--index", pipeline["index"], "--collection", "rsna", "--k", 5, "--out",
+                         pipeline["root"] / "report80")
+    assert code == 0, err
+    model_row = next(line for line in out.splitlines() if "model sensitivity / specificity" in line)
+    assert "model:" not in out and model_row.count("%") == 2
+    assert max(len(line) for line in out.splitlines()) <= 80, out

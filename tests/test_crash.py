@@ -16,7 +16,7 @@ from typing import IO
 import pandas as pd
 import pytest
 
-from cbir.index import open_index
+from cbir.store import open_index
 from tests.conftest import payload_path
 
 N = 500
@@ -144,7 +144,7 @@ def test_ingest_killed_mid_run_then_resumed(archive: dict[str, Path], tmp_path: 
 
 HOLDER = """
 import sys
-from cbir.index import open_index
+from cbir.store import open_index
 index = open_index(sys.argv[1], writable=True)
 points = list(index.scroll("rsna", with_vectors=True))[:10]
 index.upsert("rsna", points)            # now this process writes the collection

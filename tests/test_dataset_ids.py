@@ -1,5 +1,5 @@
 """Datasets are named by a keyed id of their files, never by their folder (`cbir.data.identity`,
-`cbir.index.datasets`): ``chest_xray/train`` and ``chest_xray/test`` with equal relative paths are two datasets of
+`cbir.app.datasets`): ``chest_xray/train`` and ``chest_xray/test`` with equal relative paths are two datasets of
 one collection. Real PNG files, a real (random) timm model, real Qdrant Edge and the CLI; no mocks."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cbir.app.ingest import ingest_records
 from cbir.data.layout import load_dataset
 from cbir.data.splits import same_data
 from cbir.errors import DatasetError
-from cbir.index import open_index
-from cbir.index.ingest import ingest_records
 from cbir.io import load_pseudonymizer
 from cbir.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
+from cbir.store import open_index
 from tests.conftest import run_cli
 
 CLASSES, PER_CLASS = ("NORMAL", "PNEUMONIA"), 6

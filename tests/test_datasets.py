@@ -466,11 +466,11 @@ def test_every_file_under_the_root_is_looked_at(tmp_path: Path) -> None:
     corpus, silently)."""
     from pydicom.dataset import Dataset
 
+    from cbir.app.ingest import ingest_records
     from cbir.console import QUIET
-    from cbir.index import open_index
-    from cbir.index.ingest import ingest_records
     from cbir.io import load_pseudonymizer
     from cbir.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
+    from cbir.store import open_index
     from tests.badinputs import write_dicom
     pixels = (np.add.outer(np.arange(48), np.arange(48)) * 2).astype(np.uint16)
     root = tmp_path / "export"

@@ -323,10 +323,10 @@ def test_a_detector_query_runs_the_network_once():
     """`cbir query` with a detector used to run the backbone twice (embed, then detect): one pass gives both,
     with the same embedding and boxes as the two separate calls."""
     from cbir.embed import detect_image, embed_image
-    from cbir.index.record import CollectionRecord
     from cbir.io import SafeMeta, XrayImage
     from cbir.models.checkpoint import LoadedModel
     from cbir.search.query import Search, answer
+    from cbir.store.record import CollectionRecord
 
     torch.manual_seed(0)
     config = tiny_config(score_thresh=0.0, box_threshold=0.0)

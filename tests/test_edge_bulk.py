@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from test_index import BITS, DIM, META, Col, N, assert_agree, make_data
 
-from cbir.index import Index, edge
-from cbir.index.base import INDEXED_FIELDS, Point, mih_field, mih_widths
-from cbir.index.edge import EdgeIndex
-from cbir.index.edge_files import FlushSchedule
+from cbir.store import Index, edge
+from cbir.store.base import INDEXED_FIELDS, Point, mih_field, mih_widths
+from cbir.store.edge import EdgeIndex
+from cbir.store.edge_files import FlushSchedule
 
 FIXTURE = Path(__file__).parent / "fixtures" / "index-v1.tar.gz"
 INDEXES = {*INDEXED_FIELDS, *(mih_field(i) for i in range(len(mih_widths(BITS))))}
@@ -117,9 +117,10 @@ def test_interrupted_bulk_load_opens_and_a_rerun_completes(tmp_path: Path, monke
 KILLED_WRITER = """
 import sys
 from test_index import BITS, DIM, META, make_data
-from cbir.index.edge import EdgeIndex
+from cbir.app.settings import Settings
+from cbir.store.edge import EdgeIndex
 points = make_data().points
-index = EdgeIndex(sys.argv[1], writable=True, create=True)
+index = EdgeIndex(sys.argv[1], writable=True, create=True, flush=Settings.from_env().edge_flush)
 index.create_collection("cxr", DIM, BITS, META)
 for start in range(0, 150, 50):   # flushes after 50 and 100 points (FLUSH_POINTS=40), not after 150
     index.upsert("cxr", points[start:start + 50])

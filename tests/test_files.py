@@ -1,4 +1,4 @@
-"""File pseudonyms and the local file map (`cbir.index.files`): real SQLite, real files."""
+"""File pseudonyms and the local file map (`cbir.store.files`): real SQLite, real files."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from cbir.app.settings import Settings
 from cbir.errors import CbirError
-from cbir.index.files import FileMap, LocalFiles, state_dir
-from cbir.index.record import CollectionRecord
-from cbir.index.schema import point_id
 from cbir.io.phi import Pseudonymizer
+from cbir.store.files import FileMap, LocalFiles
+from cbir.store.record import CollectionRecord
+from cbir.store.schema import point_id
 
 KEY = Pseudonymizer(b"k" * 32)
 
@@ -29,10 +30,11 @@ def test_file_pseudonyms_are_keyed_and_distinct_from_patient_pseudonyms() -> Non
 
 def test_the_map_resolves_what_this_machine_ingested(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CBIR_STATE_DIR", str(tmp_path / "state"))
-    assert state_dir() == tmp_path / "state"
-    reader = FileMap.local()                       # no map yet: finds nothing, creates nothing
+    state = Settings.from_env().state_dir
+    assert state == tmp_path / "state"
+    reader = FileMap.local(state)                       # no map yet: finds nothing, creates nothing
     assert reader.relpath("f-x") is None and not (tmp_path / "state").exists()
-    with FileMap.local(writable=True) as writer:
+    with FileMap.local(state, writable=True) as writer:
         writer.add([("f-a", "rsna", "a/DOE.dcm"), ("f-b", "rsna", "b.dcm")])
         writer.add([("f-a", "rsna", "changed.dcm")])                       # a known pseudonym keeps its row
     assert (tmp_path / "state" / "files.sqlite").stat().st_mode & 0o777 == 0o600
@@ -47,9 +49,10 @@ def test_local_files_reads_both_payload_forms(tmp_path: Path, monkeypatch: pytes
     (tmp_path / "root" / "a").mkdir(parents=True)
     (tmp_path / "root" / "a" / "x.dcm").write_bytes(b"x")
     record = CollectionRecord.of({"roots": {"rsna": [str(tmp_path / "root")]}}, "c")
-    with FileMap.local(writable=True) as writer:
+    state = Settings.from_env().state_dir
+    with FileMap.local(state, writable=True) as writer:
         writer.add([("f-x", "rsna", "a/x.dcm"), ("f-out", "rsna", "../outside.dcm")])
-    with FileMap.local() as file_map:
+    with FileMap.local(state) as file_map:
         files = LocalFiles(record, file_map)
         assert files.find({"dataset": "rsna", "path": None, "file": "f-x"}) == tmp_path / "root" / "a" / "x.dcm"
         assert files.find({"dataset": "rsna", "path": "a/x.dcm"}) == tmp_path / "root" / "a" / "x.dcm"  # plain
@@ -62,7 +65,7 @@ def test_an_unwritable_state_folder_is_one_line(tmp_path: Path, monkeypatch: pyt
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("CBIR_STATE_DIR", str(tmp_path / "file" / "state"))
     with pytest.raises(CbirError, match=r"cannot write the local file map .*set \$CBIR_STATE_DIR"):
-        FileMap.local(writable=True)
+        FileMap.local(Settings.from_env().state_dir, writable=True)
 
 
 def test_dicom_point_ids_are_keyed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,12 +75,12 @@ def test_dicom_point_ids_are_keyed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     import hashlib
     import uuid
 
+    from cbir.app.ingest import ingest_records
     from cbir.data.layout import load_dataset
     from cbir.data.synth import synth_dataset
-    from cbir.index import open_index
-    from cbir.index.ingest import ingest_records
-    from cbir.index.schema import POINT_NAMESPACE
     from cbir.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
+    from cbir.store import open_index
+    from cbir.store.schema import POINT_NAMESPACE
     synth_dataset("rsna", 6, 32, tmp_path / "data", seed=2)
     records = load_dataset(tmp_path / "data", "rsna")
     save_checkpoint(create_model(ModelConfig(backbone="test_resnet", image_size=32, embed_dim=16, bits=32)),
@@ -97,7 +100,7 @@ def test_dicom_point_ids_are_keyed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     plain = {str(uuid.uuid5(POINT_NAMESPACE, f"{records.dataset_id}:uid:{hashlib.sha256(u.encode()).hexdigest()[:32]}"))
              for u in uids}
     assert not plain & first                         # the UIDs alone no longer give the IDs
-    import cbir.index.ingest as ingest_module  # a collection made before keyed IDs: no `point_ids`
+    import cbir.app.ingest as ingest_module  # a collection made before keyed IDs: no `point_ids`
     made = ingest_module.collection_meta
     monkeypatch.setattr(ingest_module, "collection_meta",
                         lambda *args: {k: v for k, v in made(*args).items() if k != "point_ids"})

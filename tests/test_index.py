@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 from cbir.errors import IndexError_
-from cbir.index import Filter, Hit, Index, Point, open_index
-from cbir.index.base import HASH, pack_code
-from cbir.index.client import ClientIndex, ServerSettings
-from cbir.index.edge import EdgeIndex
-from cbir.index.planner import Candidates, Costs, Request, Scope, SearchPlanner
-from cbir.index.records import Schema
-from cbir.search.memory import MemoryIndex
+from cbir.store import Filter, Hit, Index, Point, open_index
+from cbir.store.base import HASH, pack_code
+from cbir.store.client import ClientIndex, ServerSettings
+from cbir.store.edge import EdgeIndex
+from cbir.store.memory import MemoryIndex
+from cbir.store.planner import Candidates, Costs, Request, Scope, SearchPlanner
+from cbir.store.records import Schema
 
 N, DIM, BITS = 300, 32, 64
 LABELS = ("Atelectasis", "Effusion", "Nodule", "Pneumonia")
@@ -634,8 +634,9 @@ def test_open_index_picks_the_backend(tmp_path: Path, monkeypatch: pytest.Monkey
         assert isinstance(idx, ClientIndex)
         idx.create_collection("m", 4, 8, {})
         assert idx.list_collections() == ["m"]
-    monkeypatch.setenv("CBIR_INDEX", str(tmp_path / "e"))
-    with open_index(None) as idx:
+    monkeypatch.setenv("CBIR_INDEX", str(tmp_path / "e"))        # read once, into the settings
+    import cbir
+    with cbir.open_index(settings=cbir.Settings.from_env()) as idx:
         assert isinstance(idx, EdgeIndex) and idx.location == str(tmp_path / "e")
     monkeypatch.delenv("CBIR_INDEX")
     monkeypatch.chdir(tmp_path)
@@ -683,7 +684,7 @@ def test_prefilter_property_on_random_codes(kind: str, seed: int, tmp_path: Path
 
 def test_multi_index_hashing_keys_cover_every_code_within_the_radius() -> None:
     """Pigeonhole: any code within Hamming R of the query has a substring among the query's MIH keys."""
-    from cbir.index.base import MIH_MAX_KEYS, mih_keys, mih_substrings, mih_widths
+    from cbir.store.base import MIH_MAX_KEYS, mih_keys, mih_substrings, mih_widths
 
     assert mih_widths(64) == [16] * 4 and mih_widths(24) == [12, 12] and mih_widths(70) == [14] * 5
     assert mih_widths(16) == [16] and sum(mih_widths(100)) == 100
@@ -714,8 +715,8 @@ def test_record_updates_from_many_threads_are_never_lost(location: str, tmp_path
     calibrate and ITQ fitting wrote before, concurrent writers dropped each other's roots."""
     import threading
 
-    from cbir.index import open_index
-    from cbir.index.record import add_root
+    from cbir.store import open_index
+    from cbir.store.record import add_root
     where = str(tmp_path / "edge") if location == "edge" else f"local:{tmp_path / 'local'}"
     with open_index(where, writable=True, create=True) as index:
         index.create_collection("c", 4, 8, {"model_fingerprint": "f", "dim": 4, "bits": 8})

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from cbir.errors import BadInputError
-from cbir.io import load_pseudonymizer, read_image
+from cbir.io import ReaderPolicy, load_pseudonymizer, read_image
 from cbir.io.phi import Pseudonymizer, age_band
 from tests.badinputs import write_dicom
 from tests.conftest import shared_path
@@ -159,18 +159,16 @@ def test_pixel_padding_is_masked_before_scaling(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("part", ["HAND", "PELVIS", "L SPINE", "KNEE"])
-def test_a_radiograph_of_another_body_part_is_refused(tmp_path: Path, part: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_radiograph_of_another_body_part_is_refused(tmp_path: Path, part: str) -> None:
     """BodyPartExamined was never checked: a CR hand was embedded as a chest film."""
-    monkeypatch.delenv("CBIR_ANY_MODALITY", raising=False)   # an in-process `--any-modality` run may have set it
     pixels = np.tile(np.arange(0, 64, dtype=np.uint16), (64, 1))
     path = _write_dicom(tmp_path / "x.dcm", pixels, Modality="CR", BodyPartExamined=part)
     with pytest.raises(BadInputError, match=f"not a chest radiograph \\(body part {part}; .*--any-modality"):
         read_image(path)
     for chest in ("CHEST", "THORAX", "TORAX", "PECHO", ""):              # and any other value, missing included
         assert read_image(_write_dicom(tmp_path / "c.dcm", pixels, Modality="CR", BodyPartExamined=chest))
-    monkeypatch.setenv("CBIR_ANY_MODALITY", "1")                         # the same override as the modality's
-    assert read_image(path).pixels.shape == (64, 64)
+    any_modality = ReaderPolicy(any_modality=True)                       # the same override as the modality's
+    assert read_image(path, policy=any_modality).pixels.shape == (64, 64)
 
 
 @pytest.mark.parametrize(("position", "view"), [("LAO", "OBL"), ("RPO", "OBL"), ("LL", "LL"), ("LATERAL", "LL"),

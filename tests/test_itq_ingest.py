@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cbir.app.ingest import ingest_records
 from cbir.cli.main import app
 from cbir.data.layout import load_dataset
 from cbir.data.records import Records
 from cbir.data.synth import synth_dataset
+from cbir.embed.codes import collection_itq
 from cbir.errors import CbirError
-from cbir.index import open_index
-from cbir.index.codes import collection_itq
-from cbir.index.ingest import ingest_records
 from cbir.io import load_pseudonymizer
 from cbir.models import LoadedModel, ModelConfig, load_checkpoint
 from cbir.search.query import query_image
+from cbir.store import open_index
 from cbir.train import TrainSettings, train_model
 
 KINDS = ["edge", "local"]

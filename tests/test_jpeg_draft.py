@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+from cbir.app.settings import Settings
 from cbir.data.loading import model_view
 from cbir.data.synth.rsna import jpeg_baseline
 from cbir.embed import Embedded, embed_batches, embed_image
@@ -141,13 +142,13 @@ def test_the_decode_path_is_part_of_the_checkpoint_and_old_ones_decode_in_full(t
 
 
 def test_a_reduced_model_embeds_a_file_identically_at_ingest_and_at_query(tmp_path: Path) -> None:
+    from cbir.app.ingest import ingest_records
     from cbir.data.layout import load_dataset
     from cbir.data.synth import synth_dataset
-    from cbir.index import open_index
-    from cbir.index.ingest import ingest_records
     from cbir.io import Pseudonymizer
     from cbir.search.query import query_image
     from cbir.search.warm import WarmSearcher
+    from cbir.store import open_index
 
     synth_dataset("rsna", 4, 256, tmp_path / "data", seed=2)
     save_checkpoint(create_model(ModelConfig(**TINY, decode="reduced")), tmp_path / "model")
@@ -158,7 +159,7 @@ def test_a_reduced_model_embeds_a_file_identically_at_ingest_and_at_query(tmp_pa
     pseudonymize = Pseudonymizer(b"test-key-test-key-test-key-00000")
     with open_index(str(tmp_path / "index"), writable=True, create=True) as index:
         ingest_records(records, loaded, index, "c", pseudonymize, 4, 0)
-        warm = WarmSearcher(index, "c", loaded, pseudonymize)
+        warm = WarmSearcher(index, "c", loaded, pseudonymize, state_dir=Settings.from_env().state_dir)
         for item, path in zip(batch, paths, strict=True):
             image = warm.read(path)
             assert image.pixels.shape == (32, 32) and image.shape == (256, 256)

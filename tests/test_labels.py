@@ -1,4 +1,4 @@
-"""One label space per collection (`cbir.data.labels`): every dataset that meets it is reconciled with it."""
+"""One label space per collection (`cbir.labels`): every dataset that meets it is reconciled with it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.data.labels import LabelSpace, parse_label_map
 from cbir.errors import DatasetError
+from cbir.labels import LabelSpace, parse_label_map
 from tests.conftest import run_cli
 
 
@@ -67,7 +67,7 @@ def test_a_covid_folder_never_votes_as_pneumonia(tmp_path: Path) -> None:
     assert code == 2 and "COVID" in error and "vocabulary NORMAL, PNEUMONIA" in error and "--label-map" in error
     code, out, err = run_cli(*args, "--label-map", "COVID=NORMAL")
     assert code == 0, err
-    from cbir.index import open_index
+    from cbir.store import open_index
     with open_index(str(index)) as idx:
         meta = idx.get_meta("cbir")
         points = list(idx.scroll("cbir", with_vectors=False))

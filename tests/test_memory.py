@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_index import BITS, DIM, FILTERS, META, N, assert_hits, brute, make_data, open_backend, queries
+from test_index import BITS, DIM, FILTERS, META, N, assert_hits, brute, make_data, matches, open_backend, queries
 
-from cbir.search.memory import MemoryIndex, hamming, pack_words
+from cbir.store import Filter, Point
+from cbir.store.memory import MemoryIndex, hamming, pack_words
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_edge_cases(loaded: tuple) -> None:
 
 
 def test_the_chunked_hamming_scan_equals_a_plain_popcount() -> None:
-    from cbir.index.hamming import SCAN_CHUNK, hamming, pack_words
+    from cbir.store.hamming import SCAN_CHUNK, hamming, pack_words
     rng = np.random.default_rng(3)
     codes = rng.integers(0, 2, (2 * SCAN_CHUNK + 17, 64), dtype=np.uint8)
     query = pack_words(rng.integers(0, 2, (1, 64), dtype=np.uint8))[0]
@@ -62,3 +63,19 @@ def test_the_chunked_hamming_scan_equals_a_plain_popcount() -> None:
     got = hamming(words, query)
     assert got.dtype == np.uint8 and got.shape == (len(codes),)
     assert np.array_equal(got, np.unpackbits((words ^ query).view(np.uint8), axis=1).sum(axis=1))
+
+
+def test_filter_masks_match_values_as_qdrant_does() -> None:
+    """The factorised fields give every condition the oracle's answer: a bool matches only a bool (True is not 1),
+    4 matches 4.0, a list field matches on any element, unhashable elements and missing fields match nothing; the
+    same field asked again with other values (a per-query condition) reuses the factorisation."""
+    values = [True, False, 1, 0, 4, 4.0, "4", "a", ["a", "b"], ["b", {"x": 1}], [["a"]], None, {"y": 2}, [], [1, True]]
+    points = [Point(f"{i:08d}-0000-4000-8000-000000000000", np.ones(4, np.float32), np.zeros(8, np.uint8),
+                    {"f": values[i % len(values)], **({} if i % 7 else {"g": "x"})}) for i in range(90)]
+    memory = MemoryIndex(points)
+    wanted = [True, False, 1, 0, 4, 4.0, "4", "a", "b", "x", ["a", 1], [True, "b"], []]
+    for value in wanted:
+        for flt in (Filter(must={"f": value}), Filter(must_not={"f": value}), Filter(must={"g": "x", "f": value})):
+            got = memory.candidates(flt)
+            assert got is not None and got.tolist() == [i for i, p in enumerate(points) if matches(p.payload, flt)]
+    assert len(memory._fields) == 2

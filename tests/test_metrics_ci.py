@@ -66,7 +66,7 @@ def test_an_undefined_statistic_gives_no_interval() -> None:
 
 
 def test_pooling_folds_concatenates_queries_and_keeps_patients_apart() -> None:
-    from cbir.evaluate.pooled import pool_queries
+    from cbir.evaluation.pooled import pool_queries
     rng = np.random.default_rng(5)
     folds = []
     for _ in range(3):
@@ -95,8 +95,8 @@ def test_pooling_folds_concatenates_queries_and_keeps_patients_apart() -> None:
 def test_vote_minus_model_is_paired_and_pooled() -> None:
     """Stage 2 against stage 1 on the same queries: the difference of balanced accuracies, with an interval from
     one bootstrap of patients for both (so a vote equal to the model has a zero-width interval)."""
-    from cbir.evaluate.pooled import pool_queries
-    from cbir.evaluate.summary import vote_summary
+    from cbir.evaluation.pooled import pool_queries
+    from cbir.evaluation.summary import vote_summary
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     prob = np.clip(y * 0.3 + rng.random(400) * 0.7, 0, 1)

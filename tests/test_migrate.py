@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from cbir.cli.main import app
 from cbir.errors import CbirError
-from cbir.index import Point, open_index
-from cbir.index.migrate import Migration, discover, migrate, pending
-from cbir.migrations import PACKAGE
+from cbir.store import Point, open_index
+from cbir.store.migrate import Migration, discover, migrate, pending
+from cbir.store.migrations import PACKAGE
 
 LOCATIONS = {"edge": lambda tmp: str(tmp / "edge"), "local": lambda tmp: f"local:{tmp / 'local'}"}
 

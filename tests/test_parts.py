@@ -18,9 +18,9 @@ from cbir.data.layout import load_dataset
 from cbir.data.records import Records
 from cbir.data.splits import parse_part, part_mask
 from cbir.data.synth import synth_dataset
-from cbir.index import open_index
-from cbir.index.versions import drop
 from cbir.models import ModelConfig
+from cbir.store import open_index
+from cbir.store.versions import drop
 from cbir.train import TrainSettings, train_model
 
 

@@ -11,17 +11,17 @@ import pydicom
 import pytest
 from PIL import Image
 
+from cbir.app.ingest import ingest_records
 from cbir.data.layout import load_dataset
 from cbir.data.patients import FALLBACK_SOURCE, HEADER_SOURCE
 from cbir.data.records import Records
 from cbir.data.splits import SplitSpec
 from cbir.data.synth import synth_dataset
-from cbir.index import open_index
-from cbir.index.ingest import ingest_records
 from cbir.io import load_pseudonymizer
 from cbir.io.dicom import peek_patient
 from cbir.io.patient import usable_patient_id
 from cbir.models import LoadedModel, ModelConfig, create_model, load_checkpoint, save_checkpoint
+from cbir.store import open_index
 from cbir.train.pretrain import load_sources
 from tests.dicom_corpus import dataset, image, save
 

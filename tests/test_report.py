@@ -1,4 +1,4 @@
-"""cbir.evaluate.summarize and cbir.report.write_report on small synthetic retrieval results."""
+"""cbir.evaluation.summarize and cbir.report.write_report on small synthetic retrieval results."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cbir import metrics
-from cbir.evaluate import summarize
+from cbir.evaluation import summarize
 from cbir.report import write_report
 
 Q, K, ARCHIVE, k = 80, 15, 400, 7

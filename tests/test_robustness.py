@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from cbir.evaluate.reencode import REENCODINGS, reencode_all
-from cbir.evaluate.robustness import ranks_of_originals
+from cbir.evaluation.reencode import REENCODINGS, reencode_all
+from cbir.evaluation.robustness import ranks_of_originals
 from cbir.io import read_image
 from tests.conftest import run_cli
 

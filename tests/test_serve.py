@@ -10,12 +10,13 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 import cbir.serve.app as serve_app
+from cbir.app.settings import Settings
 from cbir.cli.main import app as cli
-from cbir.index import open_index
 from cbir.io import load_pseudonymizer
 from cbir.models import load_checkpoint
 from cbir.search import query_image
 from cbir.search.warm import WarmSearcher
+from cbir.store import open_index
 from tests.conftest import payload_path
 
 N = 40
@@ -37,7 +38,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
          "rsna", "--workers", 0)
     index = open_index(str(root / "index"))
     loaded = load_checkpoint(root / "model")
-    searcher = WarmSearcher(index, "rsna", loaded, load_pseudonymizer())
+    searcher = WarmSearcher(index, "rsna", loaded, load_pseudonymizer(), state_dir=Settings.from_env().state_dir)
     client = TestClient(serve_app.create_app(searcher, max_upload_bytes=2**20))
     yield {"root": root, "client": client, "index": index, "loaded": loaded, "searcher": searcher,
            "dicoms": sorted((root / "data" / "stage_2_train_images").glob("*.dcm"))}
@@ -249,7 +250,8 @@ def test_a_reindex_with_another_model_stops_the_answers(served: dict, tmp_path: 
     import shutil
     shutil.copytree(served["root"] / "index", tmp_path / "index")
     index = open_index(str(tmp_path / "index"))
-    searcher = WarmSearcher(index, "rsna", served["loaded"], load_pseudonymizer())
+    searcher = WarmSearcher(index, "rsna", served["loaded"], load_pseudonymizer(),
+                            state_dir=Settings.from_env().state_dir)
     client = TestClient(serve_app.create_app(searcher, max_upload_bytes=2**20))
     monkeypatch.setattr(serve_app, "REFRESH_SECONDS", 0.0)
     dicom = served["dicoms"][0]

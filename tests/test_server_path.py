@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from cbir.cli.main import app
 from cbir.errors import IndexError_
-from cbir.index.base import Point, stored_payloads
-from cbir.index.client import ClientIndex, ServerSettings
-from cbir.index.client_convert import MAX_REQUEST_BYTES, batch_size
-from cbir.index.client_convert import point_struct as _point_struct
+from cbir.store.base import Point, stored_payloads
+from cbir.store.client import ClientIndex, ServerSettings
+from cbir.store.client_convert import MAX_REQUEST_BYTES, batch_size
+from cbir.store.client_convert import point_struct as _point_struct
 
 QDRANT_LIMIT = 32 * 2**20
 
@@ -237,7 +237,7 @@ def test_writes_that_are_not_idempotent_are_not_repeated_blindly() -> None:
     from qdrant_client import QdrantClient
     from qdrant_client.http import models as qm
 
-    from cbir.index.retry import RetryingClient
+    from cbir.store.retry import RetryingClient
 
     handler = type("Handler", (AppliedButLost,), {"collections": set(), "aliases": {"rsna": "rsna__v1"},
                                                   "writes": []})

@@ -80,7 +80,7 @@ def test_the_checkpoint_records_its_split(runs: dict[str, Path]) -> None:
 
 
 def _payload_splits(index: Path, collection: str) -> dict[str, str]:
-    from cbir.index import open_index
+    from cbir.store import open_index
     with open_index(str(index)) as idx:
         return {payload_path(p.payload): p.payload["split"] for p in idx.scroll(collection)}
 
@@ -99,7 +99,7 @@ def test_ingest_and_evaluate_use_the_models_split(runs: dict[str, Path], tmp_pat
     report = json.loads(out)
     assert report["n_queries"] == int((expected["split"] == "test").sum())
     assert "seed 1" in report["context"]["split"]
-    from cbir.index import open_index
+    from cbir.store import open_index
     record = json.loads((runs["seed1"] / "split.json").read_text())
     with open_index(str(index)) as idx:
         assert idx.get_meta("c")["splits"] == {record["dataset"]: record}   # by the dataset's id
@@ -133,7 +133,7 @@ def test_an_explicitly_different_split_is_refused(runs: dict[str, Path], tmp_pat
     assert "--seed 0" in err and "seed 0" in err and "seed 1" in err and "--other-split" in err
     code, out, err = run_cli("ingest", *args, "--folds", 5, "--fold", 1)
     assert code == 2 and "fold 1 of 5" in err and "seed 1" in err
-    from cbir.index import open_index
+    from cbir.store import open_index
     assert not (index / "aliases.json").exists() or "c" not in open_index(str(index)).list_aliases()
     # The same value as the model's is no difference; the expert override proceeds.
     assert run_cli("ingest", *args, "--seed", 1)[0] == 0

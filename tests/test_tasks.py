@@ -125,7 +125,7 @@ def test_hash_through_ingest_and_evaluate(rsna: Records, tmp_path: Path) -> None
     report = _pipeline(rsna.root, "rsna", "hash", tmp_path)
     for key in ("hamming_map_at_k", "prefilter_knn_accuracy", "knn_accuracy", "map_at_k"):
         assert 0.0 <= report["stage2"][key] <= 1.0, key
-    from cbir.index import open_index
+    from cbir.store import open_index
     with open_index(str(tmp_path / "index")) as index:
         meta = index.get_meta("hash")
         point = next(iter(index.scroll("hash", with_vectors=True)))
@@ -138,7 +138,7 @@ def test_multilabel_through_ingest_and_evaluate(nih: Records, tmp_path: Path) ->
     assert set(report["stage1"]["per_class_auc"]) == set(nih.label_names)
     assert 0.0 <= report["stage2"]["map_at_k_any_finding"] <= 1.0
     assert 0.0 <= report["stage2"]["knn_accuracy"] <= 1.0
-    from cbir.index import open_index
+    from cbir.store import open_index
     with open_index(str(tmp_path / "index")) as index:
         points = list(index.scroll("multilabel", with_vectors=False))
     for point in points[:5]:

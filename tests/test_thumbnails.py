@@ -14,8 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cbir.index import open_index
+from cbir.app.settings import Settings
 from cbir.io.thumbnails import THUMBNAIL_SIZE
+from cbir.store import open_index
 from tests.conftest import run_cli
 
 N = 24
@@ -93,7 +94,8 @@ def test_team_b_sees_the_cases_in_the_viewer_from_the_index_alone(shared: dict, 
     from cbir.search.warm import WarmSearcher
     _as_team(monkeypatch, shared["root"], "b")
     with open_index(shared["local"]) as idx:
-        searcher = WarmSearcher(idx, COLLECTION, load_checkpoint(shared["root"] / "model"), load_pseudonymizer())
+        searcher = WarmSearcher(idx, COLLECTION, load_checkpoint(shared["root"] / "model"), load_pseudonymizer(),
+                                state_dir=Settings.from_env().state_dir)
         client = TestClient(serve_app.create_app(searcher))
         query = shared["query"]
         body = client.post("/query", files={"file": (query.name, query.read_bytes())}, data={"k": "6"}).json()
@@ -145,7 +147,8 @@ def test_a_stored_thumbnail_read_takes_turns_with_searches_and_reloads(shared: d
     from cbir.search.warm import WarmSearcher
     _as_team(monkeypatch, shared["root"], "b")
     with open_index(shared["edge"]) as idx:
-        searcher = WarmSearcher(idx, COLLECTION, load_checkpoint(shared["root"] / "model"), load_pseudonymizer())
+        searcher = WarmSearcher(idx, COLLECTION, load_checkpoint(shared["root"] / "model"), load_pseudonymizer(),
+                                state_dir=Settings.from_env().state_dir)
         point = next(iter(searcher.memory.position))
         got: list[Picture | None] = []
         reader = threading.Thread(target=lambda: got.append(searcher.picture(point)))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.index import Filter, open_index
+from cbir.store import Filter, open_index
 from tests.conftest import run_cli
 
 N_RSNA, N_PLAIN, K = 60, 24, 5

@@ -17,11 +17,11 @@ import pytest
 from test_index import BITS, DIM, META, SERVER_SHARDS, SERVER_URL, N, make_data, open_backend, server_index
 
 from cbir.errors import CbirError, IndexError_
-from cbir.index import Index, Point, open_index
-from cbir.index.migrate import discover, migrate
-from cbir.index.snapshots import export_collection, import_collection
-from cbir.index.versions import create_versioned, drop, next_version, prune, swap, versions
-from cbir.migrations import PACKAGE
+from cbir.store import Index, Point, open_index
+from cbir.store.migrate import discover, migrate
+from cbir.store.migrations import PACKAGE
+from cbir.store.snapshots import export_collection, import_collection
+from cbir.store.versions import create_versioned, drop, next_version, prune, swap, versions
 
 FIXTURE = Path(__file__).parent / "fixtures" / "index-v1.tar.gz"
 KINDS = ("edge", "local")
@@ -71,7 +71,7 @@ def test_migration_from_schema_1(kind: str, tmp_path: Path) -> None:
         assert index.schema_version("rsna") == 2 and index.count("rsna") == 60
         meta = index.get_meta("rsna")
         assert meta["schema_version"] == 2 and meta["model_fingerprint"] == old_meta["model_fingerprint"]
-        # migration 3: the typed record (`cbir.index.record`), derived from what the old one said
+        # migration 3: the typed record (`cbir.store.record`), derived from what the old one said
         assert "record_version" not in old_meta and meta["record_version"] == 1 and meta["revision"] >= 1
         assert meta["probability"] == {"calibrated": False, "operating_point": 0.5}   # raw scores were stored
         assert meta["label_space"]["target"] == old_meta["target"]
@@ -199,7 +199,7 @@ import json, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[3])
 from test_index import make_data
-from cbir.index.edge import EdgeIndex
+from cbir.store.edge import EdgeIndex
 data = make_data()
 index = EdgeIndex(sys.argv[1])
 stop = sys.argv[2]
@@ -297,7 +297,7 @@ def test_team_token_is_a_signed_collection_scoped_jwt() -> None:
     import hashlib
     import hmac
 
-    from cbir.index.tokens import make_token
+    from cbir.store.tokens import make_token
 
     def decode(part: str) -> dict:
         return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
@@ -325,7 +325,7 @@ def test_team_token_is_a_signed_collection_scoped_jwt() -> None:
 def test_read_only_team_token_on_a_live_server() -> None:
     import os
 
-    from cbir.index.tokens import make_token
+    from cbir.store.tokens import make_token
 
     admin_key = os.environ.get("CBIR_TEST_QDRANT_API_KEY")
     if not admin_key:

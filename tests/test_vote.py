@@ -69,7 +69,7 @@ def test_ingest_calibrates_and_query_reports_the_vote(tmp_path: Path) -> None:
     assert code == 0, err
     code, out, err = run_cli("ingest", "--data", data, "--model", model, "--index", index, "--workers", 0)
     assert code == 0, err
-    from cbir.index import open_index
+    from cbir.store import open_index
     with open_index(str(index)) as idx:
         body = idx.get_meta("cbir")["calibration"]
     assert body["vote"]["n_validation"] >= 20 and -1 <= body["nearest"]["threshold"] <= body["nearest"]["median"]
@@ -155,7 +155,7 @@ def test_index_calibrate_refits_and_refuses_an_unknown_collection(tmp_path: Path
     code, out, err = run_cli("index", "calibrate", "--index", index, "--k", 3)
     assert code == 0, err
     assert "validation images" in out
-    from cbir.index import open_index
+    from cbir.store import open_index
     with open_index(str(index)) as idx:
         assert idx.get_meta("cbir")["calibration"]["k"] == 3
     code, _, err = run_cli("index", "calibrate", "nope", "--index", index)
@@ -200,9 +200,9 @@ def _grey_as_rgb(dicom: Path, path: Path) -> Path:
 def test_a_sharp_temperature_is_called_a_nearest_case_label() -> None:
     """τ = 0.01 (the demo's) gives the nearest of 8 neighbours ~99.99 % of the weight: before, the text read
     "No Pneumonia (88 % of 8 neighbours)", like an 8-way vote."""
-    from cbir.index.base import Hit
-    from cbir.index.record import CollectionRecord
     from cbir.search.query import describe_vote, vote
+    from cbir.store.base import Hit
+    from cbir.store.record import CollectionRecord
     hits = [Hit(str(i), 0.95 - 0.1 * i, {"target": int(i == 0), "label": "x", "labels": ["x"]}) for i in range(8)]
     meta = {"negative_label": "No Pneumonia",
             "calibration": {"k": 8, "vote": VoteCalibration(0.01, 1.0, 0.0, 0.25, 50, 0.5).to_dict()}}

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir.index.base import Filter, Index, Point
+from cbir.store.base import Filter, Index, Point
 
 LABELS = ("a", "b", "c", "d", "e")   # uniform: `label=a` keeps 20 % of the points
 FILTER_20 = Filter(must={"label": "a"})

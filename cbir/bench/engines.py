@@ -5,6 +5,9 @@ Hamming distance, then exact cosine), `radius_prefilter_rerank` (codes within Ha
 `binary_flat_rerank` (FAISS IndexBinaryFlat top N + NumPy rerank). `topn_codes_only` and `binary_flat_only` are the
 Hamming step alone (the N nearest codes, no rerank; their recall@10 is the share of the true top 10 in the
 shortlist), so that the two halves of a prefilter plan can be compared apart.
+
+`cbir-memory-f16` and `cbir-memory-i8` are the in-memory engine storing fewer bytes per vector (issue 27): float16
+vectors alone (approximate cosines), or int8 vectors whose best candidates are rescored from the float32 ones.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cbir.bench.data import BenchData
-from cbir.index.base import Filter
+from cbir.store.base import Filter
+from cbir.store.memory import MemoryIndex
 
 #: Local mode answers a radius prefilter (a prefetch as large as the collection) in Python: 5.8 s per query
 #: at 3,000 points on the 2-core machine, so the bench leaves it out above this size.
@@ -42,6 +48,16 @@ class Engine(ABC):
     def batched(self, k: int) -> dict[str, Callable[[np.ndarray], object]]:
         """Method name → a search of a whole (Q, dim) batch of queries with every thread (throughput rows)."""
         return {}
+
+    def answered(self) -> Counter[str] | None:
+        """Requests so far by what answered them, "native" or "copy" (an index's in-memory copy); None: n/a."""
+        return None
+
+    def one_shot(self, method: str, k: int, prefilter: int, radius: int, data: BenchData,
+                 flt: Filter | None) -> float | None:
+        """Milliseconds to open the index afresh, answer one query by `method` and close it (what a one-shot
+        `cbir query` pays for its search); None where there is nothing to reopen."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - most engines hold nothing
         pass
@@ -69,9 +85,9 @@ class IndexEngine(Engine):
         self._tmp = tempfile.TemporaryDirectory(prefix="cbir-bench-")
 
     def load(self, data: BenchData) -> tuple[float, float]:
-        from cbir.index import open_index
-        location = str(Path(self._tmp.name) / "edge") if self.kind == "edge" else ":memory:"
-        self.index = open_index(location, writable=True, create=True)
+        from cbir.store import open_index
+        self.location = str(Path(self._tmp.name) / "edge") if self.kind == "edge" else ":memory:"
+        self.index = open_index(self.location, writable=True, create=True)
         assert data.points is not None, "Qdrant engines need Points"
         dim, bits = data.points[0].embedding.size, data.points[0].code.size
         self.index.create_collection("bench", dim, bits, {"dim": dim, "bits": bits})
@@ -90,6 +106,22 @@ class IndexEngine(Engine):
             del methods["radius_prefilter_rerank"]  # seconds per query: see LOCAL_RADIUS_CAP
         return methods
 
+    def answered(self) -> Counter[str] | None:
+        copies = getattr(self.index, "copies", None)
+        return None if copies is None else Counter(copies.answered)
+
+    def one_shot(self, method: str, k: int, prefilter: int, radius: int, data: BenchData,
+                 flt: Filter | None) -> float | None:
+        if self.kind != "edge":
+            return None   # local mode's `:memory:` lives in this index object only
+        from cbir.store import open_index
+        started = time.perf_counter()
+        with open_index(self.location) as fresh:
+            search = cbir_methods(lambda *a, **kw: fresh.search("bench", *a, **kw), self.position, k, prefilter,
+                                  radius)[method]
+            search(data.queries[0], data.query_codes[0], flt)
+        return 1000 * (time.perf_counter() - started)
+
     def close(self) -> None:
         self.index.close()
         self._tmp.cleanup()
@@ -107,7 +139,7 @@ class EdgeHnswEngine(Engine):
     def load(self, data: BenchData) -> tuple[float, float]:
         import qdrant_edge as qe
 
-        from cbir.index.edge_convert import edge_filter
+        from cbir.store.edge_convert import edge_filter
         self._filter = edge_filter
         assert data.points is not None, "Qdrant engines need Points"
         dim = data.points[0].embedding.size
@@ -146,30 +178,75 @@ class EdgeHnswEngine(Engine):
 
 
 class MemoryEngine(Engine):
-    """cbir's in-memory searcher (`cbir.search.memory`), what `cbir serve` answers with."""
+    """cbir's in-memory searcher (`cbir.store.memory`), what `cbir serve` answers with."""
 
     name = "cbir-memory"
+    kind: type[MemoryIndex] = MemoryIndex
 
     def load(self, data: BenchData) -> tuple[float, float]:
-        from cbir.search.memory import MemoryIndex
         started = time.perf_counter()
         if data.points is not None:
-            self.memory = MemoryIndex(data.points)
+            self.memory = self.kind(data.points)
         else:   # arrays only: no payloads but the filter field
-            self.memory = MemoryIndex.from_arrays(data.ids, data.embeddings, data.codes,
-                                                  [{"label": str(label)} for label in data.labels])
+            self.memory = self.kind.from_arrays(data.ids, data.embeddings, data.codes,
+                                                [{"label": str(label)} for label in data.labels])
         seconds = time.perf_counter() - started
         self.position = self.memory.position
         return len(data) / seconds, 0.0
 
     def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
-        from cbir.index.planner import Scope
+        from cbir.store.planner import Scope
 
         def codes(q: np.ndarray, code: np.ndarray, flt: Filter | None) -> list[int]:
             shortlist = self.memory.nearest_by_code("", code, prefilter, Scope(flt=flt, code=code))
             assert shortlist.rows is not None
             return shortlist.rows.tolist()
         return {**cbir_methods(self.memory.search, self.position, k, prefilter, radius), "topn_codes_only": codes}
+
+
+class HalfMemoryIndex(MemoryIndex):
+    """The in-memory engine with float16 vectors only: half the bytes, approximate cosines."""
+
+    def _build(self, *args: Any, **kw: Any) -> None:
+        super()._build(*args, **kw)
+        self.half = self.embeddings.astype(np.float16)
+        self.embeddings = np.zeros((0, self.embeddings.shape[1]), np.float32)   # keeps the schema's dim
+
+    def scores(self, rows: np.ndarray | None, query: np.ndarray, limit: int) -> np.ndarray:
+        return (self.half if rows is None else self.half[rows]).astype(np.float32) @ query
+
+
+class Int8MemoryIndex(MemoryIndex):
+    """int8 vectors (a scale per row: a quarter of the bytes) score the candidates; the best `RESCORED` × limit are
+    rescored exactly from the float32 vectors, which stay in memory for that (1.25× the vectors in all)."""
+
+    RESCORED = 4
+
+    def _build(self, *args: Any, **kw: Any) -> None:
+        super()._build(*args, **kw)
+        scale = np.maximum(np.abs(self.embeddings).max(axis=1, initial=0.0), 1e-12) / 127
+        self.int8 = np.rint(self.embeddings / scale[:, None]).astype(np.int8)
+        self.scale = scale.astype(np.float32)
+
+    def scores(self, rows: np.ndarray | None, query: np.ndarray, limit: int) -> np.ndarray:
+        rows = np.arange(len(self)) if rows is None else rows
+        approx = (self.int8[rows] @ query) * self.scale[rows]
+        keep = min(len(rows), self.RESCORED * limit)
+        best = np.argpartition(-approx, keep - 1)[:keep] if keep < len(rows) else np.arange(len(rows))
+        exact = np.full(len(rows), -np.inf, np.float32)
+        exact[best] = self.embeddings[rows[best]] @ query
+        return exact
+
+
+class ReducedMemoryEngine(MemoryEngine):
+    """`cbir-memory` storing fewer bytes per vector ("f16" or "i8"): its top-N prefilter rows only."""
+
+    def __init__(self, precision: str) -> None:
+        self.name = f"cbir-memory-{precision}"
+        self.kind = {"f16": HalfMemoryIndex, "i8": Int8MemoryIndex}[precision]
+
+    def methods(self, k: int, prefilter: int, radius: int) -> dict[str, Search]:
+        return {"topn_prefilter_rerank": super().methods(k, prefilter, radius)["topn_prefilter_rerank"]}
 
 
 class NumpyEngine(Engine):

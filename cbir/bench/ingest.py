@@ -1,5 +1,5 @@
 """Ingest into Qdrant Edge through `EdgeIndex.upsert` + `release`: the flush schedule that doubles with the
-collection (`cbir.index.edge_files.FlushSchedule`) against the old one (every `FLUSH_POINTS` points), in
+collection (`cbir.store.edge_files.FlushSchedule`) against the old one (every `FLUSH_POINTS` points), in
 interleaved rounds of the same run, since the machine may be shared. Wall and CPU seconds, flushes, load.
 
     python -m cbir.bench.ingest --n 100000 --rounds 6
@@ -15,9 +15,9 @@ import tempfile
 import time
 
 from cbir.bench.data import synthetic
-from cbir.index import edge
-from cbir.index.base import Point
-from cbir.index.edge_files import FlushSchedule
+from cbir.store import edge
+from cbir.store.base import Point
+from cbir.store.edge_files import FlushSchedule
 
 BATCH = 2048   # points per `upsert` call, as `cbir bench` loads
 

@@ -7,7 +7,7 @@ candidate set that contains every answer; the `hash` vector then checks the exac
 computes the distance of every code. Both give exactly the same set; this measures which is faster, per
 collection size and radius.
 
-    python -m cbir.bench.mih --n 10000,100000 --bits 64 --m 4 --radii 2,3,5,7 --queries 100 --json mih.json
+    python -m cbir.bench.mih --n 10000,100000 --bits 64 --m 4 --radii 2,3,5,7 --queries 100 --json-out mih.json
 """
 
 from __future__ import annotations
@@ -125,12 +125,12 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=4)
     parser.add_argument("--radii", default="2,3,5,7")
     parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json-out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     rows = measure([int(x) for x in args.n.split(",")], args.bits, args.m, [int(r) for r in args.radii.split(",")],
                    args.queries)
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows}, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

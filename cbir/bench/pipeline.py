@@ -27,14 +27,14 @@ def bench_pipeline(backbone: str = "resnet18", image_size: int = 224, n_images: 
     falls on both alike. The top-level figures are the full decode's; `decodes` has a row per path.
     `serve_queries` > 0 also times `cbir serve` (a separate process, full decode) with 1 and 2 parallel clients,
     each sending that many queries (`load`: also with one core busy)."""
+    from cbir.app.ingest import ingest_records
     from cbir.data.layout import load_dataset
     from cbir.data.synth import synth_dataset
     from cbir.embed import embed_batches
-    from cbir.index import open_index
-    from cbir.index.ingest import ingest_records
     from cbir.io import Pseudonymizer
     from cbir.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
     from cbir.search.warm import WarmSearcher
+    from cbir.store import open_index
 
     with tempfile.TemporaryDirectory(prefix="cbir-bench-pipeline-") as tmp:
         root = Path(tmp)
@@ -83,8 +83,8 @@ def bench_pipeline(backbone: str = "resnet18", image_size: int = 224, n_images: 
             with open_index(str(root / f"index-{decode}"), writable=True, create=True) as index:
                 ingest_records(records, models[decode], index, "bench", pseudonymize, batch_size, workers)
         with open_index(str(root / "index-full")) as full, open_index(str(root / "index-reduced")) as reduced:
-            warm = {"full": WarmSearcher(full, "bench", models["full"], pseudonymize),
-                    "reduced": WarmSearcher(reduced, "bench", models["reduced"], pseudonymize)}
+            warm = {"full": WarmSearcher(full, "bench", models["full"], pseudonymize, state_dir=None),
+                    "reduced": WarmSearcher(reduced, "bench", models["reduced"], pseudonymize, state_dir=None)}
             for path in paths[:3]:
                 for searcher in warm.values():
                     searcher.query(path, k=10, prefilter=100)

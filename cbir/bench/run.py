@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from cbir.bench.engines import (
     IndexEngine,
     MemoryEngine,
     NumpyEngine,
+    ReducedMemoryEngine,
     faiss_available,
 )
 from cbir.bench.targets import targets_markdown
@@ -53,6 +55,9 @@ class Row:
     raw_mib: float | None = None        # the float32 embeddings alone (n × dim × 4 bytes)
     prefilter: int | None = None        # N of a top-N method (`PREFILTER_METHODS`); None for the others
     recall_ci95: float = 0.0            # half-width of recall@10's 95 % interval over the queries (normal approx.)
+    vs_memory: float | None = None      # p50 ÷ cbir-memory's p50 at the same method (`COUNTERPART`), n, filter, N, load
+    copied: float | None = None         # share of the row's queries that the index's in-memory copy answered
+    one_shot_ms: float | None = None    # a fresh index opened, one query answered, closed (a one-shot `cbir query`)
 
 
 @dataclass
@@ -72,6 +77,9 @@ PREFILTER_METHODS = ("topn_prefilter_rerank", "binary_flat_rerank", "topn_codes_
 
 #: Engines that run in this process, whose rows `--load` repeats with one core busy.
 IN_PROCESS = ("cbir-memory", "numpy", "faiss")
+#: The cbir-memory method a row's ratio compares with, where it is named differently.
+COUNTERPART = {"binary_flat_rerank": "topn_prefilter_rerank", "binary_flat_only": "topn_codes_only",
+               "hnsw_knn": "exact_knn"}
 
 
 @contextlib.contextmanager
@@ -141,12 +149,11 @@ def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int | Sequenc
     `prefilter`; batched throughput rows (every thread) go to `batch_rows`."""
     prefilters = [prefilter] if isinstance(prefilter, int) else list(prefilter)
     reporter.log(f"  {engine.name}: loading {len(data):,} points")
-    import cbir.search.memory  # noqa: F401 - imported before the resident memory is measured
+    import cbir.store.memory  # noqa: F401 - imported before the resident memory is measured
     before = resident_bytes()
     ingest, build = engine.load(data)
     resident = raw = None
-    if engine.name == "cbir-memory":
-        assert isinstance(engine, MemoryEngine)
+    if isinstance(engine, MemoryEngine):
         memory = engine.memory
         shared = memory.embeddings.nbytes if np.shares_memory(memory.embeddings, data.embeddings) else 0
         resident = round((resident_bytes() - before + shared) / 2**20, 1)
@@ -159,13 +166,17 @@ def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int | Sequenc
                     for label, flt in (("none", None), ("label=a (20%)", FILTER_20)):
                         if flt is not None and not engine.filters:
                             continue
+                        asked = engine.answered()
                         with one_thread(engine):
                             times, recalls = _time_queries(search, data, flt, truth[label])
+                            once = engine.one_shot(method, k, n or prefilters[0], radius, data, flt)
                         rows.append(Row(engine.name, method, len(data), label,
                                         round(float(np.percentile(times, 50)), 3),
                                         round(float(np.percentile(times, 99)), 3),
                                         round(float(np.mean(recalls)), 4), round(ingest, 1), round(build, 2),
-                                        len(times), load, 1, resident, raw, n, ci95(recalls)))
+                                        len(times), load, 1, resident, raw, n, ci95(recalls),
+                                        copied=_copied(asked, engine.answered()),
+                                        one_shot_ms=None if once is None else round(once, 1)))
                         shown = method + ("" if n is None else f" N={n}")
                         reporter.log(f"    {shown:26s} filter {label:14s} {'load' if load else 'idle'} "
                                      f"p50 {rows[-1].p50_ms:8.3f} ms  p99 {rows[-1].p99_ms:8.3f} ms  "
@@ -183,6 +194,24 @@ def run_engine(engine: Engine, data: BenchData, k: int, prefilter: int | Sequenc
     finally:
         engine.close()
     return rows
+
+
+def _copied(before: Counter[str] | None, after: Counter[str] | None) -> float | None:
+    """The share of the requests between two `Engine.answered` counts that a copy answered."""
+    if before is None or after is None:
+        return None
+    done = after - before
+    return round(done["copy"] / max(1, done["copy"] + done["native"]), 3)
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Set each row's `vs_memory`: its p50 over cbir-memory's at the same method (or its `COUNTERPART`), n, filter,
+    N and load, where this run has that row."""
+    memory = {(r.method, r.n, r.filter, r.prefilter, r.load): r.p50_ms for r in rows if r.engine == "cbir-memory"}
+    for r in rows:
+        base = memory.get((COUNTERPART.get(r.method, r.method), r.n, r.filter, r.prefilter, r.load))
+        if base:
+            r.vs_memory = round(r.p50_ms / base, 2)
 
 
 def ci95(values: list[float]) -> float:
@@ -226,7 +255,7 @@ def bench_vectors(data: BenchData, k: int = 10, prefilter: int | Sequence[int] =
     with single_threaded():   # the ground truth, one query at a time (many threads would wait for a busy core)
         truth = {"none": [exact_top(emb, None, q, k) for q in data.queries],
                  "label=a (20%)": [exact_top(emb, mask, q, k) for q in data.queries]}
-    engines: list[Engine] = [MemoryEngine(), NumpyEngine()]
+    engines: list[Engine] = [MemoryEngine(), ReducedMemoryEngine("f16"), ReducedMemoryEngine("i8"), NumpyEngine()]
     in_process_only = in_process_only or data.points is None
     if not in_process_only:
         engines.append(IndexEngine("edge"))
@@ -245,6 +274,7 @@ def bench_vectors(data: BenchData, k: int = 10, prefilter: int | Sequence[int] =
     for engine in engines:
         loads = (False, True) if load and engine.name in IN_PROCESS else (False,)
         rows += run_engine(engine, data, k, prefilter, radius, truth, reporter, loads, batch_rows)
+    add_ratios(rows)
     return rows
 
 
@@ -266,17 +296,19 @@ def to_json(rows: list[Row], pipeline: dict[str, Any] | None, settings: dict[str
 def markdown(result: dict[str, Any]) -> str:
     """The rows as a Markdown table (for docs/performance.md), then the batched rows, the pipeline line and the
     serve rows."""
-    lines = ["| engine | method | n | filter | load | p50 ms | p99 ms | recall@10 | ingest points/s | build s | "
-             "queries | memory MiB (raw float32) |",
-             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| engine | method | n | filter | load | p50 ms | p99 ms | × memory p50 | recall@10 | ingest points/s | "
+             "build s | queries | copy answered | one-shot ms | memory MiB (raw float32) |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         memory = f"{r['resident_mib']:,.0f} ({r['raw_mib']:,.0f})" if r.get("resident_mib") is not None else ""
-        method = r["method"] + (f" N={r['prefilter']:,}" if r.get("prefilter") else "")
-        lines.append(f"| {r['engine']} | {method} | {r['n']:,} | {r['filter']} | "
+        lines.append(f"| {r['engine']} | {_method(r)} | {r['n']:,} | {r['filter']} | "
                      f"{'yes' if r.get('load') else 'no'} | {r['p50_ms']:.3f} | "
-                     f"{r['p99_ms']:.3f} | {r['recall_at_10']:.3f} ± {r.get('recall_ci95', 0):.3f} | "
+                     f"{r['p99_ms']:.3f} | {_shown(r.get('vs_memory'), '{:.2f}×')} | "
+                     f"{r['recall_at_10']:.3f} ± {r.get('recall_ci95', 0):.3f} | "
                      f"{r['ingest_points_per_s']:,.0f} | "
-                     f"{r['build_s']:.1f} | {r['queries']} | {memory} |")
+                     f"{r['build_s']:.1f} | {r['queries']} | {_shown(r.get('copied'), '{:.0%}')} | "
+                     f"{_shown(r.get('one_shot_ms'), '{:,.1f}')} | {memory} |")
+    lines += ["", ratio_summary(result["rows"])]
     if result.get("batched"):
         lines += ["", "Batched (the whole query set in one call, every thread):", "",
                   "| engine | method | n | batch | threads | load | queries/s |", "|---|---|---:|---:|---:|---|---:|"]
@@ -303,3 +335,25 @@ def markdown(result: dict[str, Any]) -> str:
                       f"{s['p99_ms']:.1f} |" for s in p["serve"]]
     lines += ["", "Targets (issue 15), from this run:", "", targets_markdown(result).rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def _shown(value: float | None, form: str) -> str:
+    return "" if value is None else form.format(value)
+
+
+def ratio_summary(rows: list[dict[str, Any]]) -> str:
+    """One line per engine and size: the range of its p50 ratios to cbir-memory (idle rows), and its worst row."""
+    parts = []
+    for engine, n in dict.fromkeys((r["engine"], r["n"]) for r in rows if r["engine"] != "cbir-memory"):
+        mine = [r for r in rows if (r["engine"], r["n"]) == (engine, n) and r.get("vs_memory") is not None
+                and not r.get("load")]
+        if mine:
+            worst = max(mine, key=lambda r: r["vs_memory"])
+            within = sum(r["vs_memory"] <= 2 for r in mine)
+            parts.append(f"{engine} at {n:,}: {min(r['vs_memory'] for r in mine):.2f}–{worst['vs_memory']:.2f}× "
+                         f"(worst: {_method(worst)}, filter {worst['filter']}; {within} of {len(mine)} rows ≤ 2×)")
+    return "p50 as a multiple of cbir-memory's (same method, n, filter, N; idle): " + ("; ".join(parts) or "none") + "."
+
+
+def _method(row: dict[str, Any]) -> str:
+    return row["method"] + (f" N={row['prefilter']:,}" if row.get("prefilter") else "")

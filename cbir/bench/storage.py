@@ -17,10 +17,10 @@ import numpy as np
 
 from cbir.bench.data import synthetic
 from cbir.console import QUIET, Reporter
-from cbir.index.base import Point, stored_payloads
-from cbir.index.schema import payload
 from cbir.io import Pseudonymizer, read_image
 from cbir.io.thumbnails import THUMBNAIL_SIZE, encode_thumbnail
+from cbir.store.base import Point, stored_payloads
+from cbir.store.schema import payload
 
 #: At most this many distinct pictures are encoded; the points cycle through them.
 MAX_PICTURES = 64
@@ -47,7 +47,7 @@ def storage_pictures(images: Path | None, reporter: Reporter = QUIET) -> tuple[l
 def bench_storage(sizes: Sequence[int], dim: int, bits: int, pictures: list[str],
                   reporter: Reporter = QUIET) -> list[dict[str, Any]]:
     """One row per size and with/without thumbnails (see the module docstring)."""
-    from cbir.index.edge import EdgeIndex
+    from cbir.store.edge import EdgeIndex
 
     pseudonymize = Pseudonymizer(b"bench-key-bench-key-bench-key-00")
     rows = []

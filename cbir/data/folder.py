@@ -45,13 +45,13 @@ from cbir.data.files import (
     iter_files,
     make_meta,
 )
-from cbir.data.labels import is_normal_name
 from cbir.data.patients import FALLBACK_SOURCE, FILE_SOURCE, HEADER_SOURCE, NAME_SOURCE, NO_PATIENT_ID
 from cbir.data.records import Records
 from cbir.data.splits import SplitSpec, split_names
 from cbir.errors import DatasetError, printable
 from cbir.io.dicom import peek_patient
 from cbir.io.phi import Pseudonymizer, load_pseudonymizer
+from cbir.labels import is_normal_name
 
 KERMANY_PATIENT = re.compile(r"^(person\d+|(?:NORMAL\d*-)?IM-\d+)", re.IGNORECASE)
 RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg")

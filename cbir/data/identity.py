@@ -10,7 +10,7 @@ images (those whose relative paths hash lowest). So the id
   * differs between folders with other images, also when their relative paths are equal;
   * changes when an image is added, removed, resized, or a sampled one rewritten (a new version of the
     dataset). Ingest keeps the id a collection already records for the same root folder
-    (`cbir.index.datasets`), so a grown archive stays one dataset there; ``--dataset-id`` names one explicitly
+    (`cbir.app.datasets`), so a grown archive stays one dataset there; ``--dataset-id`` names one explicitly
     (`check_dataset_id`), e.g. for a grown archive that has also moved.
 Two folders whose images have equal names and sizes, and whose sampled images are byte-equal, get one id (they
 are copies, as far as the fingerprint can tell); give them ``--dataset-id`` to keep them apart.

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cbir.data.transforms import Geometry, letterbox
 from cbir.errors import BadInputError
-from cbir.io import Pseudonymizer, SafeMeta, XrayImage, read_image
+from cbir.io import DEFAULT_READER, Pseudonymizer, ReaderPolicy, SafeMeta, XrayImage, read_image
 from cbir.io.thumbnails import encode_thumbnail
 
 
@@ -51,11 +51,13 @@ def model_view(image: XrayImage, size: int) -> tuple[np.ndarray, Geometry]:
 
 class ImageFiles(Dataset):
     """Files → `Loaded` (or `Failed`, so that one bad file never stops a batch). `reduce_to`: see
-    `cbir.io.read_image` (a model's `cbir.models.decode_size`)."""
+    `cbir.io.read_image` (a model's `cbir.models.decode_size`); `policy`: what the reader accepts."""
 
     def __init__(self, paths: Sequence[str], size: int, pseudonymize: Pseudonymizer | None = None,
-                 thumbnails: bool = False, reduce_to: int | None = None) -> None:
+                 thumbnails: bool = False, reduce_to: int | None = None,
+                 policy: ReaderPolicy = DEFAULT_READER) -> None:
         self.paths = list(paths)
+        self.policy = policy
         self.size = size
         self.pseudonymize = pseudonymize
         self.thumbnails = thumbnails
@@ -67,7 +69,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> Loaded | Failed:
         path = self.paths[index]
         try:
-            image = read_image(path, self.pseudonymize, self.reduce_to)
+            image = read_image(path, self.pseudonymize, self.reduce_to, self.policy)
             pixels, geometry = model_view(image, self.size)
             thumbnail = encode_thumbnail(image.pixels) if self.thumbnails else None
         except BadInputError as exc:
@@ -109,10 +111,10 @@ def die_with_parent(parent: int, _worker_id: int = 0) -> None:
 
 def iterate_batches(paths: Sequence[str], size: int, batch_size: int = 32, workers: int = 2,
                     pseudonymize: Pseudonymizer | None = None, thumbnails: bool = False,
-                    reduce_to: int | None = None) -> Iterator[Batch]:
+                    reduce_to: int | None = None, policy: ReaderPolicy = DEFAULT_READER) -> Iterator[Batch]:
     """Batches in input order; decoding overlaps with the consumer when workers > 0. `thumbnails` also makes
-    each image's thumbnail in the worker that decoded it; `reduce_to`: see `ImageFiles`."""
-    dataset = ImageFiles(paths, size, pseudonymize, thumbnails, reduce_to)
+    each image's thumbnail in the worker that decoded it; `reduce_to` and `policy`: see `ImageFiles`."""
+    dataset = ImageFiles(paths, size, pseudonymize, thumbnails, reduce_to, policy)
     workers = max(0, min(workers, len(dataset) // max(batch_size, 1)))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_collate, persistent_workers=False,

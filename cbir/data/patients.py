@@ -3,7 +3,7 @@ and pretraining pairs alike.
 
 * rsna, nih: the label file's patient column. For rsna the CSV's ``patientId`` wins over the DICOM header: the
   labels and boxes are per patientId, and the Kaggle files are named by it and carry it as PatientID. Ingest
-  compares each header's patient with it and reports how many differ (`cbir.index.ingest.IngestSummary`).
+  compares each header's patient with it and reports how many differ (`cbir.app.ingest.IngestSummary`).
 * folder, plain, without ``--patient-regex``: a DICOM file's patient is the keyed pseudonym of its header's
   (IssuerOfPatientID, PatientID) (`cbir.io.patient`, read without pixels), whatever the file is called, so that
   one patient's studies under unrelated names land in one split. A DICOM without a usable PatientID (empty,

@@ -18,6 +18,7 @@ from cbir.data.patients import LABEL_SOURCE, fallback_count, grouped_patients, p
 from cbir.data.splits import SPLITS, SplitSpec, part_mask, split_names, split_record
 from cbir.errors import DatasetError
 from cbir.io.phi import Pseudonymizer
+from cbir.labels import LabelSpace
 
 #: Columns every layout reader puts in `Records.meta`.
 #:   path     absolute path of the image file (str)
@@ -171,7 +172,7 @@ class Records:
 
     def relabelled(self, mapping: dict[str, str], target: str) -> Records:
         """The same images with each label name renamed by `mapping` (names mapped to one name are merged: an
-        image has it when it had any of them) and `target` as the target (`cbir.data.labels.LabelSpace`)."""
+        image has it when it had any of them) and `target` as the target (`cbir.labels.LabelSpace`)."""
         names = list(dict.fromkeys(mapping.get(name, name) for name in self.label_names))
         if names == self.label_names and target == self.target:
             return self
@@ -185,3 +186,22 @@ class Records:
         """Per row, the names of the positive labels (empty list means no finding)."""
         names = np.asarray(self.label_names)
         return [list(names[row > 0.5]) for row in self.labels]
+
+
+def reconcile_records(space: LabelSpace, records: Records, label_map: dict[str, str] | None = None) -> Records:
+    """`records` in `space`'s names, with its target (records whose labels are unknown pass as they are)."""
+    if not records.has_labels:
+        return records
+    mapping = space.reconcile(records.label_names, str(records.root), label_map)
+    return records.relabelled(mapping, space.target)
+
+
+def payload_labels(records: Records, names: list[str], negative: str) -> list[str]:
+    """The payload's `labels` for an image whose positive labels are `names`.
+
+    With nothing positive, NIH says "No Finding" and a one-label set (RSNA) says the negative label
+    ("No Pneumonia"); folder datasets always have their class, and images with unknown labels get [].
+    """
+    if records.layout == "folder" or names or not records.has_labels:
+        return names
+    return ["No Finding" if len(records.label_names) > 1 else negative]

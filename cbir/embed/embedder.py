@@ -10,7 +10,7 @@ import torch
 
 from cbir.data.loading import Failed, Loaded, iterate_batches, model_view
 from cbir.data.transforms import Geometry
-from cbir.io import Pseudonymizer, SafeMeta, XrayImage
+from cbir.io import DEFAULT_READER, Pseudonymizer, ReaderPolicy, SafeMeta, XrayImage
 from cbir.models import LoadedModel, decode_size
 from cbir.models.detector_config import DetectorConfig
 
@@ -51,12 +51,13 @@ def _forward(loaded: LoadedModel, pixels: torch.Tensor) -> tuple[np.ndarray, np.
 
 
 def embed_batches(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 32, workers: int = 2,
-                  pseudonymize: Pseudonymizer | None = None, thumbnails: bool = False
-                  ) -> Iterator[tuple[list[Embedded], list[Failed]]]:
-    """Per batch: the embedded images (with their thumbnails when asked) and the files that could not be read."""
+                  pseudonymize: Pseudonymizer | None = None, thumbnails: bool = False,
+                  policy: ReaderPolicy = DEFAULT_READER) -> Iterator[tuple[list[Embedded], list[Failed]]]:
+    """Per batch: the embedded images (with their thumbnails when asked) and the files that could not be read
+    (`policy`: what the reader accepts)."""
     size = loaded.config.image_size
     for batch in iterate_batches(paths, size, batch_size, workers, pseudonymize, thumbnails,
-                                 decode_size(loaded.config)):
+                                 decode_size(loaded.config), policy):
         if not batch.items:
             yield [], batch.failures
             continue

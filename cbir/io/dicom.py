@@ -17,13 +17,13 @@ from pydicom.errors import InvalidDicomError
 from cbir.errors import BadInputError
 from cbir.io.capture import captured_output
 from cbir.io.decoders import PIXEL_KEYWORDS, can_decode, decode_first_frame
-from cbir.io.header import MAX_PIXELS, check_modality, geometry, max_pixels
+from cbir.io.header import DEFAULT_READER, MAX_PIXELS, ReaderPolicy, check_modality, geometry
 from cbir.io.jpeg_draft import decode_dicom_reduced, reducible_dicom
 from cbir.io.patient import PATIENT_TAGS, patient_pseudonym
 from cbir.io.phi import Pseudonymizer, SafeMeta, age_band, sex_of, view_of
 from cbir.io.pixels import BlankImage, process
 
-__all__ = ["MAX_PIXELS", "max_pixels", "read_header", "decode", "read_dicom", "safe_meta", "instance_key",
+__all__ = ["MAX_PIXELS", "read_header", "decode", "read_dicom", "safe_meta", "instance_key",
            "looks_like_raw_dicom", "peek_instance_key", "peek_patient"]
 
 
@@ -56,7 +56,7 @@ def decode(ds: Dataset, path: str | Path, limit: int | None = None, reduce_to: i
     grey JPEG Baseline frame is decoded at the smallest DCT scale whose longer side is still ≥ `reduce_to`
     (`cbir.io.jpeg_draft`); every other frame in full."""
     require_pixels(ds, path)
-    shape = geometry(ds, path, max_pixels() if limit is None else limit)
+    shape = geometry(ds, path, limit)
     syntax = transfer_syntax(ds, path)
     if not can_decode(syntax):
         raise BadInputError(path, f"unsupported transfer syntax {syntax.name} ({syntax}): no decoder for it is "
@@ -144,13 +144,14 @@ def peek_patient(path: str | Path, pseudonymize: Pseudonymizer) -> str | None:
         return None
 
 
-def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None, limit: int | None = None,
+def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None, policy: ReaderPolicy = DEFAULT_READER,
                reduce_to: int | None = None) -> tuple[np.ndarray, SafeMeta, str | None, tuple[int, int]]:
     """(pixels float32 [0,1], safe metadata, instance key, (Rows, Columns)) of a DICOM file, or one
-    BadInputError; `reduce_to`: see `decode` (the pixels are then smaller than Rows × Columns)."""
+    BadInputError; `policy`: the pixel limit and the modality check; `reduce_to`: see `decode` (the pixels are
+    then smaller than Rows × Columns)."""
     try:
         with quiet_pydicom():
-            return _read_dicom(path, pseudonymize, limit, reduce_to)
+            return _read_dicom(path, pseudonymize, policy, reduce_to)
     except BadInputError:
         raise
     except RecursionError:
@@ -159,12 +160,12 @@ def read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None = None, limi
         raise BadInputError(path, f"unreadable DICOM ({describe(exc)})") from None
 
 
-def _read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None, limit: int | None,
+def _read_dicom(path: str | Path, pseudonymize: Pseudonymizer | None, policy: ReaderPolicy,
                 reduce_to: int | None) -> tuple[np.ndarray, SafeMeta, str | None, tuple[int, int]]:
     ds = read_header(path)
     require_pixels(ds, path)
-    check_modality(ds, path)
-    arr = decode(ds, path, limit, reduce_to)
+    check_modality(ds, path, policy.any_modality)
+    arr = decode(ds, path, policy.max_pixels, reduce_to)
     try:
         pixels = process(arr, ds)
     except BlankImage as exc:

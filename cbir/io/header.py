@@ -3,7 +3,6 @@ the modality. A malformed value (a multi-valued Rows, a NumberOfFrames of '1A') 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,14 +10,14 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from cbir.errors import BadInputError
+from cbir.io.policy import DEFAULT_READER, MAX_PIXELS, ReaderPolicy
 
-#: Images with more pixels than this (per frame) are refused before decoding ($CBIR_MAX_PIXELS overrides it).
-MAX_PIXELS = 80_000_000
+__all__ = ["DEFAULT_READER", "MAX_PIXELS", "ReaderPolicy", "Geometry", "check_modality", "geometry", "header_int"]
+
 
 #: Modalities that are (or may be) projection radiographs: CR, DX, the non-standard DR, RG (film), and
 #: secondary captures (OT, SC), which archives use for digitised films. A file without Modality is accepted.
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT", "SC"})
-ANY_MODALITY_ENV = "CBIR_ANY_MODALITY"
 #: BodyPartExamined values (DICOM's defined terms, CID 4031, spaces and underscores removed) of radiographs that
 #: are not chest films: a CR hand or pelvis is refused like an MR. Any other value passes, a missing one too:
 #: archives write the chest in many ways and languages (CHEST, THORAX, TORAX, PECHO, LUNG, CHEST_LAT, …).
@@ -30,15 +29,6 @@ NOT_CHEST = frozenset({
 })
 
 
-def max_pixels() -> int:
-    """The pixel limit: $CBIR_MAX_PIXELS (set by `--max-pixels`), else `MAX_PIXELS`."""
-    value = os.environ.get("CBIR_MAX_PIXELS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else MAX_PIXELS
-
-
-def any_modality() -> bool:
-    """$CBIR_ANY_MODALITY (set by `--any-modality`): embed every modality, not only radiographs."""
-    return os.environ.get(ANY_MODALITY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -70,7 +60,7 @@ def header_int(ds: Dataset, keyword: str, default: int, path: str | Path) -> int
 
 def geometry(ds: Dataset, path: str | Path, limit: int | None = None) -> Geometry:
     """Rows, columns, frames and samples, with the pixel limit applied (before anything is allocated)."""
-    limit = max_pixels() if limit is None else limit
+    limit = MAX_PIXELS if limit is None else limit
     if "Rows" not in ds or "Columns" not in ds:
         raise BadInputError(path, "malformed header: pixel data without Rows and Columns")
     rows, cols = header_int(ds, "Rows", 0, path), header_int(ds, "Columns", 0, path)
@@ -90,10 +80,10 @@ def _text(ds: Dataset, keyword: str) -> str:
     return (str(value[0]) if isinstance(value, MultiValue) and len(value) else str(value or "")).strip().upper()
 
 
-def check_modality(ds: Dataset, path: str | Path) -> None:
+def check_modality(ds: Dataset, path: str | Path, any_modality: bool = False) -> None:
     """Refuse modalities that are not radiographs (MR, CT, US, SEG, RTDOSE, …) and radiographs of a body part
-    other than the chest (`NOT_CHEST`), unless $CBIR_ANY_MODALITY."""
-    if any_modality():
+    other than the chest (`NOT_CHEST`), unless `any_modality` (`ReaderPolicy.any_modality`)."""
+    if any_modality:
         return
     modality = _text(ds, "Modality")
     if modality and modality not in RADIOGRAPH_MODALITIES:

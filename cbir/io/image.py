@@ -9,6 +9,7 @@ import numpy as np
 
 from cbir.errors import BadInputError
 from cbir.io.dicom import describe, looks_like_raw_dicom, read_dicom
+from cbir.io.header import DEFAULT_READER, ReaderPolicy
 from cbir.io.phi import Pseudonymizer, SafeMeta
 from cbir.io.raster import read_raster
 
@@ -80,17 +81,18 @@ def sniff(path: str | Path) -> str:
     raise BadInputError(path, "not an image (expected DICOM, PNG or JPEG)")
 
 
-def read_image(path: str | Path, pseudonymize: Pseudonymizer | None = None,
-               reduce_to: int | None = None) -> XrayImage:
-    """Read a DICOM, PNG or JPEG chest X-ray as grey float32 [0, 1] with safe metadata. `reduce_to` (a model's
+def read_image(path: str | Path, pseudonymize: Pseudonymizer | None = None, reduce_to: int | None = None,
+               policy: ReaderPolicy = DEFAULT_READER) -> XrayImage:
+    """Read a DICOM, PNG or JPEG chest X-ray as grey float32 [0, 1] with safe metadata, as `policy` allows (the
+    pixel limit; DICOM: the modality check). `reduce_to` (a model's
     input size, `cbir.models.decode_size`): decode grey 8-bit JPEG pixels at reduced resolution, never below
     that size (`cbir.io.jpeg_draft`; this changes the pixels)."""
     kind = sniff(path)
     try:
         if kind == "dicom":
-            pixels, meta, key, shape = read_dicom(path, pseudonymize, reduce_to=reduce_to)
+            pixels, meta, key, shape = read_dicom(path, pseudonymize, policy, reduce_to)
             return XrayImage(pixels, meta, key, kind, full_shape=_if_reduced(pixels, shape))
-        pixels, colour, shape = read_raster(path, reduce_to=reduce_to)
+        pixels, colour, shape = read_raster(path, policy.max_pixels, reduce_to)
         return XrayImage(pixels, SafeMeta(), None, kind, colour, _if_reduced(pixels, shape))
     except BadInputError:
         raise

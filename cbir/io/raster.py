@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cbir.errors import BadInputError
-from cbir.io.header import max_pixels
+from cbir.io.header import MAX_PIXELS
 from cbir.io.jpeg_draft import draft_grey
 from cbir.io.pixels import BlankImage, refuse_blank, scale_unit
 
@@ -19,7 +19,7 @@ def read_raster(path: str | Path, limit: int | None = None, reduce_to: int | Non
     (the mean over pixels of max − min of R, G, B, in [0, 1]; 0 for a grey file, and for the many radiographs
     stored as RGB with equal channels) and its (height, width). With `reduce_to`, a grey 8-bit JPEG is decoded at
     the smallest DCT scale whose longer side is still ≥ `reduce_to` (`cbir.io.jpeg_draft`)."""
-    limit = max_pixels() if limit is None else limit
+    limit = MAX_PIXELS if limit is None else limit
     try:
         with Image.open(path) as img:
             if img.width * img.height > limit:

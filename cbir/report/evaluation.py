@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cbir import metrics
-from cbir.evaluate.summary import to_json_safe
+from cbir.evaluation.summary import to_json_safe
 
 FIGSIZE = (5.0, 4.0)
 DPI = 120
@@ -39,7 +39,7 @@ def write_report(
 ) -> dict[str, Path]:
     """Write the four report files into `out_dir` (created if missing) and return their paths.
 
-    `report` is `cbir.evaluate.summarize`'s dict; `y_query` / `prob_query` draw the Stage 1 ROC;
+    `report` is `cbir.evaluation.summarize`'s dict; `y_query` / `prob_query` draw the Stage 1 ROC;
     `context` (model, collection, dataset, timings, …) goes into `report.json` and the Markdown table.
     Returns `{"json", "markdown", "roc", "precision_at_k"}` → path.
     """

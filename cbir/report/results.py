@@ -169,7 +169,7 @@ def _multilabel(results: dict[str, Any]) -> list[str]:
 
 
 def _audit(results: dict[str, Any]) -> list[str]:
-    """The leakage audit (`cbir.evaluate.audit`): what the multilabel model's training data left out, and the
+    """The leakage audit (`cbir.app.audit`): what the multilabel model's training data left out, and the
     queries each approach's evaluation left out as near-duplicates of another patient's archive image, or that
     it could not look for them."""
     training = (results.get("audit") or {}).get("multilabel_training")

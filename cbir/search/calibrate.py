@@ -1,5 +1,6 @@
-"""Calibrate a collection on its validation images: the vote (`cbir.search.vote`) and how close a query's
-nearest case usually is (`nearest`), stored in the collection metadata under `calibration`.
+"""Fit a collection's calibration on its validation images: the vote (`cbir.search.vote`) and how close a query's
+nearest case usually is (`nearest`). `cbir.app.calibrate` stores it in the collection metadata under
+`calibration`; this module only reads the index.
 
 Every validation point queries the training points (its own patient's left out), as a test query later
 queries the archive. Nothing here looks at test points.
@@ -7,14 +8,14 @@ queries the archive. Nothing here looks at test points.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from cbir.console import QUIET, Reporter
-from cbir.index.base import UNKNOWN_TARGET, Filter, Index
 from cbir.search import vote
+from cbir.store.base import UNKNOWN_TARGET, Filter, Index
 
 #: A query whose nearest neighbour is less similar than this quantile of the validation queries' nearest
 #: neighbours is flagged: the archive holds no close case.
@@ -60,9 +61,8 @@ def neighbour_table(index: Index, collection: str, queries: list[Any], archive: 
     return scores, targets
 
 
-def calibrate(index: Index, collection: str, k: int = 10, reporter: Reporter = QUIET,
-              store: bool = True) -> dict[str, Any] | None:
-    """Fit (and with `store`, store) the calibration; None with fewer than MIN_VALIDATION val points."""
+def fit_calibration(index: Index, collection: str, k: int = 10) -> dict[str, Any] | None:
+    """The calibration's stored form, fitted now; None with fewer than MIN_VALIDATION validation points."""
     val = [p for p in index.scroll(collection, Filter(must={"split": "val"}), with_vectors=True)
            if p.payload.get("target") in (0, 1)]
     train = Filter(must={"split": "train"}, must_not={"target": UNKNOWN_TARGET})  # unknown labels never vote
@@ -74,15 +74,19 @@ def calibrate(index: Index, collection: str, k: int = 10, reporter: Reporter = Q
     y = np.array([int(p.payload["target"]) for p in val])
     fitted = vote.fit(scores, targets, y, prior)
     nearest = scores[:, 0][np.isfinite(scores[:, 0])]
-    body: dict[str, Any] = {
+    return {
         "k": k, "vote": fitted.to_dict(),
         "conditions": {"k": k, "filter": [], "prefilter": None, "hamming_radius": None, "archive": "split=train",
                        "prior": prior, "n": len(val), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "nearest": {"threshold": float(np.quantile(nearest, NEAR_QUANTILE)), "quantile": NEAR_QUANTILE,
                     "median": float(np.median(nearest)), "n": int(nearest.size)},
         "from": "validation images queried against training images"}
-    if store:
-        index.update_meta(collection, lambda meta: meta.update(calibration=body))
-    reporter.log(f"calibrated the vote on {len(val)} validation images (τ = {fitted.temperature:g}, "
-                 f"nearest-case threshold {body['nearest']['threshold']:.3f})")
-    return body
+
+
+def describe(body: dict[str, Any]) -> str:
+    """One line for a user: what was fitted, on how many images, and what its numbers mean."""
+    temperature = vote.VoteCalibration.from_dict(body.get("vote")).temperature
+    weighting = ("the k neighbours count equally" if math.isinf(temperature)
+                 else f"neighbours weighted by similarity, temperature {temperature:g}")
+    return (f"calibrated the vote on {body['conditions']['n']} validation images ({weighting}); a query whose "
+            f"nearest case is less similar than {body['nearest']['threshold']:.3f} is flagged \"no close case\"")

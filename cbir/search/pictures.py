@@ -1,5 +1,5 @@
 """The picture of an archived case, for the viewer and montages: its image file where this machine has it (the
-team that ingested, `cbir.index.files.LocalFiles`), else the thumbnail stored with its point (`cbir ingest
+team that ingested, `cbir.store.files.LocalFiles`), else the thumbnail stored with its point (`cbir ingest
 --thumbnails`), which is all that other teams, or anyone once the archive folder is gone, can see."""
 
 from __future__ import annotations
@@ -9,15 +9,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cbir.errors import BadInputError, IndexError_
-from cbir.index.base import THUMBNAIL, Index
-from cbir.index.files import FileMap, LocalFiles
 from cbir.io import read_image
 from cbir.io.thumbnails import thumbnail_pixels
+from cbir.store.base import THUMBNAIL, Index
+from cbir.store.files import FileMap, LocalFiles
 
 #: Stored thumbnails kept in memory (a few KB each).
 CACHE_SIZE = 4096
@@ -84,9 +85,11 @@ class CasePictures:
             return {i: self._stored.get(i) for i in ids}
 
 
-def neighbor_pictures(index: Index, collection: str, neighbors: Sequence[dict[str, Any]]) -> list[Picture | None]:
-    """The picture of each neighbour of a query result (its JSON entries), for a montage."""
-    with FileMap.local() as file_map:
+def neighbor_pictures(index: Index, collection: str, neighbors: Sequence[dict[str, Any]], state_dir: Path
+                      ) -> list[Picture | None]:
+    """The picture of each neighbour of a query result (its JSON entries), for a montage; this machine's files
+    are found through its file map in `state_dir`."""
+    with FileMap.local(state_dir) as file_map:
         pictures = CasePictures(index, collection, LocalFiles(index.record(collection), file_map))
         hits = [(str(n["id"]), n) for n in neighbors]
         pictures.prefetch(hits)

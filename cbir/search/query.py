@@ -24,9 +24,9 @@ and its `path` is null, except in collections with plain paths (`cbir ingest --k
 before paths were pseudonymised), which store it. `query.path` is a keyed pseudonym of the query's file name
 as given (null without a key). With `local_paths=True` (`cbir query --local-paths`) `query.path` is the name
 as given and a neighbour's `path` is its relative path wherever this machine's file map knows it
-(`cbir.index.files`), else null.
+(`cbir.store.files`), else null.
 
-Neighbours whose label is unknown (`cbir.index.base.UNKNOWN_TARGET`: `label` null, `labels` [], `target` -1)
+Neighbours whose label is unknown (`cbir.store.base.UNKNOWN_TARGET`: `label` null, `labels` [], `target` -1)
 are listed but do not vote: `vote.labelled` neighbours voted, `vote.skipped_unknown` were left out, and the
 fractions are of the labelled ones (`vote.label` is null when none is labelled).
 
@@ -45,15 +45,15 @@ from typing import Any
 import numpy as np
 
 from cbir.embed import Embedded, embed_and_detect
+from cbir.embed.codes import collection_code
 from cbir.errors import CbirError
-from cbir.index.base import Filter, Hit, Index, has_label
-from cbir.index.codes import collection_code
-from cbir.index.files import FileMap, LocalFiles
-from cbir.index.record import CollectionRecord
-from cbir.index.records import FilterValue
-from cbir.index.schema import FILTER_ALIASES, check_filter, payload_values
-from cbir.io import Pseudonymizer, XrayImage, load_pseudonymizer, read_image
+from cbir.io import DEFAULT_READER, Pseudonymizer, ReaderPolicy, XrayImage, load_pseudonymizer, read_image
 from cbir.models import LoadedModel, decode_size
+from cbir.store.base import Filter, Hit, Index, has_label
+from cbir.store.files import FileMap, LocalFiles
+from cbir.store.record import CollectionRecord
+from cbir.store.records import FilterValue
+from cbir.store.schema import FILTER_ALIASES, check_filter, payload_values
 from cbir.threads import single_threaded
 
 NEIGHBOR_FIELDS = ("labels", "label", "target", "path", "file", "dataset", "split", "view", "sex", "age_band",
@@ -259,16 +259,17 @@ SELF_SCORE = 0.9999
 def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection: str, k: int = 10,
                 flt: Filter | None = None, prefilter: int | None = None, hamming_radius: int | None = None,
                 pseudonymize: Pseudonymizer | None = None, local_paths: bool = False, include_self: bool = False,
-                known_label: str | None = None) -> QueryResult:
-    """Read, embed and search one image file (`local_paths`: see the module docstring; `include_self`,
-    `known_label`: see `answer`)."""
+                known_label: str | None = None, policy: ReaderPolicy = DEFAULT_READER,
+                state_dir: Path | None = None) -> QueryResult:
+    """Read (as `policy` allows), embed and search one image file (`local_paths`: see the module docstring; the
+    names come from the local file map in `state_dir`; `include_self`, `known_label`: see `answer`)."""
     record = index.record(collection)
     record.check_model(loaded.fingerprint, loaded.config.vector_dim, loaded.described)
     if flt:
         check_filter(flt, collection, lambda field, value: index.count(collection, Filter(must={field: value})),
                      lambda field: payload_values((p.payload for p in index.scroll(collection, with_vectors=False)),
                                                   field))
-    image = read_image(path, pseudonymize, decode_size(loaded.config))
+    image = read_image(path, pseudonymize, decode_size(loaded.config), policy)
     how = Search(k, flt, prefilter, hamming_radius, include_self)
 
     def search(embedded: Embedded) -> list[Hit]:
@@ -280,7 +281,9 @@ def query_image(path: str | Path, loaded: LoadedModel, index: Index, collection:
     name = query_name(path, pseudonymize, local_paths)
     if not local_paths:
         return answer(image, name, loaded, record, how, search, known_label=known_label)
-    with FileMap.local() as file_map:
+    if state_dir is None:
+        raise CbirError("local_paths needs the folder of this machine's file map (state_dir)")
+    with FileMap.local(state_dir) as file_map:
         return answer(image, name, loaded, record, how, search, LocalFiles(record, file_map).relpath,
                       known_label=known_label)
 

@@ -15,15 +15,15 @@ from pathlib import Path
 
 from cbir.embed import Embedded
 from cbir.errors import CbirError, IndexError_, ModelMismatchError
-from cbir.index.base import Filter, Hit, Index
-from cbir.index.files import FileMap, LocalFiles
-from cbir.index.record import CollectionRecord
-from cbir.index.schema import check_filter, payload_values
-from cbir.io import Pseudonymizer, XrayImage, read_image
+from cbir.io import DEFAULT_READER, Pseudonymizer, ReaderPolicy, XrayImage, read_image
 from cbir.models import LoadedModel, decode_size
-from cbir.search.memory import MemoryIndex
 from cbir.search.pictures import CasePictures, Picture
 from cbir.search.query import QueryResult, Search, answer, query_name, stored_path
+from cbir.store.base import Filter, Hit, Index
+from cbir.store.files import FileMap, LocalFiles
+from cbir.store.memory import MemoryIndex
+from cbir.store.record import CollectionRecord
+from cbir.store.schema import check_filter, payload_values
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,21 @@ class _Copy:
 
 class WarmSearcher:
     """`query(path)` like `cbir query`, from memory; `refresh()` reloads when the collection changed.
-    `local_paths` shows file names as `cbir query --local-paths` does."""
+    `local_paths` shows file names as `cbir query --local-paths` does; `state_dir` holds this machine's file map
+    (None: no map, so cases show only as stored thumbnails or plain paths); `policy`: what the reader accepts."""
 
     def __init__(self, index: Index, collection: str, loaded: LoadedModel,
-                 pseudonymize: Pseudonymizer | None = None, local_paths: bool = False) -> None:
+                 pseudonymize: Pseudonymizer | None = None, local_paths: bool = False, *,
+                 state_dir: Path | None, policy: ReaderPolicy = DEFAULT_READER) -> None:
         self.index, self.collection, self.loaded, self.pseudonymize = index, collection, loaded, pseudonymize
-        self.local_paths = local_paths
+        self.local_paths, self.policy = local_paths, policy
         # one search, reload or stored-thumbnail read at a time (see the module docstring); reentrant, since a
         # search's thumbnail prefetch takes it again
         self._lock = threading.RLock()
         record = index.record(collection)
         record.check_model(loaded.fingerprint, loaded.config.vector_dim, loaded.described)
-        self.file_map = FileMap.local()
+        # no state folder: only stored thumbnails and plain paths show cases
+        self.file_map = FileMap.local(state_dir) if state_dir is not None else None
         self._copy = _Copy(record, MemoryIndex.load(index, collection),
                            CasePictures(index, collection, LocalFiles(record, self.file_map), guard=self._lock))
         self._version = self._stamp()
@@ -121,7 +124,7 @@ class WarmSearcher:
 
     def read(self, path: str | Path) -> XrayImage:
         """An image file read as this model's inputs are (`cbir.models.decode_size`)."""
-        return read_image(path, self.pseudonymize, decode_size(self.loaded.config))
+        return read_image(path, self.pseudonymize, decode_size(self.loaded.config), self.policy)
 
     def query_image(self, image: XrayImage, name: str, k: int = 10, flt: Filter | None = None,
                     prefilter: int | None = None, hamming_radius: int | None = None,
@@ -156,5 +159,6 @@ class WarmSearcher:
 
     def close(self) -> None:
         """Close the local file map (the index is the caller's)."""
-        self.file_map.close()
+        if self.file_map is not None:
+            self.file_map.close()
 

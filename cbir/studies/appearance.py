@@ -29,8 +29,8 @@ from cbir import metrics
 from cbir.console import QUIET, Reporter
 from cbir.data.records import Records
 from cbir.data.transforms import letterbox, model_input
-from cbir.evaluate.reencode import REENCODINGS, reencode_all
-from cbir.evaluate.robustness import ranks_of_originals, unit
+from cbir.evaluation.reencode import REENCODINGS, reencode_all
+from cbir.evaluation.robustness import ranks_of_originals, unit
 from cbir.io import read_image
 from cbir.metrics_ci import Bootstrap, weighted_balanced_accuracy
 from cbir.models.appearance import centre_window, tiny_image

@@ -125,11 +125,11 @@ def score_on_validation(records: Records, loaded: Any, out: Path, k: int = 10,
     import shutil
     import tempfile
 
+    from cbir.app.evaluate import evaluate_collection
+    from cbir.app.ingest import ingest_records
     from cbir.console import QUIET
-    from cbir.evaluate.run import evaluate_collection
-    from cbir.index import open_index
-    from cbir.index.ingest import ingest_records
     from cbir.io import load_pseudonymizer
+    from cbir.store import open_index
 
     reporter = reporter or QUIET
     meta = records.meta.assign(split=records.meta["split"].replace({"val": "test"}))

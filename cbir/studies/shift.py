@@ -178,11 +178,10 @@ def _scores(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_shift(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, Any]:
-    from cbir.evaluate.run import evaluate_collection
-    from cbir.index import open_index
-    from cbir.index.ingest import ingest_records
+    from cbir.app.evaluate import evaluate_collection
+    from cbir.app.ingest import ingest_records
     from cbir.io import load_pseudonymizer
-    from cbir.search.calibrate import calibrate
+    from cbir.store import open_index
     chosen = selected_recipes(options.recipes)
     sets = build_sets(options)
     pseudonymize = load_pseudonymizer()
@@ -205,7 +204,6 @@ def run_shift(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, An
                 loaded = models[train_name][0]
                 with open_index(str(scratch / "index"), writable=True, create=True) as index:
                     ingest_records(sets[train_name], loaded, index, "shift", pseudonymize, reporter=reporter)
-                    calibrate(index, "shift", reporter=reporter)
                     report = evaluate_collection(index, "shift", loaded, options.out / "reports" / _slug(recipe)
                                                  / _slug(proxy), queries_from=sets[query_name],
                                                  pseudonymize=pseudonymize, reporter=reporter, robustness=robust)
