@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from cbir.data.splits import SplitSpec
 from cbir.data.synth import synth_dataset
 from cbir.data.transforms import standardize
 from cbir.errors import CbirError
+from cbir.io import ReaderPolicy
 from cbir.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
 from cbir.models.appearance import Appearance, centre_window, tiny_image
 from cbir.train import TrainSettings, train_model
@@ -145,6 +147,15 @@ def test_a_reused_run_gets_the_calibration_training_fits(tmp_path: Path) -> None
     assert again.config.has_appearance and again.calibration is not None
     assert again.calibration.fingerprint == again.fingerprint
 
+    # a run whose train.json predates a settings field (here `reader`) counts as trained with its default
+    summary = json.loads((tmp_path / "plain" / "train.json").read_text())
+    summary["settings"].pop("reader")
+    (tmp_path / "plain" / "train.json").write_text(json.dumps(summary))
+    assert finished_run(tmp_path / "plain", {}, asdict(TrainSettings(epochs=1, batch_size=8, workers=0)),
+                        rsna.split_record()) is not None
+    assert finished_run(tmp_path / "plain", {}, asdict(TrainSettings(epochs=1, batch_size=8, workers=0,
+                                                                     reader=ReaderPolicy(any_modality=True))),
+                        rsna.split_record()) is None
 
 def test_untrained_baseline_is_saved_without_training(rsna: Records, tmp_path: Path) -> None:
     result = train_model(rsna, TINY, TrainSettings(epochs=0, batch_size=8, workers=0), tmp_path / "untrained")

@@ -817,3 +817,14 @@ def test_console_tables_fit_80_columns(pipeline: dict[str, Path], monkeypatch: p
     model_row = next(line for line in out.splitlines() if "model sensitivity / specificity" in line)
     assert "model:" not in out and model_row.count("%") == 2
     assert max(len(line) for line in out.splitlines()) <= 80, out
+
+
+def test_train_reads_images_as_the_settings_allow(pipeline: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    """`cbir train` read the pixel limit from $CBIR_MAX_PIXELS, which the CLI wrote; the limit now reaches its
+    DataLoader workers in `TrainSettings.reader`, from `Settings.from_env()`."""
+    monkeypatch.setenv("CBIR_MAX_PIXELS", "1000")                     # the synthetic images have 48 × 48 pixels
+    code, out, err = run("train", "--data", pipeline["data"], "--layout", "rsna", "--backbone", "test_resnet",
+                         "--image-size", 32, "--epochs", 1, "--out", tmp_path / "m", "--workers", 0)
+    assert code == 2 and "image too large (48×48 pixels, limit 1000" in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "no readable images" in err

@@ -22,6 +22,7 @@ from cbir.cli.common import (
     out,
     split_options,
 )
+from cbir.cli.common import settings as settings_of
 from cbir.errors import CbirError
 
 
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
     app.command()(guarded(train))
 
 
-def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
+def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help="dataset folder")],
           out_dir: Annotated[Path, typer.Option("--out", help="run folder for the checkpoint")],
           layout: LayoutOpt = "auto",
           task: Annotated[str, typer.Option("--task", help="binary, hash (trained K-bit codes), multilabel "
@@ -196,7 +197,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="dataset folder")],
                              select=select or defaults.select, ema=defaults.ema if ema is None else ema,
                              augment=augment or defaults.augment, metric_loss=metric_loss or defaults.metric_loss,
                              balanced=defaults.balanced if balanced is None else balanced,
-                             init=str(init) if init else None, random_init=random_init, **transfer)
+                             init=str(init) if init else None, random_init=random_init, reader=settings_of(ctx).reader,
+                             **transfer)
     counts = records.meta["split"].value_counts().to_dict()
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}; split {spec.describe()}), target "
                  f"{records.target!r}, {int(records.y.sum())} positive")

@@ -21,7 +21,8 @@ def preload(records: Records, size: int, settings: TrainSettings, reporter: Repo
     failures: list[str] = []
     paths = records.meta["path"].tolist()
     with reporter.task(f"decode {label}", len(paths)) as bar:
-        for batch in iterate_batches(paths, size, batch_size=64, workers=settings.workers, reduce_to=reduce_to):
+        for batch in iterate_batches(paths, size, batch_size=64, workers=settings.workers, reduce_to=reduce_to,
+                                     policy=settings.reader):
             if batch.items:
                 images.append(batch.pixels.half())
                 keep.extend(item.index for item in batch.items)

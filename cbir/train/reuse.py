@@ -16,7 +16,8 @@ def finished_run(model_dir: Path, config: dict[str, Any], settings: dict[str, An
     """Training seconds of the run in `model_dir` when its config.json and train.json settings hold every given
     key's value and split.json has `split`'s spec, patient rule and images (`cbir.data.splits.same_data`); None
     otherwise (or when unfinished).
-    A `ModelConfig` field that config.json leaves out counts as its default (as `load_checkpoint` reads it)."""
+    A `ModelConfig` field that config.json leaves out counts as its default (as `load_checkpoint` reads it), and so
+    does a `TrainSettings` field that train.json leaves out (a run trained before the field existed)."""
     try:
         held_config = json.loads((model_dir / "config.json").read_text())
         summary = json.loads((model_dir / "train.json").read_text())
@@ -29,7 +30,8 @@ def finished_run(model_dir: Path, config: dict[str, Any], settings: dict[str, An
     from cbir.models import ModelConfig
     as_read = {k: v for k, v in asdict(ModelConfig.from_dict({})).items() if isinstance(v, str | int | float)}
     held_config = as_read | held_config
-    held_settings = summary.get("settings") or {}
+    from cbir.train.settings import TrainSettings
+    held_settings = _plain(asdict(TrainSettings())) | (summary.get("settings") or {})
     split = _plain(split)
     same = (all(held_config.get(k) == v for k, v in _plain(config).items())
             and all(held_settings.get(k) == v for k, v in _plain(settings).items())

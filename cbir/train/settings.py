@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cbir.data.transforms import AUGMENTATIONS
+from cbir.io.policy import DEFAULT_READER, ReaderPolicy
 
 #: The default backbone and input size of `cbir train` (with `TrainSettings`' defaults, the default recipe):
 #: EfficientNet-Lite0 from packaged ImageNet weights (`cbir.models.packaged`), its last 3 groups fine-tuned at
@@ -27,6 +28,8 @@ class TrainSettings:
     weight_decay: float = 1e-4
     device: str = "auto"
     workers: int = 2
+    #: What the readers accept while the images are decoded (`cbir.app.settings.Settings.reader`).
+    reader: ReaderPolicy = DEFAULT_READER
     seed: int = 0
     pretrained: bool = False
     weights: str | None = None
