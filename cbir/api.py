@@ -26,11 +26,8 @@ if TYPE_CHECKING:
 def open_index(location: str | None = None, writable: bool = False, create: bool = False,
                settings: Settings | None = None) -> Index:
     """The index at `location` (default: `settings.index`, i.e. $CBIR_INDEX or ./cbir-index)."""
-    from dataclasses import replace
-
     from cbir.app.open import open_index as open_settings
-    settings = settings or Settings.from_env()
-    return open_settings(replace(settings, index=location) if location else settings, writable, create)
+    return open_settings((settings or Settings.from_env()).with_options(index=location), writable, create)
 
 
 def query(image: str | Path, collection: str | None = None, k: int = 10, filters: list[str] | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ def _fresh(out: Path) -> None:
 def run_demo(out: Path, n: int = 400, size: int = 64, epochs: int = 8, backbone: str = "resnet10t",
              index: str | None = None, reporter: Reporter = QUIET, seed: int = 0,
              settings: Settings | None = None) -> DemoResult:
-    settings = replace(settings or Settings.from_env(), index=index or str(out.resolve() / "index"))
+    settings = (settings or Settings.from_env()).with_options(index=index or str(out.resolve() / "index"))
     out = out.resolve()
     _fresh(out)
     result = DemoResult(out, settings.index)

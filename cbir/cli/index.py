@@ -93,6 +93,7 @@ def index_calibrate(ctx: typer.Context,
     """Fit the vote's calibration and the close-case threshold on the collection's validation images again
     (`cbir ingest` does this; use it for collections ingested before, or for another k)."""
     from cbir.app.calibrate import calibrate
+    from cbir.search.calibrate import describe
     from cbir.store.teams import team_collection
     chosen = settings(ctx, index)
     collection = team_collection(collection or chosen.collection, team)
@@ -104,10 +105,7 @@ def index_calibrate(ctx: typer.Context,
         raise CbirError(f"collection {collection!r}: too few labelled validation images to calibrate (at least "
                         "20, and training images); the vote stays uncalibrated")
     vote = body["vote"]
-    weights = ("the k neighbours count equally" if vote["temperature"] is None
-               else f"similarity weights, temperature {vote['temperature']:g}")
-    out.print(f"{collection}: vote calibrated on {vote['n_validation']} validation images ({weights}; Platt a = "
-              f"{vote['a']:.3f}, b = {vote['b']:.3f}); close-case threshold {body['nearest']['threshold']:.4f}",
+    out.print(f"{collection}: {describe(body)} (k = {k}; Platt a = {vote['a']:.3f}, b = {vote['b']:.3f})",
               markup=False)
 
 
