@@ -167,3 +167,32 @@ def test_random_init_and_bad_options(tiny, tmp_path) -> None:
     for args, words in bad:
         code, _, err = run_cli("train", "--data", tiny, "--out", tmp_path / "x", *args)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_probe_epochs_train_the_heads_alone_then_the_last_groups(tiny, tmp_path) -> None:
+    """LP-FT (`--probe-epochs`): the backbone is untouched until the probe is over, then its last groups learn."""
+    from cbir.data.layout import load_dataset
+    from cbir.train import TrainSettings, train_model
+
+    records = load_dataset(tiny, "rsna")
+    config = ModelConfig(backbone="tf_efficientnet_lite0", image_size=32, embed_dim=8, bits=16)
+    snapshots: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def keep(epoch: int, model: torch.nn.Module, _ema: object) -> None:
+        snapshots.append(({k: v.clone() for k, v in model.backbone.state_dict().items()},
+                          {k: v.clone() for k, v in model.embed.state_dict().items()}))
+
+    settings = TrainSettings(epochs=3, probe_epochs=2, batch_size=8, workers=0)
+    train_model(records, config, settings, tmp_path / "lpft", epoch_hook=keep)
+    reference = timm.create_model("tf_efficientnet_lite0", in_chans=1, num_classes=0)
+    load_packaged(reference, LITE0)
+    start, groups = reference.state_dict(), backbone_groups(reference)
+    (after1, head1), (after2, head2), (after3, _) = snapshots
+    assert all(torch.equal(after[k], start[k]) for after in (after1, after2) for k in start)   # the probe
+    assert any(not torch.equal(head1[k], head2[k]) for k in head1)   # … trains the heads
+    for g, names in enumerate(groups):
+        moved = any(not torch.equal(after3[name], start[name]) for name in names)
+        assert moved == (g >= len(groups) - 3), f"group {g}"
+    assert json.loads((tmp_path / "lpft" / "train.json").read_text())["settings"]["probe_epochs"] == 2
+    code, _, err = run_cli("train", "--data", tiny, "--out", tmp_path / "x", "--epochs", 2, "--probe-epochs", 2)
+    assert code == 2 and "probe_epochs" in err and len(err.strip().splitlines()) == 1, err

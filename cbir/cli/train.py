@@ -77,6 +77,9 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
           freeze_bn: Annotated[bool | None, typer.Option(
               "--freeze-bn/--train-bn", help="keep the backbone's BatchNorm statistics pretrained [default: "
               "freeze]")] = None,
+          probe_epochs: Annotated[int | None, typer.Option(
+              "--probe-epochs", min=0, help="the first of --epochs train the heads alone on frozen features, "
+              "then the --unfreeze groups join (LP-FT) [default: 0]")] = None,
           random_init: Annotated[bool, typer.Option(
               "--random-init", help="start from random weights (the default starts from packaged ImageNet "
               "weights where they fit the backbone)")] = False,
@@ -169,9 +172,11 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
     defaults = TrainSettings()
     transfer: dict[str, Any] = {"unfreeze": defaults.unfreeze if unfrozen is None else unfrozen,
                 "layer_decay": defaults.layer_decay if layer_decay is None else layer_decay,
-                "freeze_bn": defaults.freeze_bn if freeze_bn is None else freeze_bn}
-    try:  # a bad --augment/--metric-loss fails before the dataset is read
-        TrainSettings(augment=augment or "basic", metric_loss=metric_loss or "none").validate()
+                "freeze_bn": defaults.freeze_bn if freeze_bn is None else freeze_bn,
+                "probe_epochs": defaults.probe_epochs if probe_epochs is None else probe_epochs}
+    try:  # a bad --augment/--metric-loss/--probe-epochs fails before the dataset is read
+        TrainSettings(augment=augment or "basic", metric_loss=metric_loss or "none", probe_epochs=transfer[
+            "probe_epochs"], epochs=defaults.epochs if epochs is None else epochs).validate()
     except ValueError as exc:
         raise CbirError(str(exc)) from None
     if init is not None:  # a missing, corrupt or mismatched run fails before the dataset is read

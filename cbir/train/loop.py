@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +33,7 @@ from cbir.train.domain_fit import fit_domain
 from cbir.train.preload import preload
 from cbir.train.selection import EpochHook, Keeper
 from cbir.train.settings import TrainResult, TrainSettings, Validation
-from cbir.train.transfer import from_scratch, hold_frozen, optimiser_groups
+from cbir.train.transfer import from_scratch, hold_frozen, optimiser_groups, set_trainable
 
 __all__ = ["TrainResult", "TrainSettings", "cosine_with_warmup", "preload", "train_epoch", "train_model"]
 
@@ -94,7 +94,10 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
     groups = optimiser_groups(model, settings.lr, settings.layer_decay, settings.unfreeze)
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(data.n_train / settings.batch_size)
-    schedule = cosine_with_warmup(optimizer, steps_per_epoch * settings.epochs, warmup=steps_per_epoch)
+    probe = settings.probe_epochs   # LP-FT: the heads alone first, on frozen features (`cbir.train.transfer`)
+    if probe:
+        set_trainable(model, 0)
+    schedule = cosine_with_warmup(optimizer, steps_per_epoch * (probe or settings.epochs), warmup=steps_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed)
 
     write_split(out, records.split_record())
@@ -107,8 +110,13 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
     # epochs 0: only "epoch 0", the untrained network, scored and saved as it is (a baseline)
     for epoch in range(0 if settings.epochs == 0 else 1, settings.epochs + 1):
         t0 = time.perf_counter()
+        if probe and epoch == probe + 1:   # the probe is over: the last `unfreeze` groups join, schedule afresh
+            set_trainable(model, settings.unfreeze)
+            schedule = cosine_with_warmup(optimizer, steps_per_epoch * (settings.epochs - probe),
+                                          warmup=steps_per_epoch)
+        phase = replace(settings, unfreeze=0) if epoch <= probe else settings
         losses = {"loss": math.nan} if epoch == 0 else train_epoch(
-            model, task, data, optimizer, schedule, settings, generator, reporter, epoch, keeper.step)
+            model, task, data, optimizer, schedule, phase, generator, reporter, epoch, keeper.step)
         scored = keeper.kept
         data.calibrate(scored)
         if epoch_hook is not None:

@@ -60,6 +60,9 @@ class TrainSettings:
     unfreeze: int = 3
     layer_decay: float = 0.7
     freeze_bn: bool = True
+    #: The first `probe_epochs` of `epochs` train the heads alone, on frozen features; then the last `unfreeze`
+    #: groups join, with a fresh warm-up and cosine schedule (`cbir.train.transfer`, LP-FT). 0: none.
+    probe_epochs: int = 0
 
     def validate(self) -> None:
         if self.augment not in AUGMENTATIONS:
@@ -70,6 +73,8 @@ class TrainSettings:
             raise ValueError(f"layer_decay must be in (0, 1], not {self.layer_decay}")
         if self.unfreeze < -1:
             raise ValueError(f"unfreeze must be -1 (all), 0 (none) or a number of groups, not {self.unfreeze}")
+        if not 0 <= self.probe_epochs < max(self.epochs, 1):
+            raise ValueError(f"probe_epochs must be in 0..epochs − 1 ({self.epochs - 1}), not {self.probe_epochs}")
         if self.random_init and (self.pretrained or self.weights or self.init):
             raise ValueError("random_init excludes pretrained, weights and init")
 

@@ -9,6 +9,9 @@ the last convolutions), in input-to-output order, so the same settings mean the 
 - `TrainSettings.layer_decay` = d gives group g of G the learning rate lr·d^(G−g) (the heads get lr): the
   stem changes least. 1 is one rate for all.
 - `TrainSettings.freeze_bn` keeps every BatchNorm of the backbone at its pretrained statistics.
+- `TrainSettings.probe_epochs` = P trains the heads alone for the first P epochs (a linear probe on frozen
+  features), then the last `unfreeze` groups join ("LP-FT", Kumar et al. 2022: a random head's first gradients
+  distort the pretrained features, which costs most on other distributions).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
     from cbir.train.settings import TrainSettings
 
 #: What the transfer settings are for a backbone that starts from random weights: every layer trains at one rate.
-ALL_LAYERS: dict[str, Any] = {"unfreeze": -1, "layer_decay": 1.0, "freeze_bn": False}
+ALL_LAYERS: dict[str, Any] = {"unfreeze": -1, "layer_decay": 1.0, "freeze_bn": False, "probe_epochs": 0}
 
 
 def from_scratch(settings: TrainSettings, reporter: Reporter) -> TrainSettings:
@@ -71,17 +74,30 @@ def optimiser_groups(model: nn.Module, lr: float, layer_decay: float, unfreeze: 
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
     groups = backbone_groups(backbone)
     named = dict(backbone.named_parameters())
-    frozen = frozen_count(len(groups), unfreeze)
+    frozen = set_trainable(model, unfreeze)
     out: list[dict[str, Any]] = []
     for g, names in enumerate(groups):
         params = [named[n] for n in names]
-        for p in params:
-            p.requires_grad_(g >= frozen)
         if g >= frozen and params:
             out.append({"params": params, "lr": lr * layer_decay ** (len(groups) - g)})
     in_backbone = {id(p) for p in backbone.parameters()}
     heads = [p for p in model.parameters() if id(p) not in in_backbone and p.requires_grad]
     return out + [{"params": heads, "lr": lr}]
+
+
+def set_trainable(model: nn.Module, unfreeze: int) -> int:
+    """Let the backbone's last `unfreeze` groups (-1: all) require gradients and stop the others; returns how many
+    groups are frozen. A backbone that is not a timm model is left as it is (0)."""
+    backbone: Any = getattr(model, "backbone", None)
+    if not _is_timm(backbone):
+        return 0
+    groups = backbone_groups(backbone)
+    named = dict(backbone.named_parameters())
+    frozen = frozen_count(len(groups), unfreeze)
+    for g, names in enumerate(groups):
+        for name in names:
+            named[name].requires_grad_(g >= frozen)
+    return frozen
 
 
 def hold_frozen(model: nn.Module, unfreeze: int, freeze_bn: bool) -> None:
