@@ -51,7 +51,7 @@ IMAGENET: dict[str, dict[str, Any]] = {
     "Lite1: last 3 groups + head (BN frozen) 240 px": {"backbone": "tf_efficientnet_lite1", "image_size": 240,
                                                         "unfreeze": 3, "freeze_bn": True, "layer_decay": 0.7,
                                                         "epochs": 6},
-    "linear probe 2 epochs, then last 3 groups (LP-FT) 224 px": {"image_size": 224, "unfreeze": 3,
+    "linear probe 2 epochs then last 3 groups (LP-FT) 224 px": {"image_size": 224, "unfreeze": 3,
                                                                  "freeze_bn": True, "layer_decay": 0.7,
                                                                  "epochs": 8, "probe_epochs": 2},
     "last 3 groups + supcon + balanced + strong augmentation 224 px": {
