@@ -35,7 +35,7 @@ def test_shift_study_writes_every_proxy_for_every_recipe(tmp_path: Path) -> None
     # differ from it only in TrainSettings, which tests/test_packaged.py covers
     floor = "ImageNet: frozen features with no training (floor)"
     chosen = [r for r in RECIPES if not r.startswith("ImageNet: ")] + [floor]
-    assert len(chosen) + len(IMAGENET) - 1 == len(RECIPES)
+    assert len(chosen) + len(IMAGENET) - 1 == len(RECIPES)   # (pretrain recipe: see below)
     code, out, err = run_cli("study", "shift", "--data", rsna, "--other", _kermany(tmp_path / "kermany"), "--out",
                              tmp_path / "study", "--backbone", "test_resnet", "--image-size", 32, "--epochs", 1,
                              "--device", "cpu", "--doc", doc, "--recipes", ",".join(chosen))
@@ -121,3 +121,14 @@ def test_every_recipe_can_be_named_on_the_command_line_and_gets_its_own_folder()
     from cbir.studies.shift import RECIPES, _slug
     assert not [name for name in RECIPES if "," in name]   # --recipes splits on commas
     assert len({_slug(name) for name in RECIPES}) == len(RECIPES)
+
+
+def test_the_pretrain_recipe_needs_one_init_run(tmp_path: Path) -> None:
+    from cbir.studies.shift import FROM_INIT, RECIPES
+    name = next(n for n, recipe in RECIPES.items() if recipe.get("init") == FROM_INIT)
+    rsna = tmp_path / "rsna"
+    assert run_cli("synth", "--layout", "rsna", "--n", 30, "--size", 32, "--out", rsna, "--seed", 11)[0] == 0
+    code, _, err = run_cli("study", "shift", "--data", rsna, "--other", _kermany(tmp_path / "kermany", 6),
+                           "--out", tmp_path / "s", "--image-size", 32, "--recipes", name)
+    assert code == 2 and "--init RUN" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()   # before any data is read

@@ -144,8 +144,8 @@ def study(name: Annotated[str, typer.Argument(
               "--models", help="appearance: take each fold's binary model from this `cbir reproduce` models folder "
               "(its split must be the study's)")] = None,
           init: Annotated[list[Path] | None, typer.Option(
-              "--init", help="ssl-method: the `cbir pretrain` runs to compare (repeatable); label-efficiency: the "
-              "pretrained run")] = None,
+              "--init", help="ssl-method: the `cbir pretrain` runs to compare (repeatable); label-efficiency and "
+              "shift's pretrain recipe: the pretrained run")] = None,
           layout: LayoutOpt = "auto",
           folds: Annotated[int, typer.Option("--folds", min=2, help="cross-validation folds by patient")] = 5,
           use_folds: Annotated[list[int] | None, typer.Option("--use-fold", help="only these folds (repeatable)")
@@ -183,7 +183,7 @@ def study(name: Annotated[str, typer.Argument(
         if name != "shift":
             raise CbirError("--recipes is for study shift only")
         from cbir.studies.shift import selected_recipes
-        selected_recipes(chosen)  # an unknown name fails before any data is read
+        selected_recipes(chosen, list(init or []))  # an unknown name fails before any data is read
     bad = [f for f in use_folds or [] if not 1 <= f <= folds]
     if bad:
         raise CbirError(f"--use-fold {bad[0]}: folds are 1..{folds}")

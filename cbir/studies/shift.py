@@ -34,6 +34,8 @@ from cbir.studies.common import StudyOptions, finish, register
 
 #: No appearance part (`cbir.models.appearance`): the recipes as they were before it.
 PLAIN = {"appearance_size": 0}
+#: A recipe's `init` that stands for the study's `--init` run (a `cbir pretrain` folder of this machine).
+FROM_INIT = "--init"
 #: Issue 24's recipes: transfer from packaged ImageNet weights (EfficientNet-Lite0, `cbir.models.packaged`).
 IMAGENET: dict[str, dict[str, Any]] = {
     "last 3 groups + head (BN frozen) 224 px": {"image_size": 224, "unfreeze": 3, "freeze_bn": True,
@@ -54,6 +56,9 @@ IMAGENET: dict[str, dict[str, Any]] = {
     "linear probe 2 epochs then last 3 groups (LP-FT) 224 px": {"image_size": 224, "unfreeze": 3,
                                                                  "freeze_bn": True, "layer_decay": 0.7,
                                                                  "epochs": 8, "probe_epochs": 2},
+    "cbir pretrain continued (--init) then last 3 groups 224 px": {"image_size": 224, "unfreeze": 3,
+                                                                   "freeze_bn": True, "layer_decay": 0.7,
+                                                                   "epochs": 6, "init": FROM_INIT},
     "last 3 groups + supcon + balanced + strong augmentation 224 px": {
         "image_size": 224, "unfreeze": 3, "freeze_bn": True, "layer_decay": 0.7, "epochs": 6, "augment": "strong",
         "metric_loss": "supcon", "balanced": True},
@@ -140,6 +145,8 @@ def _train(records: Records, options: StudyOptions, overrides: dict[str, Any], o
     config.validate()
     fields: dict[str, Any] = {"epochs": options.epochs, "batch_size": options.batch_size, "device": options.device,
                               "seed": options.seed}
+    if overrides.get("init") == FROM_INIT:   # `selected_recipes` made sure that there is one
+        overrides = overrides | {"init": str(options.init[0])}
     settings = TrainSettings(**(fields | {k: v for k, v in overrides.items() if k not in MODEL_KEYS}))
     started = time.perf_counter()
     from dataclasses import asdict
@@ -185,7 +192,7 @@ def run_shift(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, An
     from cbir.app.ingest import ingest_records
     from cbir.io import load_pseudonymizer
     from cbir.store import open_index
-    chosen = selected_recipes(options.recipes)
+    chosen = selected_recipes(options.recipes, options.init)
     sets = build_sets(options)
     pseudonymize = load_pseudonymizer()
     saved = _options_record(options)
@@ -221,13 +228,17 @@ def run_shift(options: StudyOptions, reporter: Reporter = QUIET) -> dict[str, An
     return finish("shift", options, result, render_shift(result, options))
 
 
-def selected_recipes(names: list[str]) -> list[str]:
-    """The recipes to run, in `RECIPES` order (all when `names` is empty); `CbirError` for an unknown name."""
+def selected_recipes(names: list[str], init: list[Path] | None = None) -> list[str]:
+    """The recipes to run, in `RECIPES` order (when `names` is empty: all, but those that continue a `cbir pretrain`
+    run unless `init` gives one); `CbirError` for an unknown name, or a named pretrain recipe without one `init`."""
     from cbir.errors import CbirError
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise CbirError(f"unknown recipe {unknown[0]!r} (choose from {'; '.join(RECIPES)})")
-    return [r for r in RECIPES if not names or r in names]
+    needs = [n for n in names if RECIPES[n].get("init") == FROM_INIT]
+    if needs and len(init or []) != 1:
+        raise CbirError(f"recipe {needs[0]!r} continues a `cbir pretrain` run: give it as --init RUN (one)")
+    return [r for r in RECIPES if r in names or not names and (init or RECIPES[r].get("init") != FROM_INIT)]
 
 
 def _options_record(options: StudyOptions) -> dict[str, Any]:
