@@ -33,7 +33,7 @@ from cbir.train.domain_fit import fit_domain
 from cbir.train.preload import preload
 from cbir.train.selection import EpochHook, Keeper
 from cbir.train.settings import TrainResult, TrainSettings, Validation
-from cbir.train.transfer import from_scratch, hold_frozen, optimiser_groups, set_trainable
+from cbir.train.transfer import from_scratch, hold_frozen, optimiser_groups, set_trainable, trained_groups
 
 __all__ = ["TrainResult", "TrainSettings", "cosine_with_warmup", "preload", "train_epoch", "train_model"]
 
@@ -95,8 +95,6 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(data.n_train / settings.batch_size)
     probe = settings.probe_epochs   # LP-FT: the heads alone first, on frozen features (`cbir.train.transfer`)
-    if probe:
-        set_trainable(model, 0)
     schedule = cosine_with_warmup(optimizer, steps_per_epoch * (probe or settings.epochs), warmup=steps_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed)
 
@@ -111,10 +109,10 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
     for epoch in range(0 if settings.epochs == 0 else 1, settings.epochs + 1):
         t0 = time.perf_counter()
         if probe and epoch == probe + 1:   # the probe is over: the last `unfreeze` groups join, schedule afresh
-            set_trainable(model, settings.unfreeze)
             schedule = cosine_with_warmup(optimizer, steps_per_epoch * (settings.epochs - probe),
                                           warmup=steps_per_epoch)
-        phase = replace(settings, unfreeze=0) if epoch <= probe else settings
+        phase = replace(settings, unfreeze=trained_groups(settings, epoch))
+        set_trainable(model, phase.unfreeze)
         losses = {"loss": math.nan} if epoch == 0 else train_epoch(
             model, task, data, optimizer, schedule, phase, generator, reporter, epoch, keeper.step)
         scored = keeper.kept

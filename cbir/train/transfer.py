@@ -100,6 +100,12 @@ def set_trainable(model: nn.Module, unfreeze: int) -> int:
     return frozen
 
 
+def trained_groups(settings: TrainSettings, epoch: int) -> int:
+    """How many of the backbone's last groups train in `epoch` (1-based): none during the probe
+    (`probe_epochs`), `unfreeze` after it."""
+    return 0 if epoch <= settings.probe_epochs else settings.unfreeze
+
+
 def hold_frozen(model: nn.Module, unfreeze: int, freeze_bn: bool) -> None:
     """After `model.train()`: frozen groups (and, with `freeze_bn`, every BatchNorm of the backbone) back in
     inference mode, so their statistics stay the pretrained ones and dropout is off there."""
