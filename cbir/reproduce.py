@@ -40,7 +40,7 @@ from cbir.io import load_pseudonymizer
 from cbir.io.phi import shown_path
 from cbir.models import LoadedModel, ModelConfig, get_task, load_checkpoint
 from cbir.models.device import resolve_device
-from cbir.report.doc import update_section
+from cbir.report.doc import slug, update_section
 from cbir.report.results import render_results
 from cbir.store import open_index
 from cbir.store.versions import drop
@@ -329,7 +329,7 @@ def _write(options: ReproduceOptions, rows: list[FoldRow], tasks: list[str], sta
 
 
 def _doc_name(options: ReproduceOptions) -> str:
-    return "".join(c if c.isalnum() else "-" for c in Path(options.data).name.lower()) or "data"
+    return slug(Path(options.data).name) or "data"
 
 
 def fold_values(results: dict[str, Any], task: str, name: str) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,7 +171,6 @@ def test_a_damaged_record_is_one_line_from_every_reader(pipeline: dict[str, Path
     """Query, evaluate and `index info` read the collection's record through its typed view (`Index.record`), so
     a hand-edited field of the wrong type is named in one line (exit 2). Before, query compared the string "16"
     with the model's 16 and blamed the model ("was built with model …"), and `index info` printed it."""
-    import shutil
 
     from cbir.store import open_index
     index = tmp_path / "index"
@@ -297,7 +297,6 @@ def test_dataset_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_ingest_goes_on_past_bad_files(pipeline: dict[str, Path], tmp_path: Path) -> None:
-    import shutil
     data = tmp_path / "data"
     shutil.copytree(pipeline["data"], data)
     victims = _dicoms(data)[:2]
@@ -435,6 +434,29 @@ def test_reproduce_cross_validates_and_writes_the_results_table(pipeline: dict[s
     assert again["knn_accuracy"] == results["folds"][0]["knn_accuracy"]
     code, out, err = run("reproduce", "--data", pipeline["data"], "--out", tmp_path / "res2", "--task", "multilabel")
     assert code == 2 and "multilabel needs --nih" in err
+    # cbir compare pools each approach's folds into one row; a run against itself differs by exactly 0
+    code, out, err = run("compare", tmp_path / "res", tmp_path / "res", "--name-a", "A", "--name-b", "B",
+                         "--doc", doc, "--json", tmp_path / "compare.json")
+    assert code == 0, err
+    compared = json.loads((tmp_path / "compare.json").read_text())
+    assert set(compared["evaluations"]) == {"binary", "hash", "multilabel", "multilabel-nih", "detection"}
+    binary = compared["evaluations"]["binary"]
+    assert binary["n_queries"] == N and binary["measures"]["roc_auc"]["a"] == pytest.approx(pooled["roc_auc"])
+    assert all(m["difference"] == 0 and m["verdict"] == "level" for e in compared["evaluations"].values()
+               for m in e["measures"].values())
+    assert "<!-- cbir:compare-a-vs-b -->" in doc.read_text() and "| binary | " in out
+    # another split's queries are not the same queries: one line, exit code 2, nothing written
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "res" / "reports", other / "reports")
+    moved = other / "reports" / "fold2" / "binary" / "per_query.json"
+    body = json.loads(moved.read_text())
+    body["target"] = body["target"][1:] + body["target"][:1]
+    moved.write_text(json.dumps(body))
+    code, out, err = run("compare", tmp_path / "res", other)
+    assert code == 2 and "'binary' does not hold the same queries" in err and "fold 2" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, out, err = run("compare", tmp_path / "res", tmp_path / "nowhere")
+    assert code == 2 and "no such folder" in err
 
 
 def test_reproduce_and_the_cli_run_one_ingest_use_case(tmp_path: Path) -> None:

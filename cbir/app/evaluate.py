@@ -239,7 +239,7 @@ def evaluate_collection(index: Index, collection: str, loaded: LoadedModel, out_
     per_query = {"target": y_query.tolist(), "probability": prob_query.tolist(), "vote": vote.tolist(),
                  "ap": [None if np.isnan(a) else float(a) for a in average_precisions_at_k(relevant, k, n_relevant)],
                  "group": groups.tolist(), "majority_label": int(report["baseline"]["majority_label"]),
-                 "weighted_vote": weighted.tolist(), "operating_point": point}
+                 "weighted_vote": weighted.tolist(), "operating_point": point, "k": k}
     (Path(out_dir) / "per_query.json").write_text(json.dumps(per_query) + "\n")
     report["context"] = context
     report["files"] = {name: str(path) for name, path in files.items()} | {"per_query": str(Path(out_dir) /

@@ -28,7 +28,7 @@ from cbir.errors import CbirError
 
 
 def register(app: typer.Typer) -> None:
-    for command in (demo, serve, reproduce, study):
+    for command in (demo, serve, reproduce, study, compare):
         app.command()(guarded(command))
 
 
@@ -193,3 +193,35 @@ def study(name: Annotated[str, typer.Argument(
                            models=models, recipes=chosen, init=list(init or []))
     result = STUDIES[name](options, make_reporter())
     out.print(result["markdown"], markup=False)
+
+
+def compare(run_a: Annotated[Path, typer.Argument(help="run A: a cbir reproduce, cbir study or cbir evaluate folder")],
+            run_b: Annotated[Path, typer.Argument(help="run B, on the same queries (e.g. the old recipe)")],
+            name_a: Annotated[str | None, typer.Option("--name-a", help="what A is, in the table [default: "
+                                                       "its folder]")] = None,
+            name_b: Annotated[str | None, typer.Option("--name-b", help="what B is [default: its folder]")] = None,
+            doc: Annotated[Path | None, typer.Option("--doc", help="also write the table into this Markdown file, "
+                                                     "as section compare-SECTION")] = None,
+            section: Annotated[str | None, typer.Option(
+                "--section", help="the section's name [default: A's and B's names]")
+                               ] = None,
+            json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures here")] = None
+            ) -> None:
+    """Is A better than B? Each evaluation both runs hold, paired query by query: every measure of A and B and
+    A − B with a 95 % patient-bootstrap interval that draws the patients once for both; A is better or worse only
+    where it excludes 0. The folds of a cbir reproduce run pool into one row."""
+    import json
+    import shlex
+
+    from cbir.app.compare import compare_runs
+    from cbir.report.doc import slug, update_section
+    from cbir.report.paired import render_comparison
+    first, second = name_a or run_a.name, name_b or run_b.name
+    result = compare_runs(run_a, run_b)
+    command = f"cbir compare {result['a']} {result['b']} --name-a {shlex.quote(first)} --name-b {shlex.quote(second)}"
+    markdown = render_comparison(result, first, second, command)
+    out.print(markdown, markup=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result | {"name_a": first, "name_b": second}, indent=2) + "\n")
+    if doc is not None:
+        update_section(doc, "compare-" + slug(section or f"{first}-vs-{second}"), markdown)

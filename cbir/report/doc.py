@@ -13,6 +13,11 @@ from cbir.errors import CbirError
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
+def slug(text: str) -> str:
+    """`text` lower-cased, every character but letters and digits a "-": a section's or a folder's name."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower())
+
+
 def markers(name: str) -> tuple[str, str]:
     return f"<!-- cbir:{name} -->", f"<!-- /cbir:{name} -->"
 

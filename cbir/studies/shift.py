@@ -30,6 +30,7 @@ from cbir.data.layout import load_dataset
 from cbir.data.records import Records
 from cbir.data.splits import SplitSpec, patient_uniform
 from cbir.io.phi import shown_path
+from cbir.report.doc import slug
 from cbir.studies.common import StudyOptions, finish, register
 
 #: No appearance part (`cbir.models.appearance`): the recipes as they were before it.
@@ -267,7 +268,7 @@ def _rank(order: list[str], recipe: str) -> int:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40]
+    return slug(text).strip("-")[:40]
 
 
 def _ci(value: Any, ci: Any) -> str:
