@@ -457,6 +457,8 @@ def test_reproduce_cross_validates_and_writes_the_results_table(pipeline: dict[s
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     code, out, err = run("compare", tmp_path / "res", tmp_path / "nowhere")
     assert code == 2 and "no such folder" in err
+    code, out, err = run("compare", tmp_path / "res", tmp_path / "res", "--json", tmp_path / "no" / "c.json")
+    assert code == 2 and "its folder does not exist" in err and out == ""
 
 
 def test_reproduce_and_the_cli_run_one_ingest_use_case(tmp_path: Path) -> None:

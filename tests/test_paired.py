@@ -112,3 +112,6 @@ def test_runs_pair_their_evaluations_by_name_and_pool_folds(tmp_path: Path, two_
     (tmp_path / "bad" / "binary" / "per_query.json").write_text("{not json")
     with pytest.raises(CbirError, match="not a readable per_query.json"):
         compare_runs(tmp_path / "bad", tmp_path / "bad")
+    (tmp_path / "bad" / "binary" / "per_query.json").write_text(json.dumps(dict(good, probability=[0.5])))
+    with pytest.raises(CbirError, match="differ in length"):
+        compare_runs(tmp_path / "bad", tmp_path / "bad")

@@ -55,6 +55,10 @@ def _read(path: Path) -> dict[str, Any]:
         raise CbirError(f"{path}: not a readable {PER_QUERY} ({exc.__class__.__name__})") from None
     if not isinstance(body, dict) or not {"target", "probability", "vote", "ap", "group"} <= set(body):
         raise CbirError(f"{path}: not a {PER_QUERY} written by cbir evaluate (fields missing)")
+    lengths = {len(body[key]) for key in ("target", "probability", "vote", "ap", "group", "weighted_vote")
+               if isinstance(body.get(key), list)}
+    if len(lengths) != 1:
+        raise CbirError(f"{path}: its per-query lists differ in length (a damaged {PER_QUERY})")
     return body
 
 

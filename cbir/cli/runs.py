@@ -217,6 +217,9 @@ def compare(run_a: Annotated[Path, typer.Argument(help="run A: a cbir reproduce,
     from cbir.report.doc import slug, update_section
     from cbir.report.paired import render_comparison
     first, second = name_a or run_a.name, name_b or run_b.name
+    for target in (json_out, doc):   # before any work: a file that cannot be written is a user error
+        if target is not None and not target.parent.is_dir():
+            raise CbirError(f"{target}: its folder does not exist")
     result = compare_runs(run_a, run_b)
     command = f"cbir compare {result['a']} {result['b']} --name-a {shlex.quote(first)} --name-b {shlex.quote(second)}"
     markdown = render_comparison(result, first, second, command)
