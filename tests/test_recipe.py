@@ -54,3 +54,11 @@ def test_train_with_the_retrieval_recipe(tmp_path) -> None:
     assert (settings["augment"], settings["metric_loss"], settings["balanced"]) == ("strong", "supcon", True)
     code, _, err = run_cli("train", "--data", data, "--out", tmp_path / "m2", "--metric-loss", "triplet")
     assert code == 2 and "metric_loss" in err and len(err.strip().splitlines()) == 1
+
+
+def test_balanced_is_refused_for_multilabel(tmp_path) -> None:
+    """Balancing 14 labels' combinations would repeat the rarest dozens of times per epoch: refused in one line,
+    before any image is read (the folder does not even exist)."""
+    code, _, err = run_cli("train", "--data", tmp_path / "absent", "--task", "multilabel", "--balanced",
+                           "--out", tmp_path / "m")
+    assert code == 2 and "--balanced" in err and "multilabel" in err and len(err.strip().splitlines()) == 1

@@ -119,7 +119,7 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
               "--metric-loss", show_default=False, help="none, or supcon (supervised contrastive loss on the "
               "embedding) [default: none]")] = None,
           balanced: Annotated[bool | None, typer.Option(
-              "--balanced/--no-balanced", show_default=False, help="class-balanced batches [default: "
+              "--balanced/--no-balanced", show_default=False, help="class-balanced batches (binary and hash) [default: "
               "no-balanced]")] = None,
           intensity: Annotated[str, typer.Option(
               "--intensity", help="input intensities: standardize (per-image mean/variance), equalize (global "
@@ -145,6 +145,9 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
     backbone = backbone or (DetectorConfig().backbone if get_task(task).boxes else DEFAULT_BACKBONE)
     _check_weight_options(backbone, random_init, pretrained, weights, init, encoder, task)
     finds_boxes = get_task(task).boxes  # a bad --task/--bits/--intensity fails before the dataset is read
+    if balanced and get_task(task).per_label:
+        raise CbirError(f"--balanced draws equally many images of each label combination: not for {task}, whose "
+                        "classes are weighted in the loss (drop --balanced)")
     if retrieval == "encoder" and encoder is None:
         raise CbirError("--retrieval encoder: retrieves by a frozen encoder's features; give --encoder FILE")
     if init is not None and encoder is not None:
