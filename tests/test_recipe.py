@@ -62,3 +62,12 @@ def test_balanced_is_refused_for_multilabel(tmp_path) -> None:
     code, _, err = run_cli("train", "--data", tmp_path / "absent", "--task", "multilabel", "--balanced",
                            "--out", tmp_path / "m")
     assert code == 2 and "--balanced" in err and "multilabel" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_detector_refuses_the_classifier_training_options(tmp_path) -> None:
+    """The detector has its own box-aware augmentation: --augment/--metric-loss/--balanced would be silently
+    ignored yet recorded in train.json, so each is refused in one line, before any image is read."""
+    for extra in (("--augment", "strong"), ("--metric-loss", "supcon"), ("--balanced",)):
+        code, _, err = run_cli("train", "--data", tmp_path / "absent", "--task", "detection", *extra,
+                               "--out", tmp_path / "m")
+        assert code == 2 and "the detector" in err and len(err.strip().splitlines()) == 1, (extra, err)
