@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -71,3 +72,16 @@ def test_the_detector_refuses_the_classifier_training_options(tmp_path) -> None:
         code, _, err = run_cli("train", "--data", tmp_path / "absent", "--task", "detection", *extra,
                                "--out", tmp_path / "m")
         assert code == 2 and "the detector" in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_the_library_refuses_them_too() -> None:
+    """The same refusals where the data of a run is prepared, before any image is decoded (nothing else is read)."""
+    from cbir.models import get_task
+    from cbir.train import TrainSettings
+    from cbir.train.classifier import ClassifierData
+    from cbir.train.detection import DetectorData
+    with pytest.raises(ValueError, match="single-target"):
+        ClassifierData(None, None, None, None, get_task("multilabel"), TrainSettings(balanced=True), None, None)
+    for option in ({"augment": "strong"}, {"metric_loss": "supcon"}, {"balanced": True}):
+        with pytest.raises(ValueError, match="the detector"):
+            DetectorData.prepare(None, None, None, None, get_task("detection"), TrainSettings(**option), None, None)

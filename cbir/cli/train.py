@@ -169,9 +169,10 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
         raise CbirError("--appearance-*: a detector's embedding has no appearance part")
     elif epochs == 0:
         raise CbirError("--epochs 0 (an untrained baseline) is for binary, hash and multilabel, not detection")
-    elif augment is not None or metric_loss is not None or balanced is not None:
+    elif augment not in (None, "basic") or metric_loss not in (None, "none") or balanced:
         raise CbirError("--augment/--metric-loss/--balanced: the detector has its own box-aware augmentation, "
-                        "no metric loss and no class batches; they are for binary, hash and multilabel")
+                        "no metric loss and no class batches; they are for binary and hash (multilabel: all but "
+                        "--balanced)")
     unfrozen = _unfreeze_groups(unfreeze)
     if select is not None and select not in SELECT_RULES:
         raise CbirError(f"--select {select!r}: choose from {', '.join(SELECT_RULES)}")
