@@ -74,14 +74,19 @@ def test_the_detector_refuses_the_classifier_training_options(tmp_path) -> None:
         assert code == 2 and "the detector" in err and len(err.strip().splitlines()) == 1, (extra, err)
 
 
-def test_the_library_refuses_them_too() -> None:
-    """The same refusals where the data of a run is prepared, before any image is decoded (nothing else is read)."""
-    from cbir.models import get_task
-    from cbir.train import TrainSettings
-    from cbir.train.classifier import ClassifierData
-    from cbir.train.detection import DetectorData
-    with pytest.raises(ValueError, match="single-target"):
-        ClassifierData(None, None, None, None, get_task("multilabel"), TrainSettings(balanced=True), None, None)
+def test_the_library_refuses_them_too(tmp_path) -> None:
+    """`train_model` makes the same check (`TrainSettings.check_task`) before any image is decoded."""
+    from cbir.data.layout import load_dataset
+    from cbir.models import ModelConfig
+    from cbir.models.detector_config import DetectorConfig
+    from cbir.train import TrainSettings, train_model
+    assert run_cli("synth", "--layout", "rsna", "--n", 12, "--size", 32, "--out", tmp_path / "d", "--seed", 3)[0] == 0
+    records = load_dataset(tmp_path / "d", "rsna")
+    labels = {"label_names": list(records.label_names), "target": records.target}
+    with pytest.raises(ValueError, match="--balanced"):
+        train_model(records, ModelConfig(task="multilabel", backbone="test_resnet", **labels),
+                    TrainSettings(balanced=True), tmp_path / "m")
     for option in ({"augment": "strong"}, {"metric_loss": "supcon"}, {"balanced": True}):
         with pytest.raises(ValueError, match="the detector"):
-            DetectorData.prepare(None, None, None, None, get_task("detection"), TrainSettings(**option), None, None)
+            train_model(records, DetectorConfig(**labels), TrainSettings(**option), tmp_path / "m")
+    assert not (tmp_path / "m").exists()

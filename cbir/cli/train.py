@@ -134,6 +134,8 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
 
     With no weight option the backbone starts from packaged ImageNet weights (offline; recorded in train.json),
     and its last groups are fine-tuned: the default recipe of docs/results.md."""
+    from dataclasses import replace
+
     from cbir.data.layout import load_dataset
     from cbir.data.splits import SplitSpec
     from cbir.models import ModelConfig, get_task
@@ -145,9 +147,6 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
     backbone = backbone or (DetectorConfig().backbone if get_task(task).boxes else DEFAULT_BACKBONE)
     _check_weight_options(backbone, random_init, pretrained, weights, init, encoder, task)
     finds_boxes = get_task(task).boxes  # a bad --task/--bits/--intensity fails before the dataset is read
-    if balanced and get_task(task).per_label:
-        raise CbirError(f"--balanced draws equally many images of each label combination: not for {task}, whose "
-                        "classes are weighted in the loss (drop --balanced)")
     if retrieval == "encoder" and encoder is None:
         raise CbirError("--retrieval encoder: retrieves by a frozen encoder's features; give --encoder FILE")
     if init is not None and encoder is not None:
@@ -169,10 +168,6 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
         raise CbirError("--appearance-*: a detector's embedding has no appearance part")
     elif epochs == 0:
         raise CbirError("--epochs 0 (an untrained baseline) is for binary, hash and multilabel, not detection")
-    elif augment not in (None, "basic") or metric_loss not in (None, "none") or balanced:
-        raise CbirError("--augment/--metric-loss/--balanced: the detector has its own box-aware augmentation, "
-                        "no metric loss and no class batches; they are for binary and hash (multilabel: all but "
-                        "--balanced)")
     unfrozen = _unfreeze_groups(unfreeze)
     if select is not None and select not in SELECT_RULES:
         raise CbirError(f"--select {select!r}: choose from {', '.join(SELECT_RULES)}")
@@ -181,9 +176,13 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
                 "layer_decay": defaults.layer_decay if layer_decay is None else layer_decay,
                 "freeze_bn": defaults.freeze_bn if freeze_bn is None else freeze_bn,
                 "probe_epochs": defaults.probe_epochs if probe_epochs is None else probe_epochs}
-    try:  # a bad --augment/--metric-loss/--probe-epochs fails before the dataset is read
-        TrainSettings(augment=augment or "basic", metric_loss=metric_loss or "none", probe_epochs=transfer[
-            "probe_epochs"], epochs=defaults.epochs if epochs is None else epochs).validate()
+    try:  # a bad --augment/--metric-loss/--balanced/--probe-epochs fails before the dataset is read
+        given_settings = TrainSettings(
+            augment=augment or defaults.augment, metric_loss=metric_loss or defaults.metric_loss,
+            balanced=defaults.balanced if balanced is None else balanced, probe_epochs=transfer["probe_epochs"],
+            epochs=defaults.epochs if epochs is None else epochs)
+        given_settings.validate()
+        given_settings.check_task(get_task(task))
     except ValueError as exc:
         raise CbirError(str(exc)) from None
     if init is not None:  # a missing, corrupt or mismatched run fails before the dataset is read
@@ -203,14 +202,11 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
     appearance: dict[str, Any] = {
         k: v for k, v in (("appearance_size", appearance_size), ("appearance_weight", appearance_weight),
                           ("appearance_window", appearance_window)) if v is not None}
-    settings = TrainSettings(epochs=defaults.epochs if epochs is None else epochs, batch_size=batch_size, lr=lr,
-                             device=device, workers=workers,
-                             seed=seed, pretrained=pretrained, weights=str(weights) if weights else None,
-                             select=select or defaults.select, ema=defaults.ema if ema is None else ema,
-                             augment=augment or defaults.augment, metric_loss=metric_loss or defaults.metric_loss,
-                             balanced=defaults.balanced if balanced is None else balanced,
-                             init=str(init) if init else None, random_init=random_init, reader=settings_of(ctx).reader,
-                             **transfer)
+    settings = replace(given_settings, batch_size=batch_size, lr=lr, device=device, workers=workers, seed=seed,
+                       pretrained=pretrained, weights=str(weights) if weights else None,
+                       select=select or defaults.select, ema=defaults.ema if ema is None else ema,
+                       init=str(init) if init else None, random_init=random_init, reader=settings_of(ctx).reader,
+                       **transfer)
     counts = records.meta["split"].value_counts().to_dict()
     reporter.log(f"{records.dataset}: {len(records)} images ({counts}; split {spec.describe()}), target "
                  f"{records.target!r}, {int(records.y.sum())} positive")

@@ -37,8 +37,6 @@ class ClassifierData:
 
     def __init__(self, records: Records, train: Records, val: Records, config: ModelConfig, task: Task,
                  settings: TrainSettings, reporter: Reporter, device: torch.device) -> None:
-        if settings.balanced and task.per_label:  # one batch group per label combination: epochs would balloon
-            raise ValueError(f"balanced batches are for single-target tasks, not {task.name}")
         self.config, self.task, self.device = config, task, device
         reduce_to = decode_size(config)
         self.x_train, keep_train, fail_train = preload(train, config.image_size, settings, reporter, "train", reduce_to)

@@ -102,9 +102,6 @@ class DetectorData:
     @classmethod
     def prepare(cls, records: Records, train: Records, val: Records, config: DetectorConfig, task: Task,
                 settings: TrainSettings, reporter: Reporter, device: torch.device) -> DetectorData:
-        if (settings.augment, settings.metric_loss, settings.balanced) != ("basic", "none", False):
-            raise ValueError("the detector has its own box-aware augmentation, no metric loss and no class batches: "
-                             "augment, metric_loss and balanced keep their defaults")
         tr = prepare_split(train, config.image_size, settings, reporter, "train")
         va = prepare_split(val, config.image_size, settings, reporter, "val")
         unboxed = np.flatnonzero((tr.y == 1) & np.array([len(b) == 0 for b in tr.boxes]))

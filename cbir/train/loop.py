@@ -70,6 +70,7 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
     task = get_task(config.task)
     config.validate()
     settings.validate()
+    settings.check_task(task)
     records.require_labels("training")
     torch.manual_seed(settings.seed)
     device = resolve_device(settings.device)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cbir.data.transforms import AUGMENTATIONS
 from cbir.io.policy import DEFAULT_READER, ReaderPolicy
+
+if TYPE_CHECKING:
+    from cbir.models.registry import Task
 
 #: The default backbone and input size of `cbir train` (with `TrainSettings`' defaults, the default recipe):
 #: EfficientNet-Lite0 from packaged ImageNet weights (`cbir.models.packaged`), its last 3 groups fine-tuned at
@@ -77,6 +80,16 @@ class TrainSettings:
             raise ValueError(f"probe_epochs must be in 0..epochs − 1 ({self.epochs - 1}), not {self.probe_epochs}")
         if self.random_init and (self.pretrained or self.weights or self.init):
             raise ValueError("random_init excludes pretrained, weights and init")
+
+    def check_task(self, task: Task) -> None:
+        """Refuse the options that `task` cannot use: they would be ignored, yet recorded in train.json."""
+        if task.boxes and (self.augment, self.metric_loss, self.balanced) != ("basic", "none", False):
+            raise ValueError("--augment/--metric-loss/--balanced: the detector has its own box-aware augmentation, "
+                             "no metric loss and no class batches; they are for binary and hash (multilabel: all "
+                             "but --balanced)")
+        if task.per_label and self.balanced:  # one batch group per label combination: epochs would balloon
+            raise ValueError(f"--balanced draws equally many images of each label combination: not for {task.name}, "
+                             "whose classes are weighted in the loss (drop --balanced)")
 
 
 @dataclass
