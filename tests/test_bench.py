@@ -108,6 +108,12 @@ def test_cli_bench_writes_json(tmp_path: Path) -> None:
     main = table.split("\n\n")[0]
     assert main.count("\n| ") == len(report["rows"]) and "images/s with decoding" in table
     assert "| clients | load |" in table and "queries/s" in table and "| reduced |" in table
+    layouts = report["pipeline"]["layouts"]   # both memory orders, every batch, the same outputs
+    assert {(r["pass"], r["memory"], r["batch"]) for r in layouts} == {
+        (p, m, b) for m in ("contiguous (NCHW)", "channels-last")
+        for p, b in (("inference", 16), ("inference", 64), ("inference", 128), ("training step", 32))}
+    assert all(r["images_per_s"] > 0 and r["max_output_difference"] < 1e-4 for r in layouts)
+    assert "| training step | channels-last | 32 |" in table
 
 
 def test_bench_load_marks_the_rows_and_repeats_the_in_process_engines() -> None:

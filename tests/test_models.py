@@ -27,7 +27,8 @@ def test_outputs_have_declared_sizes() -> None:
 
 
 def test_checkpoint_reloads_bit_identical(tmp_path: Path) -> None:
-    model = create_model(TINY).eval()
+    from cbir.models.device import place
+    model = place(create_model(TINY), "cpu").eval()   # in the memory order that loading gives it
     fingerprint = save_checkpoint(model, tmp_path / "run")
     loaded = load_checkpoint(tmp_path / "run")
     x = torch.randn(4, 1, 32, 32)
@@ -46,10 +47,11 @@ def test_loading_skips_the_random_init_only_where_it_is_safe(tmp_path: Path, bac
     """`load_checkpoint` builds a CbirNet on the meta device and assigns the weights (no random init to throw
     away) unless the backbone keeps tensors outside its state dict; either way the outputs are bit-identical."""
     from cbir.models.checkpoint import _assigned_without_init
+    from cbir.models.device import place
 
     config = ModelConfig(backbone=backbone, task=task, image_size=32, embed_dim=16, bits=24,
                          label_names=["Effusion", "Pneumonia"] if task == "multilabel" else ["Pneumonia"])
-    model = create_model(config).eval()
+    model = place(create_model(config), "cpu").eval()   # in the memory order that loading gives it
     save_checkpoint(model, tmp_path / "run")
     state = model.state_dict()
     assert (_assigned_without_init(config, {k: v.clone() for k, v in state.items()}) is not None) == skips_init
@@ -125,3 +127,22 @@ def test_standardize_is_per_image() -> None:
     out = standardize(batch)
     assert torch.allclose(out.flatten(1).mean(1), torch.zeros(2), atol=1e-5)
     assert torch.allclose(out.flatten(1).std(1), torch.ones(2), atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet"])
+def test_memory_order_changes_neither_outputs_nor_files(tmp_path: Path, backbone: str) -> None:
+    """`place` (channels-last, for speed) gives the contiguous model's outputs and writes the same checkpoint."""
+    from cbir.models.device import place
+    config = ModelConfig(backbone=backbone, image_size=32, embed_dim=16, bits=24)
+    torch.manual_seed(0)
+    model = create_model(config).eval()
+    x = torch.randn(4, 1, 32, 32)
+    before = model(x)
+    plain = save_checkpoint(model, tmp_path / "plain")
+    placed = place(model, "cpu")
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in placed.parameters())
+    after = placed(x)
+    assert torch.allclose(before.logits, after.logits, atol=1e-5)
+    assert torch.allclose(before.embedding, after.embedding, atol=1e-5)
+    assert save_checkpoint(placed, tmp_path / "placed") == plain

@@ -1,6 +1,7 @@
 """The model side of `cbir bench`: images/s through decode + preprocessing + forward pass (the ingest
 pipeline, decoding in DataLoader workers) against a bare forward pass of the same backbone on preloaded
-tensors, and the latency of one warm query from a DICOM path to ranked neighbours."""
+tensors, the latency of one warm query from a DICOM path to ranked neighbours, and the memory order and batch
+of the forward pass (`cbir.bench.layout`)."""
 
 from __future__ import annotations
 
@@ -104,9 +105,12 @@ def bench_pipeline(backbone: str = "resnet18", image_size: int = 224, n_images: 
             reporter.warn(str(MissingExtraError("the serve rows", "serve", str(missing("serve")))))
         elif serve_queries:
             serve = bench_serve(root / "index-full", root / "model-full", paths, serve_queries, load, reporter)
+    from cbir.bench.layout import bench_layouts
+    layouts = bench_layouts(backbone, image_size, rounds=rounds + 1, reporter=reporter)
     full_row = {k: v for k, v in rows[0].items() if k != "decode"}
-    return {"serve": serve, "backbone": backbone, "image_size": image_size, "source_size": source_size,
-            "n_images": n_images, "batch_size": batch_size, "workers": workers, "rounds": rounds,
+    return {"serve": serve, "layouts": layouts, "backbone": backbone, "image_size": image_size,
+            "source_size": source_size, "n_images": n_images, "batch_size": batch_size, "workers": workers,
+            "rounds": rounds,
             "bare_forward_images_per_s": round(rate["bare"], 2), **full_row, "warm_queries": len(times["full"]),
             "decodes": rows}
 

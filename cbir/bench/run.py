@@ -26,6 +26,7 @@ from cbir.bench.engines import (
     ReducedMemoryEngine,
     faiss_available,
 )
+from cbir.bench.layout import layouts_markdown
 from cbir.bench.targets import targets_markdown
 from cbir.console import QUIET, Reporter
 from cbir.threads import single_threaded
@@ -328,6 +329,8 @@ def markdown(result: dict[str, Any]) -> str:
                       "|---|---:|---:|---:|---:|"]
             lines += [f"| {d['decode']} | {d['images_per_s']} | {100 * d['pipeline_fraction_of_bare']:.0f} % | "
                       f"{d['warm_query_ms']:.1f} | {d['warm_query_p99_ms']:.1f} |" for d in p["decodes"]]
+        if p.get("layouts"):
+            lines += layouts_markdown(p["layouts"], p["backbone"], p["image_size"], p["rounds"] + 1)
         if p.get("serve"):
             lines += ["", "`cbir serve` (a separate process; POST /query with a DICOM, k=10, prefilter 100):", "",
                       "| clients | load | requests | p50 ms | p99 ms |", "|---:|---|---:|---:|---:|"]

@@ -13,6 +13,7 @@ from cbir.data.transforms import Geometry
 from cbir.io import DEFAULT_READER, Pseudonymizer, ReaderPolicy, SafeMeta, XrayImage
 from cbir.models import LoadedModel, decode_size
 from cbir.models.detector_config import DetectorConfig
+from cbir.models.device import inference_batch
 
 
 @dataclass
@@ -45,9 +46,15 @@ class Embedded:
 
 @torch.inference_mode()
 def _forward(loaded: LoadedModel, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    out, _ = loaded.task.embed(loaded.model, loaded.config, pixels)
-    probs = loaded.model.probabilities(out.logits)
-    return out.embedding.cpu().numpy(), out.code.cpu().numpy(), probs.cpu().numpy()
+    """Embeddings, codes and probabilities of a decoded batch, in forward passes of `inference_batch` images."""
+    step = inference_batch(next(loaded.model.parameters()).device)
+    parts = []
+    for start in range(0, len(pixels), step):
+        out, _ = loaded.task.embed(loaded.model, loaded.config, pixels[start:start + step])
+        parts.append((out.embedding.cpu().numpy(), out.code.cpu().numpy(),
+                      loaded.model.probabilities(out.logits).cpu().numpy()))
+    emb, codes, probs = (np.concatenate(column) for column in zip(*parts, strict=True))
+    return emb, codes, probs
 
 
 def embed_batches(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 32, workers: int = 2,

@@ -16,6 +16,7 @@ from torch import nn
 from cbir.errors import CbirError
 from cbir.models.calibration import ProbabilityCalibration
 from cbir.models.detector_config import DetectorConfig
+from cbir.models.device import place
 from cbir.models.domain import DOMAIN, DomainModel
 from cbir.models.factory import CbirNet, ModelConfig, create_model
 from cbir.models.registry import Task, get_task
@@ -131,7 +132,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
             model.load_state_dict(state)
         except RuntimeError as exc:
             raise CbirError(f"{path / WEIGHTS}: cannot load weights ({str(exc).splitlines()[0][:140]})") from None
-    model.to(device).eval()
+    place(model, device).eval()
     return LoadedModel(cast("CbirNet | CbirDetector", model), config, fingerprint, path.resolve(), read_split(path),
                        read_domain(path, fingerprint, domain_features_of(model)),
                        ProbabilityCalibration.load(path, fingerprint))

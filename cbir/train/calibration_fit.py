@@ -12,12 +12,13 @@ import torch
 from cbir.console import QUIET, Reporter
 from cbir.models.calibration import CALIBRATION, ProbabilityCalibration
 from cbir.models.checkpoint import load_checkpoint
+from cbir.models.device import inference_batch
 from cbir.train.classifier import ClassifierData
 
 
 @torch.inference_mode()
 def fit_calibration(out: Path, data: Any, device: torch.device | str = "cpu", reporter: Reporter = QUIET,
-                    batch_size: int = 64) -> ProbabilityCalibration | None:
+                    batch_size: int | None = None) -> ProbabilityCalibration | None:
     """Fit Platt scaling of the target's raw logit on `data`'s validation images, for the checkpoint saved in
     `out` (the kept weights), and write `out`/calibration.json. A stale file is removed first; detectors, and
     validation sets too small or of one class, get none (the raw score is shown, marked uncalibrated)."""
@@ -29,10 +30,11 @@ def fit_calibration(out: Path, data: Any, device: torch.device | str = "cpu", re
 
 @torch.inference_mode()
 def fit_on(out: Path, x_val: torch.Tensor, y_val: np.ndarray, device: torch.device | str = "cpu",
-           reporter: Reporter = QUIET, batch_size: int = 64) -> ProbabilityCalibration | None:
+           reporter: Reporter = QUIET, batch_size: int | None = None) -> ProbabilityCalibration | None:
     """`fit_calibration` on decoded validation images `x_val` and their targets `y_val` (one column per label)."""
     loaded = load_checkpoint(out, device)
     column = loaded.config.target_index
+    batch_size = batch_size or inference_batch(device)
     raw = []
     for start in range(0, len(x_val), batch_size):
         output, _ = loaded.task.embed(loaded.model, loaded.config, x_val[start:start + batch_size])

@@ -21,6 +21,7 @@ from cbir.data.transforms import model_input
 from cbir.errors import DatasetError
 from cbir.metrics import per_class_auc, roc_auc
 from cbir.models import CbirNet, ModelConfig, decode_size
+from cbir.models.device import inference_batch
 from cbir.models.losses import label_groups, positive_weights
 from cbir.models.registry import Batch, Task, get_task
 from cbir.train.preload import preload
@@ -126,7 +127,8 @@ def validation_scores(y_val: np.ndarray, prob: np.ndarray, config: ModelConfig) 
 
 
 @torch.no_grad()
-def calibrate_hash_centre(model: CbirNet, x: torch.Tensor, device: torch.device, batch_size: int = 128) -> None:
+def calibrate_hash_centre(model: CbirNet, x: torch.Tensor, device: torch.device, batch_size: int | None = None
+                          ) -> None:
     """Set the hash layer's BatchNorm statistics to the exact mean and variance of its pre-activations on `x`
     (the unaugmented training images, eval-mode backbone), so each code bit's threshold is the training mean.
 
@@ -138,6 +140,7 @@ def calibrate_hash_centre(model: CbirNet, x: torch.Tensor, device: torch.device,
     norm: Any  # the BatchNorm1d, whose running statistics are tensors
     linear, norm = model.hash_head
     intensity = model.config.intensity
+    batch_size = batch_size or inference_batch(device)
     outputs = [linear(model.projection(model.forward_features(model_input(x[i:i + batch_size].float(), intensity)
                                                               .to(device))))
                for i in range(0, len(x), batch_size)]
@@ -170,9 +173,10 @@ def batch_order(y: torch.Tensor, balanced: bool, generator: torch.Generator) -> 
 
 @torch.no_grad()
 def _predict(model: CbirNet, x: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor,
-             device: torch.device, batch_size: int = 128) -> tuple[np.ndarray, float, np.ndarray]:
+             device: torch.device, batch_size: int | None = None) -> tuple[np.ndarray, float, np.ndarray]:
     """Validation probabilities (N, outputs), the mean BCE (the classification part only) and the codes."""
     model.eval()
+    batch_size = batch_size or inference_batch(device)
     probs, codes, loss = [], [], 0.0
     for start in range(0, len(x), batch_size):
         out = model(model_input(x[start:start + batch_size].float(), model.config.intensity).to(device))

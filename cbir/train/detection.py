@@ -34,6 +34,7 @@ from cbir.models.detection import (
     filter_detections,
     letterbox_geometry,
 )
+from cbir.models.device import inference_batch
 from cbir.models.registry import Batch, Task
 from cbir.train.preload import preload
 from cbir.train.settings import TrainResult, TrainSettings, Validation
@@ -138,10 +139,11 @@ class DetectorData:
 
 
 @torch.no_grad()
-def predict(model: CbirDetector, x: torch.Tensor, device: torch.device, batch_size: int = 64
+def predict(model: CbirDetector, x: torch.Tensor, device: torch.device, batch_size: int | None = None
             ) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
     """Image scores (sigmoid of the image logit) and every detection above the model's `score_thresh`."""
     model.eval()
+    batch_size = batch_size or inference_batch(device)
     probs: list[np.ndarray] = []
     detections: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(x), batch_size):

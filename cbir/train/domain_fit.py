@@ -11,15 +11,17 @@ import torch
 
 from cbir.console import QUIET, Reporter
 from cbir.models.checkpoint import LoadedModel, domain_features_of, load_checkpoint
+from cbir.models.device import inference_batch
 from cbir.models.domain import DOMAIN, QUANTILE, DomainModel
 from cbir.train.classifier import ClassifierData
 
 
 @torch.inference_mode()
-def domain_features(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int = 64) -> np.ndarray | None:
+def domain_features(loaded: LoadedModel, pixels: torch.Tensor, batch_size: int | None = None) -> np.ndarray | None:
     """(N, p) the domain model's features (`ModelOutput.domain`) of (N, 1, S, S) pixels in [0, 1], prepared exactly
     as `task.embed` prepares a query; None for a model without them (a detector)."""
     chunks = []
+    batch_size = batch_size or inference_batch(next(loaded.model.parameters()).device)
     for start in range(0, len(pixels), batch_size):
         out, _ = loaded.task.embed(loaded.model, loaded.config, pixels[start:start + batch_size])
         if out.domain is None:

@@ -24,7 +24,7 @@ from cbir.console import QUIET, Reporter
 from cbir.data.records import Records
 from cbir.errors import CbirError, DatasetError
 from cbir.models.checkpoint import write_split
-from cbir.models.device import resolve_device
+from cbir.models.device import place, resolve_device
 from cbir.models.registry import Batch, Task, get_task
 from cbir.train.calibration_fit import fit_calibration
 from cbir.train.classifier import ClassifierData
@@ -84,8 +84,8 @@ def train_model(records: Records, config: Any, settings: TrainSettings, out: Pat
         reporter.warn("no validation split: using every 10th training image for model selection")
     data: TaskData = kind.prepare(records, train, val, config, task, settings, reporter, device)
 
-    model = task.create(config, pretrained=settings.pretrained,
-                        weights=Path(settings.weights) if settings.weights else None).to(device)
+    model = place(task.create(config, pretrained=settings.pretrained,
+                              weights=Path(settings.weights) if settings.weights else None), device)
     initialised = _init_from(model, task, config, settings, reporter) or _packaged_init(model, config, settings,
                                                                                         reporter)
     requested = settings

@@ -27,7 +27,7 @@ from cbir.data.transforms import INTENSITIES, model_input
 from cbir.data.views import PatientPairs, ssl_augment
 from cbir.errors import CbirError, DatasetError, failure_reasons
 from cbir.io.digest import sha256_of
-from cbir.models.device import resolve_device
+from cbir.models.device import place, resolve_device
 from cbir.models.packaged import load_packaged, packaged_for
 from cbir.models.ssl import METHODS, SSLModel
 from cbir.train.preload import preload
@@ -118,7 +118,7 @@ def pretrain(roots: list[Path], out: Path, settings: PretrainSettings, reporter:
     init = load_packaged(model.backbone, source) if source is not None else {"source": "random"}
     reporter.log(f"starting from packaged ImageNet weights ({source.package})" if source is not None
                  else "starting from random weights")
-    model.to(device)
+    place(model, device)
     sources, all_keys = load_sources(roots, reporter)
     images, keys, failures, offset = [], [], [], 0
     for records in sources:
