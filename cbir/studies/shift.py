@@ -41,9 +41,9 @@ FROM_INIT = "--init"
 IMAGENET: dict[str, dict[str, Any]] = {
     "last 3 groups + head (BN frozen) 224 px": {"image_size": 224, "unfreeze": 3, "freeze_bn": True,
                                                 "layer_decay": 0.7, "epochs": 6},
-    "last 3 groups + head (BN frozen) 288 px": {"image_size": 288, "unfreeze": 3, "freeze_bn": True,
+    "288 px: last 3 groups + head (BN frozen)": {"image_size": 288, "unfreeze": 3, "freeze_bn": True,
                                                 "layer_decay": 0.7, "epochs": 6},
-    "last 3 groups + head (BN frozen) 224 px + EMA": {"image_size": 224, "unfreeze": 3, "freeze_bn": True,
+    "EMA weights: last 3 groups + head (BN frozen) 224 px": {"image_size": 224, "unfreeze": 3, "freeze_bn": True,
                                                       "layer_decay": 0.7, "epochs": 6, "ema": True},
     "frozen backbone + head 224 px": {"image_size": 224, "unfreeze": 0, "epochs": 6},
     "frozen features with no training (floor)": {"image_size": 224, "epochs": 0},
