@@ -10,7 +10,7 @@ from cbir.errors import CbirError
 
 #: Images per no-gradient forward pass on a CPU: small batches stay in cache. On this project's 2-core CPU an
 #: EfficientNet-Lite0 at 224 px embeds about 90 images a second in batches of 16, against about 60 in batches of
-#: 64 or 128 (`cbir bench`, "Inference batch and memory order").
+#: 64 or 128 (`cbir bench`, "Memory order and batch").
 CPU_INFERENCE_BATCH = 16
 GPU_INFERENCE_BATCH = 128
 
