@@ -147,14 +147,15 @@ def recipe(task: str, options: ReproduceOptions, per_label_nih: bool = False) ->
 
 def describe(task: str, options: ReproduceOptions) -> str:
     """How `task`'s models start and train, in words, e.g. "tf_efficientnet_lite0 fine-tuned from packaged
-    ImageNet weights (last 3 groups, BatchNorm frozen) at 224 px, 6 epochs"."""
+    ImageNet weights (last 3 groups, BatchNorm frozen, EMA weights) at 224 px, 6 epochs"."""
     from cbir.models.packaged import packaged_for
     chosen = recipe(task, options)
     settings = TrainSettings()
     if packaged_for(chosen["backbone"]) is not None and not get_task(task).boxes:
         groups = "all groups" if settings.unfreeze < 0 else f"last {settings.unfreeze} groups"
         start = (f"fine-tuned from packaged ImageNet weights ({groups}"
-                 f"{', BatchNorm frozen' if settings.freeze_bn else ''})")
+                 f"{', BatchNorm frozen' if settings.freeze_bn else ''}"
+                 f"{', EMA weights' if settings.ema in (None, True) else ''})")
     else:
         start = "trained from random initialisation"
     return f"{chosen['backbone']} {start} at {chosen['image_size']} px, {chosen['epochs']} epochs"

@@ -162,6 +162,7 @@ def test_a_changed_or_missing_encoder_file_is_refused(encoders: dict[str, Path],
     (["--encoder-input", f"3x{SIZE}", "--encoder-norm", "unit", "--image-size", "64"], "takes 48 px"),
     (["--encoder-input", f"3x{SIZE}", "--encoder-norm", "unit", "--task", "detection"], "detector"),
     (["--encoder-input", f"3x{SIZE}", "--encoder-norm", "unit", "--backbone", "resnet34"], "replaces --backbone"),
+    (["--encoder-input", f"3x{SIZE}", "--encoder-norm", "unit", "--ema"], "--ema: a frozen --encoder"),
 ])
 def test_contract_errors_are_one_line(encoders: dict[str, Path], tmp_path: Path, args: list[str], message: str
                                       ) -> None:

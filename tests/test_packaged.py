@@ -140,6 +140,7 @@ def test_default_train_starts_from_packaged_weights_and_fine_tunes_the_last_grou
     assert json.loads((run / "config.json").read_text())["backbone"] == "tf_efficientnet_lite0"
     settings = summary["settings"]
     assert (settings["unfreeze"], settings["freeze_bn"], settings["random_init"]) == (3, True, False)
+    assert settings["ema"] is None and summary["effective_settings"]["ema"] is True   # EMA weights from ImageNet
     reference = timm.create_model("tf_efficientnet_lite0", in_chans=1, num_classes=0)
     load_packaged(reference, LITE0)
     start, saved = reference.state_dict(), _backbone_tensors(run)
@@ -159,6 +160,7 @@ def test_random_init_and_bad_options(tiny, tmp_path) -> None:
     assert code == 0, err
     summary = json.loads((run / "train.json").read_text())
     assert "init" not in summary and summary["effective_settings"]["unfreeze"] == -1
+    assert summary["effective_settings"]["ema"] is False   # the recipe from random weights: the plain weights
     reference = timm.create_model("tf_efficientnet_lite0", in_chans=1, num_classes=0)
     load_packaged(reference, LITE0)
     assert not torch.equal(_backbone_tensors(run)["blocks.0.0.conv_dw.weight"],
@@ -196,3 +198,86 @@ def test_probe_epochs_train_the_heads_alone_then_the_last_groups(tiny, tmp_path)
     assert json.loads((tmp_path / "lpft" / "train.json").read_text())["settings"]["probe_epochs"] == 2
     code, _, err = run_cli("train", "--data", tiny, "--out", tmp_path / "x", "--epochs", 2, "--probe-epochs", 2)
     assert code == 2 and "probe_epochs" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_average_runs_keeps_the_mean_of_runs_from_one_start(tiny, tmp_path) -> None:
+    """`--average-runs`: runs from the same start that differ in their batches; the checkpoint holds the mean of
+    their last weights, scored again on validation; from random weights it falls back to one run."""
+    from cbir.data.layout import load_dataset
+    from cbir.train import TrainSettings, train_model
+    from cbir.train.loop import average_states
+
+    records = load_dataset(tiny, "rsna")
+    config = ModelConfig(backbone="tf_efficientnet_lite0", image_size=32, embed_dim=8, bits=16)
+    ends: list[dict[str, torch.Tensor]] = []
+
+    def keep(epoch: int, model: torch.nn.Module, ema: torch.nn.Module | None) -> None:
+        kept = ema if ema is not None else model   # the weights that a run keeps (EMA ones by default here)
+        ends.append({k: v.detach().clone() for k, v in kept.state_dict().items()})
+
+    settings = TrainSettings(epochs=1, batch_size=8, workers=0, average_runs=2)
+    train_model(records, config, settings, tmp_path / "avg", epoch_hook=keep)
+    first, second = ends
+    trained = [k for k in first if k.startswith(("backbone.", "embed.")) and first[k].is_floating_point()]
+    assert any(not torch.equal(first[k], second[k]) for k in trained)   # the two runs saw other batches
+    saved = load_file(str(tmp_path / "avg" / "model.safetensors"))
+    mean = average_states([first, second])
+    assert all(torch.allclose(saved[k], mean[k], atol=1e-6) for k in trained)
+    assert not all(torch.allclose(saved[k], first[k]) for k in trained)
+    rows = [json.loads(line) for line in (tmp_path / "avg" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["run"] for r in rows] == [1, 2, "average"]
+    summary = json.loads((tmp_path / "avg" / "train.json").read_text())
+    assert summary["settings"]["average_runs"] == 2 and summary["best_val_auc"] == rows[-1]["val_auc"]
+
+    code, out, err = run_cli("train", "--data", tiny, "--out", tmp_path / "scratch", "--image-size", 32,
+                             "--epochs", 1, "--embed-dim", 8, "--bits", 16, "--workers", 0, "--random-init",
+                             "--average-runs", 2)
+    assert code == 0, err
+    assert json.loads((tmp_path / "scratch" / "train.json").read_text())["effective_settings"]["average_runs"] == 1
+    assert "one run is trained" in out + err
+    code, _, err = run_cli("train", "--data", tiny, "--out", tmp_path / "x", "--epochs", 0, "--average-runs", 2)
+    assert code == 2 and "average_runs" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_average_states_means_floats_and_keeps_counters() -> None:
+    from cbir.train.loop import average_states
+
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5), "h": torch.tensor([2.0], dtype=torch.float16)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9), "h": torch.tensor([4.0], dtype=torch.float16)}
+    mean = average_states([a, b])
+    assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and int(mean["n"]) == 5
+    assert mean["h"].dtype == torch.float16 and float(mean["h"]) == 3.0
+
+
+def test_an_average_below_every_run_keeps_the_best_run(tiny, tmp_path, capsys) -> None:
+    """Runs that do not share a basin: the mean validates below each of them, so the best run is kept, and said."""
+    from cbir.console import Reporter
+    from cbir.data.layout import load_dataset
+    from cbir.models import get_task
+    from cbir.models.factory import create_model
+    from cbir.train import TrainSettings
+    from cbir.train.classifier import ClassifierData
+    from cbir.train.loop import Run, _average_runs
+
+    records = load_dataset(tiny, "rsna")
+    config = ModelConfig(backbone="tf_efficientnet_lite0", image_size=32, embed_dim=8, bits=16,
+                         label_names=list(records.label_names), target=records.target)
+    settings = TrainSettings(workers=0)
+    data = ClassifierData.prepare(records, records.split("train"), records.split("val"), config,
+                                  get_task("binary"), settings, Reporter(quiet=True), torch.device("cpu"))
+    model = create_model(config)
+    data.fit(model)
+    states = [{k: v.clone() for k, v in model.state_dict().items()}]
+    torch.manual_seed(1)
+    parameters = dict(model.named_parameters())
+    states.append({k: v + 0.01 * torch.randn_like(v) if k in parameters else v.clone() for k, v in states[0].items()})
+    # both "validate" above anything the mean can score; run 2 the best
+    runs = [Run("", 6, {}, [], state, score) for state, score in zip(states, (1e8, 1e9), strict=True)]
+    log = tmp_path / "metrics.jsonl"
+    kept = _average_runs(model, data, runs, tmp_path, log, Reporter())
+    assert "run 2, the best on validation, is kept" in capsys.readouterr().err
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.allclose(saved[k], states[1][k]) for k in saved if k.startswith("backbone."))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["run"] for r in rows] == ["average", "kept"] and rows[1]["from_run"] == 2
+    assert kept.fingerprint == (tmp_path / "fingerprint").read_text().strip()

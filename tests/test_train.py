@@ -44,6 +44,7 @@ def test_the_default_keeps_the_last_epoch_and_ema_is_an_option(records: Records,
     result = train_model(records, CONFIG, replace(SETTINGS, epochs=3), tmp_path / "last")
     rows = [json.loads(line) for line in (tmp_path / "last" / "metrics.jsonl").read_text().splitlines()]
     assert TrainSettings().select == "last" and result.best_epoch == 3
+    assert json.loads((tmp_path / "last" / "train.json").read_text())["effective_settings"]["ema"] is False
     last_auc = rows[-1]["val_auc"]  # None when this tiny validation split holds one class
     assert math.isnan(result.best_val_auc) if last_auc is None else result.best_val_auc == pytest.approx(last_auc)
     ema = train_model(records, CONFIG, replace(SETTINGS, epochs=3, ema=True), tmp_path / "ema")

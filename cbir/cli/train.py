@@ -80,6 +80,10 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
           probe_epochs: Annotated[int | None, typer.Option(
               "--probe-epochs", min=0, help="the first of --epochs train the heads alone on frozen features, "
               "then the --unfreeze groups join (LP-FT) [default: 0]")] = None,
+          average_runs: Annotated[int | None, typer.Option(
+              "--average-runs", min=1, help="train N runs from the same start (they differ in batch order and "
+              "augmentation) and keep the mean of their weights: N× the training time, one model's query time "
+              "[default: 1]")] = None,
           random_init: Annotated[bool, typer.Option(
               "--random-init", help="start from random weights (the default starts from packaged ImageNet "
               "weights where they fit the backbone)")] = False,
@@ -111,7 +115,7 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
           ] = None,
           ema: Annotated[bool | None, typer.Option(
               "--ema/--no-ema", show_default=False, help="keep an exponential moving average of the weights "
-              "[default: no-ema]")] = None,
+              "[default: ema from pretrained weights, no-ema from random weights]")] = None,
           augment: Annotated[str | None, typer.Option(
               "--augment", show_default=False, help="basic, strong (also window, resolution, blur, noise, JPEG) or "
               "none (with --encoder: each image is encoded once) [default: basic]")] = None,
@@ -142,13 +146,15 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
     from cbir.models.detector_config import DetectorConfig
     from cbir.train import TrainSettings, train_model
     from cbir.train.selection import SELECT_RULES
-    from cbir.train.settings import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE
+    from cbir.train.settings import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, EMA_WITH_ENCODER
     given_backbone = backbone
     backbone = backbone or (DetectorConfig().backbone if get_task(task).boxes else DEFAULT_BACKBONE)
     _check_weight_options(backbone, random_init, pretrained, weights, init, encoder, task)
     finds_boxes = get_task(task).boxes  # a bad --task/--bits/--intensity fails before the dataset is read
     if retrieval == "encoder" and encoder is None:
         raise CbirError("--retrieval encoder: retrieves by a frozen encoder's features; give --encoder FILE")
+    if ema and encoder is not None:
+        raise CbirError(EMA_WITH_ENCODER)
     if init is not None and encoder is not None:
         raise CbirError("--init fine-tunes a pretrained backbone, --encoder keeps one frozen: give one of them "
                         "(--encoder RUN uses a `cbir pretrain` run frozen)")
@@ -180,7 +186,8 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
         given_settings = TrainSettings(
             augment=augment or defaults.augment, metric_loss=metric_loss or defaults.metric_loss,
             balanced=defaults.balanced if balanced is None else balanced, probe_epochs=transfer["probe_epochs"],
-            epochs=defaults.epochs if epochs is None else epochs)
+            epochs=defaults.epochs if epochs is None else epochs,
+            average_runs=defaults.average_runs if average_runs is None else average_runs)
         given_settings.validate()
         given_settings.check_task(get_task(task))
     except ValueError as exc:

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+#: What a run trained before a `TrainSettings` field existed did, where that is not the field's default now.
+BEFORE_FIELD = {"average_runs": 1}
+
 
 def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
@@ -17,7 +20,8 @@ def finished_run(model_dir: Path, config: dict[str, Any], settings: dict[str, An
     key's value and split.json has `split`'s spec, patient rule and images (`cbir.data.splits.same_data`); None
     otherwise (or when unfinished).
     A `ModelConfig` field that config.json leaves out counts as its default (as `load_checkpoint` reads it), and so
-    does a `TrainSettings` field that train.json leaves out (a run trained before the field existed)."""
+    does a `TrainSettings` field that train.json leaves out (a run trained before the field existed; `BEFORE_FIELD`
+    says what such a run did where today's default differs)."""
     try:
         held_config = json.loads((model_dir / "config.json").read_text())
         summary = json.loads((model_dir / "train.json").read_text())
@@ -31,7 +35,7 @@ def finished_run(model_dir: Path, config: dict[str, Any], settings: dict[str, An
     as_read = {k: v for k, v in asdict(ModelConfig.from_dict({})).items() if isinstance(v, str | int | float)}
     held_config = as_read | held_config
     from cbir.train.settings import TrainSettings
-    held_settings = _plain(asdict(TrainSettings())) | (summary.get("settings") or {})
+    held_settings = _plain(asdict(TrainSettings())) | BEFORE_FIELD | (summary.get("settings") or {})
     split = _plain(split)
     same = (all(held_config.get(k) == v for k, v in _plain(config).items())
             and all(held_settings.get(k) == v for k, v in _plain(settings).items())

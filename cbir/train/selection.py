@@ -1,10 +1,10 @@
 """Which weights a training run keeps: a rule shared by the classifier and the detector loops.
 
 `select="last"` keeps the last epoch of the fixed schedule; `select="best"` keeps the epoch with the best
-validation score. With `ema=True` the weights scored and saved are an exponential moving average of the
-trained weights (BatchNorm statistics included), updated after every optimiser step with a time constant of
-`ema_epochs` epochs. The default rule is the one measured to hold up on held-out patients (docs/results.md,
-"Model selection").
+validation score. With `ema` (the default from pretrained weights) the weights scored and saved are an
+exponential moving average of the trained weights (BatchNorm statistics included), updated after every optimiser
+step with a time constant of `ema_epochs` epochs. The default rule is the one measured to hold up on held-out
+patients (docs/results.md, "Model selection").
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class Keeper:
         self.best_score = -math.inf
         self.best_epoch = 0
         self.fingerprint = ""
+        #: A copy of the weights last saved (what `cbir.train.loop` averages across runs).
+        self.state: dict[str, torch.Tensor] = {}
 
     @property
     def kept(self) -> nn.Module:
@@ -69,4 +71,5 @@ class Keeper:
         if chosen:
             self.best_epoch = epoch
             self.fingerprint = save_checkpoint(cast("CbirNet | CbirDetector", self.kept), self.out)
+            self.state = {k: v.detach().clone() for k, v in self.kept.state_dict().items()}
         return chosen

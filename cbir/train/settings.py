@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 DEFAULT_IMAGE_SIZE = 224
 #: The recipe before issue 24: resnet18 from random weights at 128 px, all layers, 15 epochs.
+#: Why `ema` is refused with a frozen encoder (checked by `cbir train` before the data is read, and by the loop).
+EMA_WITH_ENCODER = ("--ema: a frozen --encoder cannot be copied for the average, and only the heads train on it; "
+                    "drop --ema")
 SCRATCH_RECIPE: dict[str, Any] = {"backbone": "resnet18", "image_size": 128, "random_init": True, "unfreeze": -1,
                                   "freeze_bn": False, "layer_decay": 1.0, "epochs": 15}
 
@@ -40,9 +43,11 @@ class TrainSettings:
     #: default: on real RSNA it checked as well as "best" on held-out validation patients, and its validation
     #: estimate was not optimistic (docs/results.md, "Model selection").
     select: str = "last"
-    #: Keep an exponential moving average of the weights (time constant `ema_epochs`) and use it instead
-    #: (measured level with the plain weights, so off by default).
-    ema: bool = False
+    #: Keep an exponential moving average of the weights (time constant `ema_epochs`) and use it instead.
+    #: None: on when a backbone is fine-tuned from pretrained weights (the default recipe: its vote held up against
+    #: its own model on the shift proxies with two seeds, docs/results.md); off from random weights (measured level
+    #: there; the detector's recipe was measured without it) and for a frozen `--encoder` (only the heads train).
+    ema: bool | None = None
     ema_epochs: float = 1.0
     #: "basic" (`cbir.data.transforms.augment`) or "strong" (`augment_strong`: also window, resolution, blur,
     #: noise and JPEG re-encoding).
@@ -66,6 +71,10 @@ class TrainSettings:
     #: The first `probe_epochs` of `epochs` train the heads alone, on frozen features; then the last `unfreeze`
     #: groups join, with a fresh warm-up and cosine schedule (`cbir.train.transfer`, LP-FT). 0: none.
     probe_epochs: int = 0
+    #: Train this many runs from the same start, differing only in batch order and augmentation draws, and keep
+    #: the mean of their weights (`cbir.train.loop.average_states`): a weight-averaged ensemble at one model's
+    #: inference cost. 1: one run.
+    average_runs: int = 1
 
     def validate(self) -> None:
         if self.augment not in AUGMENTATIONS:
@@ -78,6 +87,8 @@ class TrainSettings:
             raise ValueError(f"unfreeze must be -1 (all), 0 (none) or a number of groups, not {self.unfreeze}")
         if not 0 <= self.probe_epochs < max(self.epochs, 1):
             raise ValueError(f"probe_epochs must be in 0..epochs − 1 ({self.epochs - 1}), not {self.probe_epochs}")
+        if self.average_runs < 1 or self.average_runs > 1 and self.epochs == 0:
+            raise ValueError(f"average_runs must be 1, or more with epochs ≥ 1, not {self.average_runs}")
         if self.random_init and (self.pretrained or self.weights or self.init):
             raise ValueError("random_init excludes pretrained, weights and init")
 

@@ -31,12 +31,16 @@ ALL_LAYERS: dict[str, Any] = {"unfreeze": -1, "layer_decay": 1.0, "freeze_bn": F
 
 def from_scratch(settings: TrainSettings, reporter: Reporter) -> TrainSettings:
     """`settings` for a randomly initialised backbone: nothing is worth freezing, so every layer trains at one
-    rate (a note says so when the transfer settings said otherwise)."""
+    rate, and one run is trained: runs from random weights part ways, and their mean is no model (a note says so
+    when the settings said otherwise)."""
     changed = {k: v for k, v in ALL_LAYERS.items() if getattr(settings, k) != v}
     if changed:
         reporter.log("note: the backbone starts from random weights, so every layer trains at one rate "
                      f"({', '.join(f'{k} {v}' for k, v in changed.items())})")
-    return replace(settings, **ALL_LAYERS)
+    if settings.average_runs > 1:
+        reporter.log(f"note: the backbone starts from random weights, so one run is trained, not "
+                     f"{settings.average_runs} averaged (their weights would not share a basin)")
+    return replace(settings, **ALL_LAYERS, average_runs=1)
 
 
 def _is_timm(backbone: Any) -> bool:
