@@ -84,7 +84,7 @@ def test_shift_recipes_option_runs_some_recipes_and_keeps_the_others_rows(tmp_pa
 
     from cbir.train import TrainSettings
     split = load_dataset(rsna, "auto", split=SplitSpec(seed=0, val_fraction=0.1, test_fraction=0.0)).split_record()
-    settings = asdict(TrainSettings(epochs=1, batch_size=32, device="cpu", seed=0))
+    settings = asdict(TrainSettings(epochs=1, batch_size=32, device="cpu", seed=0, ema=False))  # as pinned
     assert finished_run(plain, {"intensity": "standardize"}, settings, split) is not None  # missing: default
     assert finished_run(plain, {"intensity": "clahe"}, settings, split) is None   # never reused for another
     assert finished_run(plain, {"appearance_size": 0}, settings, split) is not None  # old runs had none

@@ -80,10 +80,8 @@ def train(ctx: typer.Context, data: Annotated[Path, typer.Option("--data", help=
           probe_epochs: Annotated[int | None, typer.Option(
               "--probe-epochs", min=0, help="the first of --epochs train the heads alone on frozen features, "
               "then the --unfreeze groups join (LP-FT) [default: 0]")] = None,
-          average_runs: Annotated[int | None, typer.Option(
-              "--average-runs", min=1, help="train N runs from the same start (they differ in batch order and "
-              "augmentation) and keep the mean of their weights: N× the training time, one model's query time "
-              "[default: 1]")] = None,
+          average_runs: Annotated[int | None, typer.Option("--average-runs", min=1, help="train N runs from one start "
+              "and keep the mean of their weights: N× the training time, one model's query time [default: 1]")] = None,
           random_init: Annotated[bool, typer.Option(
               "--random-init", help="start from random weights (the default starts from packaged ImageNet "
               "weights where they fit the backbone)")] = False,
