@@ -159,7 +159,8 @@ def _fit_run(model: nn.Module, task: Task, data: TaskData, settings: TrainSettin
     probe = settings.probe_epochs   # LP-FT: the heads alone first, on frozen features (`cbir.train.transfer`)
     schedule = cosine_with_warmup(optimizer, steps_per_epoch * (probe or settings.epochs), warmup=steps_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed + RUN_SEED_STRIDE * number)
-    keeper = Keeper(model, settings.select, bool(settings.ema), settings.ema_epochs, steps_per_epoch, out)
+    keeper = Keeper(model, settings.select, bool(settings.ema), settings.ema_epochs, steps_per_epoch, out,
+                    keep_state=settings.average_runs > 1)
     tag = {"run": number + 1} if settings.average_runs > 1 else {}
     prefix = f"run {number + 1}/{settings.average_runs}, " if tag else ""
     best, history, score = dict(data.unscored), [], -math.inf

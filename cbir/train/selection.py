@@ -34,10 +34,10 @@ class Keeper:
     """Tracks the weights to keep and writes them to the checkpoint directory when the rule says so."""
 
     def __init__(self, model: nn.Module, rule: str, ema: bool, ema_epochs: float, steps_per_epoch: int,
-                 out: Path) -> None:
+                 out: Path, keep_state: bool = False) -> None:
         if rule not in SELECT_RULES:
             raise ValueError(f"unknown selection rule {rule!r} (choose from {', '.join(SELECT_RULES)})")
-        self.model, self.rule, self.out = model, rule, out
+        self.model, self.rule, self.out, self.keep_state = model, rule, out, keep_state
         self.average: AveragedModel | None = None
         if ema:
             decay = 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
@@ -45,7 +45,7 @@ class Keeper:
         self.best_score = -math.inf
         self.best_epoch = 0
         self.fingerprint = ""
-        #: A copy of the weights last saved (what `cbir.train.loop` averages across runs).
+        #: With `keep_state`: a copy of the weights last saved (what `cbir.train.loop` averages across runs).
         self.state: dict[str, torch.Tensor] = {}
 
     @property
@@ -71,5 +71,6 @@ class Keeper:
         if chosen:
             self.best_epoch = epoch
             self.fingerprint = save_checkpoint(cast("CbirNet | CbirDetector", self.kept), self.out)
-            self.state = {k: v.detach().clone() for k, v in self.kept.state_dict().items()}
+            if self.keep_state:
+                self.state = {k: v.detach().clone() for k, v in self.kept.state_dict().items()}
         return chosen
